@@ -1,0 +1,208 @@
+"""An opened archive: header + offset map over a random-access source.
+
+This is the reader's public face: the filesystem, ``extract`` and
+``verify`` read device bytes through :meth:`Archive.readinto` and never
+touch the layout themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from .errors import HeaderError, MissingClusterError, TruncatedError
+from .format import BLOCK_SIZE, CLUSTER_SIZE, FULL_MASK, HEADER_STRUCT_SIZE, Device, Header
+from .index import ArchiveIndex, StreamIndexer, build_index
+from .source import Source, open_source
+
+ProgressFn = Callable[[int, int], None]
+
+
+def read_header(source: Source) -> Header:
+    """Read and validate the archive header through *source*."""
+    head = source.pread(0, HEADER_STRUCT_SIZE)
+    size = Header.peek_size(head)
+    if size > len(head):
+        head += source.pread(len(head), size - len(head))
+    return Header.parse(head)
+
+
+def _index_by_scan(source: Source, allow_incomplete: bool, progress) -> tuple[Header, ArchiveIndex]:
+    indexer = StreamIndexer(allow_incomplete=allow_incomplete)
+    source.scan(indexer.feed, progress)
+    index = indexer.finish(source.size)
+    return indexer.header, index
+
+
+class Archive:
+    """A VMA archive opened for random reads of its devices.
+
+    ``open`` validates the whole archive structure (every extent header,
+    every cluster exactly once); afterwards reads never fail on structure,
+    only on I/O or, with ``allow_incomplete``, on clusters that are missing.
+    """
+
+    def __init__(self, path: str, source: Source, header: Header, index: ArchiveIndex) -> None:
+        self.path = path
+        self.source = source
+        self.header = header
+        self.index = index
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        allow_incomplete: bool = False,
+        progress: ProgressFn | None = None,
+        use_sidecar: bool = True,
+    ) -> Archive:
+        """Open and index *path* (plain or compressed, chosen by magic)."""
+        path = os.fspath(path)
+        source = open_source(path)
+        try:
+            if source.needs_scan:
+                header, index = _open_scanned(source, allow_incomplete, progress, use_sidecar)
+            else:
+                header = read_header(source)
+                index = build_index(
+                    header, source, allow_incomplete=allow_incomplete, progress=progress
+                )
+        except BaseException:
+            source.close()
+            raise
+        return cls(path, source, header, index)
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- what is in it --
+
+    @property
+    def devices(self) -> list[Device]:
+        return [self.header.devices[i] for i in sorted(self.header.devices)]
+
+    def device(self, dev_id: int) -> Device:
+        try:
+            return self.header.devices[dev_id]
+        except KeyError:
+            raise HeaderError("no such device", dev_id=dev_id) from None
+
+    def stored_bytes(self, dev_id: int) -> int:
+        """Bytes of *dev_id* the archive actually stores (non-zero 4 KiB blocks)."""
+        return self.index.maps[dev_id].stored_blocks * BLOCK_SIZE
+
+    def missing_clusters(self, dev_id: int) -> int:
+        return self.index.maps[dev_id].missing
+
+    def allocated_ranges(self, dev_id: int) -> Iterator[tuple[int, int]]:
+        """(offset, length) byte ranges holding stored data, clusters merged, clipped to size."""
+        dm = self.index.maps[dev_id]
+        size = dm.device.size
+        idx = np.flatnonzero(dm.masks != 0)
+        if not idx.size:
+            return
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        for run in np.split(idx, breaks):
+            start = int(run[0]) * CLUSTER_SIZE
+            stop = min((int(run[-1]) + 1) * CLUSTER_SIZE, size)
+            yield start, stop - start
+
+    # -- reading --
+
+    def read(self, dev_id: int, offset: int, size: int) -> bytes:
+        """Device bytes [offset, offset+size), clipped at the device end."""
+        dev_size = self.device(dev_id).size
+        size = max(0, min(size, dev_size - offset))
+        buf = bytearray(size)
+        self.readinto(dev_id, offset, buf)
+        return bytes(buf)
+
+    def readinto(self, dev_id: int, offset: int, buf) -> int:
+        """Fill *buf* with device bytes from *offset*; returns the count (short at the end).
+
+        Zero clusters and unstored blocks are filled in memory; the stored
+        blocks of neighbouring clusters that lie back to back in the archive
+        are fetched with one pread.  Thread-safe.
+        """
+        dm = self.index.maps[dev_id]
+        out = memoryview(buf).cast("B")
+        n = max(0, min(len(out), dm.device.size - offset))
+        if n <= 0:
+            return 0
+        first, last = offset // CLUSTER_SIZE, (offset + n - 1) // CLUSTER_SIZE
+        offs = dm.offsets[first : last + 1]
+        if not offs.all():
+            c = first + int(np.argmin(offs != 0))
+            raise MissingClusterError(
+                "cluster was never written to the archive", dev_id=dev_id, cluster=c
+            )
+        masks = dm.masks[first : last + 1].tolist()
+        offs = offs.tolist()
+        # Runs of (archive offset, length, dest offset), merged when contiguous.
+        runs: list[list[int]] = []
+        pos = 0
+        for i, (aoff, mask) in enumerate(zip(offs, masks)):
+            cstart = (first + i) * CLUSTER_SIZE
+            a = max(offset, cstart) - cstart
+            b = min(offset + n, cstart + CLUSTER_SIZE) - cstart
+            if mask == FULL_MASK:
+                self._add_run(runs, aoff + a, b - a, pos)
+            elif mask == 0:
+                out[pos : pos + b - a] = bytes(b - a)
+            else:
+                self._partial(out, pos, aoff, mask, a, b, runs)
+            pos += b - a
+        for aoff, length, dest in runs:
+            data = self.source.pread(aoff, length)
+            if len(data) != length:
+                raise TruncatedError("archive shrank while it was being read", offset=aoff + len(data))
+            out[dest : dest + length] = data
+        return n
+
+    @staticmethod
+    def _add_run(runs: list[list[int]], aoff: int, length: int, dest: int) -> None:
+        if runs and runs[-1][0] + runs[-1][1] == aoff and runs[-1][2] + runs[-1][1] == dest:
+            runs[-1][1] += length
+        else:
+            runs.append([aoff, length, dest])
+
+    @classmethod
+    def _partial(cls, out, pos, aoff, mask, a, b, runs) -> None:
+        """Bytes [a, b) of a cluster with some blocks stored, written at out[pos:]."""
+        stored = 0  # index of the next stored block in the archive
+        for blk in range(a // BLOCK_SIZE, (b - 1) // BLOCK_SIZE + 1):
+            lo = max(a, blk * BLOCK_SIZE)
+            hi = min(b, (blk + 1) * BLOCK_SIZE)
+            dest = pos + lo - a
+            if mask >> blk & 1:
+                stored = (mask & ((1 << blk) - 1)).bit_count()
+                cls._add_run(runs, aoff + stored * BLOCK_SIZE + lo - blk * BLOCK_SIZE, hi - lo, dest)
+            else:
+                out[dest : dest + hi - lo] = bytes(hi - lo)
+
+
+def _open_scanned(source: Source, allow_incomplete: bool, progress, use_sidecar: bool):
+    """Index a source that must be decompressed once, reusing a saved side index."""
+    sidecar = None
+    if use_sidecar:
+        try:
+            from . import sidecar  # noqa: PLC0415 - optional until compressed support lands
+        except ImportError:
+            sidecar = None
+    if sidecar is not None:
+        loaded = sidecar.load(source, allow_incomplete=allow_incomplete)
+        if loaded is not None:
+            return loaded
+    header, index = _index_by_scan(source, allow_incomplete, progress)
+    if sidecar is not None:
+        sidecar.save(source, header, index)
+    return header, index

@@ -1,0 +1,423 @@
+"""The offset map: for every cluster of every device, where its data lives.
+
+Building it reads only the 512-byte extent headers (seeking over the data
+between them) and does the per-cluster work in numpy, a batch of extents
+at a time, so a 1 TiB disk (16.8 M clusters) indexes in about a second.
+Each device costs 10 bytes per cluster: a uint64 archive offset of the
+cluster's first stored block (0 = never written) and a uint16 block mask.
+
+Two walkers feed the same checks: :func:`build_index` for sources with
+random access (it preads headers and skips data) and :class:`StreamIndexer`
+for compressed streams that are decompressed once, front to back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import (
+    ClusterRangeError,
+    DuplicateClusterError,
+    ExtentError,
+    IncompleteArchiveError,
+    TrailingDataError,
+    TruncatedError,
+    UnknownDeviceError,
+    VmstateOrderError,
+)
+from .format import (
+    BLOCK_SIZE,
+    BLOCKINFO_OFFSET,
+    EXTENT_HEADER_SIZE,
+    HEADER_STRUCT_SIZE,
+    SLOTS_PER_EXTENT,
+    VMA_EXTENT_MAGIC,
+    Device,
+    Header,
+    blockinfo_array,
+    check_extent_header,
+)
+
+ProgressFn = Callable[[int, int], None]
+
+_BATCH = 4096  # extents validated and scattered per numpy pass
+_READ_AHEAD = 1 << 20  # header-only reads: zero-cluster extents sit back to back
+_ZERO16 = bytes(16)
+_SLOT_SHIFT = np.arange(SLOTS_PER_EXTENT, dtype=np.uint64)
+
+
+@dataclass
+class DeviceMap:
+    """Where each cluster of one device is stored."""
+
+    device: Device
+    offsets: np.ndarray  # uint64, archive offset of the first stored block; 0 = missing
+    masks: np.ndarray  # uint16, bit i = block i stored
+
+    @property
+    def missing(self) -> int:
+        return int(np.count_nonzero(self.offsets == 0))
+
+    @property
+    def stored_blocks(self) -> int:
+        return int(np.bitwise_count(self.masks).sum(dtype=np.int64))
+
+    def first_missing(self) -> int | None:
+        idx = np.flatnonzero(self.offsets == 0)
+        return int(idx[0]) if idx.size else None
+
+
+@dataclass
+class ArchiveIndex:
+    """The offset maps of all devices plus facts about the extent stream."""
+
+    header: Header
+    maps: dict[int, DeviceMap]
+    extents: int
+    end: int  # offset just past the last complete extent
+    #: Offset of an incomplete final extent that was dropped (allow_incomplete), else None.
+    truncated_at: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.truncated_at is None and all(m.missing == 0 for m in self.maps.values())
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays for persistence (see :meth:`from_arrays`)."""
+        out = {
+            "meta": np.array(
+                [self.extents, self.end, -1 if self.truncated_at is None else self.truncated_at],
+                dtype=np.int64,
+            )
+        }
+        for dev_id, m in self.maps.items():
+            out[f"offsets_{dev_id}"] = m.offsets
+            out[f"masks_{dev_id}"] = m.masks
+        return out
+
+    @classmethod
+    def from_arrays(cls, header: Header, arrays: dict[str, np.ndarray]) -> ArchiveIndex:
+        """Rebuild an index saved by :meth:`to_arrays`; checks shapes against *header*."""
+        extents, end, trunc = (int(x) for x in arrays["meta"])
+        maps = {}
+        for dev_id, dev in header.devices.items():
+            offsets = np.asarray(arrays[f"offsets_{dev_id}"], dtype=np.uint64)
+            masks = np.asarray(arrays[f"masks_{dev_id}"], dtype=np.uint16)
+            if offsets.shape != (dev.clusters,) or masks.shape != (dev.clusters,):
+                raise ValueError(f"saved index does not fit dev {dev_id}")
+            maps[dev_id] = DeviceMap(dev, offsets, masks)
+        return cls(header, maps, extents, end, None if trunc < 0 else trunc)
+
+
+class _IndexCore:
+    """Validates batches of extent headers and scatters them into the maps."""
+
+    def __init__(self, header: Header, allow_incomplete: bool) -> None:
+        self.header = header
+        self.allow_incomplete = allow_incomplete
+        self.maps = {
+            dev_id: DeviceMap(
+                dev,
+                np.zeros(dev.clusters, dtype=np.uint64),
+                np.zeros(dev.clusters, dtype=np.uint16),
+            )
+            for dev_id, dev in header.devices.items()
+        }
+        self._nclusters = np.zeros(256, dtype=np.int64)
+        self._known = np.zeros(256, dtype=bool)
+        for dev_id, dev in header.devices.items():
+            self._nclusters[dev_id] = dev.clusters
+            self._known[dev_id] = True
+        vm = [d for d in header.devices.values() if d.is_vmstate]
+        self._vmstate_id = vm[0].dev_id if vm else None
+        self._vmstate_next = 0
+        self._uuid = np.frombuffer(header.uuid, dtype=np.uint8)
+        self.extents = 0
+        self._offsets: list[int] = []
+        self._headers = bytearray()
+
+    def add(self, offset: int, head: bytes | memoryview) -> None:
+        """Queue one extent header (already known to have the extent magic)."""
+        # md5 per header is the one check numpy cannot do; doing it here
+        # keeps the error in archive order with the walk.
+        h = hashlib.md5(head[:24])
+        h.update(_ZERO16)
+        h.update(head[40:EXTENT_HEADER_SIZE])
+        if h.digest() != bytes(head[24:40]):
+            check_extent_header(bytes(head), offset, self.header.uuid)  # raises the precise error
+        self._offsets.append(offset)
+        self._headers += head
+        if len(self._offsets) >= _BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._offsets:
+            return
+        offsets = np.array(self._offsets, dtype=np.uint64)
+        raw = bytes(self._headers)
+        self._offsets, self._headers = [], bytearray()
+        self._process(offsets, raw)
+
+    def _fail_header(self, row: int, offsets: np.ndarray, raw: bytes) -> None:
+        off = int(offsets[row])
+        check_extent_header(
+            raw[row * EXTENT_HEADER_SIZE : (row + 1) * EXTENT_HEADER_SIZE], off, self.header.uuid
+        )
+        raise AssertionError("vectorized and scalar extent checks disagree")  # pragma: no cover
+
+    def _process(self, ext_off: np.ndarray, raw: bytes) -> None:
+        n = len(ext_off)
+        u8 = np.frombuffer(raw, dtype=np.uint8).reshape(n, EXTENT_HEADER_SIZE)
+        bi = blockinfo_array(raw)
+        dev = ((bi >> np.uint64(32)) & np.uint64(0xFF)).astype(np.int64)
+        mask = (bi >> np.uint64(48)).astype(np.uint16)
+        cluster = (bi & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        counts = np.bitwise_count(mask).astype(np.int64)
+        block_count = (u8[:, 6].astype(np.int64) << 8) | u8[:, 7]
+
+        bad = (
+            (u8[:, 4] != 0)
+            | (u8[:, 5] != 0)
+            | np.any(u8[:, 8:24] != self._uuid, axis=1)
+            | (counts.sum(axis=1) != block_count)
+            | np.any((dev == 0) & (bi != 0), axis=1)
+            | np.any(((bi >> np.uint64(40)) & np.uint64(0xFF)) != 0, axis=1)
+        )
+        if bad.any():
+            self._fail_header(int(np.argmax(bad)), ext_off, raw)
+
+        # Data of slot i starts after the blocks of slots 0..i-1.
+        before = np.cumsum(counts, axis=1) - counts
+        data_off = ext_off[:, None] + np.uint64(EXTENT_HEADER_SIZE) + (
+            before.astype(np.uint64) * np.uint64(BLOCK_SIZE)
+        )
+        used = dev != 0
+        d, c, m, o = dev[used], cluster[used], mask[used], data_off[used]
+        rows = np.nonzero(used)[0]  # extent row of each used slot, in archive order
+
+        def where(i: int) -> dict:
+            slot = int(np.flatnonzero(used[rows[i]])[np.count_nonzero(rows[:i] == rows[i])])
+            return {
+                "offset": int(ext_off[rows[i]]) + BLOCKINFO_OFFSET + 8 * slot,
+                "dev_id": int(d[i]),
+                "cluster": int(c[i]),
+            }
+
+        unknown = ~self._known[d]
+        if unknown.any():
+            i = int(np.argmax(unknown))
+            raise UnknownDeviceError(
+                f"extent names dev_id {int(d[i])}, which the header does not register", **where(i)
+            )
+        beyond = c >= self._nclusters[d]
+        if beyond.any():
+            i = int(np.argmax(beyond))
+            dev_size = self.header.devices[int(d[i])].size
+            raise ClusterRangeError(
+                f"cluster lies beyond the end of the device ({dev_size} bytes)", **where(i)
+            )
+        self._check_duplicates(d, c, where)
+        if self._vmstate_id is not None:
+            self._check_vmstate(d, c, where)
+        for dev_id in np.unique(d):
+            sel = d == dev_id
+            dm = self.maps[int(dev_id)]
+            dm.offsets[c[sel]] = o[sel]
+            dm.masks[c[sel]] = m[sel]
+        self.extents += n
+
+    def _check_duplicates(self, d: np.ndarray, c: np.ndarray, where) -> None:
+        seen = np.zeros(len(d), dtype=bool)
+        for dev_id in np.unique(d):
+            sel = np.flatnonzero(d == dev_id)
+            seen[sel] = self.maps[int(dev_id)].offsets[c[sel]] != 0
+        key = (d << 32) | c
+        order = np.argsort(key, kind="stable")
+        again = np.zeros(len(d), dtype=bool)
+        again[order[1:]] = key[order[1:]] == key[order[:-1]]  # later copy within the batch
+        dup = seen | again
+        if dup.any():
+            i = int(np.argmax(dup))
+            raise DuplicateClusterError("cluster is stored twice", **where(i))
+
+    def _check_vmstate(self, d: np.ndarray, c: np.ndarray, where) -> None:
+        idx = np.flatnonzero(d == self._vmstate_id)
+        if not idx.size:
+            return
+        expected = np.arange(self._vmstate_next, self._vmstate_next + idx.size)
+        wrong = c[idx] != expected
+        if wrong.any():
+            i = int(idx[np.argmax(wrong)])
+            raise VmstateOrderError(
+                f"vmstate cluster out of order (expected cluster {int(expected[np.argmax(wrong)])})",
+                **where(i),
+            )
+        self._vmstate_next += idx.size
+
+    def finish(self, end: int, truncated_at: int | None) -> ArchiveIndex:
+        self.flush()
+        index = ArchiveIndex(self.header, self.maps, self.extents, end, truncated_at)
+        if not self.allow_incomplete:
+            for dev_id, dm in sorted(self.maps.items()):
+                first = dm.first_missing()
+                if first is not None:
+                    raise IncompleteArchiveError(
+                        f"archive is incomplete: {dm.missing} of {dm.device.clusters} clusters "
+                        f"of {dm.device.name!r} were never written (interrupted backup?)",
+                        dev_id=dev_id,
+                        cluster=first,
+                    )
+        return index
+
+
+def _truncated(core: _IndexCore, pos: int, end: int, what: str) -> int:
+    """Report an extent cut short; with allow_incomplete the partial extent is dropped."""
+    if not core.allow_incomplete:
+        raise TruncatedError(f"archive ends inside {what} (file is {end} bytes)", offset=pos)
+    return pos
+
+
+def _bad_magic(core: _IndexCore, head: bytes, pos: int, end: int | None) -> None:
+    """Tell a damaged extent magic apart from junk appended after the last extent."""
+    if len(head) >= EXTENT_HEADER_SIZE:
+        fixed = VMA_EXTENT_MAGIC + bytes(head[4:EXTENT_HEADER_SIZE])
+        try:
+            check_extent_header(fixed, pos, core.header.uuid)
+        except ExtentError:
+            pass
+        else:
+            raise ExtentError(f"bad extent magic {bytes(head[:4])!r}", offset=pos)
+    what = "the bytes" if end is None else f"{end - pos} bytes"
+    raise TrailingDataError(f"{what} after the last extent are not an extent", offset=pos)
+
+
+def build_index(
+    header: Header,
+    source,
+    *,
+    allow_incomplete: bool = False,
+    progress: ProgressFn | None = None,
+) -> ArchiveIndex:
+    """Walk the extents of a random-access *source* and return its index.
+
+    Reads only extent headers.  Raises the specific :class:`~vmafs.errors.VmaError`
+    for the first problem found, in archive order.
+    """
+    end = source.size
+    core = _IndexCore(header, allow_incomplete)
+    pos = header.header_size
+    buf, buf_at = b"", pos  # read-ahead window [buf_at, buf_at + len(buf))
+    truncated_at = None
+    last_report = 0
+    while pos < end:
+        rel = pos - buf_at
+        if rel < 0 or rel + EXTENT_HEADER_SIZE > len(buf):
+            buf, buf_at, rel = source.pread(pos, _READ_AHEAD), pos, 0
+        head = memoryview(buf)[rel : rel + EXTENT_HEADER_SIZE]
+        if len(head) < EXTENT_HEADER_SIZE or head[:4] != VMA_EXTENT_MAGIC:
+            if bytes(head[:4]) == VMA_EXTENT_MAGIC[: len(head[:4])] and len(head) < EXTENT_HEADER_SIZE:
+                truncated_at = _truncated(core, pos, end, "an extent header")
+                break
+            _bad_magic(core, head, pos, end)
+        nxt = pos + EXTENT_HEADER_SIZE + BLOCK_SIZE * int.from_bytes(head[6:8], "big")
+        if nxt > end:
+            # Check the header before blaming the length: a flipped
+            # block_count shows up as an md5 mismatch, not as truncation.
+            check_extent_header(bytes(head), pos, header.uuid)
+            truncated_at = _truncated(core, pos, end, "an extent's data")
+            break
+        core.add(pos, head)
+        pos = nxt
+        if progress is not None and pos - last_report >= 64 << 20:
+            progress(pos, end)
+            last_report = pos
+    index = core.finish(pos if truncated_at is None else truncated_at, truncated_at)
+    if progress is not None:
+        progress(end, end)
+    return index
+
+
+class StreamIndexer:
+    """Builds the header and the index from the VMA stream fed front to back.
+
+    For compressed sources that are decompressed once: feed every chunk in
+    order with :meth:`feed`, then call :meth:`finish` with the stream length.
+    The archive header is parsed from the stream itself (``header``).  An
+    extent reaches the index only once its data has streamed past, so a cut
+    final extent can be dropped (allow_incomplete) or reported.
+    """
+
+    def __init__(self, *, allow_incomplete: bool = False) -> None:
+        self.allow_incomplete = allow_incomplete
+        self.header: Header | None = None
+        self._core: _IndexCore | None = None
+        self._pending = bytearray()  # the structure at self._next, being assembled
+        self._next = 0  # stream offset of the next structure (header or extent header)
+        self._pos = 0  # stream offset just past the bytes fed so far
+        self._held: tuple[int, bytes] | None = None  # last extent header, data not yet past
+
+    def feed(self, offset: int, chunk: bytes | memoryview) -> None:
+        """Take the next *chunk* of the stream, which starts at stream *offset*."""
+        if offset != self._pos:
+            raise ValueError(f"stream chunk at {offset}, expected {self._pos}")
+        mv = memoryview(chunk)
+        chunk_end = offset + len(mv)
+        self._pos = chunk_end
+        while self._next + len(self._pending) < chunk_end:
+            start = self._next + len(self._pending) - offset
+            need = self._want() - len(self._pending)
+            piece = mv[start : start + need]
+            self._pending += piece
+            if len(piece) < need:
+                return
+            self._complete()
+
+    def _want(self) -> int:
+        if self.header is not None:
+            return EXTENT_HEADER_SIZE
+        if len(self._pending) < HEADER_STRUCT_SIZE:
+            return HEADER_STRUCT_SIZE
+        return Header.peek_size(bytes(self._pending))
+
+    def _complete(self) -> None:
+        data = bytes(self._pending)
+        if self.header is None:
+            if len(data) < Header.peek_size(data):
+                return  # the fixed part is in; keep collecting the blob buffer
+            self.header = Header.parse(data)
+            self._core = _IndexCore(self.header, self.allow_incomplete)
+            self._next = self.header.header_size
+        else:
+            pos = self._next
+            if data[:4] != VMA_EXTENT_MAGIC:
+                _bad_magic(self._core, data, pos, None)
+            if self._held is not None:
+                self._core.add(*self._held)
+            self._held = (pos, data)
+            self._next = pos + EXTENT_HEADER_SIZE + BLOCK_SIZE * int.from_bytes(data[6:8], "big")
+        self._pending = bytearray()
+
+    def finish(self, end: int) -> ArchiveIndex:
+        """Close the stream of *end* bytes and return the index (raises like build_index)."""
+        if end != self._pos:
+            raise ValueError(f"stream closed at {end} but {self._pos} bytes were fed")
+        if self.header is None:
+            raise TruncatedError("stream ends inside the VMA header", offset=end)
+        core = self._core
+        truncated_at = None
+        if self._held is not None:
+            pos, head = self._held
+            if pos + EXTENT_HEADER_SIZE + BLOCK_SIZE * int.from_bytes(head[6:8], "big") <= end:
+                core.add(pos, head)
+            else:
+                check_extent_header(head, pos, self.header.uuid)
+                truncated_at = _truncated(core, pos, end, "an extent's data")
+        if self._pending and truncated_at is None:
+            if bytes(self._pending[:4]) != VMA_EXTENT_MAGIC[: len(self._pending[:4])]:
+                _bad_magic(core, bytes(self._pending), self._next, end)
+            truncated_at = _truncated(core, self._next, end, "an extent header")
+        return core.finish(end if truncated_at is None else truncated_at, truncated_at)

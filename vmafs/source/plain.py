@@ -1,0 +1,38 @@
+"""An uncompressed archive: random access is plain ``os.pread``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from ..errors import SourceError
+
+
+class PlainSource:
+    """A plain ``.vma`` file (or block device): no scan, thread-safe preads."""
+
+    needs_scan = False
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise SourceError(f"cannot open {path}: {e.strerror}") from e
+        # lseek(SEEK_END) also sizes block devices, where st_size is 0.
+        self.size: int | None = os.lseek(self._fd, 0, os.SEEK_END)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def scan(self, on_chunk: Callable[[int, memoryview], None], progress=None) -> None:
+        raise NotImplementedError("a plain source needs no scan")
+
+    def pread(self, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size); short only at the end of the file."""
+        return os.pread(self._fd, size, offset)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
