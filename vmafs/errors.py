@@ -125,5 +125,9 @@ class ConflictingClusterError(WriterError):
     """A cluster arrived twice with different contents."""
 
 
+class WriteRangeError(WriterError):
+    """A write does not cover whole clusters inside its device (nothing was stored)."""
+
+
 class BackupError(WriterError):
     """QEMU, the NBD transport or the backup job failed."""
