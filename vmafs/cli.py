@@ -1,0 +1,201 @@
+"""The ``vmafs`` command line: one argparse parser, one subcommand per module.
+
+Every command lives in its own module exposing::
+
+    def register(subparsers) -> None   # adds its subparser and set_defaults(func=run)
+    def run(args) -> int               # exit status
+
+and is listed in :data:`COMMANDS` below.  Modules are imported lazily and a
+module that is not there yet (or whose optional dependency is missing, e.g.
+pyfuse3 for ``mount``) is left out, so ``vmafs list`` keeps working on a
+machine without FUSE.
+
+Error contract (docs/cli.md, "EXIT STATUS"): every failure is reported as one
+line ``vmafs: error: <message>`` on stderr.  Exit status 1 for errors, 2 for
+usage errors, 130 for Ctrl-C, 141 when stdout is a closed pipe.  Tracebacks
+are shown only with ``--debug`` or ``VMAFS_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import VmaError
+
+#: (module, register function) per command, in the order ``vmafs -h`` shows them.
+#: To add a command: append one line here; the module needs nothing else.
+COMMANDS: list[tuple[str, str]] = [
+    ("vmafs.commands.list", "register"),
+    ("vmafs.commands.config", "register"),
+    ("vmafs.commands.verify", "register"),
+    ("vmafs.commands.extract", "register"),
+    ("vmafs.mount", "register"),
+    ("writer.cli", "register_backup"),
+    ("writer.cli", "register_create"),
+]
+
+PROG = "vmafs"
+
+DESCRIPTION = """\
+Read Proxmox VE VMA backups (vzdump-qemu-*.vma, .vma.zst, .vma.gz, .vma.lzo)
+without restoring them: list, print configs, verify, extract, or mount them
+as a read-only filesystem of raw disk images.  The list/config/verify/extract
+commands behave like Proxmox's own `vma` tool."""
+
+EPILOG = """\
+examples:
+  vmafs list vzdump-qemu-100-2024_01_01-00_00_00.vma.zst
+  vmafs config backup.vma -c qemu-server.fw
+  vmafs verify -v backup.vma
+  vmafs extract backup.vma restore/ -d drive-scsi0
+  vmafs mount backup.vma /mnt/backup
+
+Run 'vmafs COMMAND -h' for the options of a command; docs/cli.md has the full
+reference.  Set VMAFS_DEBUG=1 (or pass --debug) to get tracebacks."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are one line, like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sub = self.prog[len(PROG) :].strip() if self.prog.startswith(PROG) else self.prog
+        hint = f"'{self.prog} --help'" if sub else f"'{PROG} --help'"
+        where = f"{sub}: " if sub else ""
+        sys.stderr.write(f"{PROG}: error: {where}{message} (see {hint})\n")
+        sys.exit(2)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the hand-wrapped descriptions and examples; show defaults where set."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+
+
+def _load_commands(debug: bool) -> list:
+    """Import the command modules, leaving out those that are not installed."""
+    loaded = []
+    for modname, fname in COMMANDS:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            # Not written yet, or an optional dependency (pyfuse3, qemu.qmp) missing.
+            if debug:
+                sys.stderr.write(f"{PROG}: debug: command module {modname} left out: {e}\n")
+            continue
+        func = getattr(mod, fname, None)
+        if func is None:
+            if debug:
+                sys.stderr.write(f"{PROG}: debug: {modname} has no {fname}()\n")
+            continue
+        loaded.append(func)
+    return loaded
+
+
+def build_parser(debug: bool = False) -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=False,
+        help="show a traceback on errors (same as VMAFS_DEBUG=1)",
+    )
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="COMMAND", title="commands", parser_class=_Parser
+    )
+    for register in _load_commands(debug):
+        register(subparsers)
+    # --debug is also accepted after the command name ("vmafs list --debug X").
+    for sub in subparsers.choices.values():
+        sub.formatter_class = _Formatter
+        try:
+            sub.add_argument(
+                "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+            )
+        except argparse.ArgumentError:
+            pass  # the command defines its own --debug
+    return parser
+
+
+def _env_debug() -> bool:
+    return os.environ.get("VMAFS_DEBUG", "") not in ("", "0", "no", "false")
+
+
+def _fail(message: str, debug: bool, status: int = 1) -> int:
+    if debug:
+        traceback.print_exc()
+    # One line, whatever the message holds (names in archives are untrusted).
+    line = " ".join(str(message).split("\n"))
+    sys.stderr.write(f"{PROG}: error: {line}\n")
+    return status
+
+
+def describe_oserror(e: OSError) -> str:
+    """``path: strerror`` as ls/cp print it."""
+    text = e.strerror or str(e)
+    if e.filename is not None:
+        text = f"{os.fsdecode(e.filename)}: {text}"
+        if e.filename2 is not None:
+            text = f"{text} (-> {os.fsdecode(e.filename2)})"
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (console script entry point)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _env_debug() or "--debug" in argv
+    try:
+        parser = build_parser(debug)
+        args = parser.parse_args(argv)
+        debug = debug or bool(getattr(args, "debug", False))
+        func = getattr(args, "func", None)
+        if func is None:
+            parser.error("no command given")
+        status = func(args)
+        sys.stdout.flush()
+        return int(status or 0)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"\n{PROG}: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        # stdout went away (vmafs list X | head): quiet, like a C tool killed by SIGPIPE.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
+    except VmaError as e:
+        return _fail(str(e), debug)
+    except OSError as e:
+        if e.errno == errno.EPIPE:
+            return 141
+        return _fail(describe_oserror(e), debug)
+    except SystemExit:
+        raise
+    except Exception as e:  # a bug: still one line unless debugging
+        if debug:
+            traceback.print_exc()
+            return 1
+        return _fail(
+            f"internal error: {type(e).__name__}: {e} (run with --debug for a traceback)", False
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
