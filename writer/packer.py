@@ -54,12 +54,41 @@ of *whole* extents (never a partial extent): this is the hook that lets
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import queue
+import sys
+import tempfile
+import threading
+import time
+import uuid as uuidlib
 from collections.abc import Iterable
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from vmafs.errors import ConflictingClusterError, IncompleteArchiveError, WriterError
-from vmafs.format import PROXMOX_SLOTS_PER_EXTENT
+import numpy as np
+import trio
+
+from vmafs.errors import (
+    ConflictingClusterError,
+    IncompleteArchiveError,
+    WriteRangeError,
+    WriterError,
+)
+from vmafs.format import (
+    CLUSTER_SIZE,
+    MAX_DEV_ID,
+    MIN_DEV_ID,
+    PROXMOX_SLOTS_PER_EXTENT,
+    Config,
+    Device,
+    ExtentPacker,
+    Header,
+    encode_cluster,
+)
+
+if TYPE_CHECKING:
+    from .nbd import Export
 
 __all__ = [
     "ArchiveOutput",
@@ -67,10 +96,49 @@ __all__ = [
     "Sink",
     "ConflictingClusterError",
     "IncompleteArchiveError",
+    "WriteRangeError",
     "WriterError",
 ]
 
+log = logging.getLogger("writer.packer")
+
 DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
+#: requests at least this long are encoded and hashed in a worker thread, so
+#: the event loop keeps reading the next NBD request meanwhile
+THREAD_ENCODE_BYTES = 256 * 1024
+
+_ZERO_CLUSTER = bytes(CLUSTER_SIZE)
+
+
+def _digest(mask: int, stored: bytes) -> int:
+    """63-bit digest of an encoded cluster; never 0 (0 marks "not received")."""
+    h = hashlib.sha256(mask.to_bytes(2, "big"))
+    h.update(stored)
+    return int.from_bytes(h.digest()[:8], "big") | 1
+
+
+_ZERO_DIGEST = _digest(0, b"")
+
+
+def _encode_range(first_cluster: int, data: memoryview | None, length: int):
+    """[(cluster, mask, stored, digest)] for a cluster-aligned range.
+
+    Pure function (safe in a worker thread: hashing releases the GIL).
+    """
+    out = []
+    n = (length + CLUSTER_SIZE - 1) // CLUSTER_SIZE
+    for i in range(n):
+        if data is None:
+            out.append((first_cluster + i, 0, b"", _ZERO_DIGEST))
+            continue
+        chunk = bytes(data[i * CLUSTER_SIZE : (i + 1) * CLUSTER_SIZE])
+        if chunk == _ZERO_CLUSTER or (len(chunk) < CLUSTER_SIZE and chunk == bytes(len(chunk))):
+            mask, stored = encode_cluster(None)
+        else:
+            mask, stored = encode_cluster(chunk)
+        digest = _ZERO_DIGEST if not mask else _digest(mask, stored)
+        out.append((first_cluster + i, mask, stored, digest))
+    return out
 
 
 class Sink(Protocol):
@@ -83,8 +151,8 @@ class Packer:
     """Accepts clusters in any order and writes a valid VMA archive sequentially.
 
     :param out: a :class:`Sink` (an :class:`ArchiveOutput`, an open binary file,
-        a pipe).  Only ``write`` is used, always sequentially; ``flush`` is called
-        by :meth:`finish` when present.
+        a pipe).  Only ``write`` is used, always sequentially and from one
+        background thread; ``flush`` is called by :meth:`finish` when present.
     :param devices: ``(name, size_in_bytes)`` per device; dev_ids are assigned
         1, 2, ... in this order (see :attr:`dev_ids`).  Sizes must be > 0.
     :param configs: ``(name, data)`` per config file; the name is stored as its
@@ -93,11 +161,13 @@ class Packer:
     :param ctime: seconds since the epoch; default now.
     :param slots_per_extent: clusters per extent, 1..59; default 58 like Proxmox.
     :param max_pending_bytes: finished extents queued for the output beyond
-        which :meth:`put` waits.
+        which :meth:`put` waits.  Memory use is about this plus one extent
+        being filled (<= 3.7 MiB) plus 8 bytes per cluster of every device.
 
     Use as ``async with packer:`` - entering queues the header and starts the
-    background writer task; leaving without :meth:`finish` having succeeded
-    stops the writer (the output then holds a truncated archive: abort it).
+    background writer thread; leaving stops it.  Leaving without
+    :meth:`finish` having succeeded drops whatever is still queued (the output
+    then holds a truncated archive: abort it).
     """
 
     def __init__(
@@ -111,20 +181,140 @@ class Packer:
         slots_per_extent: int = PROXMOX_SLOTS_PER_EXTENT,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
     ) -> None:
-        raise NotImplementedError
+        devs: dict[int, Device] = {}
+        self.dev_ids: dict[str, int] = {}
+        for i, (name, size) in enumerate(devices):
+            dev_id = MIN_DEV_ID + i
+            if dev_id > MAX_DEV_ID:
+                raise WriterError(f"at most {MAX_DEV_ID - MIN_DEV_ID + 1} devices")
+            if not name or "\0" in name:
+                raise WriterError(f"bad device name {name!r}")
+            if name in self.dev_ids:
+                raise WriterError(f"device name {name!r} given twice")
+            if size <= 0:
+                raise WriterError(f"device {name!r} has size {size}; must be > 0")
+            self.dev_ids[name] = dev_id
+            devs[dev_id] = Device(dev_id, name, int(size))
+        if sum(d.is_vmstate for d in devs.values()) > 1:
+            raise WriterError("more than one vmstate device")
+        cfgs = []
+        seen = set()
+        for name, data in configs:
+            base = os.path.basename(os.fsdecode(name))
+            if not base or base in (".", ".."):
+                raise WriterError(f"bad config name {name!r}")
+            if base in seen:
+                raise WriterError(f"config name {base!r} given twice")
+            seen.add(base)
+            cfgs.append(Config(base, bytes(data)))
+        if not 1 <= slots_per_extent <= 59:
+            raise ValueError("slots_per_extent must be in 1..59")
+        self.header = Header(
+            uuid if uuid is not None else uuidlib.uuid4().bytes,
+            int(time.time()) if ctime is None else int(ctime),
+            cfgs,
+            devs,
+        )
+        self._header_bytes = self.header.pack()  # validates sizes, names, counts
+        self._out = out
+        self._devices = devs
+        self._digests = {d: np.zeros(dev.clusters, dtype=np.uint64) for d, dev in devs.items()}
+        self._missing = {d: dev.clusters for d, dev in devs.items()}
+        self._vmstate_next = 0
+        self._extents = ExtentPacker(self.header.uuid, slots_per_extent)
+        self._max_pending = max_pending_bytes
+        self._queued_bytes = 0
+        self._progress = trio.lowlevel.ParkingLot()
+        self._q: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop = False
+        self._failure: WriterError | None = None
+        self._finished = False
+        self._closed = False
+        #: bytes the output has accepted so far
+        self.bytes_written = 0
+        #: clusters stored / identical re-sends dropped
+        self.clusters_stored = 0
+        self.duplicates_dropped = 0
 
-    #: name -> dev_id
-    dev_ids: dict[str, int]
-    #: the header as written (vmafs.format.Header)
-    header: object
-    #: bytes handed to the output so far
-    bytes_written: int
+    # -- lifecycle --
 
     async def __aenter__(self) -> Packer:
-        raise NotImplementedError
+        if self._thread is not None:
+            raise RuntimeError("Packer can be entered only once")
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread = threading.Thread(target=self._writer_main, name="vma-writer", daemon=True)
+        self._thread.start()
+        self._enqueue(self._header_bytes)
+        return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        raise NotImplementedError
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the writer thread (after the write in progress, if any)."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._finished:
+            self._stop = True
+            if self._failure is None:
+                self._failure = WriterError("the packer was closed before finish()")
+        self._q.put(None)
+        if self._thread is not None:
+            await trio.to_thread.run_sync(self._thread.join, abandon_on_cancel=True)
+
+    # -- the background writer thread --
+
+    def _writer_main(self) -> None:
+        failed = False
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if not failed and not self._stop:
+                try:
+                    self._out.write(item)
+                except BaseException as exc:  # noqa: BLE001 - reported to the trio side
+                    failed = True
+                    self._report(self._on_error, exc)
+            self._report(self._on_written, len(item), not failed and not self._stop)
+
+    def _report(self, fn, *args) -> None:
+        try:
+            self._token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            pass
+
+    def _on_written(self, n: int, ok: bool) -> None:
+        self._queued_bytes -= n
+        if ok:
+            self.bytes_written += n
+        self._progress.unpark_all()
+
+    def _on_error(self, exc: BaseException) -> None:
+        err = WriterError(f"writing the archive failed: {exc}")
+        err.__cause__ = exc
+        self._fail(err)
+
+    def _fail(self, err: WriterError) -> None:
+        if self._failure is None:
+            self._failure = err
+            log.error("%s", err)
+        self._progress.unpark_all()
+
+    def _enqueue(self, buf: bytes) -> None:
+        self._queued_bytes += len(buf)
+        self._q.put(buf)
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise WriterError(f"archive writer failed earlier: {self._failure}") from self._failure
+        if self._thread is None:
+            raise RuntimeError("use the Packer as 'async with packer:'")
+
+    # -- data path --
 
     async def put(
         self, dev_id: int, offset: int, data: bytes | memoryview | None, length: int | None = None
@@ -132,10 +322,86 @@ class Packer:
         """Accept ``length`` bytes of device ``dev_id`` at ``offset`` (see module docs).
 
         ``length`` defaults to ``len(data)``; it is required when ``data`` is None.
-        Raises :class:`WriterError` for a bad range, :class:`ConflictingClusterError`
-        for a conflicting re-send (nothing of the request is stored then).
+        Raises :class:`WriteRangeError` for a bad range (nothing stored),
+        :class:`ConflictingClusterError` for a conflicting re-send (nothing of
+        the request stored; the packer is failed from then on), and
+        :class:`WriterError` when the output failed earlier.
         """
-        raise NotImplementedError
+        self._check_usable()
+        dev = self._devices.get(dev_id)
+        if dev is None:
+            raise WriteRangeError("write to an unknown device", dev_id=dev_id)
+        if data is not None:
+            data = memoryview(data).cast("B")
+            if length is None:
+                length = len(data)
+            elif length != len(data):
+                raise WriteRangeError(
+                    f"length {length} differs from the {len(data)} bytes given", dev_id=dev_id
+                )
+        elif length is None:
+            raise TypeError("length is required when data is None")
+        end = offset + length
+        if offset < 0 or length < 0 or end > dev.size:
+            raise WriteRangeError(
+                f"write [{offset}, {end}) outside device {dev.name!r} of {dev.size} bytes",
+                dev_id=dev_id,
+            )
+        if offset % CLUSTER_SIZE or (length % CLUSTER_SIZE and end != dev.size):
+            raise WriteRangeError(
+                f"write [{offset}, {end}) is not whole 64 KiB clusters of {dev.name!r} "
+                f"(only the device's final cluster may be short)",
+                dev_id=dev_id,
+            )
+        if length == 0:
+            return
+        while self._queued_bytes > self._max_pending and self._failure is None:
+            await self._progress.park()
+        self._check_usable()
+        first = offset // CLUSTER_SIZE
+        if data is not None and length >= THREAD_ENCODE_BYTES:
+            encoded = await trio.to_thread.run_sync(_encode_range, first, data, length)
+            self._check_usable()
+        else:
+            encoded = _encode_range(first, data, length)
+        self._store(dev, encoded)
+
+    def _store(self, dev: Device, encoded) -> None:
+        """Check the whole request, then store its new clusters (no awaits here)."""
+        digests = self._digests[dev.dev_id]
+        new = []
+        for item in encoded:
+            cluster, _, _, digest = item
+            old = int(digests[cluster])
+            if old == 0:
+                new.append(item)
+            elif old != digest:
+                err = ConflictingClusterError(
+                    f"cluster of {dev.name!r} re-sent with different contents",
+                    dev_id=dev.dev_id,
+                    cluster=cluster,
+                )
+                self._fail(err)
+                raise err
+        if dev.is_vmstate and new:
+            expect = self._vmstate_next
+            for cluster, *_ in new:
+                if cluster != expect:
+                    raise WriteRangeError(
+                        f"vmstate clusters must arrive in order: got {cluster}, expected {expect}",
+                        dev_id=dev.dev_id,
+                        cluster=cluster,
+                    )
+                expect += 1
+            self._vmstate_next = expect
+        self.duplicates_dropped += len(encoded) - len(new)
+        for cluster, mask, stored, digest in new:
+            digests[cluster] = digest
+            self._missing[dev.dev_id] -= 1
+            self.clusters_stored += 1
+            extent = self._extents.add(dev.dev_id, cluster, mask, stored)
+            if extent:
+                self._enqueue(extent)
 
     async def flush(self) -> None:
         """Wait until every finished extent has been handed to the output.
@@ -143,46 +409,101 @@ class Packer:
         Does not close the current partial extent and does not fsync: the
         archive is durable only after :meth:`finish` and ``commit``.
         """
-        raise NotImplementedError
+        self._check_usable()
+        await self._drain()
+
+    async def _drain(self) -> None:
+        while self._queued_bytes > 0 and self._failure is None:
+            await self._progress.park()
+        self._check_usable()
 
     def missing(self) -> dict[int, int]:
         """dev_id -> number of clusters not yet received."""
-        raise NotImplementedError
+        return dict(self._missing)
 
     @property
     def complete(self) -> bool:
         """True when every cluster of every device has been received."""
-        raise NotImplementedError
+        return not any(self._missing.values())
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of finished extents queued for the output."""
+        return self._queued_bytes
 
     async def finish(self) -> None:
         """Write the last partial extent, drain the queue and flush the output.
 
-        Raises :class:`IncompleteArchiveError` (writing nothing more) if any
-        cluster is missing.  After success no more puts are accepted.
+        Raises :class:`IncompleteArchiveError` (writing nothing more; more puts
+        may follow and ``finish`` may be called again) if any cluster is
+        missing.  After success the archive is complete; later puts can only
+        be identical re-sends (dropped) or conflicts (errors).
         """
-        raise NotImplementedError
+        self._check_usable()
+        if self._finished:
+            return
+        if not self.complete:
+            parts = [
+                f"{self._devices[d].name}: {n} of {self._devices[d].clusters}"
+                for d, n in self._missing.items()
+                if n
+            ]
+            raise IncompleteArchiveError(
+                f"{sum(self._missing.values())} clusters never arrived ({', '.join(parts)})"
+            )
+        extent = self._extents.flush()
+        if extent:
+            self._enqueue(extent)
+        await self._drain()
+        flush = getattr(self._out, "flush", None)
+        if flush is not None:
+            try:
+                await trio.to_thread.run_sync(flush)
+            except OSError as exc:
+                self._on_error(exc)
+                self._check_usable()
+        self._finished = True
 
-    def export(self, name: str):  # -> writer.nbd.Export
+    def export(self, name: str) -> Export:
         """An NBD :class:`writer.nbd.Export` that feeds device ``name`` into this packer."""
-        raise NotImplementedError
+        from .nbd import Export
+
+        dev_id = self.dev_ids[name]
+
+        async def on_write(offset: int, data: bytes | memoryview) -> None:
+            await self.put(dev_id, offset, data)
+
+        async def on_zero(offset: int, length: int) -> None:
+            await self.put(dev_id, offset, None, length)
+
+        return Export(
+            size=self._devices[dev_id].size,
+            on_write=on_write,
+            on_zero=on_zero,
+            on_flush=self.flush,
+            description=f"vmafs writer: {name} (dev_id {dev_id}, write-only)",
+        )
 
 
 class ArchiveOutput:
     """The archive file: a temporary name beside the target until :meth:`commit`.
 
-    ``ArchiveOutput("dir/NAME.vma")`` creates ``dir/.NAME.vma.XXXXXX.tmp``
-    (mode 0600 via mkstemp, then chmod to 0644 minus umask); :meth:`commit`
-    fsyncs it, renames it to ``dir/NAME.vma`` and fsyncs the directory;
-    :meth:`abort` closes and removes it (idempotent, safe after commit).
+    ``ArchiveOutput("dir/NAME.vma")`` creates ``dir/.NAME.vma.XXXXXXXX.tmp``
+    (mkstemp, then chmod to 0666 minus umask); :meth:`commit` fsyncs it,
+    moves it to ``dir/NAME.vma`` and fsyncs the directory; :meth:`abort`
+    closes and removes it (idempotent, a no-op after commit).
     ``ArchiveOutput("-")`` streams to stdout: no temp file, no rename, commit
-    only flushes.  Existing targets are refused unless ``overwrite=True``.
+    only flushes.  An existing target is refused (``FileExistsError``, both
+    up front and atomically at commit via link(2)) unless ``overwrite=True``.
 
-    Targets ending in ``.zst`` are written as seekable zstd
-    (vmafs.source.zstd_seekable.SeekableZstdWriter) when that module exists:
-    :meth:`write` receives the header and then whole extents only, and groups
-    consecutive extents into frames of about ``frame_bytes`` uncompressed
-    bytes so that every frame starts at an extent boundary.  ``compress``
-    overrides the choice by name (``"zstd"`` or ``None``).
+    Targets ending in ``.zst`` are written as zstd: seekable zstd
+    (vmafs.source.zstd_seekable.SeekableZstdWriter) when that module exists,
+    else one plain zstd frame (what ``vzdump`` writes).  :meth:`write`
+    receives the header and then whole extents only; in seekable mode it
+    groups consecutive extents into frames of at least ``frame_bytes``
+    uncompressed bytes, so every frame starts at an extent boundary.
+    ``compress`` overrides the choice: ``"zstd"``, ``None``/``False`` (plain),
+    ``True`` (by suffix).
     """
 
     def __init__(
@@ -193,32 +514,126 @@ class ArchiveOutput:
         compress: str | None | bool = True,
         frame_bytes: int = 8 * 1024 * 1024,
     ) -> None:
-        raise NotImplementedError
+        target = os.fspath(target)
+        if compress is True:
+            compress = "zstd" if target.endswith(".zst") else None
+        if compress not in (None, False, "zstd"):
+            raise ValueError(f"unknown compression {compress!r}")
+        self.compress = compress or None
+        self.overwrite = overwrite
+        self._committed = False
+        self._frame_bytes = frame_bytes
+        self._frame: list[bytes] = []
+        self._frame_len = 0
+        self._zw = None  # zstd writer (seekable or streaming)
+        self._seekable = False
+        if target == "-":
+            self.path = None
+            self.temp_path = None
+            self._f = open(sys.stdout.fileno(), "wb", closefd=False)  # noqa: SIM115
+        else:
+            self.path = os.path.abspath(target)
+            if not overwrite and os.path.lexists(self.path):
+                raise FileExistsError(f"{self.path} already exists")
+            directory, base = os.path.split(self.path)
+            fd, self.temp_path = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)
+            self._f = os.fdopen(fd, "wb")
+        if self.compress == "zstd":
+            self._open_zstd()
 
-    #: final path (None for stdout)
-    path: str | None
-    #: temporary path while writing (None for stdout or after commit/abort)
-    temp_path: str | None
+    def _open_zstd(self) -> None:
+        try:
+            from vmafs.source.zstd_seekable import SeekableZstdWriter
+        except ImportError:
+            import zstandard
+
+            log.info("seekable zstd writer not available; writing one plain zstd frame")
+            self._zw = zstandard.ZstdCompressor(threads=-1).stream_writer(self._f, closefd=False)
+        else:
+            self._zw = SeekableZstdWriter(self._f)
+            self._seekable = True
 
     def write(self, data: bytes) -> None:
         """Append ``data`` (the header, or one or more whole extents)."""
-        raise NotImplementedError
+        if self._zw is None:
+            self._f.write(data)
+        elif not self._seekable:
+            self._zw.write(data)
+        else:
+            self._frame.append(data)
+            self._frame_len += len(data)
+            if self._frame_len >= self._frame_bytes:
+                self._end_frame()
+
+    def _end_frame(self) -> None:
+        if self._frame:
+            self._zw.write_frame(b"".join(self._frame))
+            self._frame, self._frame_len = [], 0
 
     def flush(self) -> None:
-        """Push buffered bytes to the OS (ends the current zstd frame)."""
-        raise NotImplementedError
+        """Push buffered bytes to the OS (ends the current seekable zstd frame)."""
+        if self._zw is not None:
+            if self._seekable:
+                self._end_frame()
+            else:
+                import zstandard
+
+                self._zw.flush(zstandard.FLUSH_BLOCK)
+        self._f.flush()
 
     def commit(self) -> None:
-        """Finish compression, fsync, rename to the final name, fsync the directory."""
-        raise NotImplementedError
+        """Finish compression, fsync, move to the final name, fsync the directory."""
+        if self._committed:
+            return
+        if self._zw is not None:
+            if self._seekable:
+                self._end_frame()
+            self._zw.close()
+        if not self._f.closed:
+            self._f.flush()
+        if self.path is None:
+            self._committed = True
+            return
+        # fsync through our own descriptor: the zstd writer may have closed self._f
+        fd = os.open(self.temp_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._f.close()
+        if self.overwrite:
+            os.replace(self.temp_path, self.path)
+        else:
+            os.link(self.temp_path, self.path)  # FileExistsError if someone took the name
+            os.unlink(self.temp_path)
+        self.temp_path = None
+        self._committed = True
+        dfd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
     def abort(self) -> None:
         """Close and remove the temporary file; never raises for a missing file."""
-        raise NotImplementedError
+        try:
+            self._f.close()
+        except OSError:
+            pass
+        if self.temp_path is not None:
+            try:
+                os.unlink(self.temp_path)
+            except FileNotFoundError:
+                pass
+            self.temp_path = None
 
     def __enter__(self) -> ArchiveOutput:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         """Abort unless committed (commit is always explicit)."""
-        raise NotImplementedError
+        if not self._committed:
+            self.abort()
