@@ -150,7 +150,7 @@ class Archive:
         # Runs of (archive offset, length, dest offset), merged when contiguous.
         runs: list[list[int]] = []
         pos = 0
-        for i, (aoff, mask) in enumerate(zip(offs, masks)):
+        for i, (aoff, mask) in enumerate(zip(offs, masks, strict=True)):
             cstart = (first + i) * CLUSTER_SIZE
             a = max(offset, cstart) - cstart
             b = min(offset + n, cstart + CLUSTER_SIZE) - cstart
@@ -164,7 +164,9 @@ class Archive:
         for aoff, length, dest in runs:
             data = self.source.pread(aoff, length)
             if len(data) != length:
-                raise TruncatedError("archive shrank while it was being read", offset=aoff + len(data))
+                raise TruncatedError(
+                    "archive shrank while it was being read", offset=aoff + len(data)
+                )
             out[dest : dest + length] = data
         return n
 
@@ -185,7 +187,9 @@ class Archive:
             dest = pos + lo - a
             if mask >> blk & 1:
                 stored = (mask & ((1 << blk) - 1)).bit_count()
-                cls._add_run(runs, aoff + stored * BLOCK_SIZE + lo - blk * BLOCK_SIZE, hi - lo, dest)
+                cls._add_run(
+                    runs, aoff + stored * BLOCK_SIZE + lo - blk * BLOCK_SIZE, hi - lo, dest
+                )
             else:
                 out[dest : dest + hi - lo] = bytes(hi - lo)
 

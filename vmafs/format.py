@@ -15,8 +15,6 @@ import hashlib
 import struct
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from .errors import (
     ChecksumError,
     ExtentError,
@@ -137,9 +135,7 @@ class Header:
             raise HeaderError(f"not a VMA archive: bad magic {magic!r}", offset=0)
         if version != VMA_VERSION:
             raise HeaderError(f"unsupported VMA version {version}", offset=4)
-        if header_size % HEADER_ALIGN or not (
-            HEADER_STRUCT_SIZE < header_size <= MAX_HEADER_SIZE
-        ):
+        if header_size % HEADER_ALIGN or not (HEADER_STRUCT_SIZE < header_size <= MAX_HEADER_SIZE):
             raise HeaderError(
                 f"absurd header_size {header_size} (must be a multiple of 512 "
                 f"in ({HEADER_STRUCT_SIZE}, {MAX_HEADER_SIZE}])",
@@ -172,7 +168,7 @@ class Header:
         names = struct.unpack_from(f">{MAX_CONFIGS}I", buf, CONFIG_NAMES_OFFSET)
         datas = struct.unpack_from(f">{MAX_CONFIGS}I", buf, CONFIG_DATA_OFFSET)
         configs = []
-        for i, (n_ptr, d_ptr) in enumerate(zip(names, datas)):
+        for i, (n_ptr, d_ptr) in enumerate(zip(names, datas, strict=True)):
             if not n_ptr and not d_ptr:
                 continue
             where = CONFIG_NAMES_OFFSET + 4 * i
@@ -234,8 +230,16 @@ class Header:
         size += -size % HEADER_ALIGN
         self.header_size = size
         _HEAD.pack_into(
-            fixed, 0, VMA_MAGIC, VMA_VERSION, self.uuid, self.ctime, bytes(16),
-            HEADER_STRUCT_SIZE, len(blob_buf), size,
+            fixed,
+            0,
+            VMA_MAGIC,
+            VMA_VERSION,
+            self.uuid,
+            self.ctime,
+            bytes(16),
+            HEADER_STRUCT_SIZE,
+            len(blob_buf),
+            size,
         )
         out = bytearray(size)
         out[:HEADER_STRUCT_SIZE] = fixed
@@ -256,8 +260,7 @@ class _BlobReader:
         (length,) = struct.unpack_from("<H", self.buf, self.start + ptr)
         if ptr + 2 + length > self.size:
             raise HeaderError(
-                f"blob at {ptr} of length {length} overruns the blob buffer "
-                f"({self.size} bytes)",
+                f"blob at {ptr} of length {length} overruns the blob buffer ({self.size} bytes)",
                 offset=where,
             )
         begin = self.start + ptr + 2
@@ -382,12 +385,6 @@ def check_extent_header(buf: bytes, offset: int, uuid: bytes | None) -> None:
             f"block_count {block_count} differs from the {stored} blocks the masks announce",
             offset=offset + 6,
         )
-
-
-def blockinfo_array(headers: bytes) -> np.ndarray:
-    """All blockinfo values of back-to-back 512-byte headers, shape (n, 59), uint64."""
-    arr = np.frombuffer(headers, dtype=np.uint8).reshape(-1, EXTENT_HEADER_SIZE)
-    return arr[:, BLOCKINFO_OFFSET:].copy().view(">u8").astype(np.uint64)
 
 
 # --- packing clusters into extents (shared by the writer and the tests) -----------

@@ -14,7 +14,7 @@ for compressed streams that are decompressed once, front to back.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,16 +38,15 @@ from .format import (
     VMA_EXTENT_MAGIC,
     Device,
     Header,
-    blockinfo_array,
     check_extent_header,
 )
 
 ProgressFn = Callable[[int, int], None]
 
-_BATCH = 4096  # extents validated and scattered per numpy pass
+_BATCH = 1024  # extents validated and scattered per numpy pass
 _READ_AHEAD = 1 << 20  # header-only reads: zero-cluster extents sit back to back
 _ZERO16 = bytes(16)
-_SLOT_SHIFT = np.arange(SLOTS_PER_EXTENT, dtype=np.uint64)
+_MAGIC_U32 = int.from_bytes(VMA_EXTENT_MAGIC, "little")
 
 
 @dataclass
@@ -140,17 +139,10 @@ class _IndexCore:
         self._offsets: list[int] = []
         self._headers = bytearray()
 
-    def add(self, offset: int, head: bytes | memoryview) -> None:
-        """Queue one extent header (already known to have the extent magic)."""
-        # md5 per header is the one check numpy cannot do; doing it here
-        # keeps the error in archive order with the walk.
-        h = hashlib.md5(head[:24])
-        h.update(_ZERO16)
-        h.update(head[40:EXTENT_HEADER_SIZE])
-        if h.digest() != bytes(head[24:40]):
-            check_extent_header(bytes(head), offset, self.header.uuid)  # raises the precise error
-        self._offsets.append(offset)
-        self._headers += head
+    def add(self, offsets: Sequence[int], raw: bytes | memoryview) -> None:
+        """Queue extent headers (back-to-back 512-byte records, extent magic already checked)."""
+        self._offsets.extend(offsets)
+        self._headers += raw
         if len(self._offsets) >= _BATCH:
             self.flush()
 
@@ -172,37 +164,55 @@ class _IndexCore:
     def _process(self, ext_off: np.ndarray, raw: bytes) -> None:
         n = len(ext_off)
         u8 = np.frombuffer(raw, dtype=np.uint8).reshape(n, EXTENT_HEADER_SIZE)
-        bi = blockinfo_array(raw)
-        dev = ((bi >> np.uint64(32)) & np.uint64(0xFF)).astype(np.int64)
-        mask = (bi >> np.uint64(48)).astype(np.uint16)
-        cluster = (bi & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        counts = np.bitwise_count(mask).astype(np.int64)
+        self._check_md5(u8, ext_off, raw)
+        # Each blockinfo as two 32-bit words: hi = mask<<16 | reserved<<8 | dev_id, lo = cluster.
+        words = u8[:, BLOCKINFO_OFFSET:].copy().view(">u4").astype(np.uint32)
+        hi, lo = words[:, 0::2], words[:, 1::2]
+        dev = hi & 0xFF
+        used = dev != 0
+        counts = np.bitwise_count(hi >> 16)
         block_count = (u8[:, 6].astype(np.int64) << 8) | u8[:, 7]
-
         bad = (
             (u8[:, 4] != 0)
             | (u8[:, 5] != 0)
             | np.any(u8[:, 8:24] != self._uuid, axis=1)
-            | (counts.sum(axis=1) != block_count)
-            | np.any((dev == 0) & (bi != 0), axis=1)
-            | np.any(((bi >> np.uint64(40)) & np.uint64(0xFF)) != 0, axis=1)
+            | (counts.sum(axis=1, dtype=np.int64) != block_count)
+            | np.any(~used & ((hi | lo) != 0), axis=1)
+            | np.any(hi & 0xFF00, axis=1)
         )
         if bad.any():
             self._fail_header(int(np.argmax(bad)), ext_off, raw)
 
         # Data of slot i starts after the blocks of slots 0..i-1.
-        before = np.cumsum(counts, axis=1) - counts
-        data_off = ext_off[:, None] + np.uint64(EXTENT_HEADER_SIZE) + (
-            before.astype(np.uint64) * np.uint64(BLOCK_SIZE)
-        )
-        used = dev != 0
-        d, c, m, o = dev[used], cluster[used], mask[used], data_off[used]
-        rows = np.nonzero(used)[0]  # extent row of each used slot, in archive order
+        before = np.cumsum(counts, axis=1, dtype=np.uint32) - counts
+        k = int(used[0].sum())
+        if used[:, :k].all() and not used[:, k:].any():
+            # Every extent uses the same first k slots (how writers fill them).
+            def slot(i: int) -> int:
+                return (i // k) * SLOTS_PER_EXTENT + i % k
+
+            d, c = dev[:, :k].ravel(), lo[:, :k].ravel()
+            m, before = (hi[:, :k] >> 16).ravel(), before[:, :k]
+            start = ext_off[:, None]
+        else:
+            flat = np.flatnonzero(used)  # used slots in archive order (row-major)
+
+            def slot(i: int) -> int:
+                return int(flat[i])
+
+            d, c = dev.ravel()[flat], lo.ravel()[flat]
+            m, before = (hi.ravel()[flat] >> 16), before.ravel()[flat]
+            start = ext_off[flat // SLOTS_PER_EXTENT]
+        d = d.astype(np.intp)
+        c = c.astype(np.intp)
+        m = m.astype(np.uint16)
+        o = (start + before.astype(np.uint64) * np.uint64(BLOCK_SIZE)).ravel()
+        o += np.uint64(EXTENT_HEADER_SIZE)
 
         def where(i: int) -> dict:
-            slot = int(np.flatnonzero(used[rows[i]])[np.count_nonzero(rows[:i] == rows[i])])
+            row, col = divmod(slot(i), SLOTS_PER_EXTENT)
             return {
-                "offset": int(ext_off[rows[i]]) + BLOCKINFO_OFFSET + 8 * slot,
+                "offset": int(ext_off[row]) + BLOCKINFO_OFFSET + 8 * col,
                 "dev_id": int(d[i]),
                 "cluster": int(c[i]),
             }
@@ -220,43 +230,64 @@ class _IndexCore:
             raise ClusterRangeError(
                 f"cluster lies beyond the end of the device ({dev_size} bytes)", **where(i)
             )
-        self._check_duplicates(d, c, where)
-        if self._vmstate_id is not None:
-            self._check_vmstate(d, c, where)
-        for dev_id in np.unique(d):
-            sel = d == dev_id
-            dm = self.maps[int(dev_id)]
-            dm.offsets[c[sel]] = o[sel]
-            dm.masks[c[sel]] = m[sel]
+        per_dev = np.flatnonzero(np.bincount(d, minlength=256))
+        for dev_id in per_dev.tolist():
+            sel = None if len(per_dev) == 1 else np.flatnonzero(d == dev_id)
+            cs = c if sel is None else c[sel]
+            self._scatter(
+                dev_id,
+                cs,
+                o if sel is None else o[sel],
+                m if sel is None else m[sel],
+                lambda j, sel=sel: where(j if sel is None else int(sel[j])),
+            )
         self.extents += n
 
-    def _check_duplicates(self, d: np.ndarray, c: np.ndarray, where) -> None:
-        seen = np.zeros(len(d), dtype=bool)
-        for dev_id in np.unique(d):
-            sel = np.flatnonzero(d == dev_id)
-            seen[sel] = self.maps[int(dev_id)].offsets[c[sel]] != 0
-        key = (d << 32) | c
-        order = np.argsort(key, kind="stable")
-        again = np.zeros(len(d), dtype=bool)
-        again[order[1:]] = key[order[1:]] == key[order[:-1]]  # later copy within the batch
-        dup = seen | again
-        if dup.any():
-            i = int(np.argmax(dup))
-            raise DuplicateClusterError("cluster is stored twice", **where(i))
+    def _check_md5(self, u8: np.ndarray, ext_off: np.ndarray, raw: bytes) -> None:
+        """Compare every header's md5 (the one check numpy cannot do) in one pass."""
+        stored = u8[:, 24:40].tobytes()
+        zeroed = u8.copy()
+        zeroed[:, 24:40] = 0
+        z = memoryview(zeroed.tobytes())
+        md5 = hashlib.md5
+        step = EXTENT_HEADER_SIZE
+        digests = b"".join([md5(z[i : i + step]).digest() for i in range(0, len(z), step)])
+        if digests != stored:
+            got = np.frombuffer(digests, np.uint8).reshape(-1, 16)
+            first = np.any(got != u8[:, 24:40], axis=1)
+            self._fail_header(int(np.argmax(first)), ext_off, raw)
 
-    def _check_vmstate(self, d: np.ndarray, c: np.ndarray, where) -> None:
-        idx = np.flatnonzero(d == self._vmstate_id)
-        if not idx.size:
-            return
-        expected = np.arange(self._vmstate_next, self._vmstate_next + idx.size)
-        wrong = c[idx] != expected
+    def _scatter(self, dev_id: int, cs: np.ndarray, o: np.ndarray, m: np.ndarray, where) -> None:
+        """Record clusters *cs* of one device, refusing any cluster seen before."""
+        dm = self.maps[dev_id]
+        lo, hi = int(cs[0]), int(cs[-1]) + 1
+        if hi - lo == len(cs) and (len(cs) < 2 or bool(np.all(cs[1:] > cs[:-1]))):
+            # A contiguous ascending run (in-order archives): slices, no gathers.
+            target = slice(lo, hi)
+            dup = dm.offsets[target] != 0
+        else:
+            target = cs
+            dup = dm.offsets[cs] != 0
+            order = np.argsort(cs, kind="stable")
+            again = cs[order[1:]] == cs[order[:-1]]  # a second copy within the batch
+            dup[order[1:]] |= again
+        if dup.any():
+            raise DuplicateClusterError("cluster is stored twice", **where(int(np.argmax(dup))))
+        if dev_id == self._vmstate_id:
+            self._check_vmstate(cs, where)
+        dm.offsets[target] = o
+        dm.masks[target] = m
+
+    def _check_vmstate(self, cs: np.ndarray, where) -> None:
+        expected = np.arange(self._vmstate_next, self._vmstate_next + len(cs))
+        wrong = cs != expected
         if wrong.any():
-            i = int(idx[np.argmax(wrong)])
+            j = int(np.argmax(wrong))
             raise VmstateOrderError(
-                f"vmstate cluster out of order (expected cluster {int(expected[np.argmax(wrong)])})",
-                **where(i),
+                f"vmstate cluster out of order (expected cluster {int(expected[j])})",
+                **where(j),
             )
-        self._vmstate_next += idx.size
+        self._vmstate_next += len(cs)
 
     def finish(self, end: int, truncated_at: int | None) -> ArchiveIndex:
         self.flush()
@@ -276,6 +307,7 @@ class _IndexCore:
 
 def _truncated(core: _IndexCore, pos: int, end: int, what: str) -> int:
     """Report an extent cut short; with allow_incomplete the partial extent is dropped."""
+    core.flush()  # errors in earlier extents come first
     if not core.allow_incomplete:
         raise TruncatedError(f"archive ends inside {what} (file is {end} bytes)", offset=pos)
     return pos
@@ -283,6 +315,7 @@ def _truncated(core: _IndexCore, pos: int, end: int, what: str) -> int:
 
 def _bad_magic(core: _IndexCore, head: bytes, pos: int, end: int | None) -> None:
     """Tell a damaged extent magic apart from junk appended after the last extent."""
+    core.flush()  # errors in earlier extents come first
     if len(head) >= EXTENT_HEADER_SIZE:
         fixed = VMA_EXTENT_MAGIC + bytes(head[4:EXTENT_HEADER_SIZE])
         try:
@@ -317,9 +350,21 @@ def build_index(
         rel = pos - buf_at
         if rel < 0 or rel + EXTENT_HEADER_SIZE > len(buf):
             buf, buf_at, rel = source.pread(pos, _READ_AHEAD), pos, 0
+        run = _zero_extent_run(buf, rel)
+        if run:
+            # Extents without data sit back to back: take them in one go.
+            core.add(
+                range(pos, pos + run * EXTENT_HEADER_SIZE, EXTENT_HEADER_SIZE),
+                memoryview(buf)[rel : rel + run * EXTENT_HEADER_SIZE],
+            )
+            pos += run * EXTENT_HEADER_SIZE
+            continue
         head = memoryview(buf)[rel : rel + EXTENT_HEADER_SIZE]
         if len(head) < EXTENT_HEADER_SIZE or head[:4] != VMA_EXTENT_MAGIC:
-            if bytes(head[:4]) == VMA_EXTENT_MAGIC[: len(head[:4])] and len(head) < EXTENT_HEADER_SIZE:
+            if (
+                len(head) < EXTENT_HEADER_SIZE
+                and bytes(head[:4]) == VMA_EXTENT_MAGIC[: len(head[:4])]
+            ):
                 truncated_at = _truncated(core, pos, end, "an extent header")
                 break
             _bad_magic(core, head, pos, end)
@@ -327,10 +372,11 @@ def build_index(
         if nxt > end:
             # Check the header before blaming the length: a flipped
             # block_count shows up as an md5 mismatch, not as truncation.
+            core.flush()
             check_extent_header(bytes(head), pos, header.uuid)
             truncated_at = _truncated(core, pos, end, "an extent's data")
             break
-        core.add(pos, head)
+        core.add((pos,), head)
         pos = nxt
         if progress is not None and pos - last_report >= 64 << 20:
             progress(pos, end)
@@ -339,6 +385,17 @@ def build_index(
     if progress is not None:
         progress(end, end)
     return index
+
+
+def _zero_extent_run(buf: bytes, rel: int) -> int:
+    """How many records from buf[rel:] are data-less extent headers in a row."""
+    avail = (len(buf) - rel) // EXTENT_HEADER_SIZE
+    if avail < 2:
+        return 0
+    words = np.frombuffer(buf, "<u4", avail * EXTENT_HEADER_SIZE // 4, rel).reshape(avail, -1)
+    # Word 0 is the magic, word 1 holds reserved + block_count: both must match.
+    ok = (words[:, 0] == _MAGIC_U32) & (words[:, 1] == 0)
+    return avail if ok.all() else int(np.argmin(ok))
 
 
 class StreamIndexer:
@@ -396,7 +453,7 @@ class StreamIndexer:
             if data[:4] != VMA_EXTENT_MAGIC:
                 _bad_magic(self._core, data, pos, None)
             if self._held is not None:
-                self._core.add(*self._held)
+                self._core.add((self._held[0],), self._held[1])
             self._held = (pos, data)
             self._next = pos + EXTENT_HEADER_SIZE + BLOCK_SIZE * int.from_bytes(data[6:8], "big")
         self._pending = bytearray()
@@ -412,8 +469,9 @@ class StreamIndexer:
         if self._held is not None:
             pos, head = self._held
             if pos + EXTENT_HEADER_SIZE + BLOCK_SIZE * int.from_bytes(head[6:8], "big") <= end:
-                core.add(pos, head)
+                core.add((pos,), head)
             else:
+                core.flush()
                 check_extent_header(head, pos, self.header.uuid)
                 truncated_at = _truncated(core, pos, end, "an extent's data")
         if self._pending and truncated_at is None:

@@ -27,7 +27,9 @@ class Source(Protocol):
     #: True when :meth:`scan` must run (or saved state be loaded) before ``pread``.
     needs_scan: bool
 
-    def scan(self, on_chunk: Callable[[int, memoryview], None], progress: ProgressFn | None = None) -> None:
+    def scan(
+        self, on_chunk: Callable[[int, memoryview], None], progress: ProgressFn | None = None
+    ) -> None:
         """One sequential pass over the stream, handing every byte to *on_chunk* in order."""
 
     def pread(self, offset: int, size: int) -> bytes:

@@ -1,0 +1,274 @@
+"""gzip input (``.vma.gz`` as vzdump writes it with ``gzip``/``pigz --rsyncable``).
+
+Random access comes from `indexed_gzip`_ (zran): a seek point every
+``spacing`` uncompressed bytes holds the 32 KiB of history that deflate may
+refer back to, so a read inflates at most ``spacing`` bytes from the nearest
+point.  Multi-member files (``cat a.gz b.gz``, pigz ``--independent``) and
+rsyncable output are ordinary deflate to zran and need nothing special.
+
+The scan makes two passes over the compressed file:
+
+1. stdlib :mod:`zlib`, front to back, member by member: hands every
+   uncompressed byte to ``on_chunk`` (the VMA index is built here), checks
+   each member's CRC32 and ISIZE, and notices truncation and trailing
+   garbage with the compressed offset where it happened.  indexed_gzip
+   cannot do this part: reading through it does not check CRCs chunk by
+   chunk and returns a cut-off stream as if it had ended.
+2. zran builds its seek points (``seek`` forward in steps, so there is
+   progress).  Building them while reading (``auto_build`` reads) costs the
+   same: every read re-inflates from the last seek point.
+
+Both passes are plain inflate, so a scan costs about twice ``gzip -d``;
+see docs/compression.md for numbers.  The seek points are saved in the side
+index (:mod:`vmafs.sidecar`) through :meth:`checkpoint_state`.
+
+.. _indexed_gzip: https://github.com/pauldmccarthy/indexed_gzip
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+from indexed_gzip.indexed_gzip import _IndexedGzipFile
+
+from ..errors import CorruptStreamError, IndexCacheError, SourceError
+from . import register
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+#: Uncompressed bytes between seek points: a random read inflates at most
+#: this much; each point costs 32 KiB of memory (and of side index).
+DEFAULT_SPACING = 4 << 20
+_READ = 1 << 20  # compressed bytes per read in the scan
+_OUT_MAX = 4 << 20  # uncompressed bytes per inflate call (bounds memory on zeros)
+_BUILD_STEP = 64 << 20  # seek-point building advances this far between progress calls
+
+ProgressFn = Callable[[int, int], None]
+
+
+class GzipSource:
+    """A gzip-compressed VMA stream with zran seek points.
+
+    ``pread`` is thread-safe: it serialises on one zran handle.  (zran holds
+    the GIL while it inflates, so more handles would not read in parallel
+    and would each hold a copy of every seek point's window.)
+    """
+
+    needs_scan = True
+    kind = "gzip"
+
+    def __init__(self, path: str, *, spacing: int = DEFAULT_SPACING) -> None:
+        self.path = path
+        self.size: int | None = None
+        self.spacing = spacing
+        try:
+            self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+        except OSError as e:
+            raise SourceError(f"cannot open {path}: {e.strerror}") from e
+        self.compressed_size = os.fstat(self._file.fileno()).st_size
+        self._zran: _IndexedGzipFile | None = None
+        self._lock = threading.Lock()
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    # -- the scan --
+
+    def scan(self, on_chunk: Callable[[int, memoryview], None], progress: ProgressFn | None = None):
+        """Inflate the whole file once for *on_chunk*, then build the seek points."""
+        total = 2 * self.compressed_size  # two passes over the compressed bytes
+        size = _inflate_all(self._file.fileno(), self.compressed_size, on_chunk, progress, total)
+        self.size = size
+        self._zran = self._build_points(progress, total)
+
+    def _build_points(self, progress: ProgressFn | None, total: int) -> _IndexedGzipFile:
+        z = self._new_handle()
+        csize, size = self.compressed_size, self.size
+        pos = 0
+        try:
+            while pos < size:
+                pos = min(size, pos + _BUILD_STEP)
+                z.seek(pos)
+                if progress is not None:
+                    progress(csize + csize * pos // size, total)
+        except Exception as e:  # zran reports everything as its own exception types
+            z.close()
+            raise CorruptStreamError(
+                f"{self.path}: gzip seek points could not be built ({e}); "
+                "did the file change during the scan?"
+            ) from e
+        if progress is not None:
+            progress(total, total)
+        return z
+
+    def _new_handle(self) -> _IndexedGzipFile:
+        fobj = os.fdopen(os.dup(self._file.fileno()), "rb")
+        return _IndexedGzipFile(
+            fileobj=fobj,
+            spacing=self.spacing,
+            readbuf_size=256 << 10,
+            auto_build=True,
+        )
+
+    # -- persistence (vmafs.sidecar) --
+
+    def checkpoint_state(self) -> dict[str, np.ndarray]:
+        """The seek points and stream length, for the side index."""
+        if self._zran is None:
+            raise SourceError(f"{self.path}: no seek points yet (scan first)")
+        buf = io.BytesIO()
+        with self._lock:
+            self._zran.export_index(fileobj=buf)
+        return {
+            "meta": np.array([self.size, self.spacing, self.compressed_size], dtype=np.int64),
+            "zran": np.frombuffer(buf.getvalue(), dtype=np.uint8),
+        }
+
+    def load_checkpoint_state(self, state: dict[str, np.ndarray]) -> None:
+        """Adopt seek points saved by :meth:`checkpoint_state` (the caller checked identity)."""
+        try:
+            size, spacing, csize = (int(x) for x in state["meta"])
+            blob = np.asarray(state["zran"], dtype=np.uint8).tobytes()
+        except (KeyError, ValueError, TypeError) as e:
+            raise IndexCacheError(f"gzip checkpoint state unusable: {e}") from e
+        if csize != self.compressed_size:
+            raise IndexCacheError("gzip checkpoint state is for a file of another size")
+        z = self._new_handle()
+        try:
+            z.import_index(fileobj=io.BytesIO(blob))
+        except Exception as e:
+            z.close()
+            raise IndexCacheError(f"gzip seek points do not load: {e}") from e
+        with self._lock:
+            if self._zran is not None:
+                self._zran.close()
+            self._zran, self.size, self.spacing = z, size, spacing
+
+    # -- reading --
+
+    def pread(self, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of the uncompressed stream; short only at its end."""
+        if self._zran is None:
+            raise SourceError(f"{self.path}: gzip source read before its scan")
+        size = max(0, min(size, self.size - offset))
+        if size <= 0:
+            return b""
+        with self._lock:
+            try:
+                data = self._zran.pread(size, offset)
+                while len(data) < size:
+                    more = self._zran.pread(size - len(data), offset + len(data))
+                    if not more:
+                        break
+                    data += more
+            except Exception as e:
+                raise CorruptStreamError(
+                    f"{self.path}: gzip read of {size} bytes at stream offset {offset} failed: {e}"
+                ) from e
+        if len(data) < size:
+            raise CorruptStreamError(
+                f"{self.path}: gzip stream ended at stream offset {offset + len(data)}, "
+                f"before its scanned length {self.size}; did the file change?"
+            )
+        return data
+
+    def close(self) -> None:
+        with self._lock:
+            if self._zran is not None:
+                self._zran.close()
+                self._zran = None
+        self._file.close()
+
+
+def _inflate_all(fd: int, csize: int, on_chunk, progress: ProgressFn | None, total: int) -> int:
+    """Inflate every member of the gzip file on *fd*; returns the uncompressed length.
+
+    Raises CorruptStreamError (offset = compressed file offset) on bad data,
+    a failed CRC/length check, truncation or trailing garbage.
+    """
+    out_pos = 0
+    base = 0  # compressed offset of the first byte of `pending`
+    pending = b""
+    member_at = 0  # compressed offset where the current member starts
+    d = None  # decompressor of the current member; None between members
+    eof = False
+    while True:
+        if not eof and len(pending) < 2:
+            data = os.pread(fd, _READ, base + len(pending))
+            if data:
+                pending += data
+            else:
+                eof = True
+        if not pending:
+            break
+        if d is None:
+            if len(pending) < 2 and not eof:
+                continue
+            if not pending.startswith(GZIP_MAGIC):
+                _check_trailing(fd, base, csize)
+                break
+            d = zlib.decompressobj(31)
+            member_at = base
+        try:
+            out = d.decompress(pending, _OUT_MAX)
+            while True:
+                if out:
+                    on_chunk(out_pos, memoryview(out))
+                    out_pos += len(out)
+                if not d.unconsumed_tail:
+                    break
+                out = d.decompress(d.unconsumed_tail, _OUT_MAX)
+        except zlib.error as e:
+            raise CorruptStreamError(
+                f"gzip data corrupt ({e}) in the member starting at compressed offset "
+                f"{member_at}, within compressed bytes {base}..{base + len(pending)}, "
+                f"after {out_pos} uncompressed bytes",
+                offset=base,
+            ) from None
+        if d.eof:
+            rest = d.unused_data
+            base += len(pending) - len(rest)
+            pending = rest
+            d = None
+        else:
+            base += len(pending)
+            pending = b""
+            if eof:
+                break
+        if progress is not None:
+            progress(base, total)
+    if d is not None:
+        raise CorruptStreamError(
+            f"gzip stream truncated: the member starting at compressed offset {member_at} "
+            f"ends without its trailer at compressed offset {base}, "
+            f"after {out_pos} uncompressed bytes",
+            offset=base,
+        )
+    if progress is not None:
+        progress(csize, total)
+    return out_pos
+
+
+def _check_trailing(fd: int, at: int, csize: int) -> None:
+    """Bytes after the last member: zeros are tolerated (as ``gzip -d`` does), else an error."""
+    pos = at
+    while pos < csize:
+        data = os.pread(fd, _READ, pos)
+        if not data:
+            return
+        if data.count(0) != len(data):
+            bad = pos + next(i for i, b in enumerate(data) if b)
+            raise CorruptStreamError(
+                f"gzip stream: {csize - at} bytes after the last member are not a gzip member "
+                f"(first non-zero byte at compressed offset {bad})",
+                offset=at,
+            )
+        pos += len(data)
+
+
+register(GZIP_MAGIC, GzipSource)

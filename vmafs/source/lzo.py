@@ -1,0 +1,391 @@
+"""lzop input (``.vma.lzo`` as vzdump writes it with ``lzop``).
+
+An lzop file is a header and then independently compressed blocks (256 KiB
+of input each by default)::
+
+    u32 dst_len            uncompressed length; 0 ends the stream
+    u32 src_len            compressed length; == dst_len: stored, not compressed
+    [u32 adler32(data)]    if F_ADLER32_D
+    [u32 crc32(data)]      if F_CRC32_D
+    [u32 adler32(cdata)]   if F_ADLER32_C and src_len < dst_len
+    [u32 crc32(cdata)]     if F_CRC32_C and src_len < dst_len
+    src_len bytes          raw LZO1X (methods 1, 2, 3 all decode as LZO1X)
+
+(all big-endian).  Random access is therefore a table of blocks built in one
+pass; a read decompresses only the blocks it touches (python-lzo) and checks
+their checksums.  The scan decompresses every block anyway, because the VMA
+index is built from the stream in the same pass and every checksum is
+checked once up front.  Several lzop files concatenated are read as one
+stream, as ``lzop -d`` does.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+
+import lzo
+import numpy as np
+
+from ..errors import CorruptStreamError, IndexCacheError, SourceError
+from . import register
+
+LZOP_MAGIC = b"\x89LZO\x00\r\n\x1a\n"
+
+# Header flags (lzop's conf.h).
+F_ADLER32_D = 0x00000001
+F_ADLER32_C = 0x00000002
+F_STDIN = 0x00000004
+F_STDOUT = 0x00000008
+F_NAME_DEFAULT = 0x00000010
+F_DOSISH = 0x00000020
+F_H_EXTRA_FIELD = 0x00000040
+F_H_GMTDIFF = 0x00000080
+F_CRC32_D = 0x00000100
+F_CRC32_C = 0x00000200
+F_MULTIPART = 0x00000400
+F_H_FILTER = 0x00000800
+F_H_CRC32 = 0x00001000
+F_H_PATH = 0x00002000
+F_MASK = 0x00003FFF
+F_OS_MASK = 0xFF000000
+F_CS_MASK = 0x00F00000
+F_RESERVED = (F_MASK | F_OS_MASK | F_CS_MASK) ^ 0xFFFFFFFF
+
+M_LZO1X_1 = 1
+M_LZO1X_1_15 = 2
+M_LZO1X_999 = 3
+_METHODS = {M_LZO1X_1, M_LZO1X_1_15, M_LZO1X_999}
+
+MAX_BLOCK_SIZE = 64 << 20  # lzop refuses larger blocks
+_READ = 4 << 20
+_CACHE_BLOCKS = 16  # decompressed blocks kept for neighbouring reads
+
+ProgressFn = Callable[[int, int], None]
+
+
+class _Reader:
+    """Sequential reads of the compressed file that know their file offset."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.size = fd, size
+        self.pos = 0  # file offset of buf[0]
+        self.buf = b""
+        self.i = 0
+
+    @property
+    def offset(self) -> int:
+        return self.pos + self.i
+
+    def read(self, n: int, what: str) -> bytes:
+        if self.i + n > len(self.buf):
+            self.pos += self.i
+            self.buf = self.buf[self.i :] + os.pread(
+                self.fd, max(_READ, n - (len(self.buf) - self.i)), self.pos + len(self.buf) - self.i
+            )
+            self.i = 0
+            if n > len(self.buf):
+                raise CorruptStreamError(
+                    f"lzop stream truncated inside {what}: {n} bytes needed at compressed "
+                    f"offset {self.pos}, the file ends at {self.size}",
+                    offset=self.size,
+                )
+        out = self.buf[self.i : self.i + n]
+        self.i += n
+        return out
+
+    def at_end(self) -> bool:
+        if self.i < len(self.buf):
+            return False
+        return self.offset >= self.size
+
+
+def _u32(b: bytes, i: int = 0) -> int:
+    return int.from_bytes(b[i : i + 4], "big")
+
+
+def _parse_header(r: _Reader) -> int:
+    """Read one lzop file header at *r*; returns its flags."""
+    at = r.offset
+    if r.read(len(LZOP_MAGIC), "the lzop magic") != LZOP_MAGIC:
+        raise CorruptStreamError("not an lzop header", offset=at)
+    raw = bytearray()
+
+    def take(n: int) -> bytes:
+        b = r.read(n, "the lzop header")
+        raw.extend(b)
+        return b
+
+    version = int.from_bytes(take(2), "big")
+    take(2)  # lib_version
+    if version >= 0x0940:
+        needed = int.from_bytes(take(2), "big")
+        if needed > 0x1040:
+            raise SourceError(f"lzop header needs lzop version {needed:#x} to extract", offset=at)
+    method = take(1)[0]
+    if version >= 0x0940:
+        take(1)  # level
+    flags = _u32(take(4))
+    if flags & F_H_FILTER:
+        take(4)
+    take(4)  # mode
+    take(4)  # mtime low
+    if version >= 0x0940:
+        take(4)  # mtime high
+    name_len = take(1)[0]
+    take(name_len)
+    stored = _u32(r.read(4, "the lzop header checksum"))
+    want = zlib.crc32(raw) if flags & F_H_CRC32 else zlib.adler32(raw)
+    if stored != want:
+        raise CorruptStreamError(
+            f"lzop header checksum mismatch (stored {stored:#010x}, computed {want:#010x})",
+            offset=at,
+        )
+    if version < 0x0900:
+        raise SourceError(f"lzop header version {version:#x} is too old", offset=at)
+    if flags & F_RESERVED:
+        raise CorruptStreamError(f"lzop header has reserved flags set ({flags:#010x})", offset=at)
+    if method not in _METHODS:
+        raise SourceError(f"lzop method {method} is not LZO1X (only 1, 2, 3 are)", offset=at)
+    if flags & F_H_FILTER:
+        raise SourceError("lzop files made with --filter are not supported", offset=at)
+    if flags & F_MULTIPART:
+        raise SourceError("multi-part lzop files are not supported", offset=at)
+    if flags & F_H_EXTRA_FIELD:
+        ext = r.read(4, "the lzop extra field")
+        n = _u32(ext)
+        ext += r.read(n, "the lzop extra field")
+        stored = _u32(r.read(4, "the lzop extra field checksum"))
+        want = zlib.crc32(ext) if flags & F_H_CRC32 else zlib.adler32(ext)
+        if stored != want:
+            raise CorruptStreamError("lzop extra field checksum mismatch", offset=at)
+    return flags
+
+
+class LzoSource:
+    """An lzop-compressed VMA stream; random access by block table."""
+
+    needs_scan = True
+    kind = "lzo"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.size: int | None = None
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise SourceError(f"cannot open {path}: {e.strerror}") from e
+        self.compressed_size = os.fstat(self._fd).st_size
+        self._table: dict[str, np.ndarray] | None = None
+        self._starts: np.ndarray | None = None  # uncompressed offset of each block
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    # -- the scan --
+
+    def scan(self, on_chunk: Callable[[int, memoryview], None], progress: ProgressFn | None = None):
+        """Walk every block once: check it, feed it to *on_chunk*, record where it lives."""
+        r = _Reader(self._fd, self.compressed_size)
+        cols: dict[str, list[int]] = {k: [] for k in _COLUMNS}
+        out_pos = 0
+        last = 0
+        while True:
+            flags = _parse_header(r)
+            while True:
+                at = r.offset
+                dst_len = _u32(r.read(4, "a block header"))
+                if dst_len == 0:
+                    break
+                src_len = _u32(r.read(4, "a block header"))
+                sums = [0, 0, 0, 0]  # d_adler, d_crc, c_adler, c_crc
+                if flags & F_ADLER32_D:
+                    sums[0] = _u32(r.read(4, "a block header"))
+                if flags & F_CRC32_D:
+                    sums[1] = _u32(r.read(4, "a block header"))
+                if src_len < dst_len:
+                    if flags & F_ADLER32_C:
+                        sums[2] = _u32(r.read(4, "a block header"))
+                    if flags & F_CRC32_C:
+                        sums[3] = _u32(r.read(4, "a block header"))
+                _check_lengths(dst_len, src_len, at)
+                data_at = r.offset
+                data = r.read(src_len, "a block's data")
+                block = _decode(data, dst_len, flags, sums, data_at, out_pos)
+                on_chunk(out_pos, memoryview(block))
+                for k, v in zip(
+                    _COLUMNS, (out_pos, data_at, src_len, dst_len, flags, *sums), strict=True
+                ):
+                    cols[k].append(v)
+                out_pos += dst_len
+                if progress is not None and r.offset - last >= 16 << 20:
+                    progress(r.offset, self.compressed_size)
+                    last = r.offset
+            if r.at_end():
+                break
+            rest_at = r.offset
+            head = r.read(min(len(LZOP_MAGIC), self.compressed_size - rest_at), "trailing data")
+            if head != LZOP_MAGIC:
+                _check_trailing(self._fd, rest_at, self.compressed_size)
+                break
+            r.i -= len(LZOP_MAGIC)  # let _parse_header see the magic
+        table = {k: np.array(v, dtype=_COLUMNS[k]) for k, v in cols.items()}
+        self._adopt(table, out_pos)
+        if progress is not None:
+            progress(self.compressed_size, self.compressed_size)
+
+    def _adopt(self, table: dict[str, np.ndarray], size: int) -> None:
+        with self._lock:
+            self._table = table
+            self._starts = table["uoff"]
+            self._cache.clear()
+            self.size = size
+
+    # -- persistence (vmafs.sidecar) --
+
+    def checkpoint_state(self) -> dict[str, np.ndarray]:
+        if self._table is None:
+            raise SourceError(f"{self.path}: no block table yet (scan first)")
+        state = dict(self._table)
+        state["meta"] = np.array([self.size, self.compressed_size], dtype=np.int64)
+        return state
+
+    def load_checkpoint_state(self, state: dict[str, np.ndarray]) -> None:
+        try:
+            size, csize = (int(x) for x in state["meta"])
+            table = {k: np.asarray(state[k], dtype=dt) for k, dt in _COLUMNS.items()}
+        except (KeyError, ValueError, TypeError) as e:
+            raise IndexCacheError(f"lzop block table unusable: {e}") from e
+        n = len(table["uoff"])
+        ok = (
+            csize == self.compressed_size
+            and all(len(v) == n for v in table.values())
+            and (n == 0 or int(table["uoff"][0]) == 0)
+            and int(table["ulen"].sum(dtype=np.int64)) == size
+            and np.array_equal(table["uoff"][1:], np.cumsum(table["ulen"], dtype=np.int64)[:-1])
+            and (n == 0 or int(table["coff"][-1]) + int(table["clen"][-1]) <= csize)
+        )
+        if not ok:
+            raise IndexCacheError("lzop block table does not fit the file")
+        self._adopt(table, size)
+
+    # -- reading --
+
+    def _block(self, i: int) -> bytes:
+        with self._lock:
+            data = self._cache.get(i)
+            if data is not None:
+                self._cache.move_to_end(i)
+                return data
+        t = self._table
+        coff, clen, ulen = int(t["coff"][i]), int(t["clen"][i]), int(t["ulen"][i])
+        sums = [int(t[k][i]) for k in ("d_adler", "d_crc", "c_adler", "c_crc")]
+        raw = os.pread(self._fd, clen, coff)
+        if len(raw) != clen:
+            raise CorruptStreamError(
+                f"{self.path}: lzop block data cut short (file shrank?)", offset=coff + len(raw)
+            )
+        data = _decode(raw, ulen, int(t["flags"][i]), sums, coff, int(t["uoff"][i]))
+        with self._lock:
+            self._cache[i] = data
+            while len(self._cache) > _CACHE_BLOCKS:
+                self._cache.popitem(last=False)
+        return data
+
+    def pread(self, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of the uncompressed stream; short only at its end."""
+        if self._table is None:
+            raise SourceError(f"{self.path}: lzop source read before its scan")
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return b""
+        i = int(np.searchsorted(self._starts, offset, side="right")) - 1
+        parts = []
+        pos = offset
+        while pos < end:
+            block = self._block(i)
+            start = int(self._starts[i])
+            parts.append(block[pos - start : end - start])
+            pos = start + len(block)
+            i += 1
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+# Block table columns and their dtypes (also the side index layout).
+_COLUMNS = {
+    "uoff": np.int64,  # uncompressed offset of the block
+    "coff": np.int64,  # file offset of its (compressed) data
+    "clen": np.uint32,
+    "ulen": np.uint32,
+    "flags": np.uint32,  # header flags of the lzop member it belongs to
+    "d_adler": np.uint32,
+    "d_crc": np.uint32,
+    "c_adler": np.uint32,
+    "c_crc": np.uint32,
+}
+
+
+def _check_lengths(dst_len: int, src_len: int, at: int) -> None:
+    if dst_len > MAX_BLOCK_SIZE:
+        raise CorruptStreamError(f"lzop block claims {dst_len} bytes (max {MAX_BLOCK_SIZE})", offset=at)
+    if src_len == 0 or src_len > dst_len:
+        raise CorruptStreamError(
+            f"lzop block lengths are impossible (compressed {src_len}, uncompressed {dst_len})",
+            offset=at,
+        )
+
+
+def _decode(data: bytes, dst_len: int, flags: int, sums, data_at: int, uoff: int) -> bytes:
+    """Check and decompress one block whose data starts at compressed offset *data_at*."""
+    d_adler, d_crc, c_adler, c_crc = sums
+    where = f"lzop block at compressed offset {data_at} (stream offset {uoff})"
+    if len(data) < dst_len:
+        if flags & F_ADLER32_C and zlib.adler32(data) != c_adler:
+            raise CorruptStreamError(f"{where}: adler32 of compressed data mismatch", offset=data_at)
+        if flags & F_CRC32_C and zlib.crc32(data) != c_crc:
+            raise CorruptStreamError(f"{where}: crc32 of compressed data mismatch", offset=data_at)
+        try:
+            out = lzo.decompress(data, False, dst_len)
+        except lzo.error as e:
+            raise CorruptStreamError(f"{where}: LZO data corrupt ({e})", offset=data_at) from None
+        if len(out) != dst_len:
+            raise CorruptStreamError(
+                f"{where}: decompressed to {len(out)} bytes, header says {dst_len}", offset=data_at
+            )
+    else:
+        out = data
+    if flags & F_ADLER32_D and zlib.adler32(out) != d_adler:
+        raise CorruptStreamError(f"{where}: adler32 of uncompressed data mismatch", offset=data_at)
+    if flags & F_CRC32_D and zlib.crc32(out) != d_crc:
+        raise CorruptStreamError(f"{where}: crc32 of uncompressed data mismatch", offset=data_at)
+    return out
+
+
+def _check_trailing(fd: int, at: int, csize: int) -> None:
+    """Bytes after the end-of-stream marker: zeros are tolerated, anything else is an error."""
+    pos = at
+    while pos < csize:
+        data = os.pread(fd, _READ, pos)
+        if not data:
+            return
+        if data.count(0) != len(data):
+            raise CorruptStreamError(
+                f"lzop stream: {csize - at} bytes after the end-of-stream marker are not "
+                "an lzop file",
+                offset=at,
+            )
+        pos += len(data)
+
+
+register(LZOP_MAGIC, LzoSource)
