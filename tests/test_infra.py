@@ -1,0 +1,97 @@
+"""The test infrastructure itself: fixture archives, manifests, real-part probes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+
+import pytest
+from conftest import FIXTURES_DIR, fixture_archives, load_manifest, loop_device, unmount
+
+DECOMPRESS = {".zst": ["zstd", "-dcq"], ".gz": ["gzip", "-dc"], ".lzo": ["lzop", "-dc"]}
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def test_every_plain_fixture_has_a_manifest():
+    plain = fixture_archives(compressed=False)
+    assert plain, f"no fixture archives in {FIXTURES_DIR}"
+    for archive in plain:
+        m = load_manifest(archive)
+        assert m["archive"] == archive.name
+        assert m["devices"] is not None and m["configs"] is not None
+
+
+@pytest.mark.parametrize("archive", fixture_archives(), ids=lambda p: p.name)
+def test_fixture_archive_matches_manifest_checksum(archive):
+    """Each fixture (and each compressed copy, decompressed by the real tool) is intact."""
+    want = load_manifest(archive)["archive_sha256"]
+    if archive.suffix == ".vma":
+        assert sha256_file(archive) == want
+        return
+    argv = [*DECOMPRESS[archive.suffix], str(archive)]
+    h = hashlib.sha256()
+    with subprocess.Popen(argv, stdout=subprocess.PIPE) as proc:
+        while chunk := proc.stdout.read(1 << 20):
+            h.update(chunk)
+    assert proc.returncode == 0, f"{argv} exited {proc.returncode}"
+    assert h.hexdigest() == want
+
+
+def test_load_manifest_accepts_all_spellings(manifest):
+    want = manifest("two-disks")
+    for name in ("two-disks.vma", "two-disks.vma.zst", "two-disks.vma.json", "two-disks.vma.gz"):
+        assert manifest(name) == want
+    assert manifest(FIXTURES_DIR / "two-disks.vma.lzo") == want
+    with pytest.raises(FileNotFoundError):
+        manifest("no-such-archive.vma")
+
+
+def test_fixtures_dir(fixtures_dir):
+    assert fixtures_dir == FIXTURES_DIR
+    assert (fixtures_dir / "README.md").is_file()
+
+
+def test_fuse_probe(require_fuse):
+    assert os.access(require_fuse, os.X_OK)
+
+
+def test_qemu_probe(require_qemu):
+    for path in vars(require_qemu).values():
+        assert os.access(path, os.X_OK)
+    out = subprocess.run(
+        [require_qemu.qemu_img, "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "raw" in out and "qcow2" in out
+
+
+def test_loop_mount_of_an_unmounted_built_ext4_image(require_loop, tmp_path):
+    """The path the demo and the guest tests take: mkfs.ext4 -d, losetup -r, mount ro,noload."""
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "hostname").write_text("vmafs-test\n")
+    img = tmp_path / "guest.img"
+    with img.open("wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-L", "vmafstest", "-d", str(tree), str(img)],
+        check=True,
+        capture_output=True,
+    )
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with loop_device(img) as dev:
+        assert dev.startswith("/dev/loop")
+        subprocess.run(["mount", "-o", "ro,noload", dev, str(mnt)], check=True, capture_output=True)
+        try:
+            assert (mnt / "etc" / "hostname").read_text() == "vmafs-test\n"
+        finally:
+            unmount(mnt, fuse=False)
+    assert not os.path.ismount(mnt)
