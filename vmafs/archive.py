@@ -119,11 +119,20 @@ class Archive:
     # -- reading --
 
     def read(self, dev_id: int, offset: int, size: int) -> bytes:
-        """Device bytes [offset, offset+size), clipped at the device end."""
-        dev_size = self.device(dev_id).size
-        size = max(0, min(size, dev_size - offset))
-        buf = bytearray(size)
-        self.readinto(dev_id, offset, buf)
+        """Device bytes [offset, offset+size), clipped at the device end.
+
+        A range stored in one piece comes straight from one pread, without
+        an intermediate buffer (the common case for the filesystem).
+        """
+        dm = self.index.maps[dev_id]
+        n = max(0, min(size, dm.device.size - offset))
+        runs, zeros = self._plan(dm, offset, n)
+        if len(runs) == 1 and not zeros and runs[0][1] == n:
+            return self._pread(*runs[0][:2])
+        if not runs:
+            return bytes(n)
+        buf = bytearray(n)
+        self._fill(memoryview(buf), runs, ())  # a fresh bytearray is already zero
         return bytes(buf)
 
     def readinto(self, dev_id: int, offset: int, buf) -> int:
@@ -136,19 +145,52 @@ class Archive:
         dm = self.index.maps[dev_id]
         out = memoryview(buf).cast("B")
         n = max(0, min(len(out), dm.device.size - offset))
+        runs, zeros = self._plan(dm, offset, n)
+        self._fill(out, runs, zeros)
+        return n
+
+    def _pread(self, aoff: int, length: int) -> bytes:
+        data = self.source.pread(aoff, length)
+        if len(data) != length:
+            raise TruncatedError("archive shrank while it was being read", offset=aoff + len(data))
+        return data
+
+    def _fill(self, out: memoryview, runs, zeros) -> None:
+        for dest, length in zeros:
+            out[dest : dest + length] = bytes(length)
+        pread_into = getattr(self.source, "pread_into", None)
+        for aoff, length, dest in runs:
+            if pread_into is not None:
+                got = pread_into(aoff, out[dest : dest + length])
+                if got != length:
+                    raise TruncatedError(
+                        "archive shrank while it was being read", offset=aoff + got
+                    )
+            else:
+                out[dest : dest + length] = self._pread(aoff, length)
+
+    def _plan(self, dm, offset: int, n: int) -> tuple[list[list[int]], list[tuple[int, int]]]:
+        """Where the n bytes at device *offset* come from.
+
+        Returns (runs, zeros): runs of [archive offset, length, dest offset],
+        merged when contiguous in both, and (dest offset, length) ranges that
+        are zero without any I/O.
+        """
         if n <= 0:
-            return 0
+            return [], []
         first, last = offset // CLUSTER_SIZE, (offset + n - 1) // CLUSTER_SIZE
-        offs = dm.offsets[first : last + 1]
-        if not offs.all():
-            c = first + int(np.argmin(offs != 0))
+        if first == last:  # the small-read case: avoid numpy slicing
+            offs, masks = [int(dm.offsets[first])], [int(dm.masks[first])]
+        else:
+            offs, masks = dm.offsets[first : last + 1].tolist(), dm.masks[first : last + 1].tolist()
+        if 0 in offs:
             raise MissingClusterError(
-                "cluster was never written to the archive", dev_id=dev_id, cluster=c
+                "cluster was never written to the archive",
+                dev_id=dm.device.dev_id,
+                cluster=first + offs.index(0),
             )
-        masks = dm.masks[first : last + 1].tolist()
-        offs = offs.tolist()
-        # Runs of (archive offset, length, dest offset), merged when contiguous.
         runs: list[list[int]] = []
+        zeros: list[tuple[int, int]] = []
         pos = 0
         for i, (aoff, mask) in enumerate(zip(offs, masks, strict=True)):
             cstart = (first + i) * CLUSTER_SIZE
@@ -157,18 +199,11 @@ class Archive:
             if mask == FULL_MASK:
                 self._add_run(runs, aoff + a, b - a, pos)
             elif mask == 0:
-                out[pos : pos + b - a] = bytes(b - a)
+                zeros.append((pos, b - a))
             else:
-                self._partial(out, pos, aoff, mask, a, b, runs)
+                self._partial(pos, aoff, mask, a, b, runs, zeros)
             pos += b - a
-        for aoff, length, dest in runs:
-            data = self.source.pread(aoff, length)
-            if len(data) != length:
-                raise TruncatedError(
-                    "archive shrank while it was being read", offset=aoff + len(data)
-                )
-            out[dest : dest + length] = data
-        return n
+        return runs, zeros
 
     @staticmethod
     def _add_run(runs: list[list[int]], aoff: int, length: int, dest: int) -> None:
@@ -178,9 +213,8 @@ class Archive:
             runs.append([aoff, length, dest])
 
     @classmethod
-    def _partial(cls, out, pos, aoff, mask, a, b, runs) -> None:
-        """Bytes [a, b) of a cluster with some blocks stored, written at out[pos:]."""
-        stored = 0  # index of the next stored block in the archive
+    def _partial(cls, pos, aoff, mask, a, b, runs, zeros) -> None:
+        """Plan bytes [a, b) of a cluster with some blocks stored, destined for pos."""
         for blk in range(a // BLOCK_SIZE, (b - 1) // BLOCK_SIZE + 1):
             lo = max(a, blk * BLOCK_SIZE)
             hi = min(b, (blk + 1) * BLOCK_SIZE)
@@ -191,7 +225,7 @@ class Archive:
                     runs, aoff + stored * BLOCK_SIZE + lo - blk * BLOCK_SIZE, hi - lo, dest
                 )
             else:
-                out[dest : dest + hi - lo] = bytes(hi - lo)
+                zeros.append((dest, hi - lo))
 
 
 def _open_scanned(source: Source, allow_incomplete: bool, progress, use_sidecar: bool):

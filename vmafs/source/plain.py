@@ -32,6 +32,10 @@ class PlainSource:
         """Bytes [offset, offset+size); short only at the end of the file."""
         return os.pread(self._fd, size, offset)
 
+    def pread_into(self, offset: int, buf: memoryview) -> int:
+        """Read into *buf* without an intermediate bytes object; returns the count."""
+        return os.preadv(self._fd, [buf], offset)
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
