@@ -22,7 +22,6 @@ stream, as ``lzop -d`` does.
 from __future__ import annotations
 
 import os
-import struct
 import threading
 import zlib
 from collections import OrderedDict
@@ -338,7 +337,9 @@ _COLUMNS = {
 
 def _check_lengths(dst_len: int, src_len: int, at: int) -> None:
     if dst_len > MAX_BLOCK_SIZE:
-        raise CorruptStreamError(f"lzop block claims {dst_len} bytes (max {MAX_BLOCK_SIZE})", offset=at)
+        raise CorruptStreamError(
+            f"lzop block claims {dst_len} bytes (max {MAX_BLOCK_SIZE})", offset=at
+        )
     if src_len == 0 or src_len > dst_len:
         raise CorruptStreamError(
             f"lzop block lengths are impossible (compressed {src_len}, uncompressed {dst_len})",
@@ -352,7 +353,9 @@ def _decode(data: bytes, dst_len: int, flags: int, sums, data_at: int, uoff: int
     where = f"lzop block at compressed offset {data_at} (stream offset {uoff})"
     if len(data) < dst_len:
         if flags & F_ADLER32_C and zlib.adler32(data) != c_adler:
-            raise CorruptStreamError(f"{where}: adler32 of compressed data mismatch", offset=data_at)
+            raise CorruptStreamError(
+                f"{where}: adler32 of compressed data mismatch", offset=data_at
+            )
         if flags & F_CRC32_C and zlib.crc32(data) != c_crc:
             raise CorruptStreamError(f"{where}: crc32 of compressed data mismatch", offset=data_at)
         try:

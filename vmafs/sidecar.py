@@ -1,0 +1,338 @@
+"""The side index: what a compressed archive's first scan learned, kept on disk.
+
+A source that must decompress the whole stream once (``needs_scan``) saves
+its checkpoints and the VMA offset map here, so the next open of the same
+archive costs a file read instead of a full decompression.
+
+Where: ``<archive>.vmafs-index`` beside the archive when its directory is
+writable, else ``<cache>/<sha256 of the absolute path>.vmafs-index`` where
+``<cache>`` is ``$VMAFS_CACHE_DIR``, else ``$XDG_CACHE_HOME/vmafs``, else
+``~/.cache/vmafs``.  Loading looks in both places.
+
+The file is never trusted: it is used only if its own SHA-256 matches, its
+format version is this one, it was made by the same kind of source, and the
+archive still has the size, mtime (ns) and SHA-256 of its first and last
+64 KiB that it had when the index was made; after the source adopts the
+saved checkpoints, the VMA header is read through them and must equal the
+saved one (same uuid, same md5).  Anything else is logged and the archive
+is scanned again (and the side index rewritten).
+
+Layout (all integers little-endian)::
+
+    0   8   magic b"VMAFSIDX"
+    8   4   format version (FORMAT_VERSION)
+    12  8   length of the JSON description
+    20  ..  JSON: {"identity": {...}, "source": kind, "state_is_bytes": bool,
+                   "arrays": [{"name", "dtype", "shape", "offset", "nbytes"}]}
+    ..      array data, each array 64-byte aligned (offsets are absolute)
+    -32 32  SHA-256 of every byte before it
+
+Array names: ``header`` (the raw VMA header), ``state/<key>`` (the source's
+:meth:`checkpoint_state`) and ``index/<key>`` (:meth:`ArchiveIndex.to_arrays`).
+Nothing in the file is ever unpickled or executed.
+
+Sources that use the side index implement::
+
+    checkpoint_state() -> dict[str, np.ndarray] | bytes
+    load_checkpoint_state(state) -> None   # same type back; raise on misfit
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+from collections.abc import Mapping
+
+import numpy as np
+
+from .errors import IndexCacheError, VmaError
+from .format import Header
+from .index import ArchiveIndex
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"VMAFSIDX"
+FORMAT_VERSION = 1
+SUFFIX = ".vmafs-index"
+EDGE = 64 << 10  # bytes of the archive's head and tail that are hashed
+_FIXED = struct.Struct("<8sIQ")
+_ALIGN = 64
+_DIGEST = 32
+_DTYPE_KINDS = "biuf"  # numeric arrays only; nothing that could unpickle
+
+
+# -- where --
+
+
+def cache_dir() -> str:
+    """The directory for side indexes of archives in read-only directories."""
+    d = os.environ.get("VMAFS_CACHE_DIR")
+    if d:
+        return d
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vmafs")
+
+
+def beside_path(archive: str) -> str:
+    return os.path.abspath(archive) + SUFFIX
+
+
+def cache_path(archive: str, directory: str | None = None) -> str:
+    key = hashlib.sha256(os.path.abspath(archive).encode()).hexdigest()[:32]
+    return os.path.join(directory or cache_dir(), key + SUFFIX)
+
+
+def candidate_paths(archive: str, directory: str | None = None) -> list[str]:
+    """Where a side index for *archive* may be, in the order they are tried."""
+    return [beside_path(archive), cache_path(archive, directory)]
+
+
+# -- identity --
+
+
+def identity(source) -> dict:
+    """Size, mtime and edge hashes of the compressed file behind *source*."""
+    fd = source.fileno() if hasattr(source, "fileno") else None
+    own = fd is None
+    if own:
+        fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        size = st.st_size
+        head = os.pread(fd, EDGE, 0)
+        tail = os.pread(fd, EDGE, max(0, size - EDGE))
+    finally:
+        if own:
+            os.close(fd)
+    return {
+        "size": size,
+        "mtime_ns": st.st_mtime_ns,
+        "head_sha256": hashlib.sha256(head).hexdigest(),
+        "tail_sha256": hashlib.sha256(tail).hexdigest(),
+    }
+
+
+def _kind(source) -> str:
+    return getattr(source, "kind", None) or type(source).__name__
+
+
+# -- write --
+
+
+def dumps(ident: dict, kind: str, header_raw: bytes, state, index_arrays: Mapping) -> bytes:
+    """Serialise a side index (see the module docstring for the layout)."""
+    state_is_bytes = isinstance(state, bytes | bytearray | memoryview)
+    if state_is_bytes:
+        state = {"blob": np.frombuffer(bytes(state), dtype=np.uint8)}
+    arrays = {"header": np.frombuffer(header_raw, dtype=np.uint8)}
+    for k, v in state.items():
+        if isinstance(v, bytes | bytearray | memoryview):
+            raise TypeError("checkpoint_state values must be arrays (or return one bytes object)")
+        arrays[f"state/{k}"] = np.ascontiguousarray(v)
+    for k, v in index_arrays.items():
+        arrays[f"index/{k}"] = np.ascontiguousarray(v)
+    for name, a in arrays.items():
+        if a.dtype.kind not in _DTYPE_KINDS:
+            raise TypeError(f"side index array {name} has unsupported dtype {a.dtype}")
+
+    descs = []
+    # Offsets depend on the JSON length, which depends on the offsets: lay the
+    # arrays out after a generous bound and pad the JSON up to it.
+    body_len = 0
+    for name, a in arrays.items():
+        descs.append(
+            {
+                "name": name,
+                "dtype": a.dtype.str,
+                "shape": list(a.shape),
+                "offset": body_len,
+                "nbytes": a.nbytes,
+            }
+        )
+        body_len += -(-a.nbytes // _ALIGN) * _ALIGN
+    meta = {
+        "identity": ident,
+        "source": kind,
+        "state_is_bytes": state_is_bytes,
+        "arrays": descs,
+    }
+    probe = json.dumps(meta, sort_keys=True).encode()
+    data_at = -(-(_FIXED.size + len(probe) + 64 * len(descs) + 64) // _ALIGN) * _ALIGN
+    for d in descs:
+        d["offset"] += data_at
+    text = json.dumps(meta, sort_keys=True).encode()
+    if _FIXED.size + len(text) > data_at:  # cannot happen: offsets grew by < 64 chars each
+        raise AssertionError("side index description outgrew its room")
+    out = bytearray(data_at + body_len)
+    out[: _FIXED.size] = _FIXED.pack(MAGIC, FORMAT_VERSION, len(text))
+    out[_FIXED.size : _FIXED.size + len(text)] = text
+    for d, a in zip(descs, arrays.values(), strict=True):
+        out[d["offset"] : d["offset"] + a.nbytes] = a.tobytes()
+    out += hashlib.sha256(out).digest()
+    return bytes(out)
+
+
+def _write_atomic(dest: str, blob: bytes) -> None:
+    tmp = f"{dest}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def save(
+    source,
+    header: Header,
+    index: ArchiveIndex,
+    *,
+    directory: str | None = None,
+    beside: bool = True,
+    strict: bool = False,
+) -> str | None:
+    """Write the side index for an archive just scanned; returns its path.
+
+    Tries beside the archive (unless *beside* is false), then the cache
+    directory (*directory* or :func:`cache_dir`).  A failure to write is
+    logged and returns None, or raises IndexCacheError when *strict*.
+    """
+    try:
+        ident = identity(source)
+        ident["uuid"] = header.uuid.hex()
+        blob = dumps(
+            ident,
+            _kind(source),
+            source.pread(0, header.header_size),
+            source.checkpoint_state(),
+            index.to_arrays(),
+        )
+    except (OSError, VmaError, AttributeError, TypeError) as e:
+        if strict:
+            raise IndexCacheError(f"cannot build a side index for {source.path}: {e}") from e
+        log.warning("%s: no side index saved: %s", source.path, e)
+        return None
+    targets = []
+    if beside:
+        targets.append(beside_path(source.path))
+    targets.append(cache_path(source.path, directory))
+    errors = []
+    for dest in targets:
+        try:
+            if dest == targets[-1]:
+                os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
+            _write_atomic(dest, blob)
+        except OSError as e:
+            errors.append(f"{dest}: {e.strerror or e}")
+            continue
+        log.info("%s: side index saved to %s (%d bytes)", source.path, dest, len(blob))
+        return dest
+    msg = f"cannot write a side index for {source.path} ({'; '.join(errors)})"
+    if strict:
+        raise IndexCacheError(msg)
+    log.warning("%s", msg)
+    return None
+
+
+# -- read --
+
+
+def loads(blob: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+    """Parse and checksum-verify a side index; raises IndexCacheError if damaged."""
+    if len(blob) < _FIXED.size + _DIGEST:
+        raise IndexCacheError("side index is too short")
+    body, digest = memoryview(blob)[:-_DIGEST], blob[-_DIGEST:]
+    if hashlib.sha256(body).digest() != digest:
+        raise IndexCacheError("side index fails its checksum")
+    magic, version, jlen = _FIXED.unpack_from(blob)
+    if magic != MAGIC:
+        raise IndexCacheError("not a vmafs side index")
+    if version != FORMAT_VERSION:
+        raise IndexCacheError(f"side index format {version}, this vmafs reads {FORMAT_VERSION}")
+    try:
+        meta = json.loads(bytes(body[_FIXED.size : _FIXED.size + jlen]))
+        arrays = {}
+        for d in meta["arrays"]:
+            dt = np.dtype(d["dtype"])
+            if dt.kind not in _DTYPE_KINDS:
+                raise ValueError(f"dtype {dt}")
+            off, n = int(d["offset"]), int(d["nbytes"])
+            shape = tuple(int(x) for x in d["shape"])
+            if off < _FIXED.size or off + n > len(body) or int(np.prod(shape)) * dt.itemsize != n:
+                raise ValueError(f"array {d['name']} out of bounds")
+            arrays[d["name"]] = np.frombuffer(body[off : off + n], dtype=dt).reshape(shape)
+    except (ValueError, KeyError, TypeError) as e:
+        raise IndexCacheError(f"side index description is damaged: {e}") from e
+    return meta, arrays
+
+
+def load(source, *, allow_incomplete: bool = False, directory: str | None = None):
+    """(header, index) from a valid side index for *source*, or None (logged why).
+
+    On success the source has adopted the saved checkpoints and can pread.
+    """
+    for path in candidate_paths(source.path, directory):
+        try:
+            with open(path, "rb") as f:
+                blob = f.read()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            log.warning("%s: side index %s unreadable: %s", source.path, path, e.strerror)
+            continue
+        try:
+            return _adopt(source, blob, allow_incomplete)
+        except IndexCacheError as e:
+            log.warning("%s: side index %s not used, rebuilding: %s", source.path, path, e)
+    return None
+
+
+def _adopt(source, blob: bytes, allow_incomplete: bool):
+    meta, arrays = loads(blob)
+    kind = _kind(source)
+    if meta.get("source") != kind:
+        raise IndexCacheError(f"made for a {meta.get('source')} source, this is {kind}")
+    saved, now = meta.get("identity", {}), identity(source)
+    for key in ("size", "mtime_ns", "head_sha256", "tail_sha256"):
+        if saved.get(key) != now[key]:
+            raise IndexCacheError(f"archive changed since it was indexed ({key} differs)")
+    state = {k[6:]: v for k, v in arrays.items() if k.startswith("state/")}
+    if meta.get("state_is_bytes"):
+        state = state["blob"].tobytes()
+    try:
+        source.load_checkpoint_state(state)
+    except IndexCacheError:
+        raise
+    except (VmaError, ValueError, KeyError, TypeError) as e:
+        raise IndexCacheError(f"source rejected the saved checkpoints: {e}") from e
+    header_raw = arrays["header"].tobytes() if "header" in arrays else b""
+    try:
+        head = source.pread(0, len(header_raw))
+        header = Header.parse(head)
+    except VmaError as e:
+        raise IndexCacheError(f"VMA header unreadable through saved checkpoints: {e}") from e
+    if head != header_raw:
+        raise IndexCacheError("VMA header (uuid) differs from the indexed one")
+    if saved.get("uuid") not in (None, header.uuid.hex()):
+        raise IndexCacheError("VMA uuid differs from the indexed one")
+    index_arrays = {k[6:]: v for k, v in arrays.items() if k.startswith("index/")}
+    try:
+        index = ArchiveIndex.from_arrays(header, index_arrays)
+    except (KeyError, ValueError, TypeError) as e:
+        raise IndexCacheError(f"saved offset map does not fit the header: {e}") from e
+    if index.end > (source.size or 0):
+        raise IndexCacheError("saved offset map reaches past the stream")
+    if not index.complete and not allow_incomplete:
+        # A fresh scan reports the incompleteness with the proper error.
+        raise IndexCacheError("saved index is of an incomplete archive")
+    return header, index
