@@ -82,6 +82,7 @@ from vmafs.format import (
     PROXMOX_SLOTS_PER_EXTENT,
     Config,
     Device,
+    ExtentHeader,
     ExtentPacker,
     Header,
     encode_cluster,
@@ -221,6 +222,7 @@ class Packer:
         self._digests = {d: np.zeros(dev.clusters, dtype=np.uint64) for d, dev in devs.items()}
         self._missing = {d: dev.clusters for d, dev in devs.items()}
         self._vmstate_next = 0
+        self._extents_written = 0
         self._extents = ExtentPacker(self.header.uuid, slots_per_extent)
         self._max_pending = max_pending_bytes
         self._queued_bytes = 0
@@ -402,6 +404,7 @@ class Packer:
             extent = self._extents.add(dev.dev_id, cluster, mask, stored)
             if extent:
                 self._enqueue(extent)
+                self._extents_written += 1
 
     async def flush(self) -> None:
         """Wait until every finished extent has been handed to the output.
@@ -454,6 +457,12 @@ class Packer:
         extent = self._extents.flush()
         if extent:
             self._enqueue(extent)
+            self._extents_written += 1
+        elif not self._extents_written:
+            # Proxmox's writer always emits at least one extent: an archive
+            # without devices ends with one empty extent header (no-disks.vma).
+            self._enqueue(ExtentHeader(self.header.uuid, 0, []).pack())
+            self._extents_written += 1
         await self._drain()
         flush = getattr(self._out, "flush", None)
         if flush is not None:
