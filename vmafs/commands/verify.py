@@ -113,6 +113,13 @@ def read_all_data(archive, bar: Progress) -> int:
     return total
 
 
+def _failed(path: str, e: VmaError) -> VmaError:
+    """The one-line verify failure: path, message with its location, error class."""
+    text = str(e)
+    text = text.removeprefix(f"{path}: ")  # source errors already name the file
+    return VmaError(f"{path}: verify failed: {text} [{type(e).__name__}]")
+
+
 def check_names(archive) -> None:
     """Fail on a config or device name that mount/extract would have to rename.
 
@@ -136,12 +143,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         archive = open_archive(path, args, use_sidecar=False)
     except VmaError as e:
-        raise VmaError(f"{path}: verify failed: {e} [{type(e).__name__}]") from e
+        raise _failed(path, e) from e
     with archive:
         try:
             check_names(archive)
         except VmaError as e:
-            raise VmaError(f"{path}: verify failed: {e} [{type(e).__name__}]") from e
+            raise _failed(path, e) from e
         data_bytes = None
         if args.data:
             total = sum(
@@ -151,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
                 try:
                     data_bytes = read_all_data(archive, bar)
                 except VmaError as e:
-                    raise VmaError(f"{path}: verify failed: {e} [{type(e).__name__}]") from e
+                    raise _failed(path, e) from e
         if args.verbose:
             out = sys.stdout
             for line in proxmox_lines(archive.header):

@@ -1,0 +1,120 @@
+"""The vmafs command line as a whole: help, version, usage errors, error contract."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+from conftest import FIXTURES_DIR, vmafs_cmd
+from test_cli_support import assert_one_line_error, run_cli
+
+import vmafs
+
+READER_COMMANDS = ["list", "config", "verify", "extract"]
+
+
+def test_version():
+    proc = run_cli("--version")
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"vmafs {vmafs.__version__}"
+
+
+def test_top_level_help_lists_commands():
+    proc = run_cli("-h")
+    assert proc.returncode == 0
+    for cmd in READER_COMMANDS:
+        assert f"\n    {cmd} " in proc.stdout or f"\n    {cmd}\n" in proc.stdout, cmd
+    assert "examples:" in proc.stdout
+
+
+@pytest.mark.parametrize("cmd", READER_COMMANDS)
+def test_command_help_has_examples(cmd):
+    proc = run_cli(cmd, "-h")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: vmafs {cmd} ")
+    assert "examples:" in proc.stdout
+    assert f"vmafs {cmd} " in proc.stdout.split("examples:")[1]
+
+
+def test_no_command_is_a_usage_error():
+    line = assert_one_line_error(run_cli(), status=2)
+    assert "no command" in line
+
+
+def test_unknown_command_is_a_usage_error():
+    line = assert_one_line_error(run_cli("frobnicate"), status=2)
+    assert "frobnicate" in line
+
+
+@pytest.mark.parametrize("cmd", READER_COMMANDS)
+def test_missing_arguments_are_one_line_usage_errors(cmd):
+    line = assert_one_line_error(run_cli(cmd), status=2)
+    assert line.startswith(f"vmafs: error: {cmd}: ")
+    assert f"'vmafs {cmd} --help'" in line
+
+
+def test_unknown_option_is_a_usage_error():
+    assert_one_line_error(run_cli("list", "--bogus", FIXTURES_DIR / "two-disks.vma"), status=2)
+
+
+@pytest.mark.parametrize("cmd", ["list", "config", "verify"])
+def test_missing_archive(cmd, tmp_path):
+    missing = tmp_path / "nope.vma"
+    line = assert_one_line_error(run_cli(cmd, missing))
+    assert str(missing) in line
+    assert "No such file or directory" in line
+
+
+@pytest.mark.parametrize("cmd", ["list", "config", "verify"])
+def test_not_an_archive(cmd, tmp_path):
+    junk = tmp_path / "junk.vma"
+    junk.write_bytes(b"this is not a VMA archive at all\n" * 100)
+    line = assert_one_line_error(run_cli(cmd, junk))
+    assert "not a VMA archive" in line
+
+
+def test_directory_as_archive(tmp_path):
+    assert_one_line_error(run_cli("list", tmp_path))
+
+
+def test_debug_shows_traceback(tmp_path):
+    junk = tmp_path / "junk.vma"
+    junk.write_bytes(b"x" * 100)
+    for proc in (
+        run_cli("--debug", "list", junk),
+        run_cli("list", "--debug", junk),
+        run_cli("list", junk, env={"VMAFS_DEBUG": "1"}),
+    ):
+        assert proc.returncode == 1
+        assert "Traceback" in proc.stderr
+        assert proc.stderr.rstrip().splitlines()[-1].startswith("vmafs: error: ")
+
+
+@pytest.mark.parametrize("cmd", ["list", "config"])
+def test_closed_stdout_pipe_is_quiet(cmd):
+    # `vmafs list X | head -0`: exit 141 like a C tool killed by SIGPIPE, nothing on stderr.
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.run(
+            vmafs_cmd(cmd, FIXTURES_DIR / "two-disks.vma"),
+            stdout=w,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(w)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""
+
+
+def test_main_returns_status_in_process(capsys):
+    from vmafs.cli import main
+
+    assert main(["list", str(FIXTURES_DIR / "no-disks.vma")]) == 0
+    assert "CFG: size: 226 name: qemu-server.conf" in capsys.readouterr().out
+    assert main(["config", str(FIXTURES_DIR / "no-disks.vma"), "-c", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("vmafs: error: ") and err.count("\n") == 1
