@@ -36,6 +36,8 @@ COMMANDS: list[tuple[str, str]] = [
     ("vmafs.commands.config", "register"),
     ("vmafs.commands.verify", "register"),
     ("vmafs.commands.extract", "register"),
+    ("vmafs.commands.index", "register"),
+    ("vmafs.commands.recompress", "register"),
     ("vmafs.mount", "register"),
     ("writer.cli", "register_backup"),
     ("writer.cli", "register_create"),

@@ -85,9 +85,9 @@ def cache_path(archive: str, directory: str | None = None) -> str:
     return os.path.join(directory or cache_dir(), key + SUFFIX)
 
 
-def candidate_paths(archive: str, directory: str | None = None) -> list[str]:
+def candidate_paths(archive: str, directory: str | None = None, beside: bool = True) -> list[str]:
     """Where a side index for *archive* may be, in the order they are tried."""
-    return [beside_path(archive), cache_path(archive, directory)]
+    return [beside_path(archive)] * beside + [cache_path(archive, directory)]
 
 
 # -- identity --
@@ -281,7 +281,18 @@ def load(source, *, allow_incomplete: bool = False, directory: str | None = None
 
     On success the source has adopted the saved checkpoints and can pread.
     """
-    for path in candidate_paths(source.path, directory):
+    found = find(source, allow_incomplete=allow_incomplete, directory=directory)
+    return None if found is None else found[1:]
+
+
+def find(
+    source, *, allow_incomplete: bool = False, directory: str | None = None, beside: bool = True
+):
+    """Like :func:`load`, but returns (path of the side index, header, index).
+
+    *beside* false looks only in the cache directory.
+    """
+    for path in candidate_paths(source.path, directory, beside):
         try:
             with open(path, "rb") as f:
                 blob = f.read()
@@ -291,7 +302,7 @@ def load(source, *, allow_incomplete: bool = False, directory: str | None = None
             log.warning("%s: side index %s unreadable: %s", source.path, path, e.strerror)
             continue
         try:
-            return _adopt(source, blob, allow_incomplete)
+            return (path, *_adopt(source, blob, allow_incomplete))
         except IndexCacheError as e:
             log.warning("%s: side index %s not used, rebuilding: %s", source.path, path, e)
     return None

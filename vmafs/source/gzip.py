@@ -82,9 +82,19 @@ class GzipSource:
     def scan(self, on_chunk: Callable[[int, memoryview], None], progress: ProgressFn | None = None):
         """Inflate the whole file once for *on_chunk*, then build the seek points."""
         total = 2 * self.compressed_size  # two passes over the compressed bytes
-        size = _inflate_all(self._file.fileno(), self.compressed_size, on_chunk, progress, total)
+        size = _inflate_all(self._file, self.compressed_size, on_chunk, progress, total)
         self.size = size
         self._zran = self._build_points(progress, total)
+
+    def stream(
+        self, on_chunk: Callable[[int, memoryview], None], progress: ProgressFn | None = None
+    ):
+        """Pass 1 of :meth:`scan` only: every byte to *on_chunk*, no seek points.
+
+        For one-shot consumers (``vmafs recompress``); the source stays unreadable.
+        """
+        c = self.compressed_size
+        self.size = _inflate_all(self._file, c, on_chunk, progress, c)
 
     def _build_points(self, progress: ProgressFn | None, total: int) -> _IndexedGzipFile:
         z = self._new_handle()
@@ -185,12 +195,13 @@ class GzipSource:
         self._file.close()
 
 
-def _inflate_all(fd: int, csize: int, on_chunk, progress: ProgressFn | None, total: int) -> int:
-    """Inflate every member of the gzip file on *fd*; returns the uncompressed length.
+def _inflate_all(file, csize: int, on_chunk, progress: ProgressFn | None, total: int) -> int:
+    """Inflate every member of the gzip *file*; returns the uncompressed length.
 
     Raises CorruptStreamError (offset = compressed file offset) on bad data,
     a failed CRC/length check, truncation or trailing garbage.
     """
+    fd, name = file.fileno(), file.name
     out_pos = 0
     base = 0  # compressed offset of the first byte of `pending`
     pending = b""
@@ -210,7 +221,7 @@ def _inflate_all(fd: int, csize: int, on_chunk, progress: ProgressFn | None, tot
             if len(pending) < 2 and not eof:
                 continue
             if not pending.startswith(GZIP_MAGIC):
-                _check_trailing(fd, base, csize)
+                _check_trailing(fd, base, csize, name)
                 break
             d = zlib.decompressobj(31)
             member_at = base
@@ -225,7 +236,7 @@ def _inflate_all(fd: int, csize: int, on_chunk, progress: ProgressFn | None, tot
                 out = d.decompress(d.unconsumed_tail, _OUT_MAX)
         except zlib.error as e:
             raise CorruptStreamError(
-                f"gzip data corrupt ({e}) in the member starting at compressed offset "
+                f"{name}: gzip data corrupt ({e}) in the member starting at compressed offset "
                 f"{member_at}, within compressed bytes {base}..{base + len(pending)}, "
                 f"after {out_pos} uncompressed bytes",
                 offset=base,
@@ -244,7 +255,7 @@ def _inflate_all(fd: int, csize: int, on_chunk, progress: ProgressFn | None, tot
             progress(base, total)
     if d is not None:
         raise CorruptStreamError(
-            f"gzip stream truncated: the member starting at compressed offset {member_at} "
+            f"{name}: gzip stream truncated: the member starting at compressed offset {member_at} "
             f"ends without its trailer at compressed offset {base}, "
             f"after {out_pos} uncompressed bytes",
             offset=base,
@@ -254,7 +265,7 @@ def _inflate_all(fd: int, csize: int, on_chunk, progress: ProgressFn | None, tot
     return out_pos
 
 
-def _check_trailing(fd: int, at: int, csize: int) -> None:
+def _check_trailing(fd: int, at: int, csize: int, name: str) -> None:
     """Bytes after the last member: zeros are tolerated (as ``gzip -d`` does), else an error."""
     pos = at
     while pos < csize:
@@ -264,8 +275,8 @@ def _check_trailing(fd: int, at: int, csize: int) -> None:
         if data.count(0) != len(data):
             bad = pos + next(i for i, b in enumerate(data) if b)
             raise CorruptStreamError(
-                f"gzip stream: {csize - at} bytes after the last member are not a gzip member "
-                f"(first non-zero byte at compressed offset {bad})",
+                f"{name}: gzip stream: {csize - at} bytes after the last member are not "
+                f"a gzip member (first non-zero byte at compressed offset {bad})",
                 offset=at,
             )
         pos += len(data)

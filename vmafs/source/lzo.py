@@ -191,6 +191,14 @@ class LzoSource:
 
     def scan(self, on_chunk: Callable[[int, memoryview], None], progress: ProgressFn | None = None):
         """Walk every block once: check it, feed it to *on_chunk*, record where it lives."""
+        try:
+            self._scan(on_chunk, progress)
+        except SourceError as e:  # name the file: the message has only offsets
+            e.message = f"{self.path}: {e.message}"
+            e.args = (e._render(),)
+            raise
+
+    def _scan(self, on_chunk, progress) -> None:
         r = _Reader(self._fd, self.compressed_size)
         cols: dict[str, list[int]] = {k: [] for k in _COLUMNS}
         out_pos = 0
