@@ -23,6 +23,7 @@ Layout (all integers little-endian)::
     8   4   format version (FORMAT_VERSION)
     12  8   length of the JSON description
     20  ..  JSON: {"identity": {...}, "source": kind, "state_is_bytes": bool,
+                   "state_bytes_keys": [key, ...],
                    "arrays": [{"name", "dtype", "shape", "offset", "nbytes"}]}
     ..      array data, each array 64-byte aligned (offsets are absolute)
     -32 32  SHA-256 of every byte before it
@@ -33,8 +34,10 @@ Nothing in the file is ever unpickled or executed.
 
 Sources that use the side index implement::
 
-    checkpoint_state() -> dict[str, np.ndarray] | bytes
-    load_checkpoint_state(state) -> None   # same type back; raise on misfit
+    checkpoint_state() -> dict[str, np.ndarray | bytes] | bytes
+    load_checkpoint_state(state) -> None   # same types back; raise on misfit
+
+(numeric arrays only; bytes values come back as bytes.)
 """
 
 from __future__ import annotations
@@ -128,9 +131,11 @@ def dumps(ident: dict, kind: str, header_raw: bytes, state, index_arrays: Mappin
     if state_is_bytes:
         state = {"blob": np.frombuffer(bytes(state), dtype=np.uint8)}
     arrays = {"header": np.frombuffer(header_raw, dtype=np.uint8)}
+    bytes_keys = []
     for k, v in state.items():
         if isinstance(v, bytes | bytearray | memoryview):
-            raise TypeError("checkpoint_state values must be arrays (or return one bytes object)")
+            bytes_keys.append(k)
+            v = np.frombuffer(bytes(v), dtype=np.uint8)
         arrays[f"state/{k}"] = np.ascontiguousarray(v)
     for k, v in index_arrays.items():
         arrays[f"index/{k}"] = np.ascontiguousarray(v)
@@ -157,6 +162,7 @@ def dumps(ident: dict, kind: str, header_raw: bytes, state, index_arrays: Mappin
         "identity": ident,
         "source": kind,
         "state_is_bytes": state_is_bytes,
+        "state_bytes_keys": bytes_keys,
         "arrays": descs,
     }
     probe = json.dumps(meta, sort_keys=True).encode()
@@ -318,6 +324,9 @@ def _adopt(source, blob: bytes, allow_incomplete: bool):
         if saved.get(key) != now[key]:
             raise IndexCacheError(f"archive changed since it was indexed ({key} differs)")
     state = {k[6:]: v for k, v in arrays.items() if k.startswith("state/")}
+    for k in meta.get("state_bytes_keys", []):
+        if k in state:
+            state[k] = state[k].tobytes()
     if meta.get("state_is_bytes"):
         state = state["blob"].tobytes()
     try:

@@ -221,7 +221,7 @@ def _inflate_all(file, csize: int, on_chunk, progress: ProgressFn | None, total:
             if len(pending) < 2 and not eof:
                 continue
             if not pending.startswith(GZIP_MAGIC):
-                _check_trailing(fd, base, csize, name)
+                _check_trailing(fd, base, csize, name, out_pos)
                 break
             d = zlib.decompressobj(31)
             member_at = base
@@ -239,7 +239,7 @@ def _inflate_all(file, csize: int, on_chunk, progress: ProgressFn | None, total:
                 f"{name}: gzip data corrupt ({e}) in the member starting at compressed offset "
                 f"{member_at}, within compressed bytes {base}..{base + len(pending)}, "
                 f"after {out_pos} uncompressed bytes",
-                offset=base,
+                offset=out_pos,
             ) from None
         if d.eof:
             rest = d.unused_data
@@ -258,14 +258,14 @@ def _inflate_all(file, csize: int, on_chunk, progress: ProgressFn | None, total:
             f"{name}: gzip stream truncated: the member starting at compressed offset {member_at} "
             f"ends without its trailer at compressed offset {base}, "
             f"after {out_pos} uncompressed bytes",
-            offset=base,
+            offset=out_pos,
         )
     if progress is not None:
         progress(csize, total)
     return out_pos
 
 
-def _check_trailing(fd: int, at: int, csize: int, name: str) -> None:
+def _check_trailing(fd: int, at: int, csize: int, name: str, out_pos: int) -> None:
     """Bytes after the last member: zeros are tolerated (as ``gzip -d`` does), else an error."""
     pos = at
     while pos < csize:
@@ -276,8 +276,9 @@ def _check_trailing(fd: int, at: int, csize: int, name: str) -> None:
             bad = pos + next(i for i, b in enumerate(data) if b)
             raise CorruptStreamError(
                 f"{name}: gzip stream: {csize - at} bytes after the last member are not "
-                f"a gzip member (first non-zero byte at compressed offset {bad})",
-                offset=at,
+                f"a gzip member (they start at compressed offset {at}, "
+                f"first non-zero byte at {bad})",
+                offset=out_pos,
             )
         pos += len(data)
 

@@ -75,6 +75,7 @@ class _Reader:
         self.pos = 0  # file offset of buf[0]
         self.buf = b""
         self.i = 0
+        self.stream_pos = 0  # uncompressed bytes produced so far (error offsets)
 
     @property
     def offset(self) -> int:
@@ -91,7 +92,7 @@ class _Reader:
                 raise CorruptStreamError(
                     f"lzop stream truncated inside {what}: {n} bytes needed at compressed "
                     f"offset {self.pos}, the file ends at {self.size}",
-                    offset=self.size,
+                    offset=self.stream_pos,
                 )
         out = self.buf[self.i : self.i + n]
         self.i += n
@@ -109,9 +110,10 @@ def _u32(b: bytes, i: int = 0) -> int:
 
 def _parse_header(r: _Reader) -> int:
     """Read one lzop file header at *r*; returns its flags."""
-    at = r.offset
+    at, here = r.offset, r.stream_pos
+    where = f"lzop header at compressed offset {at}"
     if r.read(len(LZOP_MAGIC), "the lzop magic") != LZOP_MAGIC:
-        raise CorruptStreamError("not an lzop header", offset=at)
+        raise CorruptStreamError(f"{where}: bad magic", offset=here)
     raw = bytearray()
 
     def take(n: int) -> bytes:
@@ -124,7 +126,7 @@ def _parse_header(r: _Reader) -> int:
     if version >= 0x0940:
         needed = int.from_bytes(take(2), "big")
         if needed > 0x1040:
-            raise SourceError(f"lzop header needs lzop version {needed:#x} to extract", offset=at)
+            raise SourceError(f"{where} needs lzop version {needed:#x} to extract", offset=here)
     method = take(1)[0]
     if version >= 0x0940:
         take(1)  # level
@@ -141,19 +143,19 @@ def _parse_header(r: _Reader) -> int:
     want = zlib.crc32(raw) if flags & F_H_CRC32 else zlib.adler32(raw)
     if stored != want:
         raise CorruptStreamError(
-            f"lzop header checksum mismatch (stored {stored:#010x}, computed {want:#010x})",
-            offset=at,
+            f"{where}: checksum mismatch (stored {stored:#010x}, computed {want:#010x})",
+            offset=here,
         )
     if version < 0x0900:
-        raise SourceError(f"lzop header version {version:#x} is too old", offset=at)
+        raise SourceError(f"{where}: version {version:#x} is too old", offset=here)
     if flags & F_RESERVED:
-        raise CorruptStreamError(f"lzop header has reserved flags set ({flags:#010x})", offset=at)
+        raise CorruptStreamError(f"{where} has reserved flags set ({flags:#010x})", offset=here)
     if method not in _METHODS:
-        raise SourceError(f"lzop method {method} is not LZO1X (only 1, 2, 3 are)", offset=at)
+        raise SourceError(f"{where}: method {method} is not LZO1X (only 1, 2, 3 are)", offset=here)
     if flags & F_H_FILTER:
-        raise SourceError("lzop files made with --filter are not supported", offset=at)
+        raise SourceError(f"{where}: files made with --filter are not supported", offset=here)
     if flags & F_MULTIPART:
-        raise SourceError("multi-part lzop files are not supported", offset=at)
+        raise SourceError(f"{where}: multi-part files are not supported", offset=here)
     if flags & F_H_EXTRA_FIELD:
         ext = r.read(4, "the lzop extra field")
         n = _u32(ext)
@@ -161,7 +163,7 @@ def _parse_header(r: _Reader) -> int:
         stored = _u32(r.read(4, "the lzop extra field checksum"))
         want = zlib.crc32(ext) if flags & F_H_CRC32 else zlib.adler32(ext)
         if stored != want:
-            raise CorruptStreamError("lzop extra field checksum mismatch", offset=at)
+            raise CorruptStreamError(f"{where}: extra field checksum mismatch", offset=here)
     return flags
 
 
@@ -221,7 +223,7 @@ class LzoSource:
                         sums[2] = _u32(r.read(4, "a block header"))
                     if flags & F_CRC32_C:
                         sums[3] = _u32(r.read(4, "a block header"))
-                _check_lengths(dst_len, src_len, at)
+                _check_lengths(dst_len, src_len, at, out_pos)
                 data_at = r.offset
                 data = r.read(src_len, "a block's data")
                 block = _decode(data, dst_len, flags, sums, data_at, out_pos)
@@ -231,6 +233,7 @@ class LzoSource:
                 ):
                     cols[k].append(v)
                 out_pos += dst_len
+                r.stream_pos = out_pos
                 if progress is not None and r.offset - last >= 16 << 20:
                     progress(r.offset, self.compressed_size)
                     last = r.offset
@@ -239,7 +242,7 @@ class LzoSource:
             rest_at = r.offset
             head = r.read(min(len(LZOP_MAGIC), self.compressed_size - rest_at), "trailing data")
             if head != LZOP_MAGIC:
-                _check_trailing(self._fd, rest_at, self.compressed_size)
+                _check_trailing(self._fd, rest_at, self.compressed_size, out_pos)
                 break
             r.i -= len(LZOP_MAGIC)  # let _parse_header see the magic
         table = {k: np.array(v, dtype=_COLUMNS[k]) for k, v in cols.items()}
@@ -296,7 +299,9 @@ class LzoSource:
         raw = os.pread(self._fd, clen, coff)
         if len(raw) != clen:
             raise CorruptStreamError(
-                f"{self.path}: lzop block data cut short (file shrank?)", offset=coff + len(raw)
+                f"{self.path}: lzop block data at compressed offset {coff} cut short "
+                "(file shrank?)",
+                offset=int(t["uoff"][i]),
             )
         data = _decode(raw, ulen, int(t["flags"][i]), sums, coff, int(t["uoff"][i]))
         with self._lock:
@@ -343,47 +348,46 @@ _COLUMNS = {
 }
 
 
-def _check_lengths(dst_len: int, src_len: int, at: int) -> None:
+def _check_lengths(dst_len: int, src_len: int, at: int, uoff: int) -> None:
+    where = f"lzop block header at compressed offset {at}"
     if dst_len > MAX_BLOCK_SIZE:
         raise CorruptStreamError(
-            f"lzop block claims {dst_len} bytes (max {MAX_BLOCK_SIZE})", offset=at
+            f"{where} claims {dst_len} bytes (max {MAX_BLOCK_SIZE})", offset=uoff
         )
     if src_len == 0 or src_len > dst_len:
         raise CorruptStreamError(
-            f"lzop block lengths are impossible (compressed {src_len}, uncompressed {dst_len})",
-            offset=at,
+            f"{where}: impossible lengths (compressed {src_len}, uncompressed {dst_len})",
+            offset=uoff,
         )
 
 
 def _decode(data: bytes, dst_len: int, flags: int, sums, data_at: int, uoff: int) -> bytes:
     """Check and decompress one block whose data starts at compressed offset *data_at*."""
     d_adler, d_crc, c_adler, c_crc = sums
-    where = f"lzop block at compressed offset {data_at} (stream offset {uoff})"
+    where = f"lzop block at compressed offset {data_at}"
     if len(data) < dst_len:
         if flags & F_ADLER32_C and zlib.adler32(data) != c_adler:
-            raise CorruptStreamError(
-                f"{where}: adler32 of compressed data mismatch", offset=data_at
-            )
+            raise CorruptStreamError(f"{where}: adler32 of compressed data mismatch", offset=uoff)
         if flags & F_CRC32_C and zlib.crc32(data) != c_crc:
-            raise CorruptStreamError(f"{where}: crc32 of compressed data mismatch", offset=data_at)
+            raise CorruptStreamError(f"{where}: crc32 of compressed data mismatch", offset=uoff)
         try:
             out = lzo.decompress(data, False, dst_len)
         except lzo.error as e:
-            raise CorruptStreamError(f"{where}: LZO data corrupt ({e})", offset=data_at) from None
+            raise CorruptStreamError(f"{where}: LZO data corrupt ({e})", offset=uoff) from None
         if len(out) != dst_len:
             raise CorruptStreamError(
-                f"{where}: decompressed to {len(out)} bytes, header says {dst_len}", offset=data_at
+                f"{where}: decompressed to {len(out)} bytes, header says {dst_len}", offset=uoff
             )
     else:
         out = data
     if flags & F_ADLER32_D and zlib.adler32(out) != d_adler:
-        raise CorruptStreamError(f"{where}: adler32 of uncompressed data mismatch", offset=data_at)
+        raise CorruptStreamError(f"{where}: adler32 of uncompressed data mismatch", offset=uoff)
     if flags & F_CRC32_D and zlib.crc32(out) != d_crc:
-        raise CorruptStreamError(f"{where}: crc32 of uncompressed data mismatch", offset=data_at)
+        raise CorruptStreamError(f"{where}: crc32 of uncompressed data mismatch", offset=uoff)
     return out
 
 
-def _check_trailing(fd: int, at: int, csize: int) -> None:
+def _check_trailing(fd: int, at: int, csize: int, uoff: int) -> None:
     """Bytes after the end-of-stream marker: zeros are tolerated, anything else is an error."""
     pos = at
     while pos < csize:
@@ -392,9 +396,9 @@ def _check_trailing(fd: int, at: int, csize: int) -> None:
             return
         if data.count(0) != len(data):
             raise CorruptStreamError(
-                f"lzop stream: {csize - at} bytes after the end-of-stream marker are not "
-                "an lzop file",
-                offset=at,
+                f"lzop stream: {csize - at} bytes after the end-of-stream marker "
+                f"(at compressed offset {at}) are not an lzop file",
+                offset=uoff,
             )
         pos += len(data)
 

@@ -1,0 +1,150 @@
+"""The side index container (vmafs.sidecar): layout, checksum, identity, locations."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+import numpy as np
+import pytest
+from conftest import FIXTURES_DIR
+
+import vmafs.source.gzip  # noqa: F401 - registers the gzip magic
+import vmafs.source.lzo  # noqa: F401 - registers the lzop magic
+from vmafs import sidecar
+from vmafs.archive import Archive
+from vmafs.errors import IndexCacheError
+from vmafs.source import open_source
+
+
+def _sample():
+    ident = {"size": 5, "mtime_ns": 7, "head_sha256": "a" * 64, "tail_sha256": "b" * 64}
+    state = {
+        "meta": np.array([1, 2, 3], dtype=np.int64),
+        "blob": b"\x00\x01window bytes",
+        "empty": np.zeros(0, dtype=np.uint32),
+        "matrix": np.arange(12, dtype=np.uint16).reshape(3, 4),
+    }
+    index = {"meta": np.array([9, 8, -1], dtype=np.int64), "masks_1": np.full(5, 0xFFFF, np.uint16)}
+    return ident, state, index
+
+
+def test_round_trip_keeps_types_and_values():
+    ident, state, index = _sample()
+    blob = sidecar.dumps(ident, "GzipSource", b"HDR" * 10, state, index)
+    meta, arrays = sidecar.loads(blob)
+    assert meta["identity"] == ident and meta["source"] == "GzipSource"
+    assert arrays["header"].tobytes() == b"HDR" * 10
+    assert (arrays["state/matrix"] == state["matrix"]).all()
+    assert arrays["state/matrix"].shape == (3, 4)
+    assert arrays["state/empty"].size == 0
+    assert arrays["state/blob"].tobytes() == state["blob"]
+    assert meta["state_bytes_keys"] == ["blob"]
+    assert (arrays["index/masks_1"] == 0xFFFF).all()
+    for d in meta["arrays"]:
+        assert d["offset"] % 64 == 0
+
+
+def test_every_flipped_byte_is_detected():
+    ident, state, index = _sample()
+    blob = sidecar.dumps(ident, "LzoSource", b"H", state, index)
+    for at in range(0, len(blob), max(1, len(blob) // 97)):
+        bad = bytearray(blob)
+        bad[at] ^= 0x80
+        with pytest.raises(IndexCacheError):
+            sidecar.loads(bytes(bad))
+    for n in (0, 10, len(blob) // 2, len(blob) - 1):
+        with pytest.raises(IndexCacheError):
+            sidecar.loads(blob[:n])
+
+
+def test_wrong_version_and_forged_checksum_are_refused():
+    ident, state, index = _sample()
+    blob = bytearray(sidecar.dumps(ident, "x", b"H", state, index))
+    blob[8] = sidecar.FORMAT_VERSION + 1  # a future format, checksum fixed up
+    body = bytes(blob[:-32])
+    with pytest.raises(IndexCacheError, match="format"):
+        sidecar.loads(body + hashlib.sha256(body).digest())
+    # An object-dtype array could only come from a forged file: never unpickled.
+    blob = bytearray(sidecar.dumps(ident, "x", b"H", state, index))
+    text_at = 20
+    i = blob.index(b'"<i8"', text_at)
+    blob[i : i + 5] = b'"|O" '
+    body = bytes(blob[:-32])
+    with pytest.raises(IndexCacheError):
+        sidecar.loads(body + hashlib.sha256(body).digest())
+
+
+def test_state_as_one_bytes_object_round_trips():
+    ident, _, index = _sample()
+    blob = sidecar.dumps(ident, "x", b"H", b"opaque state", index)
+    meta, arrays = sidecar.loads(blob)
+    assert meta["state_is_bytes"] and arrays["state/blob"].tobytes() == b"opaque state"
+
+
+def test_locations(tmp_path, monkeypatch):
+    monkeypatch.delenv("VMAFS_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert sidecar.cache_dir() == str(tmp_path / "xdg" / "vmafs")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert sidecar.cache_dir() == str(tmp_path / "home" / ".cache" / "vmafs")
+    monkeypatch.setenv("VMAFS_CACHE_DIR", str(tmp_path / "explicit"))
+    assert sidecar.cache_dir() == str(tmp_path / "explicit")
+    a = sidecar.cache_path("/srv/a.vma.gz")
+    b = sidecar.cache_path("/srv/b.vma.gz")
+    assert a != b and os.path.dirname(a) == str(tmp_path / "explicit")
+    assert sidecar.beside_path("x.vma.gz") == os.path.abspath("x.vma.gz") + ".vmafs-index"
+
+
+def test_identity_tracks_head_tail_size_mtime(tmp_path):
+    p = tmp_path / "f.vma.gz"
+    shutil.copyfile(FIXTURES_DIR / "two-disks.vma.gz", p)
+    src = open_source(p)
+    try:
+        one = sidecar.identity(src)
+    finally:
+        src.close()
+    assert one["size"] == os.path.getsize(p)
+    data = p.read_bytes()
+    assert one["head_sha256"] == hashlib.sha256(data[: 64 << 10]).hexdigest()
+    assert one["tail_sha256"] == hashlib.sha256(data[-(64 << 10) :]).hexdigest()
+
+
+def test_save_then_load_gives_the_same_index(tmp_path, monkeypatch):
+    monkeypatch.setenv("VMAFS_CACHE_DIR", str(tmp_path / "cache"))
+    p = tmp_path / "two-disks.vma.lzo"
+    shutil.copyfile(FIXTURES_DIR / "two-disks.vma.lzo", p)
+    with Archive.open(p, use_sidecar=False) as a:
+        dest = sidecar.save(a.source, a.header, a.index, strict=True)
+        want = a.index.to_arrays()
+        header = a.header
+    assert dest == str(p) + ".vmafs-index"
+    assert not [n for n in os.listdir(tmp_path) if ".tmp." in n]  # temp file renamed away
+    src = open_source(p)
+    try:
+        found = sidecar.find(src)
+        assert found is not None and found[0] == dest
+        assert found[1] == header
+        got = found[2].to_arrays()
+        assert got.keys() == want.keys()
+        assert all((got[k] == want[k]).all() for k in want)
+        assert src.pread(0, 4) == b"VMA\0"
+        # Not found in the cache dir alone (it was written beside the archive).
+        assert sidecar.find(src, beside=False) is None
+    finally:
+        src.close()
+
+
+def test_save_strict_reports_unwritable_locations(tmp_path, monkeypatch):
+    p = tmp_path / "two-disks.vma.gz"
+    shutil.copyfile(FIXTURES_DIR / "two-disks.vma.gz", p)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("VMAFS_CACHE_DIR", str(blocker / "cache"))
+    os.mkdir(str(p) + ".vmafs-index")
+    with Archive.open(p, use_sidecar=False) as a:
+        with pytest.raises(IndexCacheError, match="cannot write"):
+            sidecar.save(a.source, a.header, a.index, strict=True)
+        assert sidecar.save(a.source, a.header, a.index) is None  # not strict: logged only
