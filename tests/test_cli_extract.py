@@ -262,3 +262,44 @@ def test_incomplete_archive_is_refused(tmp_path):
     line = assert_one_line_error(run_cli("extract", b.path, tmp_path / "out"))
     assert "IncompleteArchive" not in line and "never written" in line
     assert not (tmp_path / "out").exists()
+
+
+_SIGNAL_AFTER_FIRST_WRITE = """
+import os, signal, sys
+import vmafs.commands.extract as ex
+from vmafs.cli import main
+
+real = ex.write_sparse
+calls = []
+
+def write_then_signal(fd, buf, offset):
+    n = real(fd, buf, offset)
+    calls.append(n)
+    if len(calls) == 2:  # the first disk is on disk, the second is half written
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    return n
+
+ex.write_sparse = write_then_signal
+sys.exit(main(["extract", "--no-progress", *sys.argv[2:]]))
+"""
+
+
+@pytest.mark.parametrize(("sig", "status"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_signal_removes_partial_files(tmp_path, sig, status):
+    # A real signal arrives in the middle of writing: extract cleans up after itself.
+    import subprocess
+    import sys
+
+    # drive-scsi0: one write (cluster 1); drive-scsi1: signalled during its first write.
+    disks = {"drive-scsi0": patterned_disk(2 * CLUSTER_SIZE, 1), "drive-scsi1": os.urandom(1 << 20)}
+    b = build(tmp_path / "a.vma", disks)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AFTER_FIRST_WRITE, sig, str(b.path), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == status, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()

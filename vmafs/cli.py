@@ -48,8 +48,8 @@ PROG = "vmafs"
 DESCRIPTION = """\
 Read Proxmox VE VMA backups (vzdump-qemu-*.vma, .vma.zst, .vma.gz, .vma.lzo)
 without restoring them: list, print configs, verify, extract, or mount them
-as a read-only filesystem of raw disk images.  The list/config/verify/extract
-commands behave like Proxmox's own `vma` tool."""
+as a read-only filesystem of raw disk images; and write VMA archives.  The
+list/config/verify/extract commands behave like Proxmox's own `vma` tool."""
 
 EPILOG = """\
 examples:

@@ -15,7 +15,7 @@ Safety, in this order:
    ``/``, no ``..``): nothing is written outside DIR and nothing existing is
    overwritten or followed, whatever the archive's names say and even if
    someone plants a symlink in DIR meanwhile.
-4. On any error or Ctrl-C the files this run created are removed again (and
+4. On any error, Ctrl-C or SIGTERM the files this run created are removed again (and
    DIR, if this run created it), so a DIR that exists afterwards holds a
    complete extraction.  Only a hard kill (SIGKILL, power loss) can leave
    partial files behind.
@@ -30,8 +30,10 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import stat
 import sys
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -60,7 +62,7 @@ is '..', has control characters, clashes with another entry) is written
 under a safe replacement name and reported on stderr; nothing is ever
 written outside DIR.  Files are created mode 0600 (backups hold secrets).
 
-If extraction fails or is interrupted, the files written so far are
+If extraction fails or is interrupted (Ctrl-C, SIGTERM), the files written so far are
 removed again, and DIR too if this command created it.
 
 Unlike `vma extract`, naming a drive that is not in the archive is an
@@ -257,6 +259,24 @@ class _Extraction:
                 pass
 
 
+@contextmanager
+def _sigterm_unwinds():
+    """Turn SIGTERM into SystemExit(143) so the cleanup below runs (as for Ctrl-C)."""
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (in-process callers): leave it alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def run(args: argparse.Namespace) -> int:
     show = want_progress(args.progress)
     with open_archive(args.archive, args) as archive:
@@ -270,19 +290,20 @@ def run(args: argparse.Namespace) -> int:
             if e.kind != "config"
             for _, length in archive.allocated_ranges(e.dev_id)
         )
-        dir_fd, created = _open_target(args.dir)
-        job = _Extraction(archive, args.dir, dir_fd, created)
-        try:
-            buf = bytearray(_CHUNK)
-            with Progress("extracting", total, enabled=show) as bar:
-                for entry in plan:
-                    job.write(entry, buf, bar)
-            job.finish()
-        except BaseException:
-            job.undo()
-            raise
-        finally:
-            os.close(dir_fd)
+        with _sigterm_unwinds():
+            dir_fd, created = _open_target(args.dir)
+            job = _Extraction(archive, args.dir, dir_fd, created)
+            try:
+                buf = bytearray(_CHUNK)
+                with Progress("extracting", total, enabled=show) as bar:
+                    for entry in plan:
+                        job.write(entry, buf, bar)
+                job.finish()
+            except BaseException:
+                job.undo()
+                raise
+            finally:
+                os.close(dir_fd)
     if args.verbose:
         for e in plan:
             extra = ""
