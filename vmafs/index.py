@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import (
+    ChecksumError,
     ClusterRangeError,
     DuplicateClusterError,
     ExtentError,
@@ -320,8 +321,8 @@ def _bad_magic(core: _IndexCore, head: bytes, pos: int, end: int | None) -> None
         fixed = VMA_EXTENT_MAGIC + bytes(head[4:EXTENT_HEADER_SIZE])
         try:
             check_extent_header(fixed, pos, core.header.uuid)
-        except ExtentError:
-            pass
+        except (ExtentError, ChecksumError):
+            pass  # not a damaged extent header: junk (zero padding has a zero reserved field)
         else:
             raise ExtentError(f"bad extent magic {bytes(head[:4])!r}", offset=pos)
     what = "the bytes" if end is None else f"{end - pos} bytes"
