@@ -451,10 +451,13 @@ class StreamIndexer:
             self._next = self.header.header_size
         else:
             pos = self._next
+            if self._held is not None:
+                # Its data has streamed past; it goes to the checks before the next
+                # magic is judged, so its own errors come first (as in build_index).
+                self._core.add((self._held[0],), self._held[1])
+                self._held = None
             if data[:4] != VMA_EXTENT_MAGIC:
                 _bad_magic(self._core, data, pos, None)
-            if self._held is not None:
-                self._core.add((self._held[0],), self._held[1])
             self._held = (pos, data)
             self._next = pos + EXTENT_HEADER_SIZE + BLOCK_SIZE * int.from_bytes(data[6:8], "big")
         self._pending = bytearray()
