@@ -16,7 +16,7 @@ forgets ``@pytest.mark.fuse``.
 Helpers importable from test modules (pytest puts tests/ on sys.path):
 
     from conftest import FIXTURES_DIR, fixture_archives, load_manifest, vmafs_cmd
-    from conftest import loop_device, unmount
+    from conftest import is_mounted, loop_device, unmount
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -113,25 +114,44 @@ def manifest():
 # --- cleanup helpers --------------------------------------------------------------------
 
 
+def is_mounted(path: str | os.PathLike) -> bool:
+    """True if *path* is a mount point, per /proc/self/mountinfo.
+
+    Unlike ``os.path.ismount`` this also sees a FUSE mount whose process died
+    (stat fails with ENOTCONN there, and ismount says False).
+    """
+    target = os.path.realpath(path)  # non-strict: a dead mount's ENOTCONN is ignored
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mnt = line.split()[4]
+            # mountinfo escapes space, tab, newline and backslash as \ooo
+            mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), mnt)
+            if mnt == target:
+                return True
+    return False
+
+
 def unmount(path: str | os.PathLike, *, fuse: bool = True) -> None:
-    """Unmount *path* if it is mounted; lazily as a last resort. Never raises.
+    """Unmount *path* if it is mounted (dead FUSE mounts included), lazily as a
+    last resort. Never raises.
 
     For finally blocks and fixture teardown: a FUSE mount that still has a loop
-    device attached cannot be unmounted normally, so detach loops first.
+    device attached cannot be unmounted, so detach loop devices first.
     """
     path = os.fspath(path)
-    if not os.path.ismount(path):
-        return
     attempts = [["fusermount3", "-u", path]] if fuse else []
     attempts += [["umount", path], ["umount", "-l", path]]
     if fuse:
         attempts.append(["fusermount3", "-u", "-z", path])
     for argv in attempts:
+        if not is_mounted(path):
+            return
         if shutil.which(argv[0]) is None:
             continue
-        subprocess.run(argv, capture_output=True, timeout=PROBE_TIMEOUT, check=False)
-        if not os.path.ismount(path):
-            return
+        try:
+            subprocess.run(argv, capture_output=True, timeout=PROBE_TIMEOUT, check=False)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 @contextlib.contextmanager

@@ -7,7 +7,14 @@ import os
 import subprocess
 
 import pytest
-from conftest import FIXTURES_DIR, fixture_archives, load_manifest, loop_device, unmount
+from conftest import (
+    FIXTURES_DIR,
+    fixture_archives,
+    is_mounted,
+    load_manifest,
+    loop_device,
+    unmount,
+)
 
 DECOMPRESS = {".zst": ["zstd", "-dcq"], ".gz": ["gzip", "-dc"], ".lzo": ["lzop", "-dc"]}
 
@@ -94,4 +101,4 @@ def test_loop_mount_of_an_unmounted_built_ext4_image(require_loop, tmp_path):
             assert (mnt / "etc" / "hostname").read_text() == "vmafs-test\n"
         finally:
             unmount(mnt, fuse=False)
-    assert not os.path.ismount(mnt)
+    assert not is_mounted(mnt)
