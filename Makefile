@@ -4,7 +4,7 @@
 VENV := .venv
 RUFF := $(VENV)/bin/ruff
 
-.PHONY: help setup test demo lint format clean
+.PHONY: help setup test demo lint format ci clean
 
 help:
 	@echo "make setup   install Debian packages and the venv (.venv)"
@@ -12,6 +12,7 @@ help:
 	@echo "make demo    set up, then run the end-to-end demo (= bash scripts/demo)"
 	@echo "make lint    ruff check + ruff format --check"
 	@echo "make format  ruff format + ruff check --fix"
+	@echo "make ci      CI=true .ci/run in a fresh clone of HEAD (= bash scripts/ci-local)"
 	@echo "make clean   remove the venv and caches"
 
 setup:
@@ -31,6 +32,9 @@ lint: $(RUFF)
 
 format: $(RUFF)
 	$(RUFF) format . && $(RUFF) check --fix .
+
+ci:
+	bash scripts/ci-local
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

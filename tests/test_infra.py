@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 
 import pytest
 from conftest import (
@@ -101,4 +102,33 @@ def test_loop_mount_of_an_unmounted_built_ext4_image(require_loop, tmp_path):
             assert (mnt / "etc" / "hostname").read_text() == "vmafs-test\n"
         finally:
             unmount(mnt, fuse=False)
+    assert not is_mounted(mnt)
+
+
+_SERVE_FOREVER = """
+import sys, pyfuse3, trio
+pyfuse3.init(pyfuse3.Operations(), sys.argv[1], {"fsname=vmafs-dead-probe"})
+print("mounted", flush=True)
+trio.run(pyfuse3.main)
+"""
+
+
+def test_unmount_clears_a_fuse_mount_whose_process_died(require_fuse, tmp_path):
+    """The cleanup helper must see and remove a dead FUSE mount (stat gives ENOTCONN)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVE_FOREVER, str(mnt)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "mounted"
+        assert is_mounted(mnt)
+        proc.kill()
+        proc.wait(timeout=30)
+        assert is_mounted(mnt), "a dead FUSE mount stays in the mount table"
+        assert not os.path.ismount(mnt), "os.path.ismount misses it (why is_mounted exists)"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        unmount(mnt)
     assert not is_mounted(mnt)
