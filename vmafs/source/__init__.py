@@ -63,3 +63,5 @@ def open_source(path: str | os.PathLike[str]) -> Source:
         f"{path}: not a VMA archive (first bytes {head[:4].hex()}; "
         "expected VMA, zstd, gzip or lzop)"
     )
+
+from . import zstd as _zstd  # noqa: E402,F401  (registers the zstd magic numbers)
