@@ -244,6 +244,27 @@ def test_gzip_pread_with_dense_seek_points_from_threads(tmp_path):
         src2.close()
 
 
+@pytest.mark.parametrize("helper", ["works", "fails", "lies"])
+def test_gzip_seek_points_from_helper_process(tmp_path, monkeypatch, helper):
+    """Seek points built by the helper process, or in-process when the helper fails."""
+    monkeypatch.setattr(vgzip, "PARALLEL_MIN_SIZE", 0)
+    if helper == "fails":
+        monkeypatch.setattr(vgzip, "_CHILD", "import sys; sys.exit(3)")
+    elif helper == "lies":  # exports the points of only the first 64 KiB
+        monkeypatch.setattr(
+            vgzip, "_CHILD", vgzip._CHILD.replace("z.build_full_index()", "z.seek(65536)")
+        )
+    ref = _plain("ext4-guest.vma")
+    path = _gzip_variants(tmp_path, "ext4-guest.vma")["pigz-rsyncable"]
+    src = vgzip.GzipSource(path, spacing=512 << 10)
+    try:
+        src.scan(lambda off, c: None)
+        assert src._zran.npoints >= len(ref) // (512 << 10)
+        _random_preads(src, ref, threads=2)
+    finally:
+        src.close()
+
+
 def test_gzip_trailing_zeros_tolerated_garbage_refused(tmp_path):
     path = copy_fixture(tmp_path, "two-disks.vma.gz")
     with open(path, "ab") as f:

@@ -28,12 +28,16 @@ index (:mod:`vmafs.sidecar`) through :meth:`checkpoint_state`.
 from __future__ import annotations
 
 import io
+import logging
 import os
+import subprocess
+import sys
 import threading
 import zlib
 from collections.abc import Callable
 
 import numpy as np
+import zstandard
 from indexed_gzip.indexed_gzip import _IndexedGzipFile
 
 from ..errors import CorruptStreamError, IndexCacheError, SourceError
@@ -42,13 +46,30 @@ from . import register
 GZIP_MAGIC = b"\x1f\x8b"
 
 #: Uncompressed bytes between seek points: a random read inflates at most
-#: this much; each point costs 32 KiB of memory (and of side index).
-DEFAULT_SPACING = 4 << 20
+#: this much; each point costs 32 KiB of memory (and, zstd-compressed, of
+#: side index: about 1-2% of the archive at 2 MiB).
+DEFAULT_SPACING = 2 << 20
 _READ = 1 << 20  # compressed bytes per read in the scan
 _OUT_MAX = 4 << 20  # uncompressed bytes per inflate call (bounds memory on zeros)
 _BUILD_STEP = 64 << 20  # seek-point building advances this far between progress calls
 
+#: Files at least this large build their seek points in a helper process
+#: while the scan inflates (smaller ones: not worth a process start).
+PARALLEL_MIN_SIZE = 32 << 20
+
 ProgressFn = Callable[[int, int], None]
+log = logging.getLogger(__name__)
+
+# The helper: build zran seek points over an inherited fd, export them to stdout.
+_CHILD = """
+import os, sys
+from indexed_gzip.indexed_gzip import _IndexedGzipFile
+fd, spacing = int(sys.argv[1]), int(sys.argv[2])
+z = _IndexedGzipFile(fileobj=os.fdopen(fd, "rb"), spacing=spacing, readbuf_size=1 << 20)
+z.build_full_index()
+z.export_index(fileobj=sys.stdout.buffer)
+sys.stdout.buffer.flush()
+"""
 
 
 class GzipSource:
@@ -80,11 +101,61 @@ class GzipSource:
     # -- the scan --
 
     def scan(self, on_chunk: Callable[[int, memoryview], None], progress: ProgressFn | None = None):
-        """Inflate the whole file once for *on_chunk*, then build the seek points."""
-        total = 2 * self.compressed_size  # two passes over the compressed bytes
-        size = _inflate_all(self._file, self.compressed_size, on_chunk, progress, total)
-        self.size = size
-        self._zran = self._build_points(progress, total)
+        """Inflate the whole file once for *on_chunk*, and build the seek points.
+
+        On a large file with a spare CPU the seek points are built by a child
+        process while this one inflates (zran holds the GIL, so a thread would
+        not overlap); if the child fails for any reason, they are built here.
+        """
+        csize = self.compressed_size
+        child = self._start_child()
+        total = csize if child is not None else 2 * csize
+        try:
+            self.size = _inflate_all(self._file, csize, on_chunk, progress, total)
+        except BaseException:
+            if child is not None:
+                child.kill()
+                child.wait()
+            raise
+        z = self._finish_child(child) if child is not None else None
+        self._zran = z if z is not None else self._build_points(progress, 2 * csize)
+        if progress is not None:
+            progress(total, total)
+
+    def _start_child(self) -> subprocess.Popen | None:
+        if self.compressed_size < PARALLEL_MIN_SIZE or (os.cpu_count() or 1) < 2:
+            return None
+        fd = self._file.fileno()
+        try:
+            return subprocess.Popen(
+                [sys.executable, "-c", _CHILD, str(fd), str(self.spacing)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(fd,),
+            )
+        except OSError as e:
+            log.info("%s: gzip seek points built in-process (%s)", self.path, e)
+            return None
+
+    def _finish_child(self, child: subprocess.Popen) -> _IndexedGzipFile | None:
+        out, err = child.communicate()
+        if child.returncode != 0 or not out:
+            why = (err.decode(errors="replace").strip().splitlines() or ["?"])[-1]
+            log.info("%s: seek point helper failed (%s); building in-process", self.path, why)
+            return None
+        z = self._new_handle()
+        try:
+            z.import_index(fileobj=io.BytesIO(out))
+            # The helper saw the same open file; make sure it indexed all of it.
+            last = z.pread(1, self.size - 1) if self.size else b""
+            if len(last) != min(1, self.size) or z.pread(1, self.size):
+                raise ValueError("helper's seek points do not span the stream")
+        except Exception as e:
+            z.close()
+            log.info("%s: seek points from helper unusable (%s); building in-process", self.path, e)
+            return None
+        return z
 
     def stream(
         self, on_chunk: Callable[[int, memoryview], None], progress: ProgressFn | None = None
@@ -97,6 +168,7 @@ class GzipSource:
         self.size = _inflate_all(self._file, c, on_chunk, progress, c)
 
     def _build_points(self, progress: ProgressFn | None, total: int) -> _IndexedGzipFile:
+        """Pass 2 in this process: zran inflates once more, leaving seek points."""
         z = self._new_handle()
         csize, size = self.compressed_size, self.size
         pos = 0
@@ -112,8 +184,6 @@ class GzipSource:
                 f"{self.path}: gzip seek points could not be built ({e}); "
                 "did the file change during the scan?"
             ) from e
-        if progress is not None:
-            progress(total, total)
         return z
 
     def _new_handle(self) -> _IndexedGzipFile:
@@ -134,17 +204,20 @@ class GzipSource:
         buf = io.BytesIO()
         with self._lock:
             self._zran.export_index(fileobj=buf)
+        # The 32 KiB windows are raw stream bytes: compress them for the side index.
+        packed = zstandard.ZstdCompressor(level=3).compress(buf.getvalue())
         return {
             "meta": np.array([self.size, self.spacing, self.compressed_size], dtype=np.int64),
-            "zran": np.frombuffer(buf.getvalue(), dtype=np.uint8),
+            "zran_zst": np.frombuffer(packed, dtype=np.uint8),
         }
 
     def load_checkpoint_state(self, state: dict[str, np.ndarray]) -> None:
         """Adopt seek points saved by :meth:`checkpoint_state` (the caller checked identity)."""
         try:
             size, spacing, csize = (int(x) for x in state["meta"])
-            blob = np.asarray(state["zran"], dtype=np.uint8).tobytes()
-        except (KeyError, ValueError, TypeError) as e:
+            packed = np.asarray(state["zran_zst"], dtype=np.uint8).tobytes()
+            blob = zstandard.ZstdDecompressor().decompress(packed)
+        except (KeyError, ValueError, TypeError, zstandard.ZstdError) as e:
             raise IndexCacheError(f"gzip checkpoint state unusable: {e}") from e
         if csize != self.compressed_size:
             raise IndexCacheError("gzip checkpoint state is for a file of another size")
