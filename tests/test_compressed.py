@@ -644,3 +644,52 @@ def test_recompress_command(tmp_path, capsys):
     assert back == _plain("two-disks.vma")
     assert main(["recompress", src, str(out)]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+# --- the vzdump hook ---------------------------------------------------------------------------
+
+HOOK = FIXTURES_DIR.parent.parent / "contrib" / "vzdump-hook-vmafs-index"
+
+
+def _vmafs_wrapper(tmp_path) -> str:
+    w = tmp_path / "vmafs-wrapper"
+    w.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        "import vmafs.source.gzip, vmafs.source.lzo  # until source/__init__ imports them\n"
+        "from vmafs.cli import main\n"
+        "sys.exit(main())\n"
+    )
+    w.chmod(0o755)
+    return str(w)
+
+
+def test_vzdump_hook_indexes_after_backup_and_never_fails_it(tmp_path):
+    archive = copy_fixture(tmp_path, "two-disks.vma.lzo")
+    env = dict(os.environ, VMAFS=_vmafs_wrapper(tmp_path), VMTYPE="qemu", TARGET=archive)
+    env["PYTHONPATH"] = str(FIXTURES_DIR.parent.parent)
+
+    def hook(phase, **extra):
+        return subprocess.run(
+            [str(HOOK), phase, "stop", "100"],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=GUARD,
+        )
+
+    for phase in ("job-start", "backup-start", "log-end", "job-end"):
+        assert hook(phase).returncode == 0
+    assert not os.path.exists(archive + sidecar.SUFFIX)
+    assert hook("backup-end", VMTYPE="lxc").returncode == 0
+    assert not os.path.exists(archive + sidecar.SUFFIX)
+    r = hook("backup-end")
+    assert r.returncode == 0, r.stderr
+    assert os.path.isfile(archive + sidecar.SUFFIX)
+    # A broken archive or a missing vmafs: warned about, backup not failed.
+    bad = tmp_path / "bad.vma.gz"
+    bad.write_bytes((FIXTURES_DIR / "two-disks.vma.gz").read_bytes()[:-100])
+    r = hook("backup-end", TARGET=str(bad))
+    assert r.returncode == 0 and "WARNING" in r.stderr
+    r = hook("backup-end", VMAFS=str(tmp_path / "no-such-vmafs"))
+    assert r.returncode == 0 and "not found" in r.stderr
