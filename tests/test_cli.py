@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 from conftest import FIXTURES_DIR, vmafs_cmd
@@ -118,3 +119,22 @@ def test_main_returns_status_in_process(capsys):
     assert main(["config", str(FIXTURES_DIR / "no-disks.vma"), "-c", "nope"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("vmafs: error: ") and err.count("\n") == 1
+
+
+def test_reader_commands_do_not_import_fuse_or_qemu_stacks():
+    # Start-up time: `vmafs list` imports only the list command's module.
+    code = (
+        "import sys; from vmafs.cli import main; "
+        f"rc = main(['list', {str(FIXTURES_DIR / 'no-disks.vma')!r}]); "
+        "heavy = [m for m in ('trio', 'pyfuse3', 'qemu', 'writer.cli', 'vmafs.mount') "
+        "if m in sys.modules]; "
+        "print('HEAVY', heavy, rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.splitlines()[-1] == "HEAVY [] 0", proc.stdout + proc.stderr
+
+
+def test_unknown_command_lists_every_command():
+    line = assert_one_line_error(run_cli("frobnicate"), status=2)
+    for cmd in READER_COMMANDS:
+        assert f"'{cmd}'" in line

@@ -29,18 +29,20 @@ from collections.abc import Sequence
 from . import __version__
 from .errors import VmaError
 
-#: (module, register function) per command, in the order ``vmafs -h`` shows them.
-#: To add a command: append one line here; the module needs nothing else.
-COMMANDS: list[tuple[str, str]] = [
-    ("vmafs.commands.list", "register"),
-    ("vmafs.commands.config", "register"),
-    ("vmafs.commands.verify", "register"),
-    ("vmafs.commands.extract", "register"),
-    ("vmafs.commands.index", "register"),
-    ("vmafs.commands.recompress", "register"),
-    ("vmafs.mount", "register"),
-    ("writer.cli", "register_backup"),
-    ("writer.cli", "register_create"),
+#: (command names it registers, module, register function), in the order
+#: ``vmafs -h`` shows them.  To add a command: append one line here.  The
+#: names let ``vmafs list X`` import only the list module (not trio, pyfuse3,
+#: qemu.qmp): start-up time matters for scripts calling vmafs in a loop.
+COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("list",), "vmafs.commands.list", "register"),
+    (("config",), "vmafs.commands.config", "register"),
+    (("verify",), "vmafs.commands.verify", "register"),
+    (("extract",), "vmafs.commands.extract", "register"),
+    (("index",), "vmafs.commands.index", "register"),
+    (("recompress",), "vmafs.commands.recompress", "register"),
+    (("mount", "umount"), "vmafs.mount", "register"),
+    (("backup",), "writer.cli", "register_backup"),
+    (("create",), "writer.cli", "register_create"),
 ]
 
 PROG = "vmafs"
@@ -81,10 +83,27 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=30)
 
 
-def _load_commands(debug: bool) -> list:
-    """Import the command modules, leaving out those that are not installed."""
+def _requested_command(argv: Sequence[str]) -> str | None:
+    """The command word of *argv* (first non-option), or None."""
+    for arg in argv:
+        if arg == "--":
+            return None
+        if not arg.startswith("-"):
+            return arg
+        if arg in ("-h", "--help", "--version"):
+            return None
+    return None
+
+
+def _load_commands(debug: bool, only: str | None = None) -> list:
+    """Import the command modules, leaving out those that are not installed.
+
+    With *only* (a command name from COMMANDS) just that command's module is
+    imported; otherwise all of them (for ``-h`` and usage errors).
+    """
+    entries = [e for e in COMMANDS if only in e[0]] if only else []
     loaded = []
-    for modname, fname in COMMANDS:
+    for _names, modname, fname in entries or COMMANDS:
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as e:
@@ -101,7 +120,7 @@ def _load_commands(debug: bool) -> list:
     return loaded
 
 
-def build_parser(debug: bool = False) -> argparse.ArgumentParser:
+def build_parser(debug: bool = False, only: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description=DESCRIPTION,
@@ -118,7 +137,7 @@ def build_parser(debug: bool = False) -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(
         dest="command", metavar="COMMAND", title="commands", parser_class=_Parser
     )
-    for register in _load_commands(debug):
+    for register in _load_commands(debug, only):
         register(subparsers)
     # --debug is also accepted after the command name ("vmafs list --debug X").
     for sub in subparsers.choices.values():
@@ -160,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _env_debug() or "--debug" in argv
     try:
-        parser = build_parser(debug)
+        parser = build_parser(debug, _requested_command(argv))
         args = parser.parse_args(argv)
         debug = debug or bool(getattr(args, "debug", False))
         func = getattr(args, "func", None)
