@@ -1,0 +1,524 @@
+"""One backup: QEMU's push-mode ``blockdev-backup`` jobs -> NBD -> packer -> archive.
+
+The flow (docs/backup.md has the QMP in full)::
+
+    QEMU  --(blockdev-backup, sync=full, copy-before-write)-->  nbd target node
+          --(NBD over a private Unix socket)-->  writer.nbd.NbdServer
+          --(Export callbacks)-->  writer.packer.Packer  -->  ArchiveOutput (temp file)
+
+:func:`resolve_disks` maps the user's drive names to QEMU block nodes and
+their sizes.  :func:`backup` then, inside one trio run:
+
+1. opens the archive's packer (header with the device table and configs),
+2. serves one NBD export per disk on a Unix socket in a private directory,
+3. ``blockdev-add``\\ s an ``nbd`` target node per disk pointing at it,
+4. starts all jobs in one ``transaction`` (``completion-mode: grouped``, so
+   every disk has the same point in time and one failing job cancels all),
+5. waits for ``BLOCK_JOB_COMPLETED`` of every job (progress from
+   ``query-block-jobs``), ``blockdev-del``\\ s the targets (QEMU flushes and
+   disconnects), finishes the packer and commits the output (fsync, rename).
+
+Any failure - QEMU refusing a command, a job ending with an error or being
+cancelled, the packer failing (e.g. ``ENOSPC``), SIGINT/SIGTERM, QEMU going
+away - aborts: the jobs are cancelled, the target nodes deleted, the temp file
+removed, and :class:`vmafs.errors.BackupError` (or the packer's
+:class:`~vmafs.errors.WriterError`) says why in one line.  The NBD server
+keeps answering during the abort, so QEMU's requests in flight complete
+instead of failing guest writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from vmafs.errors import BackupError, WriterError
+
+from .nbd import Export, NbdServer
+from .packer import ArchiveOutput, Packer
+from .qmp import QemuError, QmpConnection
+
+__all__ = [
+    "BackupInterrupted",
+    "BackupResult",
+    "DriveSpec",
+    "SourceDisk",
+    "backup",
+    "default_devname",
+    "parse_drive_spec",
+    "resolve_disks",
+]
+
+log = logging.getLogger("writer.backup")
+
+#: seconds between query-block-jobs polls for the progress bar
+PROGRESS_INTERVAL = 0.5
+#: after the first failed/cancelled job, how long to wait for the events of the
+#: others (a grouped transaction cancels them) to find the root cause
+GRACE_SECONDS = 2.0
+#: the abort path waits at most this long for QEMU to end the cancelled jobs
+CANCEL_TIMEOUT = 60.0
+
+ProgressFn = Callable[[int, int], None]
+
+
+# --- what to back up ----------------------------------------------------------------
+
+
+def default_devname(drive: str) -> str:
+    """The archive's device name for *drive* when none is given: Proxmox's ``drive-<id>``.
+
+    A name that already starts with ``drive-`` (Proxmox's own drive ids) is kept.
+    """
+    return drive if drive.startswith("drive-") else f"drive-{drive}"
+
+
+@dataclass(frozen=True)
+class DriveSpec:
+    """``DRIVE[=DEVNAME]`` from the command line."""
+
+    drive: str
+    devname: str
+
+
+def parse_drive_spec(text: str) -> DriveSpec:
+    drive, sep, devname = text.partition("=")
+    if not drive or (sep and not devname):
+        raise ValueError(f"bad drive {text!r}: expected DRIVE or DRIVE=DEVNAME")
+    return DriveSpec(drive, devname if sep else default_devname(drive))
+
+
+@dataclass(frozen=True)
+class SourceDisk:
+    """A disk to back up: the node the job copies, its exact size, its archive name."""
+
+    devname: str
+    node: str
+    size: int
+    drive: str = ""  # as the user named it, for messages
+
+    @property
+    def label(self) -> str:
+        return self.drive or self.node
+
+
+def _match_block(entry: dict, drive: str) -> bool:
+    qdev = entry.get("qdev") or ""
+    inserted = entry.get("inserted") or {}
+    return (
+        entry.get("device") == drive
+        or qdev == drive
+        or qdev.startswith(f"/machine/peripheral/{drive}/")
+        or inserted.get("node-name") == drive
+    )
+
+
+async def resolve_disks(qmp: QmpConnection, specs: Sequence[DriveSpec]) -> list[SourceDisk]:
+    """Find each drive's node and size with ``query-block``/``query-named-block-nodes``.
+
+    A DRIVE is matched against, in this order: a BlockBackend name (``-drive
+    id=``), a guest device id (qdev id or ``/machine/peripheral/<id>/...``),
+    a node name.  The size is the node's ``virtual-size``, which is what the
+    backup job copies (the NBD export must have exactly this size).
+    """
+    if not specs:
+        raise BackupError("no drives given")
+    blocks = await qmp.execute("query-block")
+    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
+    disks: list[SourceDisk] = []
+    for spec in specs:
+        found = [b for b in blocks if _match_block(b, spec.drive)]
+        if found:
+            inserted = found[0].get("inserted")
+            if not inserted:
+                raise BackupError(f"drive {spec.drive!r} has no medium inserted")
+            node, size = inserted["node-name"], inserted["image"]["virtual-size"]
+        else:
+            named = [n for n in nodes if n.get("node-name") == spec.drive]
+            if not named:
+                known = sorted(
+                    {b["device"] for b in blocks if b.get("device")}
+                    | {b["inserted"]["node-name"] for b in blocks if b.get("inserted")}
+                )
+                raise BackupError(
+                    f"QEMU has no drive or block node {spec.drive!r}"
+                    + (f" (drives: {', '.join(known)})" if known else "")
+                )
+            node, size = spec.drive, named[0]["image"]["virtual-size"]
+        if size <= 0:
+            raise BackupError(f"drive {spec.drive!r} has size {size}")
+        disks.append(SourceDisk(spec.devname, node, int(size), spec.drive))
+    seen: dict[str, str] = {}
+    for d in disks:
+        if d.node in seen:
+            raise BackupError(f"drives {seen[d.node]!r} and {d.drive!r} are the same node {d.node}")
+        seen[d.node] = d.drive
+    if len({d.devname for d in disks}) != len(disks):
+        raise BackupError("two drives have the same device name in the archive")
+    return disks
+
+
+# --- the result ----------------------------------------------------------------------
+
+
+@dataclass
+class BackupResult:
+    """What a finished backup did (for the summary line and tests)."""
+
+    path: str | None
+    disks: list[SourceDisk]
+    bytes_written: int = 0
+    clusters: int = 0
+    duplicates: int = 0
+    seconds: float = 0.0
+    latency_p50: float = 0.0
+    latency_p99: float = 0.0
+    latency_max: float = 0.0
+    requests: int = 0
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(d.size for d in self.disks)
+
+
+# --- aborting -------------------------------------------------------------------------
+
+
+class BackupInterrupted(BackupError):
+    """SIGINT/SIGTERM aborted the backup (after a clean abort); ``signum`` says which."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+@dataclass
+class _Abort:
+    """The first cause of failure wins; recording it cancels the running phase."""
+
+    cause: str | None = None
+    exc: BaseException | None = None
+    scope: trio.CancelScope | None = None
+    #: set at the commit point: the archive is complete, later events change nothing
+    closed: bool = False
+    #: the signal that caused the abort, if one did
+    signum: int | None = None
+
+    def __call__(self, cause: str, exc: BaseException | None = None) -> None:
+        if self.closed:
+            log.info("after the commit point, ignored: %s", cause)
+            return
+        if self.cause is None:
+            self.cause, self.exc = cause, exc
+            log.info("aborting the backup: %s", cause)
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+def _watched(export: Export, abort: _Abort) -> Export:
+    """*export* whose callbacks report a writer failure to *abort* (then re-raise).
+
+    The NBD server still turns the exception into an error reply; recording it
+    first makes the writer's own message (e.g. "No space left on device") the
+    cause, not QEMU's echo of the NBD error.
+    """
+
+    async def on_write(offset: int, data) -> None:
+        try:
+            await export.on_write(offset, data)
+        except Exception as e:
+            abort(f"{e}", e)
+            raise
+
+    async def on_zero(offset: int, length: int) -> None:
+        try:
+            await export.on_zero(offset, length)
+        except Exception as e:
+            abort(f"{e}", e)
+            raise
+
+    return Export(
+        size=export.size,
+        on_write=on_write,
+        on_zero=on_zero,
+        on_flush=export.on_flush,
+        description=export.description,
+    )
+
+
+# --- the backup -----------------------------------------------------------------------
+
+
+class _Names:
+    """QMP ids owned by this backup: nbd target nodes and job ids, unique per run."""
+
+    def __init__(self, count: int) -> None:
+        tag = secrets.token_hex(3)
+        self.targets = [f"vmafs-{tag}-t{i}" for i in range(count)]
+        self.jobs = [f"vmafs-{tag}-j{i}" for i in range(count)]
+
+
+async def backup(
+    qmp: QmpConnection,
+    disks: Sequence[SourceDisk],
+    output: ArchiveOutput,
+    configs: Iterable[tuple[str, bytes]] = (),
+    *,
+    speed: int = 0,
+    progress: ProgressFn | None = None,
+    socket_dir: str | None = None,
+    handle_signals: bool = True,
+) -> BackupResult:
+    """Back up *disks* of the QEMU behind *qmp* into *output*; see the module docs.
+
+    Owns *output*: commits it on success, aborts it (temp file removed) on
+    any failure.  ``speed`` is QEMU's per-job rate limit in bytes/s (0 = none).
+    ``progress(done, total)`` is called about twice a second.  With
+    ``handle_signals`` SIGINT and SIGTERM abort the backup cleanly (cancel
+    jobs, delete nodes, remove the temp file) instead of killing the process.
+    """
+    started = time.monotonic()
+    abort = _Abort()
+    names = _Names(len(disks))
+    result = BackupResult(output.path, list(disks))
+    sock_dir = tempfile.mkdtemp(prefix="vmafs-nbd-", dir=socket_dir)
+    sock_path = os.path.join(sock_dir, "nbd.sock")
+    error: Exception | None = None
+    try:
+        async with trio.open_nursery() as watchers:
+            if handle_signals:
+                watchers.start_soon(_watch_signals, abort)
+            watchers.start_soon(_watch_lost, qmp, abort)
+            try:
+                await _backup_in(
+                    qmp,
+                    disks,
+                    output,
+                    configs,
+                    names,
+                    sock_path,
+                    abort,
+                    result,
+                    speed=speed,
+                    progress=progress,
+                )
+            except Exception as e:  # noqa: BLE001 - re-raised below, outside the nursery
+                error = e
+            watchers.cancel_scope.cancel()
+        if error is not None:
+            raise error
+    except BaseException:
+        output.abort()
+        raise
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+async def _watch_signals(abort: _Abort) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if abort.cause is None and not abort.closed:
+                abort.signum = signum
+                abort(f"interrupted by {name}; backup cancelled")
+            else:
+                log.info("%s while already aborting; still cleaning up", name)
+
+
+async def _watch_lost(qmp: QmpConnection, abort: _Abort) -> None:
+    await qmp.lost.wait()
+    abort(f"QEMU went away: {qmp.lost_reason}")
+
+
+async def _backup_in(
+    qmp, disks, output, configs, names, sock_path, abort, result, *, speed, progress
+) -> None:
+    async with Packer(output, [(d.devname, d.size) for d in disks], configs) as packer:
+        exports = {d.devname: _watched(packer.export(d.devname), abort) for d in disks}
+        server = NbdServer(sock_path, exports)
+        failure: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            try:
+                with trio.CancelScope() as scope:
+                    abort.scope = scope
+                    if abort.cause is None:  # a signal before the scope existed
+                        await _run_jobs(qmp, disks, names, sock_path, abort, speed, progress)
+                abort.scope = None
+                if abort.cause is None:
+                    # Success: QEMU flushes and disconnects on blockdev-del, then the
+                    # packer writes the last extent and the output is made durable.
+                    await _delete_targets(qmp, names.targets, strict=True)
+                    await packer.finish()
+                    abort.closed = abort.cause is None
+            except Exception as e:  # noqa: BLE001 - every failure aborts the same way
+                abort(str(e), e)
+            if abort.cause is not None:
+                with trio.CancelScope(shield=True):
+                    failure = await _cleanup(qmp, names, abort)
+            nursery.cancel_scope.cancel()
+        lat = server.latency()
+        result.latency_p50, result.latency_p99, result.latency_max = lat.p50, lat.p99, lat.max
+        result.requests = server.requests
+        result.clusters = packer.clusters_stored
+        result.duplicates = packer.duplicates_dropped
+        result.bytes_written = packer.bytes_written
+    if abort.cause is not None:
+        if abort.signum is not None:
+            raise BackupInterrupted(abort.cause, abort.signum)
+        exc = abort.exc
+        if isinstance(exc, WriterError):  # includes BackupError/QemuError: already precise
+            raise exc
+        err = BackupError(abort.cause)
+        raise err from (exc or failure)
+    await trio.to_thread.run_sync(output.commit)
+
+
+async def _run_jobs(qmp, disks, names, sock_path, abort, speed, progress) -> None:
+    """blockdev-add the targets, start the transaction, wait for every job's end."""
+    for disk, target in zip(disks, names.targets, strict=True):
+        await qmp.execute(
+            "blockdev-add",
+            {
+                "driver": "nbd",
+                "node-name": target,
+                "server": {"type": "unix", "path": sock_path},
+                "export": disk.devname,
+            },
+        )
+    actions = []
+    for disk, target, job in zip(disks, names.targets, names.jobs, strict=True):
+        data = {"job-id": job, "device": disk.node, "target": target, "sync": "full"}
+        if speed:
+            data["speed"] = speed
+        actions.append({"type": "blockdev-backup", "data": data})
+    await qmp.execute(
+        "transaction", {"actions": actions, "properties": {"completion-mode": "grouped"}}
+    )
+    log.info("backup jobs started: %s", ", ".join(names.jobs))
+    total = sum(d.size for d in disks)
+    by_job = dict(zip(names.jobs, disks, strict=True))
+    async with trio.open_nursery() as nursery:
+        ended: set[str] = set()
+        if progress is not None:
+            nursery.start_soon(_poll_progress, qmp, by_job, ended, total, progress)
+        cause = await _wait_jobs(qmp, by_job, ended)
+        nursery.cancel_scope.cancel()
+    if cause is not None:
+        abort(cause)
+    elif progress is not None:
+        progress(total, total)
+
+
+async def _wait_jobs(qmp, by_job: dict[str, SourceDisk], ended: set[str]) -> str | None:
+    """Consume QMP events until every job ended; None on success, else the cause."""
+    errors: list[str] = []
+    cancelled: list[str] = []
+    deadline = trio.current_time() + 1e9
+    while len(ended) < len(by_job):
+        with trio.move_on_at(deadline):
+            event = await qmp.events.receive()
+        if trio.current_time() >= deadline:
+            break
+        kind = event.get("event")
+        data = event.get("data") or {}
+        job = data.get("device")
+        if job not in by_job or kind not in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+            if kind == "BLOCK_JOB_ERROR" and job in by_job:
+                log.info("QEMU reports an I/O error in %s: %s", job, data)
+            continue
+        ended.add(job)
+        label = by_job[job].label
+        if kind == "BLOCK_JOB_CANCELLED":
+            cancelled.append(label)
+        elif data.get("error"):
+            errors.append(f"QEMU's backup job of {label} failed: {data['error']}")
+        else:
+            continue
+        deadline = min(deadline, trio.current_time() + GRACE_SECONDS)
+    if errors:
+        return "; ".join(errors)
+    if cancelled:
+        return f"QEMU's backup job of {', '.join(cancelled)} was cancelled"
+    return None
+
+
+async def _poll_progress(qmp, by_job, ended, total: int, progress: ProgressFn) -> None:
+    while True:
+        try:
+            jobs = await qmp.execute("query-block-jobs", timeout=10)
+        except QemuError:
+            return
+        done = 0
+        running = {j["device"]: j for j in jobs}
+        for job, disk in by_job.items():
+            if job in running:
+                done += min(int(running[job].get("offset", 0)), disk.size)
+            elif job in ended:
+                done += disk.size
+        progress(done, total)
+        await trio.sleep(PROGRESS_INTERVAL)
+
+
+async def _delete_targets(qmp, targets: Sequence[str], *, strict: bool) -> list[str]:
+    """blockdev-del each target node that exists; returns the ones that would not go."""
+    try:
+        present = {n["node-name"] for n in await qmp.execute("query-named-block-nodes")}
+    except QemuError:
+        if strict:
+            raise
+        return list(targets)
+    left = []
+    for node in targets:
+        if node not in present:
+            continue
+        try:
+            await qmp.execute("blockdev-del", {"node-name": node})
+        except QemuError as e:
+            if strict:
+                raise
+            log.warning("could not remove node %s: %s", node, e)
+            left.append(node)
+    return left
+
+
+async def _cleanup(qmp: QmpConnection, names: _Names, abort: _Abort) -> BaseException | None:
+    """Cancel our jobs, wait for them to end, delete our nodes (best effort, bounded)."""
+    if qmp.lost.is_set():
+        return None
+    try:
+        with trio.fail_after(CANCEL_TIMEOUT):
+            ours = set(names.jobs)
+            first = True
+            while True:
+                jobs = [j for j in await qmp.execute("query-block-jobs") if j["device"] in ours]
+                if not jobs:
+                    break
+                if first:
+                    for job in jobs:
+                        try:
+                            await qmp.execute(
+                                "block-job-cancel", {"device": job["device"], "force": True}
+                            )
+                        except QemuError as e:
+                            log.info("block-job-cancel %s: %s", job["device"], e)
+                    first = False
+                await trio.sleep(0.05)
+            left = await _delete_targets(qmp, names.targets, strict=False)
+            if left:
+                log.warning("nodes left in QEMU after the abort: %s", ", ".join(left))
+    except (QemuError, trio.TooSlowError) as e:
+        log.warning("cleaning up in QEMU failed: %s", e or "timed out")
+        return e
+    return None

@@ -1,0 +1,273 @@
+"""``vmafs backup`` and ``vmafs create``: the writer's commands (registered by vmafs.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import sys
+
+import trio
+
+from vmafs.commands.progress import Progress, human_bytes, want_progress
+from vmafs.errors import BackupError
+
+from .backup import (
+    BackupInterrupted,
+    BackupResult,
+    DriveSpec,
+    backup,
+    parse_drive_spec,
+    resolve_disks,
+)
+from .create import ImageSpec, create, parse_image_spec
+from .packer import ArchiveOutput
+from .qmp import QmpConnection, parse_address
+
+__all__ = ["register_backup", "register_create", "run_backup", "run_create"]
+
+MAX_CONFIG_BYTES = 65535
+
+BACKUP_HELP = "back up disks of a running QEMU into a VMA archive"
+BACKUP_DESCRIPTION = """\
+Back up DRIVEs of a running QEMU (stock QEMU, no Proxmox patches) into a VMA
+archive that Proxmox's vma/qmrestore and vmafs read.  vmafs connects to the
+QMP socket, serves an NBD export per disk on a private Unix socket, adds an
+nbd target node per disk and starts one transaction of blockdev-backup jobs
+(sync=full, completion-mode grouped: one point in time for all disks).
+Clusters arrive in whatever order QEMU sends them - a guest write to a
+cluster not yet copied sends that cluster's old data first - and are
+appended to the archive as they come.
+
+DRIVE is a -drive id (BlockBackend name), a guest device id or a block node
+name.  DEVNAME is the disk's name in the archive; default drive-DRIVE, as
+Proxmox names them (a DRIVE already starting with drive- is kept).
+
+The archive is written to a hidden temporary file beside ARCHIVE and renamed
+only after every job completed without error.  On any failure (QEMU error,
+job error, disk full, Ctrl-C/SIGTERM, QEMU gone) the jobs are cancelled,
+the nodes removed, the temporary file deleted, and one line says why.
+
+Guest safety: while the job runs, a guest write to a cluster that was not
+copied yet waits for this process to accept the old data; if vmafs dies, such
+guest writes fail with an I/O error until QEMU has ended the job (see
+docs/backup.md)."""
+
+BACKUP_EPILOG = """\
+examples:
+  vmafs backup --qmp /run/qemu-100.qmp -o vzdump-qemu-100.vma \\
+      -c qemu-server.conf scsi0 efidisk0
+  vmafs backup --qmp /run/qemu-100.qmp -o backup.vma.zst drive0=drive-scsi0
+  vmafs backup --qmp /run/qemu-100.qmp -o - scsi0 | zstd > backup.vma.zst"""
+
+CREATE_HELP = "make a VMA archive from disk image files (raw, qcow2, ...)"
+CREATE_DESCRIPTION = """\
+Make a VMA archive from image files of any format QEMU reads, through a
+private qemu-storage-daemon running the same blockdev-backup path as
+`vmafs backup`.  Each DEVNAME=IMAGE becomes one disk (in the given order);
+FORMAT is probed with `qemu-img info` when not given.  Images are opened
+read-only.  The daemon is stopped in every case."""
+
+CREATE_EPILOG = """\
+examples:
+  vmafs create vm.vma -c qemu-server.conf drive-scsi0=disk.qcow2 drive-efidisk0=efi.raw:raw
+  vmafs create vm.vma.zst drive-virtio0=/dev/vg/vm-100-disk-0"""
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_rate(text: str) -> int:
+    """``100M`` -> 104857600 bytes/s (binary units; ``0`` = unlimited)."""
+    t = text.strip().upper().removesuffix("/S").removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _UNITS and not t[-1:].isdigit() else ""
+    try:
+        value = float(t[: len(t) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad rate {text!r} (e.g. 50M)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"bad rate {text!r}")
+    return int(value * _UNITS[unit])
+
+
+def _drive(text: str) -> DriveSpec:
+    try:
+        return parse_drive_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _image(text: str) -> ImageSpec:
+    try:
+        return parse_image_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _common_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        default=[],
+        metavar="CONFIG",
+        help="store this file (by its base name, <= 65535 bytes) in the archive; repeatable",
+    )
+    p.add_argument(
+        "--speed",
+        type=parse_rate,
+        default=0,
+        metavar="RATE",
+        help="limit each disk's backup job to RATE bytes/s (K/M/G suffixes; default unlimited)",
+    )
+    p.add_argument(
+        "-f", "--force", action="store_true", help="replace ARCHIVE if it exists (atomically)"
+    )
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="print a summary line on stderr at the end"
+    )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="show a progress bar on stderr (default: only when stderr is a terminal)",
+    )
+    group.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="never show a progress bar"
+    )
+
+
+def register_backup(subparsers) -> None:
+    p = subparsers.add_parser(
+        "backup", help=BACKUP_HELP, description=BACKUP_DESCRIPTION, epilog=BACKUP_EPILOG
+    )
+    p.add_argument(
+        "--qmp", required=True, metavar="SOCKET", help="QEMU's QMP socket (path, or HOST:PORT)"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="ARCHIVE",
+        help="archive to write (.vma, or .vma.zst for zstd); '-' streams to stdout",
+    )
+    p.add_argument(
+        "--socket-dir",
+        metavar="DIR",
+        help="where to create the private NBD socket directory (default $TMPDIR or /tmp); "
+        "QEMU must be able to connect there",
+    )
+    _common_options(p)
+    p.add_argument("drives", nargs="+", type=_drive, metavar="DRIVE[=DEVNAME]")
+    p.set_defaults(func=run_backup)
+
+
+def register_create(subparsers) -> None:
+    p = subparsers.add_parser(
+        "create", help=CREATE_HELP, description=CREATE_DESCRIPTION, epilog=CREATE_EPILOG
+    )
+    p.add_argument("archive", metavar="ARCHIVE", help="archive to write; '-' streams to stdout")
+    _common_options(p)
+    p.add_argument("images", nargs="+", type=_image, metavar="DEVNAME=IMAGE[:FORMAT]")
+    p.set_defaults(func=run_create)
+
+
+def read_configs(paths: list[str]) -> list[tuple[str, bytes]]:
+    """(basename, bytes) per config file; checked before any QEMU work starts."""
+    out = []
+    for path in paths:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise BackupError(f"{path}: config files are limited to {MAX_CONFIG_BYTES} bytes")
+        out.append((os.path.basename(path), data))
+    return out
+
+
+def _open_output(target: str, force: bool) -> ArchiveOutput:
+    if target == "-" and sys.stdout.isatty():
+        raise BackupError("refusing to write an archive to a terminal (redirect stdout)")
+    return ArchiveOutput(target, overwrite=force)
+
+
+def _summary(result: BackupResult, target: str) -> str:
+    rate = result.disk_bytes / result.seconds if result.seconds > 0 else 0
+    return (
+        f"vmafs: wrote {target}: {len(result.disks)} disk(s), "
+        f"{human_bytes(result.disk_bytes)} of disks, {human_bytes(result.bytes_written)} "
+        f"archive, {result.clusters} clusters ({result.duplicates} re-sent), "
+        f"{result.seconds:.1f} s ({human_bytes(rate)}/s); NBD reply latency "
+        f"p50 {result.latency_p50 * 1e3:.2f} ms p99 {result.latency_p99 * 1e3:.2f} ms "
+        f"max {result.latency_max * 1e3:.2f} ms over {result.requests} requests"
+    )
+
+
+def _setup_logging(verbose: bool) -> None:
+    """INFO with -v; else warnings only, and none from the data path.
+
+    Without -v a failed backup prints exactly one line: the NBD server's and
+    the packer's per-request failures are what that line reports.
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO if verbose else logging.WARNING,
+            format="vmafs: %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+    # qemu.qmp logs what our QemuError already says (and, at INFO, every state change)
+    logging.getLogger("qemu.qmp").setLevel(logging.WARNING if verbose else logging.CRITICAL + 1)
+    if not verbose:
+        for name in ("writer.nbd", "writer.packer"):
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
+
+def _interrupted(e: BackupInterrupted) -> int:
+    """One line and 128+signal (130 Ctrl-C, 143 SIGTERM), as the other commands exit."""
+    sys.stderr.write(f"vmafs: error: {e}\n")
+    return 128 + e.signum
+
+
+def run_backup(args: argparse.Namespace) -> int:
+    _setup_logging(args.verbose)
+    configs = read_configs(args.config)
+    output = _open_output(args.output, args.force)
+    bar = Progress("backup", enabled=want_progress(args.progress))
+
+    async def main() -> BackupResult:
+        try:
+            qmp = await QmpConnection.open(parse_address(args.qmp))
+        except BaseException:
+            output.abort()
+            raise
+        async with qmp:
+            try:
+                disks = await resolve_disks(qmp, args.drives)
+            except BaseException:
+                output.abort()
+                raise
+            return await backup(qmp, disks, output, configs, speed=args.speed, progress=bar)
+
+    try:
+        with bar:
+            result = trio.run(main)
+    except BackupInterrupted as e:
+        return _interrupted(e)
+    if args.verbose:
+        sys.stderr.write(_summary(result, args.output) + "\n")
+    return 0
+
+
+def run_create(args: argparse.Namespace) -> int:
+    _setup_logging(args.verbose)
+    configs = read_configs(args.config)
+    output = _open_output(args.archive, args.force)
+    bar = Progress("create", enabled=want_progress(args.progress))
+    with bar:
+        result = trio.run(
+            functools.partial(create, output, args.images, configs, speed=args.speed, progress=bar)
+        )
+    if args.verbose:
+        sys.stderr.write(_summary(result, args.archive) + "\n")
+    return 0

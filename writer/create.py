@@ -1,0 +1,245 @@
+"""``vmafs create``: an archive from image files, through a private qemu-storage-daemon.
+
+Any image QEMU reads (raw, qcow2, vmdk, a block device, a qcow2 with its
+backing chain) becomes a disk of the archive by the same path as a live
+backup (:mod:`writer.backup`): a qemu-storage-daemon is started with only a
+QMP monitor on one end of a socketpair (no socket file, no race on a path),
+each image is added read-only with ``blockdev-add`` (so a bad image is a
+clean QMP error, not daemon stderr to parse), and the daemon runs the same
+``blockdev-backup`` transaction into the writer's NBD server.
+
+The daemon is stopped in every path: on success, on error, on Ctrl-C, and,
+through ``PR_SET_PDEATHSIG``, even when vmafs itself is killed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from vmafs.errors import BackupError
+
+from .backup import BackupResult, DriveSpec, ProgressFn, backup, resolve_disks
+from .packer import ArchiveOutput
+from .qmp import QmpConnection
+
+__all__ = ["ImageSpec", "StorageDaemon", "create", "parse_image_spec", "probe_format"]
+
+log = logging.getLogger("writer.create")
+
+#: image formats accepted after the last ':' of DEVNAME=IMAGE:FORMAT (QEMU's format drivers)
+FORMATS = frozenset("raw qcow2 qcow qed vmdk vdi vhdx vpc parallels dmg cloop bochs luks".split())
+#: seconds the daemon gets to exit after SIGTERM before SIGKILL
+STOP_TIMEOUT = 10.0
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """``DEVNAME=IMAGE[:FORMAT]`` from the command line; ``fmt`` None = probe."""
+
+    devname: str
+    path: str
+    fmt: str | None = None
+
+
+def parse_image_spec(text: str) -> ImageSpec:
+    """Split ``DEVNAME=IMAGE[:FORMAT]``.
+
+    ``:FORMAT`` is taken only when it names a QEMU image format and the whole
+    text is not itself an existing file, so paths with colons still work.
+    """
+    devname, sep, rest = text.partition("=")
+    if not sep or not devname or not rest:
+        raise ValueError(f"bad image {text!r}: expected DEVNAME=IMAGE[:FORMAT]")
+    path, fmt = rest, None
+    head, colon, tail = rest.rpartition(":")
+    if colon and head and not os.path.exists(rest):
+        if tail not in FORMATS:
+            raise ValueError(
+                f"bad image {text!r}: unknown format {tail!r} (one of {', '.join(sorted(FORMATS))})"
+            )
+        path, fmt = head, tail
+    return ImageSpec(devname, path, fmt)
+
+
+async def probe_format(path: str) -> str:
+    """The image format ``qemu-img info`` detects for *path*."""
+    try:
+        proc = await trio.run_process(
+            ["qemu-img", "info", "--output=json", path],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    except FileNotFoundError as e:
+        raise BackupError("qemu-img not found (Debian package qemu-utils)") from e
+    if proc.returncode != 0:
+        msg = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise BackupError(f"{path}: {msg[-1] if msg else 'qemu-img info failed'}")
+    return json.loads(proc.stdout)["format"]
+
+
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except OSError:
+        pass
+
+
+class StorageDaemon:
+    """A private qemu-storage-daemon with a QMP monitor, as an async context manager.
+
+    ``async with StorageDaemon() as qsd: await qsd.qmp.execute(...)``.
+    Leaving stops it (QMP closed, SIGTERM, SIGKILL after ``STOP_TIMEOUT``).
+    """
+
+    def __init__(self, binary: str = "qemu-storage-daemon") -> None:
+        self.binary = binary
+        self.qmp: QmpConnection | None = None
+        self.process: trio.Process | None = None
+        self._stderr = None
+
+    async def __aenter__(self) -> StorageDaemon:
+        path = shutil.which(self.binary)
+        if path is None:
+            raise BackupError(f"{self.binary} not found (Debian package qemu-system-common)")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._stderr = tempfile.TemporaryFile()
+        try:
+            self.process = await trio.lowlevel.open_process(
+                [
+                    path,
+                    "--chardev",
+                    f"socket,id=vmafs-qmp,fd={theirs.fileno()}",
+                    "--monitor",
+                    "chardev=vmafs-qmp",
+                ],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=self._stderr,
+                preexec_fn=_pdeathsig,
+            )
+            theirs.close()
+            try:
+                self.qmp = await QmpConnection.open(ours, name="qemu-storage-daemon")
+            except BackupError as e:
+                raise BackupError(f"qemu-storage-daemon did not start: {self._tail() or e}") from e
+        except BaseException:
+            theirs.close()
+            ours.close()
+            with trio.CancelScope(shield=True):
+                await self.aclose()
+            raise
+        return self
+
+    def _tail(self) -> str:
+        if self._stderr is None:
+            return ""
+        self._stderr.seek(0)
+        lines = self._stderr.read().decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else ""
+
+    async def aclose(self) -> None:
+        if self.qmp is not None:
+            await self.qmp.aclose()
+            self.qmp = None
+        proc = self.process
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            with trio.move_on_after(STOP_TIMEOUT):
+                await proc.wait()
+            if proc.returncode is None:
+                log.warning("qemu-storage-daemon ignored SIGTERM; killing it")
+                proc.kill()
+                await proc.wait()
+        if proc is not None and proc.returncode not in (0, -signal.SIGTERM):
+            log.info("qemu-storage-daemon exited with %s: %s", proc.returncode, self._tail())
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    async def __aexit__(self, *exc: object) -> None:
+        with trio.CancelScope(shield=True):
+            await self.aclose()
+
+
+def _file_node(path: str) -> dict:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise BackupError(f"{path}: {e.strerror}") from e
+    if stat.S_ISBLK(st.st_mode):
+        driver = "host_device"
+    elif stat.S_ISREG(st.st_mode):
+        driver = "file"
+    else:
+        raise BackupError(f"{path}: not a regular file or block device")
+    return {"driver": driver, "filename": os.path.abspath(path)}
+
+
+async def create(
+    output: ArchiveOutput,
+    images: Sequence[ImageSpec],
+    configs: Iterable[tuple[str, bytes]] = (),
+    *,
+    speed: int = 0,
+    progress: ProgressFn | None = None,
+    handle_signals: bool = True,
+) -> BackupResult:
+    """Write *images* into *output* (which this owns: committed or aborted)."""
+    try:
+        if not images:
+            raise BackupError("no images given")
+        if len({i.devname for i in images}) != len(images):
+            raise BackupError("two images have the same device name")
+        nodes = []
+        for i, img in enumerate(images):
+            file_node = _file_node(img.path)
+            fmt = img.fmt or await probe_format(img.path)
+            nodes.append(
+                {"driver": fmt, "node-name": f"src{i}", "read-only": True, "file": file_node}
+            )
+        async with StorageDaemon() as qsd:
+            for img, node in zip(images, nodes, strict=True):
+                try:
+                    await qsd.qmp.execute("blockdev-add", node)
+                except BackupError as e:
+                    raise BackupError(
+                        f"{img.path}: {e.message.removeprefix('blockdev-add: ')}"
+                    ) from e
+            specs = [
+                DriveSpec(n["node-name"], img.devname) for img, n in zip(images, nodes, strict=True)
+            ]
+            disks = await resolve_disks(qsd.qmp, specs)
+            disks = [
+                type(d)(d.devname, d.node, d.size, img.path)
+                for d, img in zip(disks, images, strict=True)
+            ]
+            return await backup(
+                qsd.qmp,
+                disks,
+                output,
+                configs,
+                speed=speed,
+                progress=progress,
+                handle_signals=handle_signals,
+            )
+    except BaseException:
+        output.abort()
+        raise
