@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import FIXTURES_DIR, vmafs_cmd
@@ -138,3 +140,37 @@ def test_unknown_command_lists_every_command():
     line = assert_one_line_error(run_cli("frobnicate"), status=2)
     for cmd in READER_COMMANDS:
         assert f"'{cmd}'" in line
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_cli_reference_covers_every_command_and_option():
+    # docs/cli.md must not drift from the parser: every command and option is in it.
+    from vmafs.cli import build_parser
+
+    text = (DOCS / "cli.md").read_text()
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        assert f"vmafs {name}" in text, name
+        for action in p._actions:
+            for opt in action.option_strings:
+                if opt in ("-h", "--help") or action.help == "==SUPPRESS==":
+                    continue
+                assert opt in text, f"{name} {opt}"
+
+
+def test_man_page_renders_cleanly():
+    if shutil.which("groff") is None:
+        pytest.skip("groff is not installed")
+    proc = subprocess.run(
+        ["groff", "-man", "-Tutf8", "-ww", "-z", str(DOCS / "vmafs.1")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    page = (DOCS / "vmafs.1").read_text()
+    for cmd in READER_COMMANDS:
+        assert f'.SS "{cmd} ' in page
