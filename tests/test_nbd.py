@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import socket
+import stat
 import struct
 import subprocess
 
@@ -145,6 +146,7 @@ def test_handshake_list_info_go_and_unsupported_options(tmp_path):
     other = Recorder(CLUSTER_SIZE * 7)
 
     async def body(server, path):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # only this user may write
         c = await Client.connect(path)
         await c.greeting()
         await c.option(nbd.NBD_OPT_LIST)

@@ -495,7 +495,9 @@ def test_stdout_streaming(tmp_path):
         assert a.header.configs[0].data == b"x"
 
 
-def test_zst_target_decompresses_to_the_same_archive(tmp_path):
+def test_zst_target_is_seekable_with_frames_at_extent_boundaries(tmp_path):
+    from vmafs.source.zstd_seekable import SeekTable
+
     data = make_disk(100 * CLUSTER_SIZE, 11)
     items = [(1, o, c) for o, c in clusters(data)]
     plain = io.BytesIO()
@@ -506,7 +508,18 @@ def test_zst_target_decompresses_to_the_same_archive(tmp_path):
         out.commit()
     raw = target.read_bytes()
     assert raw[:4] != b"VMA\0"
-    got = (
-        zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw), read_across_frames=True).read()
-    )
-    assert got == plain.getvalue()
+    dctx = zstandard.ZstdDecompressor()
+    got = dctx.stream_reader(io.BytesIO(raw), read_across_frames=True).read()
+    assert got == plain.getvalue()  # what `zstd -d | vma extract` would see
+    with Archive.open(target) as a:
+        assert a.read(1, 0, len(data)) == data
+    table = SeekTable.from_tail(lambda off, n: raw[off : off + n], len(raw))
+    assert table is not None and len(table) > 1
+    header, extents = walk_extents(got)
+    boundaries, pos = {header.header_size}, header.header_size
+    for e in extents:
+        pos += EXTENT_HEADER_SIZE + e.block_count * 4096
+        boundaries.add(pos)
+    sizes = table.decompressed_sizes
+    starts = {sum(sizes[:i]) for i in range(1, len(sizes))}
+    assert starts <= boundaries

@@ -68,6 +68,7 @@ import socket
 import stat
 import struct
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -89,6 +90,8 @@ MAX_OPTIONS = 1024
 #: seconds a client may take for the whole handshake
 HANDSHAKE_TIMEOUT = 30.0
 PREFERRED_BLOCK = 65536
+#: reply latencies kept for :meth:`NbdServer.latency` (a ring: the most recent ones)
+LATENCY_SAMPLES = 1 << 20
 
 # --- protocol constants (names follow the NBD spec, doc/proto.md) ---------------
 
@@ -416,7 +419,7 @@ class _Conn:
                 log.debug("conn %d: reply lost: %s", self.cid, e)
                 return
             if cmd in (NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES):
-                self.server._latencies.append(time.perf_counter() - received)
+                self.server._record_latency(time.perf_counter() - received)
             self.server.requests += 1
         finally:
             limit.release()
@@ -510,10 +513,14 @@ class NbdServer:
         block size (a power of two, 64 KiB..32 MiB).
     :param max_in_flight: requests handled concurrently per connection; the
         server stops reading from a connection while that many are in flight.
+    :param socket_mode: permissions of the socket file, set before it accepts
+        connections.  Anyone who can connect can write into the archive, so the
+        default 0600 admits only this user (and root); widen it, or use a group,
+        when QEMU runs as another user.
 
     Attributes: ``connections`` (currently open), ``requests`` (total handled),
-    ``errors`` (error replies sent), ``closed_reasons`` (list of str, the
-    logged reasons of connections closed for bad input).
+    ``errors`` (error replies sent), ``closed_reasons`` (the logged reasons of
+    the last 256 connections closed for bad input, oldest first).
     """
 
     def __init__(
@@ -523,6 +530,7 @@ class NbdServer:
         *,
         max_block: int = DEFAULT_MAX_BLOCK,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        socket_mode: int = 0o600,
     ) -> None:
         if max_block & (max_block - 1) or not 65536 <= max_block <= 32 * 1024 * 1024:
             raise ValueError("max_block must be a power of two in 64 KiB..32 MiB")
@@ -532,11 +540,13 @@ class NbdServer:
         self.exports = exports
         self.max_block = max_block
         self.max_in_flight = max_in_flight
+        self.socket_mode = socket_mode
         self.connections = 0
         self.requests = 0
         self.errors = 0
-        self.closed_reasons: list[str] = []
-        self._latencies: list[float] = []
+        self.closed_reasons: deque[str] = deque(maxlen=256)
+        self._latencies = np.zeros(LATENCY_SAMPLES)
+        self._latency_count = 0
         self._next_cid = 0
 
     def _lookup(self, name: str) -> Export | None:
@@ -561,6 +571,7 @@ class NbdServer:
         lsock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             await lsock.bind(path)
+            os.chmod(path, self.socket_mode)  # before listen(): no one connects before this
             lsock.listen(64)
             async with trio.open_nursery() as nursery:
                 task_status.started()
@@ -583,13 +594,23 @@ class NbdServer:
         finally:
             self.connections -= 1
 
+    def _record_latency(self, seconds: float) -> None:
+        self._latencies[self._latency_count % LATENCY_SAMPLES] = seconds
+        self._latency_count += 1
+
     def latency(self) -> LatencyStats:
-        """Reply latency of WRITE/WRITE_ZEROES requests since the start."""
-        if not self._latencies:
+        """Reply latency of WRITE/WRITE_ZEROES requests (the last 2**20 of them).
+
+        ``count`` is the number of requests measured since the start (or the
+        last :meth:`reset_latency`); the percentiles cover the most recent
+        ``LATENCY_SAMPLES`` of them.
+        """
+        n = min(self._latency_count, LATENCY_SAMPLES)
+        if not n:
             return LatencyStats(0, 0.0, 0.0, 0.0)
-        arr = np.asarray(self._latencies)
+        arr = self._latencies[:n]
         p50, p99 = np.percentile(arr, [50, 99])
-        return LatencyStats(len(arr), float(p50), float(p99), float(arr.max()))
+        return LatencyStats(self._latency_count, float(p50), float(p99), float(arr.max()))
 
     def reset_latency(self) -> None:
-        self._latencies.clear()
+        self._latency_count = 0
