@@ -64,4 +64,7 @@ def open_source(path: str | os.PathLike[str]) -> Source:
         "expected VMA, zstd, gzip or lzop)"
     )
 
+
+from . import gzip as _gzip  # noqa: E402,F401  (registers the gzip magic)
+from . import lzo as _lzo  # noqa: E402,F401  (registers the lzop magic)
 from . import zstd as _zstd  # noqa: E402,F401  (registers the zstd magic numbers)
