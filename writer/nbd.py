@@ -15,26 +15,34 @@ Protocol subset (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto
   ``NBD_REP_ERR_UNSUP``; an unknown export name gets ``NBD_REP_ERR_UNKNOWN``
   (or a disconnect for EXPORT_NAME, which has no error reply).
 - Transmission flags: ``HAS_FLAGS | SEND_FLUSH | SEND_WRITE_ZEROES | CAN_MULTI_CONN``.
+  Never ``SEND_FAST_ZERO``: with it ``qemu-img convert -n`` pre-zeroes the whole
+  target and then writes the data again, i.e. every data cluster twice with
+  different contents.  Not ``READ_ONLY`` either: the export takes writes.
   Block sizes: minimum 512 (1 if the export size is not a multiple of 512),
-  preferred 65536, maximum ``max_block``.
+  preferred 65536, maximum ``max_block``.  QEMU's backup job only sends whole
+  64 KiB clusters (plus a disk's final partial one); ``qemu-img convert`` does
+  too with ``-S 0`` (its default 4 KiB sparse detection splits clusters, which
+  a packer export refuses with ``EINVAL``).
 - Replies are simple replies, sent as each request completes: requests on one
   connection run concurrently (up to ``max_in_flight``) and replies may come
   out of order, matched by the client's cookie (handle).
 
 Commands, what they mean here and what an error does to the client:
 
-``NBD_CMD_WRITE`` (flags: FUA accepted and ignored)
+``NBD_CMD_WRITE`` (flags: FUA accepted and ignored; any other flag -> ``EINVAL``)
     Calls ``export.on_write(offset, data)``.  Success means the data is
     accepted into the packer's buffer (not on disk).  A range beyond the export
-    end gets ``ENOSPC`` (payload read and discarded); a payload longer than
-    ``max_block`` cannot be trusted and closes the connection.  An exception
-    from the callback becomes an error reply: :class:`NbdCommandError` carries
-    its errno, :class:`vmafs.errors.ConflictingClusterError` and other
-    :class:`vmafs.errors.WriterError` become ``EIO`` (``ENOSPC`` if caused by a
-    full disk), a bad alignment (``ValueError``) ``EINVAL``.  QEMU fails the
-    backup job on an error reply - and, for a copy-before-write triggered by a
-    guest write, that guest write - so callbacks must only fail for
-    unrecoverable conditions.
+    end gets ``ENOSPC`` (payload read and discarded); length 0 gets ``EINVAL``;
+    a payload longer than ``max_block`` cannot be trusted and closes the
+    connection.  An exception from the callback becomes an error reply:
+    :class:`NbdCommandError` carries its errno;
+    :class:`vmafs.errors.WriteRangeError` (not whole clusters) and
+    ``ValueError`` become ``EINVAL``; :class:`vmafs.errors.ConflictingClusterError`
+    and other :class:`vmafs.errors.WriterError` become ``EIO``, or ``ENOSPC``
+    when caused by a full disk; anything else ``EIO``, logged with its
+    traceback.  QEMU fails the backup job on an error reply - and, for a
+    copy-before-write triggered by a guest write, that guest write - so
+    callbacks must only fail for unrecoverable conditions.
 ``NBD_CMD_WRITE_ZEROES`` (flags: NO_HOLE, FAST_ZERO, FUA accepted and ignored:
 zeros are zeros, and they are always fast here)
     Calls ``export.on_zero(offset, length)``; errors as for WRITE.  ``length``
@@ -52,11 +60,18 @@ zeros are zeros, and they are always fast here)
 anything else (TRIM, CACHE, BLOCK_STATUS, RESIZE, unknown types)
     Refused with ``EINVAL``; the connection stays open.
 
-Malformed or hostile input - a bad request magic, a WRITE longer than
-``max_block``, an option longer than 64 KiB, a truncated request, unknown
-client flags - closes *that* connection with a logged reason (logger
-``writer.nbd``).  Nothing a client sends can raise out of :meth:`NbdServer.serve`
-or reach the archive other than through a well-formed, in-range callback.
+Malformed or hostile input - a bad option or request magic, a WRITE longer
+than ``max_block``, an option longer than 64 KiB, more than 1024 options, a
+handshake slower than 30 s, a truncated request, unknown client flags, an
+unknown name in EXPORT_NAME - closes *that* connection with a logged reason
+(logger ``writer.nbd``, also kept in ``NbdServer.closed_reasons``); requests of
+that connection still in flight are cancelled (a cancelled request stores
+nothing or all of its clusters).  Nothing a client sends can raise out of
+:meth:`NbdServer.serve` or reach the archive other than through a well-formed,
+in-range callback.  The socket is created mode 0600 (``socket_mode``).
+
+Reply latency (request fully received -> reply sent) of WRITE and
+WRITE_ZEROES is recorded; :meth:`NbdServer.latency` gives p50/p99/max.
 """
 
 from __future__ import annotations
