@@ -4,9 +4,12 @@ A push-mode QEMU backup delivers each disk's clusters in no particular order
 (copy-before-write sends a cluster's old data first when the guest is about to
 overwrite it).  :class:`Packer` takes them as they come, encodes each cluster
 with :func:`vmafs.format.encode_cluster` (all-zero 4 KiB blocks are not
-stored), fills extents with :class:`vmafs.format.ExtentPacker` and hands whole
-extents to a background task that writes them to the output.  The layout is
-entirely :mod:`vmafs.format`'s; nothing here knows a byte offset.
+stored), fills extents with :class:`vmafs.format.ExtentPacker` (58 slots, as Proxmox)
+and hands whole extents to a background thread that writes them to the output.
+The layout is entirely :mod:`vmafs.format`'s; nothing here knows a byte offset.
+Fed a Proxmox archive's clusters in that archive's order, with its uuid, ctime,
+configs and devices, the Packer reproduces the archive byte for byte
+(tests/test_packer.py does this for every fixture).
 
 Usage (inside a trio task)::
 
@@ -25,26 +28,30 @@ Contract of :meth:`Packer.put`:
 
 - ``offset`` is a multiple of 65536; ``length`` is a multiple of 65536 or the
   range ends exactly at the end of the device (the final partial cluster).
-  Anything else is a :class:`vmafs.errors.WriterError` (``ValueError`` style:
-  the archive is untouched).
+  Anything else is a :class:`vmafs.errors.WriteRangeError` (the archive is
+  untouched; the NBD layer answers ``EINVAL``).
 - ``data=None`` means ``length`` zero bytes (NBD WRITE_ZEROES).
 - Every cluster of every device must be put exactly once.  Re-sending a
   cluster with identical content (QEMU re-sends a range after an error or a
   reconnect) is acknowledged and dropped; a re-send with different content
   raises :class:`vmafs.errors.ConflictingClusterError` and stores nothing of
-  that request.  Identity is checked with a 63-bit blake2b digest per cluster
-  kept in a numpy array (8 bytes per 64 KiB cluster: 128 MiB per TiB of disk).
+  that request.  Identity is checked with a 63-bit digest (sha256 of the
+  encoded cluster, truncated; 0 = "not yet received") per cluster, kept in a
+  numpy array: 8 bytes per 64 KiB cluster, 128 MiB per TiB of disk.
 - ``put`` returns as soon as the data is encoded into the packer's buffer; it
   waits (backpressure) only while more than ``max_pending_bytes`` of finished
-  extents are queued for the output.  So an NBD reply sent after ``put``
-  returns means "accepted", not "on disk": durability is :meth:`finish` +
-  :meth:`ArchiveOutput.commit`.
+  extents are queued for the output.  Encoding and hashing run in the event
+  loop (about 1-2 ms per MiB); the check-and-store step has no await inside,
+  so a put - even a cancelled one - stores all of its new clusters or none.
+  An NBD reply sent after ``put`` returns means "accepted", not "on disk":
+  durability is :meth:`finish` + :meth:`ArchiveOutput.commit`.
 - A device named ``vmstate`` (RAM state) must be put in cluster order, as
   Proxmox's reader requires; backups of disks never have one.
 
 Failures are sticky: once the output fails (e.g. ``ENOSPC``) or a put raised a
-conflict, every later ``put``/``finish`` raises the same
-:class:`vmafs.errors.WriterError` (with the original exception as cause).
+conflict, every later ``put``/``finish`` raises a
+:class:`vmafs.errors.WriterError` whose ``__cause__`` is the first failure
+(whose own cause is the ``OSError``, if any).
 
 The output object needs only ``write(bytes)`` (and optionally ``flush()``).
 :class:`Packer` calls ``write`` first with the whole header, then once per batch
