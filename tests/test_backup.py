@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 
 import pytest
 from conftest import vmafs_cmd
@@ -318,4 +317,48 @@ def test_speed_really_throttles(require_qemu, tmp_path):
         finally:
             proc.send_signal(signal.SIGINT)
             finish(proc)
-        time.sleep(0)
+
+
+def test_job_cancelled_by_someone_else(require_qemu, tmp_path):
+    """block-job-cancel from another monitor: an error, nodes removed, no archive."""
+    src = random_raw(tmp_path / "src.raw", 16 * MiB, seed=11)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    with vm(require_qemu.qemu_system, tmp_path, {"drive-scsi0": (src, "raw")}) as machine:
+        proc = start_backup(
+            "--qmp", machine.qmp_path, "-o", outdir / "c.vma", "--speed", "1M", "drive-scsi0"
+        )
+        try:
+            job = machine.wait_job_running()
+            machine.cmd("block-job-cancel", device=job["device"], force=True)
+        finally:
+            rc, _, err = finish(proc)
+        assert rc == 1
+        assert "backup job of drive-scsi0 was cancelled" in one_line_error(err)
+        assert machine.our_jobs() == [] and machine.our_nodes() == []
+    assert leftovers(outdir) == []
+
+
+def test_refused_transaction_removes_the_target_nodes(require_qemu, tmp_path):
+    """QEMU refuses the transaction (the drive is busy in another backup job)."""
+    src = random_raw(tmp_path / "src.raw", 4 * MiB, seed=12)
+    with vm(require_qemu.qemu_system, tmp_path, {"drive-scsi0": (src, "raw")}) as machine:
+        machine.cmd("blockdev-add", driver="null-co", **{"node-name": "other", "size": 4 * MiB})
+        machine.cmd(
+            "blockdev-backup",
+            device="drive-scsi0",
+            target="other",
+            sync="full",
+            speed=1,
+            **{"job-id": "other-job"},
+        )
+        rc, _, err = finish(
+            start_backup("--qmp", machine.qmp_path, "-o", tmp_path / "b.vma", "drive-scsi0")
+        )
+        assert rc == 1
+        line = one_line_error(err)
+        assert "transaction" in line and "busy" in line, line
+        assert machine.our_nodes() == []
+        assert [j["device"] for j in machine.cmd("query-block-jobs")] == ["other-job"]
+        machine.cmd("block-job-cancel", device="other-job", force=True)
+    assert leftovers(tmp_path) == []

@@ -264,10 +264,15 @@ def run_create(args: argparse.Namespace) -> int:
     configs = read_configs(args.config)
     output = _open_output(args.archive, args.force)
     bar = Progress("create", enabled=want_progress(args.progress))
-    with bar:
-        result = trio.run(
-            functools.partial(create, output, args.images, configs, speed=args.speed, progress=bar)
-        )
+    try:
+        with bar:
+            result = trio.run(
+                functools.partial(
+                    create, output, args.images, configs, speed=args.speed, progress=bar
+                )
+            )
+    except BackupInterrupted as e:
+        return _interrupted(e)
     if args.verbose:
         sys.stderr.write(_summary(result, args.archive) + "\n")
     return 0
