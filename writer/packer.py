@@ -61,6 +61,7 @@ of *whole* extents (never a partial extent): this is the hook that lets
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -113,6 +114,7 @@ log = logging.getLogger("writer.packer")
 DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
 
 _ZERO_CLUSTER = bytes(CLUSTER_SIZE)
+_NO_HARDLINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
 
 
 def _digest(mask: int, stored: bytes) -> int:
@@ -618,8 +620,17 @@ class ArchiveOutput:
         if self.overwrite:
             os.replace(self.temp_path, self.path)
         else:
-            os.link(self.temp_path, self.path)  # FileExistsError if someone took the name
-            os.unlink(self.temp_path)
+            try:
+                os.link(self.temp_path, self.path)  # FileExistsError if someone took the name
+            except OSError as e:
+                if isinstance(e, FileExistsError) or e.errno not in _NO_HARDLINKS:
+                    raise
+                # no hard links here (vfat, some CIFS/FUSE): check, then rename
+                if os.path.lexists(self.path):
+                    raise FileExistsError(errno.EEXIST, "archive exists", self.path) from None
+                os.rename(self.temp_path, self.path)
+            else:
+                os.unlink(self.temp_path)
         self.temp_path = None
         self._committed = True
         dfd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
