@@ -148,3 +148,52 @@ def test_save_strict_reports_unwritable_locations(tmp_path, monkeypatch):
         with pytest.raises(IndexCacheError, match="cannot write"):
             sidecar.save(a.source, a.header, a.index, strict=True)
         assert sidecar.save(a.source, a.header, a.index) is None  # not strict: logged only
+
+
+def _indexed_copy(tmp_path, monkeypatch, name="two-disks.vma.gz"):
+    monkeypatch.setenv("VMAFS_CACHE_DIR", str(tmp_path / "cache"))
+    p = tmp_path / name
+    shutil.copyfile(FIXTURES_DIR / name, p)
+    Archive.open(p).close()
+    side = str(p) + sidecar.SUFFIX
+    assert os.path.isfile(side)
+    return p, side
+
+
+def test_forged_offset_map_with_valid_checksum_is_refused(tmp_path, monkeypatch, caplog):
+    """A well-formed side index whose offsets point outside the extents is not used."""
+    p, side = _indexed_copy(tmp_path, monkeypatch)
+    meta, arrays = sidecar.loads(open(side, "rb").read())
+    state = {k[6:]: v for k, v in arrays.items() if k.startswith("state/")}
+    for k in meta["state_bytes_keys"]:
+        state[k] = state[k].tobytes()
+    index = {k[6:]: v.copy() for k, v in arrays.items() if k.startswith("index/")}
+    index["offsets_1"][index["offsets_1"] != 0] += np.uint64(1 << 40)
+    forged = sidecar.dumps(
+        meta["identity"], meta["source"], arrays["header"].tobytes(), state, index
+    )
+    with open(side, "wb") as f:
+        f.write(forged)
+    src = open_source(p)
+    try:
+        with caplog.at_level("WARNING", logger="vmafs.sidecar"):
+            assert sidecar.find(src) is None
+    finally:
+        src.close()
+    assert "points outside the extents" in caplog.text
+
+
+def test_side_index_of_a_stranger_is_ignored(tmp_path, monkeypatch, caplog):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the file to another user")
+    p, side = _indexed_copy(tmp_path, monkeypatch)
+    os.chown(side, 54321, 54321)
+    src = open_source(p)
+    try:
+        with caplog.at_level("WARNING", logger="vmafs.sidecar"):
+            assert sidecar.find(src) is None
+        assert "owned by uid 54321" in caplog.text
+        os.chown(p, 54321, 54321)  # ... unless the archive is that user's too
+        assert sidecar.find(src) is not None
+    finally:
+        src.close()

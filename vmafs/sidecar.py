@@ -9,7 +9,8 @@ writable, else ``<cache>/<sha256 of the absolute path>.vmafs-index`` where
 ``<cache>`` is ``$VMAFS_CACHE_DIR``, else ``$XDG_CACHE_HOME/vmafs``, else
 ``~/.cache/vmafs``.  Loading looks in both places.
 
-The file is never trusted: it is used only if its own SHA-256 matches, its
+The file is never trusted: it is used only if it belongs to the archive's
+owner, root or the current user, its own SHA-256 matches, its
 format version is this one, it was made by the same kind of source, and the
 archive still has the size, mtime (ns) and SHA-256 of its first and last
 64 KiB that it had when the index was made; after the source adopts the
@@ -52,7 +53,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .errors import IndexCacheError, VmaError
-from .format import Header
+from .format import BLOCK_SIZE, Header
 from .index import ArchiveIndex
 
 log = logging.getLogger(__name__)
@@ -301,11 +302,24 @@ def find(
     for path in candidate_paths(source.path, directory, beside):
         try:
             with open(path, "rb") as f:
+                owner = os.fstat(f.fileno()).st_uid
                 blob = f.read()
         except FileNotFoundError:
             continue
         except OSError as e:
             log.warning("%s: side index %s unreadable: %s", source.path, path, e.strerror)
+            continue
+        trusted = {0, os.geteuid(), _owner(source)}
+        if owner not in trusted:
+            # Whoever can write it decides what the mount shows: only the
+            # archive's owner, root or the current user may have made it.
+            log.warning(
+                "%s: side index %s not used: owned by uid %d, not by the archive's owner, "
+                "root or this user",
+                source.path,
+                path,
+                owner,
+            )
             continue
         try:
             return (path, *_adopt(source, blob, allow_incomplete))
@@ -352,7 +366,29 @@ def _adopt(source, blob: bytes, allow_incomplete: bool):
         raise IndexCacheError(f"saved offset map does not fit the header: {e}") from e
     if index.end > (source.size or 0):
         raise IndexCacheError("saved offset map reaches past the stream")
+    _check_offsets(index, header)
     if not index.complete and not allow_incomplete:
         # A fresh scan reports the incompleteness with the proper error.
         raise IndexCacheError("saved index is of an incomplete archive")
     return header, index
+
+
+def _owner(source) -> int:
+    try:
+        if hasattr(source, "fileno"):
+            return os.fstat(source.fileno()).st_uid
+        return os.stat(source.path).st_uid
+    except OSError:
+        return -1
+
+
+def _check_offsets(index: ArchiveIndex, header: Header) -> None:
+    """Every stored cluster's data must lie between the header and the last extent's end."""
+    for dev_id, dm in index.maps.items():
+        present = dm.offsets != 0
+        if not present.any():
+            continue
+        offs = dm.offsets[present]
+        ends = offs + np.bitwise_count(dm.masks[present]).astype(np.uint64) * np.uint64(BLOCK_SIZE)
+        if int(offs.min()) < header.header_size or int(ends.max()) > index.end:
+            raise IndexCacheError(f"saved offset map of dev {dev_id} points outside the extents")

@@ -118,7 +118,12 @@ class GzipSource:
                 child.wait()
             raise
         z = self._finish_child(child) if child is not None else None
-        self._zran = z if z is not None else self._build_points(progress, 2 * csize)
+        if z is None:
+            z = self._build_points(progress, 2 * csize)
+        with self._lock:
+            old, self._zran = self._zran, z  # a rescan replaces loaded checkpoints
+        if old is not None:
+            old.close()
         if progress is not None:
             progress(total, total)
 
