@@ -156,7 +156,7 @@ def test_same_devname_twice_and_existing_target(require_qemu, tmp_path):
     assert archive_disks(out) == {"d": (1 * MiB, file_sha256(raw))}
 
 
-def _start_slow_create(tmp_path: Path):
+def _start_slow_create(tmp_path: Path, **popen):
     img = random_raw(tmp_path / "slow.raw", 16 * MiB, seed=16)
     outdir = tmp_path / "out"
     outdir.mkdir()
@@ -165,6 +165,7 @@ def _start_slow_create(tmp_path: Path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        **popen,
     )
     deadline = time.monotonic() + TIMEOUT
     # running: the temp file exists and the daemon has the image open
@@ -184,6 +185,18 @@ def test_sigterm_stops_the_daemon_and_removes_the_temp(require_qemu, tmp_path):
     assert "interrupted by SIGTERM" in one_line_error(err)
     assert leftovers(outdir) == []
     assert holders(img) == []
+
+
+def test_ctrl_c_on_the_process_group_is_a_clean_abort(require_qemu, tmp_path):
+    """A terminal's Ctrl-C signals the whole foreground group; the daemon must not
+    die first (it has its own session), so vmafs cancels cleanly and says why."""
+    proc, img, outdir = _start_slow_create(tmp_path, start_new_session=True)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 130, err
+    assert "interrupted by SIGINT" in one_line_error(err)
+    assert leftovers(outdir) == []
+    assert wait_no_holders(img) == []
 
 
 def test_killed_writer_takes_its_daemon_along(require_qemu, tmp_path):

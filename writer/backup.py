@@ -29,6 +29,7 @@ instead of failing guest writes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -51,6 +52,7 @@ __all__ = [
     "BackupInterrupted",
     "BackupResult",
     "DriveSpec",
+    "SignalGuard",
     "SourceDisk",
     "backup",
     "default_devname",
@@ -201,6 +203,50 @@ class BackupInterrupted(BackupError):
         self.signum = signum
 
 
+class SignalGuard:
+    """SIGINT/SIGTERM for a whole command: ``await SignalGuard().run(fn, ...)``.
+
+    While :func:`backup` runs (given this guard) a signal aborts the backup
+    cleanly: jobs cancelled, nodes deleted, temp file removed, then
+    :class:`BackupInterrupted`.  Before or after that phase (connecting,
+    starting a daemon, stopping it) a signal cancels *fn*, whose ``async with``
+    blocks clean up, and ``run`` raises :class:`BackupInterrupted` - unless
+    *fn* had already returned (the archive is committed: success stands).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.delegate: Callable[[int], None] | None = None
+        self._scope: trio.CancelScope | None = None
+
+    async def run(self, fn, *args, **kwargs):
+        error: Exception | None = None
+        result = None
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as self._scope:
+                nursery.start_soon(self._watch)
+                try:
+                    result = await fn(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001 - re-raised below, outside the nursery
+                    error = e
+            nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        if result is None and self.signum is not None:
+            name = signal.Signals(self.signum).name
+            raise BackupInterrupted(f"interrupted by {name}; backup cancelled", self.signum)
+        return result
+
+    async def _watch(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if self.delegate is not None:
+                    self.delegate(signum)
+                elif self.signum is None:
+                    self.signum = signum
+                    self._scope.cancel()
+
+
 @dataclass
 class _Abort:
     """The first cause of failure wins; recording it cancels the running phase."""
@@ -276,15 +322,16 @@ async def backup(
     speed: int = 0,
     progress: ProgressFn | None = None,
     socket_dir: str | None = None,
-    handle_signals: bool = True,
+    signals: SignalGuard | None = None,
 ) -> BackupResult:
     """Back up *disks* of the QEMU behind *qmp* into *output*; see the module docs.
 
     Owns *output*: commits it on success, aborts it (temp file removed) on
     any failure.  ``speed`` is QEMU's per-job rate limit in bytes/s (0 = none).
-    ``progress(done, total)`` is called about twice a second.  With
-    ``handle_signals`` SIGINT and SIGTERM abort the backup cleanly (cancel
-    jobs, delete nodes, remove the temp file) instead of killing the process.
+    ``progress(done, total)`` is called about twice a second.  With a
+    :class:`SignalGuard`, SIGINT and SIGTERM abort the backup cleanly (cancel
+    jobs, delete nodes, remove the temp file, :class:`BackupInterrupted`);
+    without one they behave as trio's default (KeyboardInterrupt).
     """
     started = time.monotonic()
     abort = _Abort()
@@ -294,9 +341,9 @@ async def backup(
     sock_path = os.path.join(sock_dir, "nbd.sock")
     error: Exception | None = None
     try:
+        if signals is not None:
+            signals.delegate = functools.partial(_on_signal, abort)
         async with trio.open_nursery() as watchers:
-            if handle_signals:
-                watchers.start_soon(_watch_signals, abort)
             watchers.start_soon(_watch_lost, qmp, abort)
             try:
                 await _backup_in(
@@ -320,20 +367,20 @@ async def backup(
         output.abort()
         raise
     finally:
+        if signals is not None:
+            signals.delegate = None
         shutil.rmtree(sock_dir, ignore_errors=True)
     result.seconds = time.monotonic() - started
     return result
 
 
-async def _watch_signals(abort: _Abort) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if abort.cause is None and not abort.closed:
-                abort.signum = signum
-                abort(f"interrupted by {name}; backup cancelled")
-            else:
-                log.info("%s while already aborting; still cleaning up", name)
+def _on_signal(abort: _Abort, signum: int) -> None:
+    name = signal.Signals(signum).name
+    if abort.cause is None and not abort.closed:
+        abort.signum = signum
+        abort(f"interrupted by {name}; backup cancelled")
+    else:
+        log.info("%s while already aborting or committed; ignored", name)
 
 
 async def _watch_lost(qmp: QmpConnection, abort: _Abort) -> None:
@@ -474,7 +521,9 @@ async def _poll_progress(qmp, by_job, ended, total: int, progress: ProgressFn) -
 async def _delete_targets(qmp, targets: Sequence[str], *, strict: bool) -> list[str]:
     """blockdev-del each target node that exists; returns the ones that would not go."""
     try:
-        present = {n["node-name"] for n in await qmp.execute("query-named-block-nodes")}
+        present = {
+            n["node-name"] for n in await qmp.execute("query-named-block-nodes", {"flat": True})
+        }
     except QemuError:
         if strict:
             raise

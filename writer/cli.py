@@ -17,6 +17,7 @@ from .backup import (
     BackupInterrupted,
     BackupResult,
     DriveSpec,
+    SignalGuard,
     backup,
     parse_drive_spec,
     resolve_disks,
@@ -247,11 +248,14 @@ def run_backup(args: argparse.Namespace) -> int:
             except BaseException:
                 output.abort()
                 raise
-            return await backup(qmp, disks, output, configs, speed=args.speed, progress=bar)
+            return await backup(
+                qmp, disks, output, configs, speed=args.speed, progress=bar, signals=guard
+            )
 
+    guard = SignalGuard()
     try:
         with bar:
-            result = trio.run(main)
+            result = trio.run(guard.run, main)
     except BackupInterrupted as e:
         return _interrupted(e)
     if args.verbose:
@@ -264,11 +268,19 @@ def run_create(args: argparse.Namespace) -> int:
     configs = read_configs(args.config)
     output = _open_output(args.archive, args.force)
     bar = Progress("create", enabled=want_progress(args.progress))
+    guard = SignalGuard()
     try:
         with bar:
             result = trio.run(
                 functools.partial(
-                    create, output, args.images, configs, speed=args.speed, progress=bar
+                    guard.run,
+                    create,
+                    output,
+                    args.images,
+                    configs,
+                    speed=args.speed,
+                    progress=bar,
+                    signals=guard,
                 )
             )
     except BackupInterrupted as e:

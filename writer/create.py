@@ -31,7 +31,7 @@ import trio
 
 from vmafs.errors import BackupError
 
-from .backup import BackupResult, DriveSpec, ProgressFn, backup, resolve_disks
+from .backup import BackupResult, DriveSpec, ProgressFn, SignalGuard, backup, resolve_disks
 from .packer import ArchiveOutput
 from .qmp import QmpConnection
 
@@ -134,6 +134,9 @@ class StorageDaemon:
                 stdout=subprocess.DEVNULL,
                 stderr=self._stderr,
                 preexec_fn=_pdeathsig,
+                # its own session: a terminal's Ctrl-C goes to vmafs only, which
+                # then cancels the jobs cleanly before it stops the daemon
+                start_new_session=True,
             )
             theirs.close()
             try:
@@ -200,7 +203,7 @@ async def create(
     *,
     speed: int = 0,
     progress: ProgressFn | None = None,
-    handle_signals: bool = True,
+    signals: SignalGuard | None = None,
 ) -> BackupResult:
     """Write *images* into *output* (which this owns: committed or aborted)."""
     try:
@@ -238,7 +241,7 @@ async def create(
                 configs,
                 speed=speed,
                 progress=progress,
-                handle_signals=handle_signals,
+                signals=signals,
             )
     except BaseException:
         output.abort()
