@@ -519,3 +519,18 @@ def test_checksum_of_scanned_output_matches():
     src.scan(lambda off, chunk: h.update(chunk))
     assert h.hexdigest() == want
     src.close()
+
+
+def test_file_truncated_under_an_open_source(tmp_path):
+    data = mixed_data(12 << 20, seed=12)
+    path = tmp_path / "one.zst"
+    path.write_bytes(zstandard.ZstdCompressor(level=3).compress(data))
+    src = ZstdSource(str(path), spacing=0.0, index_budget=100.0, cache_bytes=1 << 20)
+    scan_all(src)
+    assert src.checkpoints >= 1
+    full = path.read_bytes()
+    with open(path, "r+b") as f:
+        f.truncate(len(full) // 2)
+    with pytest.raises(CorruptStreamError, match="truncated"):
+        run_with_timeout(lambda: src.pread(len(data) - 5000, 4096))
+    src.close()
