@@ -303,3 +303,29 @@ def test_signal_removes_partial_files(tmp_path, sig, status):
     assert proc.returncode == status, proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_vmafactory_hostile_names(tmp_path):
+    # The shared table of names a filesystem must not follow (tests/vmafactory.py).
+    from vmafactory import HOSTILE_CONFIG_NAMES, hostile_names_archive
+
+    b = hostile_names_archive()
+    path = b.write(tmp_path / "names.vma")
+    (tmp_path / "work").mkdir()
+    out = tmp_path / "work" / "out"
+    before = sorted(tmp_path.rglob("*"))
+    proc = run_cli("extract", path, out)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p for p in tmp_path.rglob("*") if not p.is_relative_to(out)) == before
+    files = os.listdir(out)
+    # every config is there (under its own or a safe name), plus the disk
+    assert len(files) == len(HOSTILE_CONFIG_NAMES) + 1
+    got = sorted((out / f).read_bytes() for f in files if f != "disk-drive-scsi0.raw")
+    assert got == sorted(f"config {i}\n".encode() for i in range(len(HOSTILE_CONFIG_NAMES)))
+    for f in files:
+        assert f.isprintable() and "/" not in f and f not in ("", ".", "..")
+        assert stat.S_ISREG(os.lstat(out / f).st_mode)
+    assert (out / "disk-drive-scsi0.raw").read_bytes() == b.disks[1]
+    # verify names them (Proxmox never writes such names)
+    line = assert_one_line_error(run_cli("verify", path))
+    assert "is not a safe file name" in line

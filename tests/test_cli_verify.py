@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+import shutil
 import struct
 
 import pytest
-from conftest import fixture_archives
+from conftest import FIXTURES_DIR, fixture_archives
 from test_cli_support import (
     BLOCK_SIZE,
     CLUSTER_SIZE,
@@ -19,6 +20,7 @@ from test_cli_support import (
     rewrite_header_md5,
     run_cli,
 )
+from vmafactory import hostile_base, hostile_cases
 
 # Two disks, several extents (slots=4 -> 4 clusters per extent), partial-zero clusters.
 DISKS = {
@@ -257,12 +259,12 @@ def test_damage_also_refused_by_extract(tmp_path, damage):
     assert not target.exists()  # validated before anything is written
 
 
-def test_verify_ignores_a_sidecar(tmp_path):
-    # verify reads the archive itself: nothing beside it can make damage pass.
-    b = _good(tmp_path)
-    _truncate(b.path, b.extent_offsets[-2])
-    assert run_cli("verify", b.path).returncode == 1
-    assert run_cli("verify", b.path).returncode == 1
+def test_verify_leaves_no_side_index(tmp_path):
+    # verify reads the archive itself and neither trusts nor writes a side index.
+    path = tmp_path / "two-disks.vma.zst"
+    shutil.copyfile(FIXTURES_DIR / "two-disks.vma.zst", path)
+    assert run_cli("verify", path).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two-disks.vma.zst"]
 
 
 def test_uuid_is_in_every_extent(tmp_path):
@@ -271,3 +273,34 @@ def test_uuid_is_in_every_extent(tmp_path):
     data = b.path.read_bytes()
     for off in b.extent_offsets:
         assert data[off + 8 : off + 24] == UUID
+
+
+# --- the shared corruption table (tests/vmafactory.py), in-process for speed --------------
+
+_HOSTILE = hostile_cases()
+
+
+@pytest.mark.parametrize("case", _HOSTILE, ids=[c.name for c in _HOSTILE])
+def test_vmafactory_damage_is_named(case, tmp_path, capsys):
+    from vmafs.cli import main
+
+    path = case.write(tmp_path / "d.vma")
+    assert main(["verify", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"vmafs: error: {path}: verify failed: ")
+    line = lines[0]
+    # SourceError subclasses (bad magic) are raised before any VMA parsing.
+    assert line.endswith(f"[{case.error.__name__}]"), line
+    for piece in case.location():
+        assert piece in line, (piece, line)
+    if case.match:
+        assert case.match in line, line
+
+
+def test_vmafactory_base_is_valid(tmp_path):
+    path = hostile_base().write(tmp_path / "base.vma")
+    proc = run_cli("verify", "-v", "--data", path)
+    assert proc.returncode == 0, proc.stderr
+    assert "VMSTATE: dev_id=3 " in proc.stdout
