@@ -209,6 +209,25 @@ def test_gzip_pread_with_dense_seek_points_from_threads(tmp_path):
         src.scan(lambda off, c: chunks.append(bytes(c)))
         assert b"".join(chunks) == ref and src.size == len(ref)
         _random_preads(src, ref)
+        # Sequential 128 KiB reads (what FUSE sends) inflate each span once.
+        calls = []
+        real = src._zran
+
+        class Counting:
+            def pread(self, n, off):
+                calls.append((off, n))
+                return real.pread(n, off)
+
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+        src._zran = Counting()
+        src._cache.clear()
+        got = b"".join(src.pread(off, 128 << 10) for off in range(0, len(ref), 128 << 10))
+        assert got == ref
+        assert len(calls) == len(src._bounds) - 1
+        assert sum(n for _, n in calls) == len(ref)
+        src._zran = real
         # The saved checkpoints work in a fresh source.
         state = src.checkpoint_state()
     finally:

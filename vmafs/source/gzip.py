@@ -28,12 +28,14 @@ index (:mod:`vmafs.sidecar`) through :meth:`checkpoint_state`.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import subprocess
 import sys
 import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -51,7 +53,9 @@ GZIP_MAGIC = b"\x1f\x8b"
 DEFAULT_SPACING = 2 << 20
 _READ = 1 << 20  # compressed bytes per read in the scan
 _OUT_MAX = 4 << 20  # uncompressed bytes per inflate call (bounds memory on zeros)
-_BUILD_STEP = 64 << 20  # seek-point building advances this far between progress calls
+_BUILD_STEP = 64 << 20  # in-process seek-point building reports progress this often
+_CACHE_UNITS = 8  # inflated spans kept for neighbouring reads (~2 MiB each)
+_MAX_UNIT = 8 << 20  # longest span inflated as one unit
 
 #: Files at least this large build their seek points in a helper process
 #: while the scan inflates (smaller ones: not worth a process start).
@@ -93,6 +97,8 @@ class GzipSource:
             raise SourceError(f"cannot open {path}: {e.strerror}") from e
         self.compressed_size = os.fstat(self._file.fileno()).st_size
         self._zran: _IndexedGzipFile | None = None
+        self._bounds = np.zeros(1, dtype=np.int64)  # read units: spans between seek points
+        self._cache: OrderedDict[int, bytes] = OrderedDict()  # unit start -> its bytes
         self._lock = threading.Lock()
 
     def fileno(self) -> int:
@@ -120,10 +126,7 @@ class GzipSource:
         z = self._finish_child(child) if child is not None else None
         if z is None:
             z = self._build_points(progress, 2 * csize)
-        with self._lock:
-            old, self._zran = self._zran, z  # a rescan replaces loaded checkpoints
-        if old is not None:
-            old.close()
+        self._set_zran(z)  # a rescan replaces loaded checkpoints
         if progress is not None:
             progress(total, total)
 
@@ -232,44 +235,81 @@ class GzipSource:
         except Exception as e:
             z.close()
             raise IndexCacheError(f"gzip seek points do not load: {e}") from e
-        with self._lock:
-            if self._zran is not None:
-                self._zran.close()
-            self._zran, self.size, self.spacing = z, size, spacing
+        self.size, self.spacing = size, spacing
+        self._set_zran(z)
 
     # -- reading --
 
     def pread(self, offset: int, size: int) -> bytes:
-        """Bytes [offset, offset+size) of the uncompressed stream; short only at its end."""
+        """Bytes [offset, offset+size) of the uncompressed stream; short only at its end.
+
+        Works in *units*, the spans between consecutive seek points: a unit is
+        inflated whole (zran starts there anyway) and the last few are cached,
+        so sequential small reads (FUSE asks 128 KiB at a time) inflate each
+        byte once instead of re-inflating from the seek point every time.
+        """
         if self._zran is None:
             raise SourceError(f"{self.path}: gzip source read before its scan")
-        size = max(0, min(size, self.size - offset))
-        if size <= 0:
+        end = min(offset + size, self.size)
+        if offset >= end:
             return b""
+        parts = []
+        pos = offset
+        while pos < end:
+            ustart, data = self._unit(pos)
+            parts.append(data[pos - ustart : end - ustart])
+            pos = ustart + len(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _unit(self, pos: int) -> tuple[int, bytes]:
+        bounds = self._bounds
+        i = int(np.searchsorted(bounds, pos, side="right")) - 1
+        ustart, uend = int(bounds[i]), int(bounds[i + 1])
         with self._lock:
+            data = self._cache.get(ustart)
+            if data is not None:
+                self._cache.move_to_end(ustart)
+                return ustart, data
             try:
-                data = self._zran.pread(size, offset)
-                while len(data) < size:
-                    more = self._zran.pread(size - len(data), offset + len(data))
+                data = self._zran.pread(uend - ustart, ustart)
+                while len(data) < uend - ustart:
+                    more = self._zran.pread(uend - ustart - len(data), ustart + len(data))
                     if not more:
                         break
                     data += more
             except Exception as e:
                 raise CorruptStreamError(
-                    f"{self.path}: gzip read of {size} bytes at stream offset {offset} failed: {e}"
+                    f"{self.path}: gzip read at stream offset {ustart} failed: {e}",
+                    offset=ustart,
                 ) from e
-        if len(data) < size:
-            raise CorruptStreamError(
-                f"{self.path}: gzip stream ended at stream offset {offset + len(data)}, "
-                f"before its scanned length {self.size}; did the file change?"
-            )
-        return data
+            if len(data) < uend - ustart:
+                raise CorruptStreamError(
+                    f"{self.path}: gzip stream ended before its scanned length {self.size}; "
+                    "did the file change?",
+                    offset=ustart + len(data),
+                )
+            self._cache[ustart] = data
+            while len(self._cache) > _CACHE_UNITS:
+                self._cache.popitem(last=False)
+        return ustart, data
+
+    def _set_zran(self, z: _IndexedGzipFile | None) -> None:
+        """Adopt zran handle *z* (closing the previous one) and derive the read units."""
+        with self._lock:
+            old, self._zran = self._zran, z
+            self._cache.clear()
+            if z is not None:
+                pts = {0, self.size} | {int(u) for u, _ in z.seek_points() if u < self.size}
+                bounds = []
+                for a, b in itertools.pairwise(sorted(pts)):
+                    bounds.extend(range(a, b, _MAX_UNIT))  # split an unusually long span
+                bounds.append(self.size)
+                self._bounds = np.array(bounds, dtype=np.int64)
+        if old is not None and old is not z:
+            old.close()
 
     def close(self) -> None:
-        with self._lock:
-            if self._zran is not None:
-                self._zran.close()
-                self._zran = None
+        self._set_zran(None)
         self._file.close()
 
 
