@@ -238,12 +238,29 @@ def test_good_archive_passes(tmp_path):
 
 
 @pytest.mark.parametrize("damage", CORRUPTIONS, ids=lambda f: f.__name__)
-def test_damage_is_named(tmp_path, damage):
+def test_damage_is_named(tmp_path, damage, capsys):
+    # In-process (vmafs.cli.main) for speed; the subprocess contract is covered
+    # by test_damage_in_a_subprocess and test_damage_also_refused_by_extract.
+    from vmafs.cli import main
+
     path, error_class, pattern = damage(tmp_path)
-    line = assert_one_line_error(run_cli("verify", path))
+    assert main(["verify", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1, captured.err
+    line = captured.err.rstrip("\n")
     assert line.startswith(f"vmafs: error: {path}: verify failed: ")
     assert line.endswith(f"[{error_class}]"), line
     assert re.search(pattern, line), line
+
+
+@pytest.mark.parametrize(
+    "damage", [header_bitflip, truncated_inside_extent], ids=lambda f: f.__name__
+)
+def test_damage_in_a_subprocess(tmp_path, damage):
+    path, error_class, pattern = damage(tmp_path)
+    line = assert_one_line_error(run_cli("verify", path))
+    assert line.endswith(f"[{error_class}]") and re.search(pattern, line), line
 
 
 @pytest.mark.parametrize(
