@@ -329,3 +329,24 @@ def test_vmafactory_hostile_names(tmp_path):
     # verify names them (Proxmox never writes such names)
     line = assert_one_line_error(run_cli("verify", path))
     assert "is not a safe file name" in line
+
+
+def test_target_swapped_for_symlink_after_mkdir(tmp_path, monkeypatch):
+    # An attacker in a shared parent (/tmp) replaces the new DIR with a symlink
+    # right after mkdir: extract must not follow it.
+    from vmafs.commands import extract
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = tmp_path / "out"
+    real_mkdir = os.mkdir
+
+    def mkdir_then_swap(path, mode=0o777):
+        real_mkdir(path, mode)
+        os.rmdir(path)
+        os.symlink(elsewhere, path)
+
+    monkeypatch.setattr(extract.os, "mkdir", mkdir_then_swap)
+    with pytest.raises(extract.VmaError, match="replaced while opening"):
+        extract._open_target(str(target))
+    assert os.listdir(elsewhere) == []

@@ -28,10 +28,8 @@ read, in runs of up to 16 MiB through :meth:`Archive.readinto`.
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import signal
-import stat
 import sys
 from contextlib import contextmanager
 
@@ -123,24 +121,36 @@ def select_entries(entries: dict[str, names.Entry], drives: list[str] | None) ->
 
 
 def _open_target(path: str) -> tuple[int, bool]:
-    """Create DIR (or accept it when empty); return (O_DIRECTORY fd, created?)."""
+    """Create DIR (or accept it when empty); return (O_DIRECTORY fd, created?).
+
+    A directory this run created is opened with O_NOFOLLOW and must be owned
+    by us: in a shared parent such as /tmp, someone swapping it for a
+    symlink between mkdir and open cannot redirect the extraction.
+    """
     created = False
     try:
         os.mkdir(path, _DIR_MODE)
         created = True
     except FileExistsError:
         pass
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     try:
-        if not created:
-            st = os.fstat(fd)
-            if not stat.S_ISDIR(st.st_mode):  # pragma: no cover - O_DIRECTORY already refuses
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
-            if os.listdir(fd):
-                raise VmaError(
-                    f"target directory {path} is not empty (extract writes only into a new "
-                    "or empty directory and never overwrites files)"
-                )
+        fd = os.open(path, flags | (os.O_NOFOLLOW if created else 0))
+    except OSError as e:
+        if created:
+            raise VmaError(
+                f"target directory {path} was replaced while opening it ({e.strerror})"
+            ) from e
+        raise
+    try:
+        st = os.fstat(fd)
+        if created and st.st_uid != os.geteuid():
+            raise VmaError(f"target directory {path} was replaced while opening it")
+        if not created and os.listdir(fd):
+            raise VmaError(
+                f"target directory {path} is not empty (extract writes only into a new "
+                "or empty directory and never overwrites files)"
+            )
     except BaseException:
         os.close(fd)
         raise
@@ -243,6 +253,12 @@ class _Extraction:
 
     def finish(self) -> None:
         os.fsync(self.dir_fd)
+        if self.created_dir:  # make DIR's own entry durable too
+            parent = os.open(os.path.dirname(os.path.abspath(self.target)), os.O_RDONLY)
+            try:
+                os.fsync(parent)
+            finally:
+                os.close(parent)
 
     def undo(self) -> None:
         """Remove what this run created; never raises (the original error matters)."""
