@@ -305,6 +305,7 @@ class GzipSource:
                     bounds.extend(range(a, b, _MAX_UNIT))  # split an unusually long span
                 bounds.append(self.size)
                 self._bounds = np.array(bounds, dtype=np.int64)
+            self.needs_scan = z is None  # as zstd: False once reads can be served
         if old is not None and old is not z:
             old.close()
 

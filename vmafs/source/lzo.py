@@ -256,6 +256,7 @@ class LzoSource:
             self._starts = table["uoff"]
             self._cache.clear()
             self.size = size
+            self.needs_scan = False  # as zstd: False once reads can be served
 
     # -- persistence (vmafs.sidecar) --
 
