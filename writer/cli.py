@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import sys
@@ -233,10 +232,13 @@ def _interrupted(e: BackupInterrupted) -> int:
 def run_backup(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     configs = read_configs(args.config)
-    output = _open_output(args.output, args.force)
     bar = Progress("backup", enabled=want_progress(args.progress))
+    guard = SignalGuard()
 
     async def main() -> BackupResult:
+        # The temp file is made inside the guarded run, so a signal at any
+        # point after it exists removes it again.
+        output = _open_output(args.output, args.force)
         try:
             qmp = await QmpConnection.open(parse_address(args.qmp))
         except BaseException:
@@ -252,39 +254,30 @@ def run_backup(args: argparse.Namespace) -> int:
                 qmp, disks, output, configs, speed=args.speed, progress=bar, signals=guard
             )
 
-    guard = SignalGuard()
-    try:
-        with bar:
-            result = trio.run(guard.run, main)
-    except BackupInterrupted as e:
-        return _interrupted(e)
-    if args.verbose:
-        sys.stderr.write(_summary(result, args.output) + "\n")
-    return 0
+    return _run(guard, main, bar, args.verbose, args.output)
 
 
 def run_create(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     configs = read_configs(args.config)
-    output = _open_output(args.archive, args.force)
     bar = Progress("create", enabled=want_progress(args.progress))
     guard = SignalGuard()
+
+    async def main() -> BackupResult:
+        output = _open_output(args.archive, args.force)
+        return await create(
+            output, args.images, configs, speed=args.speed, progress=bar, signals=guard
+        )
+
+    return _run(guard, main, bar, args.verbose, args.archive)
+
+
+def _run(guard: SignalGuard, main, bar: Progress, verbose: bool, target: str) -> int:
     try:
         with bar:
-            result = trio.run(
-                functools.partial(
-                    guard.run,
-                    create,
-                    output,
-                    args.images,
-                    configs,
-                    speed=args.speed,
-                    progress=bar,
-                    signals=guard,
-                )
-            )
+            result = trio.run(guard.run, main)
     except BackupInterrupted as e:
         return _interrupted(e)
-    if args.verbose:
-        sys.stderr.write(_summary(result, args.archive) + "\n")
+    if verbose:
+        sys.stderr.write(_summary(result, target) + "\n")
     return 0
