@@ -42,6 +42,7 @@ MAX_CONFIG_SIZE = 65535
 MAX_DEVICES = 256
 MIN_DEV_ID = 1
 MAX_DEV_ID = 254  # 0 marks an empty extent slot, 255 is reserved
+MAX_DEVICE_SIZE = (1 << 32) * 65536  # cluster numbers are 32-bit: 256 TiB
 DEV_INFO_OFFSET = 4096
 DEV_INFO_SIZE = 32
 CONFIG_NAMES_OFFSET = 2044
@@ -197,6 +198,13 @@ class Header:
                 raise HeaderError("device has an empty name", offset=off, dev_id=dev_id)
             if size == 0:
                 raise HeaderError("device has size 0", offset=off + 8, dev_id=dev_id)
+            if size > MAX_DEVICE_SIZE:
+                raise HeaderError(
+                    f"device size {size} is beyond what 32-bit cluster numbers address "
+                    f"({MAX_DEVICE_SIZE} bytes)",
+                    offset=off + 8,
+                    dev_id=dev_id,
+                )
             devices[dev_id] = Device(dev_id, name, size)
         vmstates = [d for d in devices.values() if d.is_vmstate]
         if len(vmstates) > 1:
@@ -221,8 +229,8 @@ class Header:
         for dev_id, dev in sorted(self.devices.items()):
             if not MIN_DEV_ID <= dev_id <= MAX_DEV_ID or dev.dev_id != dev_id:
                 raise HeaderError("bad device id", dev_id=dev_id)
-            if dev.size <= 0:
-                raise HeaderError("device size must be positive", dev_id=dev_id)
+            if not 0 < dev.size <= MAX_DEVICE_SIZE:
+                raise HeaderError(f"device size must be in 1..{MAX_DEVICE_SIZE}", dev_id=dev_id)
             off = DEV_INFO_OFFSET + dev_id * DEV_INFO_SIZE
             struct.pack_into(">IIQ", fixed, off, blobs.add_string(dev.name), 0, dev.size)
         blob_buf = blobs.getvalue()

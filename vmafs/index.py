@@ -24,6 +24,7 @@ from .errors import (
     ClusterRangeError,
     DuplicateClusterError,
     ExtentError,
+    HeaderError,
     IncompleteArchiveError,
     TrailingDataError,
     TruncatedError,
@@ -33,6 +34,8 @@ from .errors import (
 from .format import (
     BLOCK_SIZE,
     BLOCKINFO_OFFSET,
+    DEV_INFO_OFFSET,
+    DEV_INFO_SIZE,
     EXTENT_HEADER_SIZE,
     HEADER_STRUCT_SIZE,
     SLOTS_PER_EXTENT,
@@ -119,14 +122,20 @@ class _IndexCore:
     def __init__(self, header: Header, allow_incomplete: bool) -> None:
         self.header = header
         self.allow_incomplete = allow_incomplete
-        self.maps = {
-            dev_id: DeviceMap(
-                dev,
-                np.zeros(dev.clusters, dtype=np.uint64),
-                np.zeros(dev.clusters, dtype=np.uint16),
-            )
-            for dev_id, dev in header.devices.items()
-        }
+        self.maps = {}
+        for dev_id, dev in header.devices.items():
+            try:
+                offsets = np.zeros(dev.clusters, dtype=np.uint64)
+                masks = np.zeros(dev.clusters, dtype=np.uint16)
+            except MemoryError:
+                # A 13 KiB header can declare 254 devices of 256 TiB each.
+                raise HeaderError(
+                    f"not enough memory to index device {dev.name!r} of {dev.size} bytes "
+                    f"({10 * dev.clusters} bytes of offset map)",
+                    offset=DEV_INFO_OFFSET + DEV_INFO_SIZE * dev_id + 8,
+                    dev_id=dev_id,
+                ) from None
+            self.maps[dev_id] = DeviceMap(dev, offsets, masks)
         self._nclusters = np.zeros(256, dtype=np.int64)
         self._known = np.zeros(256, dtype=bool)
         for dev_id, dev in header.devices.items():
