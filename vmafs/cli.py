@@ -76,11 +76,27 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keep the hand-wrapped descriptions and examples; show defaults where set."""
+class _Formatter(argparse.HelpFormatter):
+    """Re-wrap plain paragraphs to the terminal; keep indented blocks as written.
+
+    Descriptions and epilogs are split at blank lines.  A paragraph with an
+    indented line (examples, lists, sample output) is printed verbatim; any
+    other paragraph is filled to the width, so one-line descriptions and
+    hand-wrapped ones both come out right.
+    """
 
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=30)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out = []
+        for para in text.strip("\n").split("\n\n"):
+            lines = para.split("\n")
+            if any(line[:1].isspace() for line in lines):
+                out.append("\n".join(indent + line for line in lines))
+            else:
+                out.append(super()._fill_text(para, width, indent))
+        return "\n\n".join(out)
 
 
 def _requested_command(argv: Sequence[str]) -> str | None:
@@ -141,7 +157,8 @@ def build_parser(debug: bool = False, only: str | None = None) -> argparse.Argum
         register(subparsers)
     # --debug is also accepted after the command name ("vmafs list --debug X").
     for sub in subparsers.choices.values():
-        sub.formatter_class = _Formatter
+        if sub.formatter_class is argparse.HelpFormatter:  # not chosen by the command
+            sub.formatter_class = _Formatter
         try:
             sub.add_argument(
                 "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS

@@ -34,8 +34,10 @@ everything Proxmox's `vma verify` checks:
 
 and what `vma verify` misses: clusters never written (an interrupted
 backup, including one cut exactly at an extent boundary), an archive cut
-inside an extent, and bytes after the last extent.  Compressed archives
-are decompressed in full (a saved side index is not trusted here).
+inside an extent, bytes after the last extent, and config or device names
+that are not plain file names ('/', '..', control characters, clashes;
+Proxmox stores base names only).  Compressed archives are decompressed in
+full (a saved side index is not trusted here).
 
 With --data every stored block is also read back through the same path
 mount and extract use, which catches I/O errors and corrupt or truncated
