@@ -113,7 +113,7 @@ def test_qcow2_with_data_zero_and_unallocated_clusters(require_qemu, tmp_path):
     assert out.stat().st_size < size - 8 * MiB
 
 
-def test_two_drives_by_device_id_and_node_name(require_qemu, tmp_path):
+def test_two_drives_by_drive_id_and_node_name(require_qemu, tmp_path):
     """DRIVE=DEVNAME, a node name as DRIVE, and an odd size: one transaction."""
     a = random_raw(tmp_path / "a.raw", 4 * MiB + 4608, seed=2)
     b = random_raw(tmp_path / "b.raw", 540672, seed=3)
@@ -131,6 +131,32 @@ def test_two_drives_by_device_id_and_node_name(require_qemu, tmp_path):
     assert archive_disks(out) == {
         "drive-scsi0": (a.stat().st_size, file_sha256(a)),
         "drive-efidisk0": (b.stat().st_size, file_sha256(b)),
+    }
+
+
+def test_drives_by_guest_device_id(require_qemu, tmp_path):
+    """A paused PC with virtio disks: one on a named -drive, one on an anonymous
+    -blockdev (how libvirt and modern setups attach disks); both found by the
+    guest device's id, default devnames drive-<id>."""
+    a = random_raw(tmp_path / "a.raw", 2 * MiB, seed=20)
+    b = random_raw(tmp_path / "b.raw", 1 * MiB + 512, seed=21)
+    extra = (
+        "-S",
+        "-drive", f"if=none,id=drive-virtio0,file={a},format=raw",
+        "-device", "virtio-blk-pci,drive=drive-virtio0,id=virtio0",
+        "-blockdev",
+        f'{{"driver":"raw","node-name":"n1","file":{{"driver":"file","filename":"{b}"}}}}',
+        "-device", "virtio-blk-pci,drive=n1,id=virtio1",
+    )  # fmt: skip
+    out = tmp_path / "pc.vma"
+    with vm(require_qemu.qemu_system, tmp_path, {}, machine="pc", extra=extra) as machine:
+        rc, _, err = finish(
+            start_backup("--qmp", machine.qmp_path, "-o", out, "virtio0", "virtio1")
+        )
+        assert rc == 0, err
+    assert archive_disks(out) == {
+        "drive-virtio0": (2 * MiB, file_sha256(a)),
+        "drive-virtio1": (1 * MiB + 512, file_sha256(b)),
     }
 
 

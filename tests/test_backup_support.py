@@ -147,10 +147,18 @@ class Vm:
     ``vmafs backup --qmp``; ``vm.mon`` is the test's own QMP client.
     """
 
-    def __init__(self, qemu_system: str, tmp: Path, drives: dict[str, tuple[Path, str]]):
+    def __init__(
+        self,
+        qemu_system: str,
+        tmp: Path,
+        drives: dict[str, tuple[Path, str]],
+        *,
+        machine: str = "none",
+        extra: tuple[str, ...] = (),
+    ):
         self.qmp_path = tmp / "vm-vmafs.qmp"
         self.test_path = tmp / "vm-test.qmp"
-        argv = [qemu_system, "-machine", "none", "-nodefaults", "-display", "none"]
+        argv = [qemu_system, "-machine", machine, "-nodefaults", "-display", "none", *extra]
         for i, path in enumerate((self.qmp_path, self.test_path)):
             argv += ["-chardev", f"socket,id=qmp{i},path={path},server=on,wait=off"]
             argv += ["-mon", f"chardev=qmp{i},mode=control"]
@@ -243,8 +251,8 @@ class Vm:
 
 
 @contextlib.contextmanager
-def vm(qemu_system: str, tmp: Path, drives: dict[str, tuple[Path, str]]):
-    machine = Vm(qemu_system, tmp, drives)
+def vm(qemu_system: str, tmp: Path, drives: dict[str, tuple[Path, str]], **kw):
+    machine = Vm(qemu_system, tmp, drives, **kw)
     try:
         yield machine
     finally:
