@@ -18,9 +18,13 @@ The scan makes two passes over the compressed file:
    progress).  Building them while reading (``auto_build`` reads) costs the
    same: every read re-inflates from the last seek point.
 
-Both passes are plain inflate, so a scan costs about twice ``gzip -d``;
-see docs/compression.md for numbers.  The seek points are saved in the side
-index (:mod:`vmafs.sidecar`) through :meth:`checkpoint_state`.
+On a large file with a second CPU, pass 2 runs in a helper process at the
+same time as pass 1 (zran holds the GIL, so a thread could not overlap
+them); otherwise they run one after the other.  Python's zlib inflates
+faster than the ``gzip`` tool, so the two passes together cost about
+1.2x the CPU of ``gzip -d``; see docs/compression.md for numbers.  The
+seek points are saved in the side index (:mod:`vmafs.sidecar`) through
+:meth:`checkpoint_state`.
 
 .. _indexed_gzip: https://github.com/pauldmccarthy/indexed_gzip
 """
@@ -58,8 +62,10 @@ _CACHE_UNITS = 8  # inflated spans kept for neighbouring reads (~2 MiB each)
 _MAX_UNIT = 8 << 20  # longest span inflated as one unit
 
 #: Files at least this large build their seek points in a helper process
-#: while the scan inflates (smaller ones: not worth a process start).
+#: while the scan inflates (smaller ones: not worth a process start)...
 PARALLEL_MIN_SIZE = 32 << 20
+#: ... started once the scan has handed this many bytes on.
+_HELPER_AFTER = 16 << 20
 
 ProgressFn = Callable[[int, int], None]
 log = logging.getLogger(__name__)
@@ -114,16 +120,29 @@ class GzipSource:
         not overlap); if the child fails for any reason, they are built here.
         """
         csize = self.compressed_size
-        child = self._start_child()
-        total = csize if child is not None else 2 * csize
+        helper: list[subprocess.Popen] = []
+        parallel = csize >= PARALLEL_MIN_SIZE and (os.cpu_count() or 1) >= 2
+        total = csize if parallel else 2 * csize
+
+        def start_helper() -> None:
+            # Only once the caller has consumed a good part of the stream: a
+            # caller that stops after the VMA header (vmafs list) starts none.
+            if parallel and not helper:
+                child = self._start_child()
+                if child is not None:
+                    helper.append(child)
+
         try:
-            self.size = _inflate_all(self._file, csize, on_chunk, progress, total)
+            self.size = _inflate_all(
+                self._file, csize, on_chunk, progress, total, (_HELPER_AFTER, start_helper)
+            )
+            start_helper()
         except BaseException:
-            if child is not None:
+            for child in helper:
                 child.kill()
                 child.wait()
             raise
-        z = self._finish_child(child) if child is not None else None
+        z = self._finish_child(helper[0]) if helper else None
         if z is None:
             z = self._build_points(progress, 2 * csize)
         self._set_zran(z)  # a rescan replaces loaded checkpoints
@@ -131,8 +150,6 @@ class GzipSource:
             progress(total, total)
 
     def _start_child(self) -> subprocess.Popen | None:
-        if self.compressed_size < PARALLEL_MIN_SIZE or (os.cpu_count() or 1) < 2:
-            return None
         fd = self._file.fileno()
         try:
             return subprocess.Popen(
@@ -314,8 +331,13 @@ class GzipSource:
         self._file.close()
 
 
-def _inflate_all(file, csize: int, on_chunk, progress: ProgressFn | None, total: int) -> int:
+def _inflate_all(
+    file, csize: int, on_chunk, progress: ProgressFn | None, total: int, when=None
+) -> int:
     """Inflate every member of the gzip *file*; returns the uncompressed length.
+
+    *when*, if given, is ``(n, callback)``: callback() runs once, after n
+    uncompressed bytes have been handed to *on_chunk*.
 
     Raises CorruptStreamError (offset = compressed file offset) on bad data,
     a failed CRC/length check, truncation or trailing garbage.
@@ -350,6 +372,9 @@ def _inflate_all(file, csize: int, on_chunk, progress: ProgressFn | None, total:
                 if out:
                     on_chunk(out_pos, memoryview(out))
                     out_pos += len(out)
+                    if when is not None and out_pos >= when[0]:
+                        when[1]()
+                        when = None
                 if not d.unconsumed_tail:
                     break
                 out = d.decompress(d.unconsumed_tail, _OUT_MAX)
