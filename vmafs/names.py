@@ -96,7 +96,8 @@ def safe_entry_names(archive) -> dict[str, Entry]:
     slot order; the first comer keeps a name, later ones are renamed.
     Fallback names: ``disk-dev<dev_id>.raw``, ``vmstate-dev<dev_id>.bin``,
     ``config-<index><suffix>`` (suffix kept from the original name when it
-    is a short alphanumeric extension, else ``.conf``), each followed by
+    is a short alphanumeric extension other than ``.raw``/``.bin``, else
+    ``.conf``), each followed by
     ``~2``, ``~3``... if even that is taken.  Returned in that order.
     """
     header: Header = getattr(archive, "header", archive)
@@ -124,7 +125,8 @@ def safe_entry_names(archive) -> dict[str, Entry]:
     for i, cfg in enumerate(header.configs):
         bad = unsafe_reason(cfg.name)
         suffix = _SUFFIX.search(cfg.name)
-        fallback = f"config-{i}{suffix.group() if suffix else '.conf'}"
+        keep = suffix and suffix.group().lower() not in (".raw", ".bin")  # no fake disk names
+        fallback = f"config-{i}{suffix.group() if keep else '.conf'}"
         entry = Entry(cfg.name, "config", len(cfg.data), cfg.name, config_index=i, data=cfg.data)
         place(entry, fallback, bad)
     return entries

@@ -1,0 +1,286 @@
+"""Mount lifecycle: daemon readiness, signals, errors before detaching, umount, mount.vmafs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import is_mounted, loop_device, unmount, vmafs_cmd
+from test_mount_support import (
+    GUARD,
+    cleanup,
+    holders,
+    kill_holders,
+    mount_helper_cmd,
+    mounted,
+    run_vmafs,
+    run_vmafs_many,
+    sha256_file,
+    wait_until,
+)
+from vmafactory import hostile_cases
+
+pytestmark = pytest.mark.fuse
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Path:
+    path = tmp_path / "mnt"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def two_disks(fixtures_dir) -> Path:
+    return fixtures_dir / "two-disks.vma"
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, prog: str = "vmafs") -> str:
+    assert proc.stdout == ""
+    assert proc.stderr.startswith(f"{prog}: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    return proc.stderr
+
+
+def _mount_option_field(mnt: Path) -> tuple[str, str, str]:
+    """(per-mount options, source, super options) of *mnt* from mountinfo."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(mnt):
+                sep = fields.index("-")
+                return fields[5], fields[sep + 2], fields[sep + 3]
+    raise AssertionError(f"{mnt} not mounted")
+
+
+# --- daemon mode ----------------------------------------------------------------------------
+
+
+def test_daemon_returns_when_ready_and_umount(two_disks, mnt, require_fuse, manifest):
+    try:
+        proc = run_vmafs("mount", two_disks, mnt)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+        # Ready means ready: no waiting before the first access.
+        assert is_mounted(mnt)
+        assert sha256_file(mnt / "qemu-server.conf") == manifest(two_disks)["configs"][0]["sha256"]
+        (pid,) = holders(two_disks)
+        # Detached: its own session, not a child of the command that returned.
+        assert os.getsid(pid) != os.getsid(0)
+        proc = run_vmafs("umount", mnt)
+        assert (proc.returncode, proc.stderr) == (0, "")
+        assert not is_mounted(mnt)
+        wait_until(lambda: not holders(two_disks), 20, "the filesystem process to exit")
+        # Unmounted twice: a clear error.
+        assert "not mounted" in _one_line_error(run_vmafs("umount", mnt))
+    finally:
+        cleanup(two_disks, mnt)
+
+
+def test_fusermount_u_works_too(two_disks, mnt, require_fuse):
+    with mounted(two_disks, mnt):
+        (pid,) = holders(two_disks)
+        subprocess.run(["fusermount3", "-u", mnt], check=True, timeout=GUARD)
+        assert not is_mounted(mnt)
+        wait_until(lambda: not holders(two_disks), 20, "the filesystem process to exit")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_daemon(two_disks, mnt, sig, require_fuse):
+    with mounted(two_disks, mnt):
+        (pid,) = holders(two_disks)
+        os.kill(pid, sig)
+        wait_until(lambda: not is_mounted(mnt), 20, "the mount to go away")
+        wait_until(lambda: not holders(two_disks), 20, "the filesystem process to exit")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_foreground_signal_unmounts_cleanly(two_disks, mnt, sig, require_fuse):
+    proc = subprocess.Popen(
+        vmafs_cmd("mount", "-f", two_disks, mnt),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: is_mounted(mnt) or proc.poll() is not None, 30, "the mount")
+        assert proc.poll() is None
+        assert os.stat(mnt / "disk-drive-scsi1.raw").st_size == 3149824
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=GUARD)
+        assert proc.returncode == 0, err
+        assert not is_mounted(mnt)
+        assert "unmounting" in err and "unmounted" in err
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        cleanup(two_disks, mnt)
+
+
+# --- errors are reported before detaching ------------------------------------------------------
+
+
+def test_bad_archives_refused_before_detaching(mnt, tmp_path, require_fuse):
+    """The whole corruption table: one-line error, exit 1, nothing mounted or left running."""
+    cases = hostile_cases()
+    paths = [case.write(tmp_path / f"{case.name}.vma") for case in cases]
+    try:
+        results = run_vmafs_many([["mount", p, mnt] for p in paths])
+        for case, proc in zip(cases, results, strict=True):
+            assert proc.returncode == 1, (case.name, proc.stderr)
+            _one_line_error(proc)
+            if case.name == "missing-cluster":
+                assert "allow_incomplete" in proc.stderr
+        assert len(results) == len(cases) > 30
+        assert not is_mounted(mnt)
+        assert not any(holders(p) for p in paths)
+    finally:
+        unmount(mnt)
+        for p in paths:
+            kill_holders(p)
+
+
+def test_unusable_sources_and_mountpoints(two_disks, mnt, tmp_path, require_fuse):
+    not_vma = tmp_path / "notes.txt"
+    not_vma.write_text("hello\n" * 1000)
+    empty = tmp_path / "empty.vma"
+    empty.write_bytes(b"")
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    cases = [
+        (("mount", tmp_path / "missing.vma", mnt), 1, "missing.vma"),
+        (("mount", not_vma, mnt), 1, ""),
+        (("mount", empty, mnt), 1, ""),
+        (("mount", two_disks, tmp_path / "nodir"), 1, "nodir"),
+        (("mount", two_disks, afile), 1, "not a directory"),
+        (("mount", two_disks, mnt, "-o", "rw,bogus"), 2, "unknown mount option 'bogus'"),
+        (("mount", two_disks, mnt, "-o", "uid=nosuchuser-xyz"), 2, "no such user"),
+        (("umount", mnt), 1, "not mounted"),
+    ]
+    results = run_vmafs_many([argv for argv, _, _ in cases])
+    for (argv, status, text), proc in zip(cases, results, strict=True):
+        assert proc.returncode == status, (argv, proc.stderr)
+        assert text in _one_line_error(proc), argv
+    assert not is_mounted(mnt)
+
+
+def test_mountpoint_busy_refused(two_disks, mnt, fixtures_dir, require_fuse):
+    other = fixtures_dir / "unaligned.vma"
+    with mounted(two_disks, mnt):
+        proc = run_vmafs("mount", other, mnt)
+        assert proc.returncode == 1
+        assert "busy" in _one_line_error(proc)
+        assert not holders(other)
+        assert "disk-drive-scsi0.raw" in os.listdir(mnt)  # the first mount is untouched
+
+
+@pytest.mark.loop
+def test_umount_while_loop_device_attached(fixtures_dir, mnt, require_fuse, require_loop):
+    archive = fixtures_dir / "ext4-guest.vma"
+    with mounted(archive, mnt):
+        with loop_device(mnt / "disk-drive-virtio0.raw") as dev:
+            proc = run_vmafs("umount", mnt)
+            assert proc.returncode == 1
+            err = _one_line_error(proc)
+            assert "busy" in err and f"losetup -d {dev}" in err
+            assert is_mounted(mnt)
+            with open(dev, "rb") as f:  # still served
+                assert len(f.read(4096)) == 4096
+        proc = run_vmafs("umount", mnt)
+        assert proc.returncode == 0, proc.stderr
+
+
+# --- options ------------------------------------------------------------------------------
+
+
+def test_options_uid_gid_fsname_allow_other(two_disks, require_fuse):
+    # A world-traversable mount point, so another user's access is decided by
+    # the mount alone (tmp_path lives under a 0700 directory).
+    mnt = Path(tempfile.mkdtemp(prefix="vmafs-allow-other-"))
+    try:
+        os.chmod(mnt, 0o755)
+        opts = "allow_other,uid=65534,gid=65533,fsname=my-backup"
+        with mounted(two_disks, mnt, opts):
+            flags, source, super_opts = _mount_option_field(mnt)
+            assert flags.split(",")[0] == "ro"
+            assert source == "my-backup"
+            assert "allow_other" in super_opts and "default_permissions" in super_opts
+            st = os.stat(mnt / "qemu-server.conf")
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65533, 0o400)
+            conf = str(mnt / "qemu-server.conf")
+
+            def cat_as(uid: int) -> subprocess.CompletedProcess:
+                argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+                return subprocess.run(
+                    [*argv, "cat", conf], capture_output=True, timeout=GUARD, check=False
+                )
+
+            assert cat_as(65534).returncode == 0  # the owner given by uid=
+            denied = cat_as(12345)  # anyone else: mode 0400 enforced (default_permissions)
+            assert denied.returncode != 0 and b"Permission denied" in denied.stderr
+    finally:
+        cleanup(two_disks, mnt)
+        os.rmdir(mnt)
+
+
+def test_without_allow_other_only_the_owner_gets_in(two_disks, require_fuse):
+    mnt = Path(tempfile.mkdtemp(prefix="vmafs-private-"))
+    try:
+        os.chmod(mnt, 0o755)
+        with mounted(two_disks, mnt, "uid=65534"):
+            _, _, super_opts = _mount_option_field(mnt)
+            assert "allow_other" not in super_opts
+            proc = subprocess.run(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "ls", mnt],
+                capture_output=True,
+                timeout=GUARD,
+            )
+            assert proc.returncode != 0  # FUSE keeps other users out altogether
+    finally:
+        cleanup(two_disks, mnt)
+        os.rmdir(mnt)
+
+
+# --- mount.vmafs (mount(8) helper convention) ------------------------------------------------
+
+
+def test_mount_helper(two_disks, mnt, require_fuse, manifest):
+    generic = "rw,defaults,noauto,user,_netdev,nofail,x-systemd.automount,uid=4321"
+    try:
+        proc = subprocess.run(
+            mount_helper_cmd(two_disks, mnt, "-n", "-v", "-o", generic),
+            capture_output=True,
+            text=True,
+            timeout=GUARD,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert is_mounted(mnt)
+        flags, _, _ = _mount_option_field(mnt)
+        assert flags.split(",")[0] == "ro"  # rw from fstab does not make it writable
+        assert os.stat(mnt / "qemu-server.fw").st_uid == 4321
+        d = manifest(two_disks)["devices"][1]
+        assert sha256_file(mnt / f"disk-{d['name']}.raw") == d["sha256"]
+    finally:
+        cleanup(two_disks, mnt)
+
+    def helper(*args) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            mount_helper_cmd(*args), capture_output=True, text=True, timeout=GUARD
+        )
+
+    # -f (fake): everything checked, nothing mounted.
+    assert helper(two_disks, mnt, "-f").returncode == 0
+    assert not is_mounted(mnt)
+    # Unknown options: refused, or ignored with -s (sloppy).
+    proc = helper(two_disks, mnt, "-f", "-o", "frobnicate")
+    assert proc.returncode == 2 and "frobnicate" in _one_line_error(proc, "mount.vmafs")
+    assert helper(two_disks, mnt, "-f", "-s", "-o", "frobnicate").returncode == 0
+    # Errors: one line, non-zero, nothing mounted.
+    proc = helper(Path(mnt) / "nope.vma", mnt)
+    assert proc.returncode == 1 and "nope.vma" in _one_line_error(proc, "mount.vmafs")
+    assert not is_mounted(mnt)
