@@ -534,3 +534,26 @@ def test_file_truncated_under_an_open_source(tmp_path):
     with pytest.raises(CorruptStreamError, match="truncated"):
         run_with_timeout(lambda: src.pread(len(data) - 5000, 4096))
     src.close()
+
+
+@needs_zstd
+def test_benchmark_reports_the_targets():
+    from vmafs.source.zstd import benchmark
+
+    path = os.path.join(FIXTURES, "ext4-guest.vma.zst")
+    r = benchmark(path, reads=20)
+    assert r["size"] == os.path.getsize(os.path.join(FIXTURES, "ext4-guest.vma"))
+    assert r["needed_scan"] == 1 and r["frames"] == 1
+    for key in ("scan_ratio", "index_ratio", "read_p99_ms", "scan_cpu_ratio"):
+        assert r[key] >= 0
+
+
+@needs_zstd
+def test_single_frame_from_multithreaded_zstd(tmp_path, mixed32):
+    # vzdump runs zstd --threads=N: still one frame, blocks from several jobs
+    path = zstd_cli(tmp_path, "mt", mixed32, "--threads=2")
+    src = ZstdSource(path, spacing=0.0, index_budget=100.0, cache_bytes=2 << 20)
+    assert scan_all(src) == mixed32
+    assert src.frames == 1 and src.checkpoints >= 1, src.scan_stats
+    check_random_reads(src, mixed32, n=150)
+    src.close()

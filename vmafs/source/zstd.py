@@ -19,11 +19,11 @@ One class, :class:`ZstdSource`, serves every zstd layout by what it finds:
   qualifies cannot be read off its header (repeat offsets live inside the
   compressed sequences), so each candidate is **tested during the scan**: a
   worker thread decodes one window's worth of output from it and compares
-  that with the bytes the scan just produced.  The same test finds how much
-  of the window the following blocks really reference (zstd refuses an
-  offset before the start of the dictionary), so a checkpoint keeps only
-  that tail, compressed.  Candidates that fail are dropped; the next boundary
-  is tried.
+  that with the bytes the scan just produced.  The same test finds how little
+  of the window suffices (zstd refuses an offset before the start of the
+  dictionary; zeroed bytes that a match copies change the output), so a
+  checkpoint keeps a short tail with its unused incompressible parts zeroed,
+  compressed.  Candidates that fail are dropped; the next boundary is tried.
 
 Checkpoint spacing is driven by two budgets: decode CPU time between
 checkpoints (a read costs at most about that much) and the size of the
@@ -80,12 +80,12 @@ PAGE = 1 << 20
 #: Decode CPU seconds between checkpoints (a cold read costs about this much).
 DEFAULT_SPACING = 0.035
 #: Stored checkpoint windows, as a fraction of the compressed file size.
-DEFAULT_INDEX_BUDGET = 0.04
+DEFAULT_INDEX_BUDGET = 0.045
 #: No checkpoints in frames whose window is bigger (zstd --long=31): too costly to keep.
 MAX_CHECKPOINT_WINDOW = 64 << 20
 _MIN_CHECKPOINT_GAP = 1 << 20  # decompressed bytes, from the frame start or last checkpoint
-_CANDIDATE_GAP = 192 << 10  # between candidates tested in parallel
-_MAX_PENDING = 1
+_CANDIDATE_GAP = 192 << 10  # between candidates tested in parallel (if _MAX_PENDING > 1)
+_MAX_PENDING = 1  # candidates in flight: one, since most pass and each test costs CPU
 _TRIM_LADDER = (256 << 10, 1 << 20, 4 << 20, 16 << 20)
 _WINDOW_LEVEL = 1
 _SEGMENT = 64 << 10  # unit of window masking
@@ -423,16 +423,16 @@ class _Cursor:
 class ZstdSource:
     """A zstd-compressed VMA stream with random access (see the module docstring).
 
-    *spacing* (decode CPU seconds between checkpoints) and *index_budget*
-    (stored windows / compressed size) tune the scan; *cache_bytes* bounds
-    the decompressed-data cache.
+    *spacing* (decode CPU seconds between checkpoints; None: make none) and
+    *index_budget* (stored windows / compressed size) tune the scan;
+    *cache_bytes* bounds the decompressed-data cache.
     """
 
     def __init__(
         self,
         path: str,
         *,
-        spacing: float = DEFAULT_SPACING,
+        spacing: float | None = DEFAULT_SPACING,
         index_budget: float = DEFAULT_INDEX_BUDGET,
         cache_bytes: int = 64 << 20,
     ) -> None:
@@ -624,7 +624,7 @@ class ZstdSource:
                 and ct - last_ct >= self._spacing
                 and dec - last_dec >= _MIN_CHECKPOINT_GAP
                 and (not pending or dec - pending[-1].dec >= _CANDIDATE_GAP)
-                and st.cp_bytes + st.last_cost <= self._budget * bpos
+                and st.cp_bytes <= self._budget * bpos  # may overrun by one checkpoint
             ):
                 if btype == BLOCK_COMPRESSED and not _block_is_candidate(body):
                     st.stats["rejected_header"] += 1
