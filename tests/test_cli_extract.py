@@ -350,3 +350,31 @@ def test_target_swapped_for_symlink_after_mkdir(tmp_path, monkeypatch):
     with pytest.raises(extract.VmaError, match="replaced while opening"):
         extract._open_target(str(target))
     assert os.listdir(elsewhere) == []
+
+
+def test_allow_incomplete_extracts_what_is_there(tmp_path):
+    data = patterned_disk(6 * CLUSTER_SIZE, 4)  # clusters 1, 4 full; 2, 5 half
+    b = build(tmp_path / "a.vma", {"drive-scsi0": data}, skip={(1, 4), (1, 5)})
+    out = tmp_path / "out"
+    proc = run_cli("extract", "--allow-incomplete", b.path, out)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == (
+        "vmafs: warning: disk-drive-scsi0.raw: 2 of 6 clusters were never written; "
+        "extracted as zeros\n"
+    )
+    got = (out / "disk-drive-scsi0.raw").read_bytes()
+    assert got == data[: 4 * CLUSTER_SIZE] + bytes(2 * CLUSTER_SIZE)
+
+
+def test_allow_incomplete_archive_cut_inside_an_extent(tmp_path):
+    data = patterned_disk(8 * CLUSTER_SIZE, 6)
+    b = build(tmp_path / "a.vma", {"drive-scsi0": data}, slots=2)
+    with open(b.path, "r+b") as f:
+        f.truncate(b.extent_offsets[-1] + 700)  # the last extent (clusters 6, 7) is partial
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli("extract", b.path, out))
+    proc = run_cli("extract", "--allow-incomplete", b.path, out)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 of 8 clusters were never written" in proc.stderr
+    got = (out / "disk-drive-scsi0.raw").read_bytes()
+    assert got == data[: 6 * CLUSTER_SIZE] + bytes(2 * CLUSTER_SIZE)

@@ -8,7 +8,8 @@ config under its own name.
 Safety, in this order:
 
 1. The archive is opened (and so fully validated) before DIR is touched: a
-   damaged or incomplete archive leaves no trace.
+   damaged or incomplete archive leaves no trace.  ``--allow-incomplete``
+   accepts an interrupted backup; its missing clusters stay holes (zeros).
 2. DIR must not exist (it is created, mode 0700) or be an empty directory.
 3. Every file is created with ``O_CREAT|O_EXCL|O_NOFOLLOW`` relative to a
    file descriptor of DIR, under a name that :mod:`vmafs.names` vetted (no
@@ -51,7 +52,8 @@ Extract ARCHIVE into the directory DIR, as Proxmox's `vma extract` does:
   <config name>        each configuration file (qemu-server.conf, ...)
 
 The archive is checked completely before anything is written (as by
-`vmafs verify`); a damaged or incomplete archive is refused.
+`vmafs verify`); a damaged archive is refused, and so is an incomplete one
+(an interrupted backup) unless --allow-incomplete is given.
 
 DIR must not exist yet (it is created, mode 0700) or must be an empty
 directory.  Existing files are never overwritten.  Names stored in the
@@ -93,6 +95,12 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "-v", "--verbose", action="store_true", help="print each file written, on stdout"
+    )
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="extract an interrupted backup too: clusters never written are left as "
+        "zeros (holes), and a warning per device says how many",
     )
     add_progress_options(p)
     p.set_defaults(func=run)
@@ -295,11 +303,19 @@ def _sigterm_unwinds():
 
 def run(args: argparse.Namespace) -> int:
     show = want_progress(args.progress)
-    with open_archive(args.archive, args) as archive:
+    with open_archive(args.archive, args, allow_incomplete=args.allow_incomplete) as archive:
         entries = names.safe_entry_names(archive)
         plan = select_entries(entries, args.drives)
         for msg in names.rename_messages(plan):
             sys.stderr.write(f"vmafs: warning: {printable(msg)}\n")
+        for e in plan:
+            missing = archive.missing_clusters(e.dev_id) if e.kind != "config" else 0
+            if missing:
+                sys.stderr.write(
+                    f"vmafs: warning: {printable(e.name)}: {missing} of "
+                    f"{archive.device(e.dev_id).clusters} clusters were never written; "
+                    "extracted as zeros\n"
+                )
         total = sum(
             length
             for e in plan
