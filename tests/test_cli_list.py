@@ -121,3 +121,12 @@ def test_zero_disk_stores_nothing():
     archive = [p for p in fixture_archives(compressed=False) if p.name == "zero-disk.vma"][0]
     obj = json.loads(run_cli("list", "--json", archive).stdout)
     assert obj["devices"][0]["stored_bytes"] == 0
+
+
+def test_absurd_ctime_does_not_crash(tmp_path):
+    b = build(tmp_path / "a.vma", {"drive-scsi0": bytes(CLUSTER_SIZE)}, ctime=2**62)
+    proc = run_cli("list", b.path, env=UTC)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.endswith(f"CTIME: (invalid time {2**62})\n")
+    obj = json.loads(run_cli("list", "--json", b.path).stdout)
+    assert obj["ctime"] == 2**62 and obj["ctime_iso"] is None
