@@ -12,7 +12,7 @@ import signal
 import subprocess
 
 import pytest
-from conftest import vmafs_cmd
+from conftest import in_ci, vmafs_cmd
 from test_backup_support import (
     MiB,
     archive_disks,
@@ -250,25 +250,52 @@ def test_qemu_killed_writer_exits_nonzero_and_removes_its_temp(require_qemu, tmp
     assert leftovers(outdir) == []
 
 
-def test_disk_full_is_a_clean_error(require_qemu, tmp_path):
-    src = random_raw(tmp_path / "src.raw", 16 * MiB, seed=7)
+def test_disk_full_is_a_clean_error_and_guest_writes_never_fail(require_qemu, tmp_path):
+    """The archive's file system fills up while the guest keeps writing to
+    clusters not yet copied: vmafs fails with one line and cleans up, and every
+    guest write lands (an aborting writer acknowledges instead of failing the
+    copy-before-write a guest write waits on)."""
+    size = 16 * MiB
+    src = random_raw(tmp_path / "src.raw", size, seed=7)
     small = tmp_path / "small"
     small.mkdir()
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+        (pytest.fail if in_ci() else pytest.skip)(
+            f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}"
+        )
+    blocks = []
     try:
         out = small / "full.vma"
         with vm(require_qemu.qemu_system, tmp_path, {"drive-scsi0": (src, "raw")}) as machine:
-            rc, _, err = finish(start_backup("--qmp", machine.qmp_path, "-o", out, "drive-scsi0"))
+            proc = start_backup(
+                "--qmp", machine.qmp_path, "-o", out, "--speed", "8M", "drive-scsi0"
+            )
+            try:
+                machine.wait_job_running()
+                # one 4 KiB block per write, each in a different place, walking
+                # down from the end so the first write to each cluster is a CBW
+                for i in range(8 * MiB // 4096):
+                    if proc.poll() is not None:
+                        break
+                    off = size - (i + 1) * 4096 * 17 % (8 * MiB) - 4096
+                    machine.guest_write("drive-scsi0", 0xEE, off, 4096)
+                    blocks.append(off)
+            finally:
+                rc, _, err = finish(proc)
             assert machine.our_jobs() == [] and machine.our_nodes() == []
         assert rc == 1
         assert "No space left on device" in one_line_error(err)
         assert leftovers(small) == []
     finally:
         subprocess.run(["umount", str(small)], check=False)
+    assert blocks, "the backup failed before the guest could write"
+    with open(src, "rb") as f:
+        for off in blocks:
+            f.seek(off)
+            assert f.read(4096) == b"\xee" * 4096, f"guest write at {off} failed"
 
 
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -38,7 +38,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -249,7 +249,11 @@ class SignalGuard:
 
 @dataclass
 class _Abort:
-    """The first cause of failure wins; recording it cancels the running phase."""
+    """The first cause of failure wins; recording it cancels the running phase.
+
+    It also cancels the NBD requests waiting inside the packer (backpressure),
+    which are then acknowledged: see :func:`_watched`.
+    """
 
     cause: str | None = None
     exc: BaseException | None = None
@@ -258,6 +262,8 @@ class _Abort:
     closed: bool = False
     #: the signal that caused the abort, if one did
     signum: int | None = None
+    #: cancel scopes of the NBD requests currently inside the packer
+    inflight: set[trio.CancelScope] = field(default_factory=set)
 
     def __call__(self, cause: str, exc: BaseException | None = None) -> None:
         if self.closed:
@@ -266,31 +272,49 @@ class _Abort:
         if self.cause is None:
             self.cause, self.exc = cause, exc
             log.info("aborting the backup: %s", cause)
+            for request in self.inflight:
+                request.cancel()
         if self.scope is not None:
             self.scope.cancel()
 
+    @property
+    def doomed(self) -> bool:
+        return self.cause is not None and not self.closed
+
 
 def _watched(export: Export, abort: _Abort) -> Export:
-    """*export* whose callbacks report a writer failure to *abort* (then re-raise).
+    """*export* wired to *abort*: a writer failure aborts, and a doomed archive
+    acknowledges everything.
 
-    The NBD server still turns the exception into an error reply; recording it
-    first makes the writer's own message (e.g. "No space left on device") the
-    cause, not QEMU's echo of the NBD error.
+    Once the backup is being aborted (for any cause) the archive will never be
+    committed, so every write - the failing one, those waiting in the packer,
+    and all that follow until QEMU has cancelled the jobs - is acknowledged
+    and dropped instead of answered with an NBD error.  An error reply would
+    fail a guest write whose copy-before-write is waiting on it; an
+    acknowledgement lets the guest go on while vmafs cancels the jobs.  The
+    failure itself is recorded first, so the writer's own message (e.g. "No
+    space left on device") is the reported cause.
     """
 
+    async def guarded(call, *args) -> None:
+        if abort.doomed:
+            return
+        with trio.CancelScope() as request:
+            abort.inflight.add(request)
+            try:
+                await call(*args)
+            except Exception as e:  # noqa: BLE001 - the backup is over; see above
+                abort(f"{e}", e)
+                if abort.closed:  # after the commit point nothing is dropped silently
+                    raise
+            finally:
+                abort.inflight.discard(request)
+
     async def on_write(offset: int, data) -> None:
-        try:
-            await export.on_write(offset, data)
-        except Exception as e:
-            abort(f"{e}", e)
-            raise
+        await guarded(export.on_write, offset, data)
 
     async def on_zero(offset: int, length: int) -> None:
-        try:
-            await export.on_zero(offset, length)
-        except Exception as e:
-            abort(f"{e}", e)
-            raise
+        await guarded(export.on_zero, offset, length)
 
     return Export(
         size=export.size,
