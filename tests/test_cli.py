@@ -174,3 +174,19 @@ def test_man_page_renders_cleanly():
     page = (DOCS / "vmafs.1").read_text()
     for cmd in READER_COMMANDS:
         assert f'.SS "{cmd} ' in page
+
+
+def test_missing_command_module_is_one_line(capsys, monkeypatch):
+    # A command whose module (or optional dependency) is not installed: asked
+    # for by name it is a clear one-line error; otherwise it is just not listed.
+    from vmafs.cli import main
+
+    monkeypatch.setitem(sys.modules, "vmafs.mount", None)
+    assert main(["mount", "a.vma", "/mnt"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("vmafs: error: mount: not available here (") and err.count("\n") == 1
+    assert main(["list", str(FIXTURES_DIR / "no-disks.vma")]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["-h"])
+    assert "\n    mount " not in capsys.readouterr().out

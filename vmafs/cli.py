@@ -65,6 +65,10 @@ Run 'vmafs COMMAND -h' for the options of a command; docs/cli.md has the full
 reference.  Set VMAFS_DEBUG=1 (or pass --debug) to get tracebacks."""
 
 
+class CommandUnavailable(Exception):
+    """The requested command's module or one of its dependencies is not installed."""
+
+
 class _Parser(argparse.ArgumentParser):
     """ArgumentParser whose usage errors are one line, like every other error."""
 
@@ -123,7 +127,13 @@ def _load_commands(debug: bool, only: str | None = None) -> list:
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as e:
-            # Not written yet, or an optional dependency (pyfuse3, qemu.qmp) missing.
+            missing = e.name or ""
+            if missing.split(".")[0] in ("vmafs", "writer") and not modname.startswith(missing):
+                raise  # one of our modules imports something that is not there: a bug
+            # The command module is not installed, or an optional dependency
+            # (pyfuse3, qemu.qmp) is missing.
+            if only:
+                raise CommandUnavailable(f"{only}: not available here ({e})") from e
             if debug:
                 sys.stderr.write(f"{PROG}: debug: command module {modname} left out: {e}\n")
             continue
@@ -218,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError):
             pass
         return 141
-    except VmaError as e:
+    except (VmaError, CommandUnavailable) as e:
         return _fail(str(e), debug)
     except OSError as e:
         if e.errno == errno.EPIPE:
@@ -226,6 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(describe_oserror(e), debug)
     except SystemExit:
         raise
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] in ("vmafs", "writer"):
+            raise
+        # A dependency imported lazily by a command (pyfuse3, zstandard, ...).
+        return _fail(f"{e} (a dependency of this command is not installed)", debug)
     except Exception as e:  # a bug: still one line unless debugging
         if debug:
             traceback.print_exc()
