@@ -345,6 +345,22 @@ def test_unknown_drive_and_existing_target(require_qemu, tmp_path):
         assert machine.our_nodes() == []
 
 
+def test_qmp_over_tcp(require_qemu, tmp_path):
+    """--qmp HOST:PORT (QEMU listening on TCP) works like a socket path."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    src = random_raw(tmp_path / "src.raw", 1 * MiB, seed=13)
+    extra = ("-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off")
+    out = tmp_path / "tcp.vma"
+    with vm(require_qemu.qemu_system, tmp_path, {"drive-scsi0": (src, "raw")}, extra=extra):
+        rc, _, err = finish(start_backup("--qmp", f"127.0.0.1:{port}", "-o", out, "drive-scsi0"))
+        assert rc == 0, err
+    assert archive_disks(out) == {"drive-scsi0": (1 * MiB, file_sha256(src))}
+
+
 def test_no_qemu_listening(tmp_path):
     proc = subprocess.run(
         vmafs_cmd("backup", "--qmp", tmp_path / "none.qmp", "-o", tmp_path / "x.vma", "scsi0"),

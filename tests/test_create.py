@@ -250,3 +250,13 @@ def test_round_trip_ext4_through_vmafs_mount(require_qemu, require_fuse, require
                 unmount(fs, fuse=False)
     finally:
         unmount(mnt)
+
+
+def test_block_device_source(require_qemu, require_loop, tmp_path):
+    """A block device (here a read-only loop device) is opened with host_device."""
+    raw = random_raw(tmp_path / "lv.raw", 3 * MiB, seed=17, zero_ranges=[(MiB, MiB)])
+    out = tmp_path / "blk.vma"
+    with loop_device(raw) as dev:
+        proc = create(out, f"drive-scsi0={dev}")
+        assert proc.returncode == 0, proc.stderr
+    assert archive_disks(out) == {"drive-scsi0": (3 * MiB, file_sha256(raw))}
