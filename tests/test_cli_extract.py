@@ -378,3 +378,37 @@ def test_allow_incomplete_archive_cut_inside_an_extent(tmp_path):
     assert "2 of 8 clusters were never written" in proc.stderr
     got = (out / "disk-drive-scsi0.raw").read_bytes()
     assert got == data[: 6 * CLUSTER_SIZE] + bytes(2 * CLUSTER_SIZE)
+
+
+def test_progress_bar_by_default_on_a_terminal(tmp_path):
+    import pty
+    import subprocess
+
+    from conftest import vmafs_cmd
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run(
+            vmafs_cmd("extract", FIXTURES_DIR / "two-disks.vma", tmp_path / "o"),
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            timeout=60,
+            env={**os.environ, "TERM": "xterm"},
+        )
+        os.close(slave)
+        slave = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other side is closed and drained
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    assert proc.returncode == 0
+    assert b"extracting disk-drive-scsi1.raw  100% [" in seen
