@@ -94,6 +94,7 @@ _MASK_MIN_BYTES = 128 << 10  # ...when there are at least this many bytes of the
 _MASK_TRIALS = 3
 _CHECK_STEP = 256 << 10  # a candidate's output is compared in pieces of this size
 _SCAN_CHUNK = 4 << 20
+_BATCH_BLOCKS = 32  # blocks per decompress call in the scan (at most 4 MiB of output)
 _READ_CHUNK = 256 << 10
 _PROGRESS_STEP = 16 << 20
 _CURSORS = 4
@@ -583,7 +584,7 @@ class ZstdSource:
                 f"zstd frame at compressed offset {at} needs dictionary {hdr.dict_id}, "
                 "which vmafs does not have"
             )
-        dobj = _decompressor().decompressobj(write_size=2 * BLOCK_SIZE_MAX)
+        dobj = _decompressor().decompressobj(write_size=1 << 20)
         try:
             dobj.decompress(rd.take(hdr.size))
         except zstandard.ZstdError as e:
@@ -600,9 +601,48 @@ class ZstdSource:
         pending: deque[_Candidate] = deque()
         clock = time.thread_time
         on_chunk = st.on_chunk
+        spacing, budget = self._spacing, self._budget
+        # Blocks are decompressed in batches (one call per _BATCH_BLOCKS
+        # blocks: fewer GIL hand-offs with the test thread); a batch is cut
+        # where a checkpoint candidate should start.
+        batch: list[bytes] = []
+        batch_pos = rd.tell()
+
+        def flush() -> None:
+            nonlocal ct, hist, batch, batch_pos
+            dec = st.dec
+            data = batch[0] if len(batch) == 1 else b"".join(batch)
+            t0 = clock()
+            try:
+                out = dobj.decompress(data)
+            except zstandard.ZstdError as e:
+                raise _corrupt(
+                    f"corrupt zstd data ({e}) in the {len(batch)} block(s) starting",
+                    batch_pos,
+                    dec,
+                ) from e
+            ct += clock() - t0
+            batch_pos += len(data)
+            batch = []
+            if not out:
+                return
+            on_chunk(dec, memoryview(out))
+            n = len(out)
+            st.dec = dec + n
+            history.append(out)
+            hist += n
+            while hist - len(history[0]) >= window:
+                hist -= len(history.popleft())
+            for c in pending:
+                if c.future is None and c.got < c.need:
+                    c.parts.append(out)
+                    c.got += n
+                    if c.got >= c.need:
+                        self._submit(c, batch_pos, hdr, pool)
+
         while True:
             bpos = rd.tell()
-            bh = rd.take(3)
+            bh = rd.peek(3)
             if len(bh) < 3:
                 raise _corrupt("truncated zstd stream (ends inside a block header)", bpos, st.dec)
             h = int.from_bytes(bh, "little")
@@ -613,45 +653,32 @@ class ZstdSource:
                 raise _corrupt(
                     f"zstd block of {bsize} bytes exceeds the maximum {block_max}", bpos, st.dec
                 )
-            body = rd.take(1 if btype == BLOCK_RLE else bsize)
-            if len(body) < (1 if btype == BLOCK_RLE else bsize):
+            clen = 3 + (1 if btype == BLOCK_RLE else bsize)
+            raw = rd.take(clen)
+            if len(raw) < clen:
                 raise _corrupt("truncated zstd stream (ends inside a block)", bpos, st.dec)
-            dec = st.dec
             # A checkpoint candidate at this boundary?
             if (
                 checkpoints
                 and len(pending) < _MAX_PENDING
-                and ct - last_ct >= self._spacing
-                and dec - last_dec >= _MIN_CHECKPOINT_GAP
-                and (not pending or dec - pending[-1].dec >= _CANDIDATE_GAP)
-                and st.cp_bytes <= self._budget * bpos  # may overrun by one checkpoint
+                and ct - last_ct >= spacing
+                and st.cp_bytes <= budget * bpos  # may overrun by one checkpoint
             ):
-                if btype == BLOCK_COMPRESSED and not _block_is_candidate(body):
-                    st.stats["rejected_header"] += 1
-                else:
-                    keep = min(window, dec - frame_dec0)
-                    pending.append(_Candidate(dec, bpos, ct, _tail(history, hist, keep), need))
-                    st.stats["candidates"] += 1
-            t0 = clock()
-            try:
-                out = dobj.decompress(bh + body)
-            except zstandard.ZstdError as e:
-                raise _corrupt(f"corrupt zstd block ({e})", bpos, dec) from e
-            ct += clock() - t0
-            if out:
-                on_chunk(dec, memoryview(out))
-                n = len(out)
-                st.dec = dec + n
-                history.append(out)
-                hist += n
-                while hist - len(history[0]) >= window:
-                    hist -= len(history.popleft())
-                for c in pending:
-                    if c.future is None and c.got < c.need:
-                        c.parts.append(out)
-                        c.got += n
-                        if c.got >= c.need:
-                            self._submit(c, rd.tell(), hdr, pool)
+                if batch:
+                    flush()
+                dec = st.dec
+                if dec - last_dec >= _MIN_CHECKPOINT_GAP and (
+                    not pending or dec - pending[-1].dec >= _CANDIDATE_GAP
+                ):
+                    if btype == BLOCK_COMPRESSED and not _block_is_candidate(raw[3:]):
+                        st.stats["rejected_header"] += 1
+                    else:
+                        keep = min(window, dec - frame_dec0)
+                        pending.append(_Candidate(dec, bpos, ct, _tail(history, hist, keep), need))
+                        st.stats["candidates"] += 1
+            batch.append(raw)
+            if h & 1 or len(batch) >= _BATCH_BLOCKS:
+                flush()
             if pending and pending[0].future is not None and pending[0].future.done():
                 accepted = self._settle(pending, fidx, st)
                 if accepted is not None:
