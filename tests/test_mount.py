@@ -342,3 +342,22 @@ def test_incomplete_archive_refused_then_eio(mnt, tmp_path, require_fuse):
     log = logfile.read_text()
     assert "incomplete archive: 1 clusters missing" in log
     assert "never written" in log
+
+
+def test_archive_shrinking_under_the_mount_gives_eio(mnt, tmp_path, fixtures_dir, require_fuse):
+    """Damage after mounting costs the reads that hit it, never the filesystem."""
+    archive = tmp_path / "two-disks.vma"
+    shutil.copyfile(fixtures_dir / "two-disks.vma", archive)
+    m = load_manifest(archive)
+    logfile = tmp_path / "mount.log"
+    with mounted(archive, mnt, f"logfile={logfile}"):
+        os.truncate(archive, os.path.getsize(archive) // 2)
+        d = m["devices"][1]  # stored after the first disk: now beyond the end
+        with pytest.raises(OSError) as e:
+            sha256_file(mnt / f"disk-{d['name']}.raw")
+        assert e.value.errno == errno.EIO
+        # Still serving: the directory, attributes, configs.
+        assert len(os.listdir(mnt)) == 4
+        assert os.stat(mnt / f"disk-{d['name']}.raw").st_size == d["size"]
+        assert sha256_file(mnt / "qemu-server.conf") == m["configs"][0]["sha256"]
+    assert "ERROR" in logfile.read_text()

@@ -82,10 +82,10 @@ def _guard(handler: Callable) -> Callable:
         except FUSEError:
             raise
         except MissingClusterError as e:
-            log.warning("%s: %s", handler.__name__, e)
+            log.warning("%s: %s", self._describe(handler.__name__, args), e)
             raise FUSEError(errno.EIO) from None
         except (VmaError, OSError) as e:
-            log.error("%s: %s", handler.__name__, e)
+            log.error("%s: %s", self._describe(handler.__name__, args), e)
             raise FUSEError(errno.EIO) from None
         except Exception:
             log.exception("%s: internal error (answered EIO)", handler.__name__)
@@ -149,6 +149,14 @@ class VmaFS(pyfuse3.Operations):
             self.by_name[os.fsencode(entry.name)] = inode
         self._time_ns = archive.header.ctime * 1_000_000_000
         self._attrs = {inode: self._make_attr(inode) for inode in self._all_inodes()}
+
+    def _describe(self, op: str, args: tuple) -> str:
+        """``read disk-x.raw [offset, +size)`` for log lines (names as shown, escaped)."""
+        entry = self.entries.get(args[0]) if args else None
+        if entry is None:
+            return op
+        where = f" [{args[1]}, +{args[2]})" if op == "read" else ""
+        return f"{op} {entry.name!r}{where}"
 
     # -- attributes --
 

@@ -167,9 +167,13 @@ def check_mountpoint(path: str) -> str:
 def open_archive(path: str, allow_incomplete: bool):
     """Open *path*; an incomplete archive's error says how to mount it anyway."""
     from .archive import Archive  # noqa: PLC0415 - keep `vmafs -h` light
+    from .commands.progress import Progress, want_progress  # noqa: PLC0415
 
     try:
-        return Archive.open(path, allow_incomplete=allow_incomplete)
+        # A compressed archive is decompressed once to index it: show how far
+        # that got when stderr is a terminal (nothing otherwise).
+        with Progress("indexing", enabled=want_progress(None)) as bar:
+            return Archive.open(path, allow_incomplete=allow_incomplete, progress=bar)
     except IncompleteArchiveError as e:
         raise IncompleteArchiveError(
             f"{e.message}; mount with -o allow_incomplete to serve the missing clusters as EIO",
