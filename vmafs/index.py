@@ -29,6 +29,7 @@ from .errors import (
     TrailingDataError,
     TruncatedError,
     UnknownDeviceError,
+    VmaError,
     VmstateOrderError,
 )
 from .format import (
@@ -178,7 +179,7 @@ class _IndexCore:
     def _process(self, ext_off: np.ndarray, raw: bytes) -> None:
         n = len(ext_off)
         u8 = np.frombuffer(raw, dtype=np.uint8).reshape(n, EXTENT_HEADER_SIZE)
-        self._check_md5(u8, ext_off, raw)
+        md5_bad = self._md5_mismatches(u8)
         # Each blockinfo as two 32-bit words: hi = mask<<16 | reserved<<8 | dev_id, lo = cluster.
         words = u8[:, BLOCKINFO_OFFSET:].copy().view(">u4").astype(np.uint32)
         hi, lo = words[:, 0::2], words[:, 1::2]
@@ -194,8 +195,15 @@ class _IndexCore:
             | np.any(~used & ((hi | lo) != 0), axis=1)
             | np.any(hi & 0xFF00, axis=1)
         )
+        if md5_bad is not None:
+            bad |= md5_bad
         if bad.any():
-            self._fail_header(int(np.argmax(bad)), ext_off, raw)
+            # Errors come in archive order: the slots of the extents before the
+            # bad header are checked first, then the header itself fails.
+            row = int(np.argmax(bad))
+            if row:
+                self._process(ext_off[:row], raw[: row * EXTENT_HEADER_SIZE])
+            self._fail_header(row, ext_off, raw)
 
         # Data of slot i starts after the blocks of slots 0..i-1.
         before = np.cumsum(counts, axis=1, dtype=np.uint32) - counts
@@ -231,34 +239,44 @@ class _IndexCore:
                 "cluster": int(c[i]),
             }
 
+        # Every problem found is (index in archive order, tie-break, error); the first one wins.
+        problems: list[tuple[int, int, VmaError]] = []
         unknown = ~self._known[d]
-        if unknown.any():
-            i = int(np.argmax(unknown))
-            raise UnknownDeviceError(
-                f"extent names dev_id {int(d[i])}, which the header does not register", **where(i)
-            )
-        beyond = c >= self._nclusters[d]
-        if beyond.any():
-            i = int(np.argmax(beyond))
-            dev_size = self.header.devices[int(d[i])].size
-            raise ClusterRangeError(
-                f"cluster lies beyond the end of the device ({dev_size} bytes)", **where(i)
-            )
+        beyond = c >= self._nclusters[d]  # unknown devices have 0 clusters: also beyond
+        if unknown.any() or beyond.any():
+            i = int(np.argmax(unknown | beyond))
+            if unknown[i]:
+                err: VmaError = UnknownDeviceError(
+                    f"extent names dev_id {int(d[i])}, which the header does not register",
+                    **where(i),
+                )
+            else:
+                dev_size = self.header.devices[int(d[i])].size
+                err = ClusterRangeError(
+                    f"cluster lies beyond the end of the device ({dev_size} bytes)", **where(i)
+                )
+            problems.append((i, 0, err))
+            d, c, o, m = d[:i], c[:i], o[:i], m[:i]  # the slots before it are checked still
         per_dev = np.flatnonzero(np.bincount(d, minlength=256))
         for dev_id in per_dev.tolist():
             sel = None if len(per_dev) == 1 else np.flatnonzero(d == dev_id)
             cs = c if sel is None else c[sel]
-            self._scatter(
+            found = self._scatter(
                 dev_id,
                 cs,
                 o if sel is None else o[sel],
                 m if sel is None else m[sel],
                 lambda j, sel=sel: where(j if sel is None else int(sel[j])),
             )
+            if found is not None:
+                j, tie, err = found
+                problems.append((j if sel is None else int(sel[j]), tie, err))
+        if problems:
+            raise min(problems, key=lambda p: p[:2])[2]
         self.extents += n
 
-    def _check_md5(self, u8: np.ndarray, ext_off: np.ndarray, raw: bytes) -> None:
-        """Compare every header's md5 (the one check numpy cannot do) in one pass."""
+    def _md5_mismatches(self, u8: np.ndarray) -> np.ndarray | None:
+        """Rows whose md5 is wrong (None: all right); the one check numpy cannot do."""
         stored = u8[:, 24:40].tobytes()
         zeroed = u8.copy()
         zeroed[:, 24:40] = 0
@@ -266,13 +284,16 @@ class _IndexCore:
         md5 = hashlib.md5
         step = EXTENT_HEADER_SIZE
         digests = b"".join([md5(z[i : i + step]).digest() for i in range(0, len(z), step)])
-        if digests != stored:
-            got = np.frombuffer(digests, np.uint8).reshape(-1, 16)
-            first = np.any(got != u8[:, 24:40], axis=1)
-            self._fail_header(int(np.argmax(first)), ext_off, raw)
+        if digests == stored:
+            return None
+        got = np.frombuffer(digests, np.uint8).reshape(-1, 16)
+        return np.any(got != u8[:, 24:40], axis=1)
 
-    def _scatter(self, dev_id: int, cs: np.ndarray, o: np.ndarray, m: np.ndarray, where) -> None:
-        """Record clusters *cs* of one device, refusing any cluster seen before."""
+    def _scatter(self, dev_id: int, cs: np.ndarray, o: np.ndarray, m: np.ndarray, where):
+        """Record clusters *cs* of one device, refusing any cluster seen before.
+
+        Returns the first problem as (index into cs, tie-break, error), else None.
+        """
         dm = self.maps[dev_id]
         lo, hi = int(cs[0]), int(cs[-1]) + 1
         if hi - lo == len(cs) and (len(cs) < 2 or bool(np.all(cs[1:] > cs[:-1]))):
@@ -285,23 +306,36 @@ class _IndexCore:
             order = np.argsort(cs, kind="stable")
             again = cs[order[1:]] == cs[order[:-1]]  # a second copy within the batch
             dup[order[1:]] |= again
+        found = []
         if dup.any():
-            raise DuplicateClusterError("cluster is stored twice", **where(int(np.argmax(dup))))
+            j = int(np.argmax(dup))
+            found.append((j, 1, DuplicateClusterError("cluster is stored twice", **where(j))))
         if dev_id == self._vmstate_id:
-            self._check_vmstate(cs, where)
+            wrong = self._check_vmstate(cs, where)
+            if wrong is not None:
+                found.append(wrong)
+        if found:
+            return min(found, key=lambda p: p[:2])
         dm.offsets[target] = o
         dm.masks[target] = m
+        return None
 
-    def _check_vmstate(self, cs: np.ndarray, where) -> None:
+    def _check_vmstate(self, cs: np.ndarray, where):
+        """(index into cs, tie-break, error) of the first vmstate cluster out of order, or None."""
         expected = np.arange(self._vmstate_next, self._vmstate_next + len(cs))
         wrong = cs != expected
         if wrong.any():
             j = int(np.argmax(wrong))
-            raise VmstateOrderError(
-                f"vmstate cluster out of order (expected cluster {int(expected[j])})",
-                **where(j),
+            return (
+                j,
+                2,
+                VmstateOrderError(
+                    f"vmstate cluster out of order (expected cluster {int(expected[j])})",
+                    **where(j),
+                ),
             )
         self._vmstate_next += len(cs)
+        return None
 
     def finish(self, end: int, truncated_at: int | None) -> ArchiveIndex:
         self.flush()
