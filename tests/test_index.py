@@ -18,9 +18,15 @@ from vmafactory import (
     UUID,
     Built,
     build_archive,
+    cluster_beyond_device,
+    dev_id_255,
+    dev_id_unregistered,
     duplicate_cluster,
+    extent_bitflip,
+    hostile_base,
     sparse_disk,
     truncated_at_extent_boundary,
+    vmstate_out_of_order,
     zero_extent_headers,
 )
 
@@ -323,6 +329,43 @@ def test_duplicate_in_last_extent_before_junk_both_walkers(tmp_path):
         index_of(path)
     with pytest.raises(DuplicateClusterError):
         stream_index(data, 8)
+
+
+# Two damages in one archive: the one earlier in the archive is reported, by both walkers,
+# whatever kinds they are (all extents of these archives fall into one numpy batch).
+TWO_DAMAGES = {
+    "dup-then-unknown-dev": (
+        lambda b: duplicate_cluster(b, 1),
+        lambda b: dev_id_unregistered(b, 3),
+    ),
+    "unknown-dev-then-dup": (lambda b: dev_id_255(b, 1), lambda b: duplicate_cluster(b, 3)),
+    "vmstate-then-dup": (vmstate_out_of_order, lambda b: duplicate_cluster(b, 4)),
+    "range-then-md5": (lambda b: cluster_beyond_device(b, 1, 1), lambda b: extent_bitflip(b, 3)),
+    "md5-then-dup": (lambda b: extent_bitflip(b, 1), lambda b: duplicate_cluster(b, 3)),
+    "dup-then-md5": (lambda b: duplicate_cluster(b, 1), lambda b: extent_bitflip(b, 2)),
+    "unknown-then-range": (lambda b: dev_id_255(b, 1), lambda b: cluster_beyond_device(b, 2, 2)),
+    "range-then-unknown": (lambda b: cluster_beyond_device(b, 2, 1), lambda b: dev_id_255(b, 3)),
+}
+
+
+@pytest.mark.parametrize("name", TWO_DAMAGES)
+def test_first_error_in_archive_order(tmp_path, name):
+    first, second = TWO_DAMAGES[name]
+    b = hostile_base()
+    d1 = first(b)
+    # The damages keep every extent's size, so the map of b still locates the second.
+    d2 = second(Built(d1.data, b.header, b.disks, b.extents, b.slots))
+    path = tmp_path / "two.vma"
+    path.write_bytes(d2.data)
+    for walk in (lambda: index_of(path), lambda: stream_index(d2.data, 2)):
+        with pytest.raises(d1.error) as e:
+            walk()
+        assert type(e.value) is d1.error
+        assert (e.value.offset, e.value.dev_id, e.value.cluster) == (
+            d1.offset,
+            d1.dev_id,
+            d1.cluster,
+        )
 
 
 # --- a 1 TiB sparse disk: memory per cluster, build rate --------------------------------------
