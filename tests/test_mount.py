@@ -361,3 +361,15 @@ def test_archive_shrinking_under_the_mount_gives_eio(mnt, tmp_path, fixtures_dir
         assert os.stat(mnt / f"disk-{d['name']}.raw").st_size == d["size"]
         assert sha256_file(mnt / "qemu-server.conf") == m["configs"][0]["sha256"]
     assert "ERROR" in logfile.read_text()
+
+
+def test_full_directory_of_256_configs(mnt, tmp_path, require_fuse):
+    """readdir continues where the kernel's buffer ran full (start_id), nothing lost or doubled."""
+    configs = [(f"c{i:03d}-" + "n" * 60 + ".conf", f"{i}\n".encode()) for i in range(256)]
+    b = build_archive({"drive-scsi0": sparse_disk(CLUSTER_SIZE, 2)}, configs=configs)
+    archive = b.write(tmp_path / "many.vma")
+    with mounted(archive, mnt):
+        names = os.listdir(mnt)
+        assert len(names) == len(set(names)) == 257
+        assert sorted(names) == sorted(["disk-drive-scsi0.raw", *(n for n, _ in configs)])
+        assert (mnt / configs[200][0]).read_bytes() == b"200\n"

@@ -47,6 +47,9 @@ CACHE_TIMEOUT = 86400.0
 #   threads 155-201; direct_io inline 360-736, threads 529-616.
 #   two readers at once, cold, 2 x 512 MiB: buffered inline 3.2-12.3 s,
 #   threads 9.1-17.0 s; direct_io inline 4.8-6.3 s, threads 5.1-13.3 s.
+#   compressed, 512 MiB disk (~4:1), bs=1M, side index present: .vma.zst
+#   buffered inline 52-86, threads 62-129, direct_io inline 182, threads 147;
+#   .vma.gz buffered inline 56, threads 57, direct_io inline 112, threads 89.
 #   Archive.readinto alone: 47 us per 128 KiB (2.8 GB/s), 14 us per 4 KiB.
 #
 # Buffered: the handler is ~0.8 s of a 3-9 s buffered 2 GiB run, the rest is
@@ -60,10 +63,10 @@ CACHE_TIMEOUT = 86400.0
 # bs=1M and the like; a loop device over a direct_io file works too).
 #
 # Threads: handing a read to trio.to_thread costs more than the pread it
-# wraps when the data is in the page cache, and never won here, not even cold
-# or with two readers (virtio readahead keeps single preads short).  Reads run
-# inline; `-o threads` exists for sources whose reads really block for long
-# (slow network storage, decompression), to be measured once those land.
+# wraps when the data is in the page cache, and never won clearly here, not
+# cold, not with two readers (virtio readahead keeps single preads short),
+# not on compressed sources (within the noise).  Reads run inline; `-o
+# threads` exists for storage where a single read really blocks for long.
 DEFAULT_DIRECT_IO = False
 DEFAULT_THREADED = False
 

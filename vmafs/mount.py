@@ -199,6 +199,10 @@ def serve(ops, mountpoint: str, options: set[str], on_ready: Callable[[str | Non
         pyfuse3.init(ops, mountpoint, options)
     except RuntimeError as e:
         on_ready(f"cannot mount on {mountpoint}: {e}")
+        if "mount" in str(e):
+            # The session exists but is not mounted: free it.  (After a failed
+            # fuse_session_new there is no session, and close() would crash.)
+            pyfuse3.close(unmount=False)
         return 1
     status = 1
     try:
