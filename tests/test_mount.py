@@ -44,9 +44,13 @@ def mnt(tmp_path: Path) -> Path:
 # --- Proxmox-written fixtures ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("archive", fixture_archives(compressed=False), ids=lambda p: p.name)
-def test_fixture_mount_matches_manifest(archive, mnt, require_fuse):
+@pytest.mark.parametrize("archive", fixture_archives(), ids=lambda p: p.name)
+def test_fixture_mount_matches_manifest(archive, mnt, tmp_path, require_fuse):
     m = load_manifest(archive)
+    if not archive.name.endswith(".vma"):
+        # Compressed: indexed once, with a side index written beside the
+        # archive; keep that out of tests/fixtures.
+        archive = Path(shutil.copy(archive, tmp_path))
     with Archive.open(archive) as a:
         ctime = a.header.ctime
         stored = {d.name: a.stored_bytes(d.dev_id) for d in a.devices}
