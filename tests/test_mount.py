@@ -377,3 +377,17 @@ def test_full_directory_of_256_configs(mnt, tmp_path, require_fuse):
         assert len(names) == len(set(names)) == 257
         assert sorted(names) == sorted(["disk-drive-scsi0.raw", *(n for n, _ in configs)])
         assert (mnt / configs[200][0]).read_bytes() == b"200\n"
+
+
+def test_mmap_shared_works_buffered(shuffled, mnt, require_fuse):
+    """The default (page cache) read path supports MAP_SHARED mmap; direct_io would not."""
+    import mmap  # noqa: PLC0415
+
+    path, files, _ = shuffled
+    with mounted(path, mnt):
+        content = files["disk-drive-scsi0.raw"]
+        with open(mnt / "disk-drive-scsi0.raw", "rb") as f:
+            with mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as m:
+                assert len(m) == len(content)
+                assert m[:] == content
+                assert m[CLUSTER_SIZE - 3 : CLUSTER_SIZE + 5] == content[CLUSTER_SIZE - 3 :][:8]
