@@ -239,7 +239,12 @@ async def _main_loop(mountpoint: str, on_ready: Callable[[str | None], None]) ->
         with trio.move_on_after(READY_TIMEOUT):
             parent_dev = os.stat(os.path.dirname(mountpoint) or "/").st_dev
             while True:
-                st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+                try:
+                    st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+                except OSError as e:  # e.g. ENOTCONN while the kernel sets up
+                    log.debug("waiting for the mount: %s", e)
+                    await trio.sleep(0.05)
+                    continue
                 if st.st_dev != parent_dev:
                     result["ready"] = True
                     log.info("mounted on %s", mountpoint)
