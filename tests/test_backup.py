@@ -361,6 +361,23 @@ def test_qmp_over_tcp(require_qemu, tmp_path):
     assert archive_disks(out) == {"drive-scsi0": (1 * MiB, file_sha256(src))}
 
 
+def test_qmp_socket_busy_with_another_client(require_qemu, tmp_path):
+    """QEMU serves one client per QMP socket; a second one gets no greeting."""
+    import trio
+
+    from writer.qmp import QemuError, QmpConnection
+
+    src = random_raw(tmp_path / "src.raw", 1 * MiB, seed=14)
+    with vm(require_qemu.qemu_system, tmp_path, {"drive-scsi0": (src, "raw")}) as machine:
+
+        async def second_client():
+            with pytest.raises(QemuError, match="another client connected"):
+                await QmpConnection.open(str(machine.test_path), timeout=1)
+
+        trio.run(second_client)
+        assert machine.cmd("query-block-jobs") == []  # the first client still works
+
+
 def test_no_qemu_listening(tmp_path):
     proc = subprocess.run(
         vmafs_cmd("backup", "--qmp", tmp_path / "none.qmp", "-o", tmp_path / "x.vma", "scsi0"),

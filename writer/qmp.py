@@ -117,9 +117,20 @@ class QmpConnection:
     ) -> QmpConnection:
         self = cls(name)
         try:
-            await self._call(self._a_connect(address), timeout=timeout, what="connect")
+            try:
+                await self._call(self._a_connect(address), timeout=timeout, what="connect")
+            except QemuError as e:
+                if e.lost:
+                    raise
+                where = address if not isinstance(address, socket.socket) else "socket"
+                raise QemuError(
+                    f"cannot connect to QMP at {where}: no greeting within {timeout:g} s "
+                    "(is another client connected? a QMP socket serves one client at a time)",
+                    lost=True,
+                ) from e
         except BaseException:
-            await self.aclose()
+            with trio.CancelScope(shield=True):
+                await self.aclose()
             raise
         return self
 
@@ -170,8 +181,8 @@ class QmpConnection:
             try:
                 with trio.move_on_after(5):
                     await self._call(self._client.disconnect(), what="disconnect")
-            except (QemuError, QMPError, OSError):
-                pass
+            except Exception as e:  # noqa: BLE001 - e.g. an assertion in qemu.qmp after a
+                log.debug("disconnect: %r", e)  # cancelled connect; closing must not fail
         with trio.move_on_after(5):
             await self._call(self._a_stop_tasks(), what="stop")
         self._loop.call_soon_threadsafe(self._loop.stop)
