@@ -50,6 +50,7 @@ ProgressFn = Callable[[int, int], None]
 
 _BATCH = 1024  # extents validated and scattered per numpy pass
 _READ_AHEAD = 1 << 20  # header-only reads: zero-cluster extents sit back to back
+_HEADER_READ = 4096  # after an extent with data: one page, not a MiB of the next extent's data
 _ZERO16 = bytes(16)
 _MAGIC_U32 = int.from_bytes(VMA_EXTENT_MAGIC, "little")
 
@@ -392,12 +393,13 @@ def build_index(
     core = _IndexCore(header, allow_incomplete)
     pos = header.header_size
     buf, buf_at = b"", pos  # read-ahead window [buf_at, buf_at + len(buf))
+    want = _READ_AHEAD  # shrinks to _HEADER_READ while extents carry data
     truncated_at = None
     last_report = 0
     while pos < end:
         rel = pos - buf_at
         if rel < 0 or rel + EXTENT_HEADER_SIZE > len(buf):
-            buf, buf_at, rel = source.pread(pos, _READ_AHEAD), pos, 0
+            buf, buf_at, rel = source.pread(pos, want), pos, 0
         run = _zero_extent_run(buf, rel)
         if run:
             # Extents without data sit back to back: take them in one go.
@@ -406,6 +408,7 @@ def build_index(
                 memoryview(buf)[rel : rel + run * EXTENT_HEADER_SIZE],
             )
             pos += run * EXTENT_HEADER_SIZE
+            want = _READ_AHEAD
             continue
         head = memoryview(buf)[rel : rel + EXTENT_HEADER_SIZE]
         if len(head) < EXTENT_HEADER_SIZE or head[:4] != VMA_EXTENT_MAGIC:
@@ -425,6 +428,8 @@ def build_index(
             truncated_at = _truncated(core, pos, end, "an extent's data")
             break
         core.add((pos,), head)
+        if nxt > pos + EXTENT_HEADER_SIZE:
+            want = _HEADER_READ  # the next header lies past this extent's data
         pos = nxt
         if progress is not None and pos - last_report >= 64 << 20:
             progress(pos, end)
