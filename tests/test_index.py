@@ -368,6 +368,36 @@ def test_first_error_in_archive_order(tmp_path, name):
         )
 
 
+class CountingSource(PlainSource):
+    """A plain source that counts the bytes its preads return."""
+
+    def __init__(self, path) -> None:
+        super().__init__(str(path))
+        self.bytes_read = 0
+
+    def pread(self, offset: int, size: int) -> bytes:
+        data = super().pread(offset, size)
+        self.bytes_read += len(data)
+        return data
+
+
+def test_build_index_reads_headers_not_data(tmp_path):
+    # Extents full of data: the walker must seek over it, not read ahead into it
+    # (a 1 MiB read-ahead per 3.7 MiB extent used to read 28% of the archive).
+    rng = random.Random(4)
+    b = build_archive({"d": rng.randbytes(10 * 58 * CLUSTER_SIZE)}, vmstate=rng.randbytes(9000))
+    path = b.write(tmp_path / "full.vma")
+    src = CountingSource(path)
+    try:
+        header = read_header(src)
+        src.bytes_read = 0
+        index = build_index(header, src)
+    finally:
+        src.close()
+    assert index.complete and index.extents == len(b.extents) == 11
+    assert src.bytes_read <= (1 << 20) + len(b.extents) * BLOCK_SIZE, src.bytes_read
+
+
 # --- a 1 TiB sparse disk: memory per cluster, build rate --------------------------------------
 
 
