@@ -176,6 +176,8 @@ class Archive:
         merged when contiguous in both, and (dest offset, length) ranges that
         are zero without any I/O.
         """
+        if offset < 0:  # numpy would index from the end: wrong bytes, silently
+            raise ValueError(f"negative device offset {offset}")
         if n <= 0:
             return [], []
         first, last = offset // CLUSTER_SIZE, (offset + n - 1) // CLUSTER_SIZE
