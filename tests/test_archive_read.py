@@ -141,6 +141,11 @@ def test_read_clips_at_device_end(tmp_path):
         assert a.read(1, size - 3, 10) == DISKS["drive-scsi0"][-3:]
         assert a.read(1, 0, 0) == b""
         assert a.readinto(1, size, bytearray(10)) == 0
+        # A negative offset is a caller's bug, not a read from the end of the device.
+        with pytest.raises(ValueError):
+            a.read(1, -10, 20)
+        with pytest.raises(ValueError):
+            a.readinto(1, -CLUSTER_SIZE, bytearray(10))
 
 
 @pytest.mark.parametrize("archive", fixture_archives(compressed=False), ids=lambda p: p.name)
