@@ -144,6 +144,27 @@ def test_stream_walker_agrees(case):
         assert_names_location(e.value, case)
 
 
+@pytest.mark.parametrize("fmt", ["zst", "gz"])
+def test_compressed_archives_give_the_same_errors(tmp_path, fmt):
+    # The same damaged streams, compressed as vzdump does: the scan path must agree.
+    import gzip  # noqa: PLC0415
+
+    import zstandard  # noqa: PLC0415
+
+    for case in CASES:
+        if fmt == "zst":
+            blob = zstandard.ZstdCompressor().compress(case.data)
+        else:
+            blob = gzip.compress(case.data, compresslevel=1)
+        path = tmp_path / f"{case.name}.vma.{fmt}"
+        path.write_bytes(blob)
+        exc = open_error(path, use_sidecar=False)
+        expected = case.stream_error or case.error
+        assert type(exc) is expected, (case.name, type(exc), exc)
+        if case.stream_error is None and (case.offset is None or case.offset >= BASE.header_size):
+            assert_names_location(exc, case)
+
+
 def test_hostile_config_names_parse(tmp_path):
     # Names are the filesystem's and extract's problem: the reader returns them as written.
     b = hostile_names_archive()
