@@ -13,6 +13,7 @@ import hashlib
 import os
 import tempfile
 
+import numpy as np
 import pytest
 from conftest import fixture_archives, load_manifest
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +22,7 @@ from vmafactory import Built, build_archive, sparse_disk
 
 from vmafs.archive import Archive
 from vmafs.format import BLOCK_SIZE, CLUSTER_SIZE
+from vmafs.index import StreamIndexer
 
 DISKS = {
     "drive-scsi0": sparse_disk(40 * CLUSTER_SIZE + 3 * BLOCK_SIZE + 512, 11),  # not 4 KiB aligned
@@ -231,3 +233,13 @@ def test_property_random_reads_equal_source(built, data):
                 buf = bytearray(n)
                 assert a.readinto(dev_id, off, buf) == len(want)
                 assert bytes(buf[: len(want)]) == want
+            # The stream walker (compressed archives), fed in random chunks, maps the same.
+            chunks = data.draw(st.lists(st.integers(1, 200_000), min_size=1, max_size=8))
+            si, pos, i = StreamIndexer(), 0, 0
+            while pos < built.size:
+                n = chunks[i % len(chunks)]
+                si.feed(pos, built.data[pos : pos + n])
+                pos, i = min(pos + n, built.size), i + 1
+            streamed = si.finish(built.size).to_arrays()
+            for key, arr in a.index.to_arrays().items():
+                assert np.array_equal(arr, streamed[key]), key
