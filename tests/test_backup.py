@@ -225,6 +225,13 @@ def test_writer_killed_fails_the_job_and_leaves_no_archive(require_qemu, tmp_pat
         assert machine.our_jobs() == []
         # guest writes work again once the job is gone
         machine.guest_write("drive-scsi0", 0x11, 15 * MiB, CLUSTER_SIZE)
+        # the killed writer's target node is still there; the next backup removes it
+        stale = machine.our_nodes()
+        assert len(stale) == 1
+        rc, _, err = finish(start_backup("--qmp", machine.qmp_path, "-o", out, "drive-scsi0"))
+        assert rc == 0 and f"removed node {stale[0]} left behind by a killed vmafs" in err
+        assert machine.our_nodes() == []
+        out.unlink()
     assert not out.exists()
     with open(src, "rb") as f:
         f.seek(15 * MiB)

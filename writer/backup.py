@@ -32,11 +32,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
+import socket
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -456,8 +459,59 @@ async def _backup_in(
     await trio.to_thread.run_sync(output.commit)
 
 
+_STALE_TARGET = re.compile(r"vmafs-[0-9a-f]{6}-t[0-9]+")
+
+
+async def reap_stale_targets(qmp: QmpConnection) -> list[str]:
+    """Delete target nodes left in QEMU by a vmafs that was killed (SIGKILL, OOM).
+
+    A node is stale when it is one of ours by name, an ``nbd`` node, and
+    nobody listens on its Unix socket any more (a live vmafs serves its socket
+    until it has deleted its nodes).  A node still used by a job is left alone
+    (QEMU refuses to delete it).  The dead run's socket directory is removed
+    too.  Returns the names deleted.
+    """
+    reaped = []
+    for node in await qmp.execute("query-named-block-nodes", {"flat": True}):
+        name = node.get("node-name", "")
+        if node.get("drv") != "nbd" or not _STALE_TARGET.fullmatch(name):
+            continue
+        filename = (node.get("image") or {}).get("filename", "")
+        sock = urllib.parse.parse_qs(urllib.parse.urlsplit(filename).query).get("socket", [""])[0]
+        if not sock or await _listening(sock):
+            continue
+        try:
+            await qmp.execute("blockdev-del", {"node-name": name})
+        except QemuError as e:
+            log.info("stale node %s not removed: %s", name, e)
+            continue
+        log.warning("removed node %s left behind by a killed vmafs", name)
+        reaped.append(name)
+        sock_dir = os.path.dirname(sock)
+        if os.path.basename(sock_dir).startswith("vmafs-nbd-"):
+            shutil.rmtree(sock_dir, ignore_errors=True)
+    return reaped
+
+
+async def _listening(path: str) -> bool:
+    """Does a process accept connections on the Unix socket *path*?"""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with trio.move_on_after(2):
+            await sock.connect(path)
+            return True
+        return True  # no answer in time: assume alive, never delete what may be in use
+    except (FileNotFoundError, ConnectionRefusedError):
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.close()
+
+
 async def _run_jobs(qmp, disks, names, sock_path, abort, speed, progress) -> None:
     """blockdev-add the targets, start the transaction, wait for every job's end."""
+    await reap_stale_targets(qmp)
     for disk, target in zip(disks, names.targets, strict=True):
         await qmp.execute(
             "blockdev-add",
