@@ -584,7 +584,8 @@ class ZstdSource:
                 f"zstd frame at compressed offset {at} needs dictionary {hdr.dict_id}, "
                 "which vmafs does not have"
             )
-        dobj = _decompressor().decompressobj(write_size=1 << 20)
+        # write_size above a batch's largest output: one buffer, no join of pieces
+        dobj = _decompressor().decompressobj(write_size=_BATCH_BLOCKS * BLOCK_SIZE_MAX + 4096)
         try:
             dobj.decompress(rd.take(hdr.size))
         except zstandard.ZstdError as e:
