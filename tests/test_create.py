@@ -160,6 +160,8 @@ def _start_slow_create(tmp_path: Path, **popen):
     img = random_raw(tmp_path / "slow.raw", 16 * MiB, seed=16)
     outdir = tmp_path / "out"
     outdir.mkdir()
+    # TMPDIR: the private NBD socket directory of a SIGKILLed run stays in tmp_path
+    popen.setdefault("env", {**os.environ, "TMPDIR": str(tmp_path)})
     proc = subprocess.Popen(
         vmafs_cmd("create", "--speed", "1M", outdir / "slow.vma", f"drive-scsi0={img}:raw"),
         stdout=subprocess.PIPE,
