@@ -161,6 +161,7 @@ def test_unusable_sources_and_mountpoints(two_disks, mnt, tmp_path, require_fuse
         (("mount", two_disks, mnt, "-o", "rw,bogus"), 2, "unknown mount option 'bogus'"),
         (("mount", two_disks, mnt, "-o", "uid=nosuchuser-xyz"), 2, "no such user"),
         (("umount", mnt), 1, "not mounted"),
+        (("umount", "/proc"), 1, "not a vmafs mount (filesystem type proc)"),
     ]
     results = run_vmafs_many([argv for argv, _, _ in cases])
     for (argv, status, text), proc in zip(cases, results, strict=True):

@@ -443,12 +443,12 @@ def loop_devices_on(mountpoint: str) -> list[tuple[str, str]]:
 
 
 def umount(mountpoint: str, *, lazy: bool = False) -> None:
-    """Unmount a vmafs (any FUSE) mount with fusermount3; raises MountError."""
+    """Unmount a vmafs mount with fusermount3; raises MountError (also for other mounts)."""
     mp = os.path.abspath(mountpoint)
     fstype = mount_table().get(mp)
     if fstype is None:
         raise MountError(f"{mp}: not mounted")
-    if not fstype.startswith("fuse"):
+    if fstype != "fuse.vmafs":  # the subtype set in fuse_options()
         raise MountError(f"{mp}: not a vmafs mount (filesystem type {fstype})")
     argv = ["fusermount3", "-u", *(["-z"] if lazy else []), mp]
     try:
