@@ -89,9 +89,9 @@ _MAX_PENDING = 1  # candidates in flight: one, since most pass and each test cos
 _TRIM_LADDER = (256 << 10, 1 << 20, 4 << 20, 16 << 20)
 _WINDOW_LEVEL = 1
 _SEGMENT = 64 << 10  # unit of window masking
-_MASK_MIN_ENTROPY = 7.5  # segments with more bits per byte are worth masking...
+_MASK_MIN_ENTROPY = 7.4  # segments with more bits per byte (sampled) are worth masking...
 _MASK_MIN_BYTES = 128 << 10  # ...when there are at least this many bytes of them
-_MASK_TRIALS = 3
+_MASK_TRIALS = 2  # all costly segments; if that fails, the older half
 _CHECK_STEP = 256 << 10  # a candidate's output is compared in pieces of this size
 _SCAN_CHUNK = 4 << 20
 _BATCH_BLOCKS = 32  # blocks per decompress call in the scan (at most 4 MiB of output)
@@ -307,11 +307,13 @@ def _test_candidate(
     tail = bytearray(window[-keep:])
     costly = []
     for a in range(0, keep, _SEGMENT):
-        piece = np.frombuffer(tail, dtype=np.uint8, count=min(_SEGMENT, keep - a), offset=a)
-        p = np.bincount(piece, minlength=256) / len(piece)
+        n = min(_SEGMENT, keep - a)
+        # every 4th byte is a fair sample of a segment's byte distribution
+        sample = np.frombuffer(tail, dtype=np.uint8, count=n, offset=a)[::4]
+        p = np.bincount(sample, minlength=256) / len(sample)
         p = p[p > 0]
         if -(p * np.log2(p)).sum() > _MASK_MIN_ENTROPY:  # bits per byte: already compressed data
-            costly.append((a, len(piece)))
+            costly.append((a, n))
     if sum(n for _, n in costly) < _MASK_MIN_BYTES:
         costly = []
     trials = [_MASK_TRIALS]
