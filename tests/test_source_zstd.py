@@ -557,3 +557,34 @@ def test_single_frame_from_multithreaded_zstd(tmp_path, mixed32):
     assert src.frames == 1 and src.checkpoints >= 1, src.scan_stats
     check_random_reads(src, mixed32, n=150)
     src.close()
+
+
+@needs_zstd
+def test_masked_windows_still_read_right(tmp_path, mixed32, monkeypatch):
+    # Force window masking (normally only under index-budget pressure): the
+    # incompressible segments no match copies from are stored as zeros, and
+    # every read through such a checkpoint must still be exact.
+    import vmafs.source.zstd as zmod
+
+    monkeypatch.setattr(zmod, "_MASK_WHEN_BUDGET_USED", -1.0)
+    monkeypatch.setattr(zmod, "_TRIM_LADDER", ())  # keep whole windows: random runs inside
+    path = zstd_cli(tmp_path, "mask", mixed32, "--threads=1")
+    src = ZstdSource(path, spacing=0.0, index_budget=100.0, cache_bytes=1 << 20)
+    assert scan_all(src) == mixed32
+    state = src.checkpoint_state()
+    blob = state["cp_windows"].tobytes()
+    bounds = [*state["cp_boff"].tolist(), len(blob)]
+    masked = 0
+    for j, end in enumerate(state["cp_dec"].tolist()):
+        window = zstandard.ZstdDecompressor().decompress(blob[bounds[j] : bounds[j + 1]])
+        original = mixed32[end - len(window) : end]
+        for a in range(0, len(window), 64 << 10):
+            seg, orig = window[a : a + (64 << 10)], original[a : a + (64 << 10)]
+            if seg != orig:
+                assert seg == bytes(len(seg)), "a window differs only by zeroed segments"
+                masked += 1
+    assert masked > 0, src.scan_stats
+    check_random_reads(src, mixed32)
+    for off in state["cp_dec"].tolist():
+        assert src.pread(off, 70000) == mixed32[off : off + 70000]
+    src.close()

@@ -91,6 +91,7 @@ _WINDOW_LEVEL = 1
 _SEGMENT = 64 << 10  # unit of window masking
 _MASK_MIN_ENTROPY = 7.4  # segments with more bits per byte (sampled) are worth masking...
 _MASK_MIN_BYTES = 128 << 10  # ...when there are at least this many bytes of them
+_MASK_WHEN_BUDGET_USED = 0.5  # mask only when the windows use over half the budget so far
 _MASK_TRIALS = 2  # all costly segments; if that fails, the older half
 _CHECK_STEP = 256 << 10  # a candidate's output is compared in pieces of this size
 _SCAN_CHUNK = 4 << 20
@@ -246,7 +247,7 @@ class _RangeFile:
 
 
 def _test_candidate(
-    fd: int, comp: int, comp_len: int, wd: int, window: bytes, truth: bytes
+    fd: int, comp: int, comp_len: int, wd: int, window: bytes, truth: bytes, mask: bool = True
 ) -> tuple[int, bytes] | None:
     """Decode *truth*'s length from a synthetic frame at *comp*; keep as little window as works.
 
@@ -314,7 +315,7 @@ def _test_candidate(
         p = p[p > 0]
         if -(p * np.log2(p)).sum() > _MASK_MIN_ENTROPY:  # bits per byte: already compressed data
             costly.append((a, n))
-    if sum(n for _, n in costly) < _MASK_MIN_BYTES:
+    if not mask or sum(n for _, n in costly) < _MASK_MIN_BYTES:
         costly = []
     trials = [_MASK_TRIALS]
 
@@ -641,7 +642,7 @@ class ZstdSource:
                     c.parts.append(out)
                     c.got += n
                     if c.got >= c.need:
-                        self._submit(c, batch_pos, hdr, pool)
+                        self._submit(c, batch_pos, hdr, pool, st)
 
         while True:
             bpos = rd.tell()
@@ -713,7 +714,7 @@ class ZstdSource:
         # Candidates near the frame end are tested on what is left of the frame.
         for c in pending:
             if c.future is None:
-                self._submit(c, end_blocks, hdr, pool)
+                self._submit(c, end_blocks, hdr, pool, st)
         while pending:
             concurrent.futures.wait([pending[0].future])
             if self._settle(pending, fidx, st) is not None:
@@ -721,8 +722,10 @@ class ZstdSource:
         for c in pending:
             c.future.cancel()
 
-    def _submit(self, c: _Candidate, comp_end: int, hdr: FrameHeader, pool) -> None:
+    def _submit(self, c: _Candidate, comp_end: int, hdr: FrameHeader, pool, st) -> None:
         truth = b"".join(c.parts)[: c.need]
+        # Masking costs decodes; worth it only when the index budget is getting tight.
+        mask = st.cp_bytes > _MASK_WHEN_BUDGET_USED * self._budget * comp_end
         c.parts = []
         c.future = pool.submit(
             _test_candidate,
@@ -732,6 +735,7 @@ class ZstdSource:
             hdr.window_descriptor,
             c.window,
             truth,
+            mask,
         )
 
     @staticmethod
