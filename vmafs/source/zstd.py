@@ -365,15 +365,18 @@ class _SeqReader:
         return self._base + self._i
 
     def _fill(self, n: int) -> None:
-        rest = self._buf[self._i :]
-        want = max(n - len(rest), _SCAN_CHUNK)
-        pos = self._base + len(self._buf)
-        more = (
-            os.pread(self._fd, min(want, max(self.size - pos, 0)), pos) if pos < self.size else b""
-        )
-        self._base = self.tell()
-        self._buf = rest + more
-        self._i = 0
+        # Re-read from the current position (the unread tail is in the page
+        # cache): cheaper than copying a 4 MiB buffer to keep a few KiB.
+        pos = self.tell()
+        want = min(max(n, _SCAN_CHUNK), max(self.size - pos, 0))
+        self._buf = os.pread(self._fd, want, pos) if want else b""
+        self._base, self._i = pos, 0
+
+    def ensure(self, n: int) -> bool:
+        """Make the next *n* bytes one slice of ``_buf`` (refilling if needed); False at EOF."""
+        if self._i + n > len(self._buf):
+            self._fill(n)
+        return self._i + n <= len(self._buf)
 
     def peek(self, n: int) -> bytes:
         if self._i + n > len(self._buf):
@@ -607,27 +610,28 @@ class ZstdSource:
         on_chunk = st.on_chunk
         spacing, budget = self._spacing, self._budget
         # Blocks are decompressed in batches (one call per _BATCH_BLOCKS
-        # blocks: fewer GIL hand-offs with the test thread); a batch is cut
-        # where a checkpoint candidate should start.
-        batch: list[bytes] = []
-        batch_pos = rd.tell()
+        # blocks: fewer GIL hand-offs with the test thread), handed to zstd
+        # as a view of the read buffer (no copy).  A batch ends where the
+        # buffer is refilled and where a checkpoint candidate should start.
+        nblocks = 0
+        bstart = 0  # batch start, index into rd._buf
 
         def flush() -> None:
-            nonlocal ct, hist, batch, batch_pos
+            nonlocal ct, hist, nblocks
             dec = st.dec
-            data = batch[0] if len(batch) == 1 else b"".join(batch)
+            data = memoryview(rd._buf)[bstart : rd._i]
+            batch_pos = rd._base + bstart
             t0 = clock()
             try:
                 out = dobj.decompress(data)
             except zstandard.ZstdError as e:
                 raise _corrupt(
-                    f"corrupt zstd data ({e}) in the {len(batch)} block(s) starting",
+                    f"corrupt zstd data ({e}) in the {nblocks} block(s) starting",
                     batch_pos,
                     dec,
                 ) from e
             ct += clock() - t0
-            batch_pos += len(data)
-            batch = []
+            nblocks = 0
             if not out:
                 return
             on_chunk(dec, memoryview(out))
@@ -642,14 +646,19 @@ class ZstdSource:
                     c.parts.append(out)
                     c.got += n
                     if c.got >= c.need:
-                        self._submit(c, batch_pos, hdr, pool, st)
+                        self._submit(c, rd.tell(), hdr, pool, st)
 
         while True:
             bpos = rd.tell()
-            bh = rd.peek(3)
-            if len(bh) < 3:
-                raise _corrupt("truncated zstd stream (ends inside a block header)", bpos, st.dec)
-            h = int.from_bytes(bh, "little")
+            if rd._i + 3 > len(rd._buf):
+                if nblocks:
+                    flush()
+                if not rd.ensure(3):
+                    raise _corrupt(
+                        "truncated zstd stream (ends inside a block header)", bpos, st.dec
+                    )
+            buf, i = rd._buf, rd._i
+            h = buf[i] | buf[i + 1] << 8 | buf[i + 2] << 16
             btype, bsize = h >> 1 & 3, h >> 3
             if btype == BLOCK_RESERVED:
                 raise _corrupt("zstd block of reserved type", bpos, st.dec)
@@ -658,9 +667,12 @@ class ZstdSource:
                     f"zstd block of {bsize} bytes exceeds the maximum {block_max}", bpos, st.dec
                 )
             clen = 3 + (1 if btype == BLOCK_RLE else bsize)
-            raw = rd.take(clen)
-            if len(raw) < clen:
-                raise _corrupt("truncated zstd stream (ends inside a block)", bpos, st.dec)
+            if i + clen > len(buf):
+                if nblocks:
+                    flush()
+                if not rd.ensure(clen):
+                    raise _corrupt("truncated zstd stream (ends inside a block)", bpos, st.dec)
+                buf, i = rd._buf, rd._i
             # A checkpoint candidate at this boundary?
             if (
                 checkpoints
@@ -668,20 +680,23 @@ class ZstdSource:
                 and ct - last_ct >= spacing
                 and st.cp_bytes <= budget * bpos  # may overrun by one checkpoint
             ):
-                if batch:
+                if nblocks:
                     flush()
                 dec = st.dec
                 if dec - last_dec >= _MIN_CHECKPOINT_GAP and (
                     not pending or dec - pending[-1].dec >= _CANDIDATE_GAP
                 ):
-                    if btype == BLOCK_COMPRESSED and not _block_is_candidate(raw[3:]):
+                    if btype == BLOCK_COMPRESSED and not _block_is_candidate(buf[i + 3 : i + clen]):
                         st.stats["rejected_header"] += 1
                     else:
                         keep = min(window, dec - frame_dec0)
                         pending.append(_Candidate(dec, bpos, ct, _tail(history, hist, keep), need))
                         st.stats["candidates"] += 1
-            batch.append(raw)
-            if h & 1 or len(batch) >= _BATCH_BLOCKS:
+            if not nblocks:
+                bstart = i
+            nblocks += 1
+            rd._i = i + clen
+            if h & 1 or nblocks >= _BATCH_BLOCKS:
                 flush()
             if pending and pending[0].future is not None and pending[0].future.done():
                 accepted = self._settle(pending, fidx, st)
