@@ -1,0 +1,156 @@
+"""Smoke tests for the benchmark suite (vmafs.bench): the data builders and the
+table formatter on tiny sizes.  No timing assertions: the numbers are the
+benchmark's business, these tests check that what it builds is right."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import in_ci
+
+from vmafs.archive import Archive
+from vmafs.bench import datasets as ds
+from vmafs.bench.__main__ import _keep_analysis, render
+from vmafs.bench.figures import Ctx, Row, _random_offsets
+from vmafs.bench.report import machine, table
+from vmafs.format import CLUSTER_SIZE
+
+TINY = ds.Sizes(
+    disk=64 << 20,
+    files=4 << 20,
+    restore_file=256 << 10,
+    sparse_disk=256 << 20,
+    sparse_data=2 << 20,
+    writer_disk=1 << 20,
+    latency_disk=1 << 20,
+    random_reads=10,
+    label="tiny",
+)
+
+
+def test_live_order_is_a_permutation_and_out_of_order():
+    rng = np.random.default_rng(0)
+    order = ds.live_order(5000, rng)
+    assert sorted(order.tolist()) == list(range(5000))
+    assert np.any(np.diff(order) < 0)
+
+
+@pytest.mark.parametrize("order", ["live", "shuffled"])
+def test_sparse_archive_reads_back(tmp_path, order):
+    path = str(tmp_path / "s.vma")
+    facts = ds.build_sparse_vma(path, 256 << 20, 2 << 20, seed=5, order=order)
+    assert facts["clusters"] == (256 << 20) // CLUSTER_SIZE
+    with Archive.open(path) as a:  # validates every extent, every cluster once
+        assert a.missing_clusters(1) == 0
+        assert a.stored_bytes(1) == facts["stored_bytes"]
+        ranges = list(a.allocated_ranges(1))
+        stored = sum(length for _, length in ranges)
+        assert stored == facts["data_clusters"] * CLUSTER_SIZE
+        # data lies where the index says, zeros elsewhere
+        off, length = ranges[0]
+        assert any(a.read(1, off, length))
+        if off:
+            assert not any(a.read(1, 0, off))
+
+
+def test_sparse_archive_is_cached(tmp_path):
+    path, facts = ds.sparse_archive(str(tmp_path), TINY)
+    mtime = os.stat(path).st_mtime_ns
+    again, facts2 = ds.sparse_archive(str(tmp_path), TINY)
+    assert (again, facts2) == (path, facts)
+    assert os.stat(path).st_mtime_ns == mtime
+
+
+def test_random_offsets_lie_in_stored_data(tmp_path):
+    path = str(tmp_path / "s.vma")
+    ds.build_sparse_vma(path, 64 << 20, 1 << 20, seed=6)
+    offsets = _random_offsets(path, 50)
+    assert len(set(offsets)) == 50
+    with Archive.open(path) as a:
+        ranges = list(a.allocated_ranges(1))
+    for off in offsets:
+        assert off % 4096 == 0
+        assert any(start <= off < start + length for start, length in ranges)
+
+
+def test_guest_files_half_text(tmp_path):
+    files = ds.guest_files(str(tmp_path), TINY)
+    sizes = {"bin": 0, "txt": 0}
+    for root, _, names in os.walk(files):
+        if root.endswith("restore"):
+            continue
+        for n in names:
+            ext = n.rsplit(".", 1)[-1]
+            if ext in sizes:
+                sizes[ext] += os.path.getsize(os.path.join(root, n))
+    assert sizes["bin"] == sizes["txt"] == TINY.files // 2
+    text = next(os.path.join(r, n) for r, _, ns in os.walk(files) for n in ns if n.endswith(".txt"))
+    with open(text, "rb") as f:
+        data = f.read(4096)
+    assert data.count(b"\n") > 10  # lines of text, not random bytes
+    assert sum(32 <= b < 127 or b in b"\t\n" for b in data) > 0.95 * len(data)
+    assert os.path.getsize(os.path.join(files, ds.RESTORE_FILE)) == TINY.restore_file
+
+
+def test_ext4_image_holds_the_files(tmp_path):
+    if not (shutil.which("mkfs.ext4") and shutil.which("debugfs")):
+        if in_ci():
+            pytest.fail("mkfs.ext4/debugfs (e2fsprogs) missing")
+        pytest.skip("needs e2fsprogs")
+    files = ds.guest_files(str(tmp_path), TINY)
+    image = ds.ext4_image(str(tmp_path), TINY, files)
+    assert os.path.getsize(image) == TINY.disk
+    out = subprocess.run(
+        ["debugfs", "-R", f"cat /{ds.RESTORE_FILE}", image], capture_output=True, check=True
+    ).stdout
+    with open(os.path.join(files, ds.RESTORE_FILE), "rb") as f:
+        assert hashlib.sha256(out).digest() == hashlib.sha256(f.read()).digest()
+    blocks = ds.nonzero_blocks(image)
+    assert TINY.files // 4096 <= blocks < TINY.disk // 4096
+
+
+def test_nonzero_blocks_counts_data_not_holes(tmp_path):
+    p = tmp_path / "img"
+    with open(p, "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(1 << 20)
+        f.write(b"x" * 4096 + bytes(4096) + b"y")  # 2 non-zero blocks, one zero block between
+        f.seek(40 << 20)
+        f.write(os.urandom(3 * 4096))
+    assert ds.nonzero_blocks(str(p)) == 5
+
+
+def test_table_escapes_and_marks():
+    rows = [
+        Row("a | b", "base", "1 s", "2 s", "2.00x", "<= 1.0x", False, "why"),
+        Row("c", "-", "-", "not measured: `x` not found", "-", "-", None),
+        Row("d", "-", "-", "3", "-", ">= 1", True),
+    ]
+    text = table(rows).splitlines()
+    assert text[0].startswith("| figure | baseline | baseline value | vmafs value | ratio |")
+    assert len(text) == 2 + len(rows)
+    assert "a \\| b" in text[2] and text[2].endswith("| **no** |")
+    assert text[3].endswith("| n/a |") and text[4].endswith("| yes |")
+    assert all(line.count(" | ") == 6 for line in text[2:])
+
+
+def test_render_keeps_the_analysis_block(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    out.write_text("old\n<!-- BEGIN ANALYSIS -->\nhand-written\n<!-- END ANALYSIS -->\ntrailer\n")
+    analysis = _keep_analysis(str(out))
+    assert analysis.startswith("<!-- BEGIN ANALYSIS -->") and "hand-written" in analysis
+    ctx = Ctx(str(tmp_path), TINY)
+    ctx.note("Section", ["| a |", "line"])
+
+    class Args:
+        quick = True
+
+    text = render([Row("f", "b", "1", "2", "3", "t", True)], ctx, machine(), Args, 1.0, analysis)
+    assert "## Machine" in text and "load average at start" in text
+    assert "| f | b | 1 | 2 | 3 | t | yes |" in text
+    assert "### Section" in text and "hand-written" in text and "trailer" not in text

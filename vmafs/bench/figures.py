@@ -1,0 +1,956 @@
+"""The figures of issue 5 (and issue 4's compressed targets), each against its baseline.
+
+Every figure function takes the :class:`Ctx` and returns table :class:`Row`\\ s;
+anything it learns that belongs in the tuning notes goes to ``ctx.notes``.
+A figure that cannot run raises :class:`~.util.Skip` (or fails); the caller
+turns that into a row saying why, never into a number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import datasets as ds
+from .util import (
+    VMAFS,
+    Skip,
+    drop_caches,
+    ext4_ro,
+    fmt_rate,
+    fmt_s,
+    loop_ro,
+    need,
+    percentile,
+    run,
+    timed,
+    umount,
+    vmafs_mount,
+    warm,
+)
+
+DISK = "disk-drive-scsi0.raw"
+
+
+@dataclass
+class Row:
+    figure: str
+    baseline: str
+    base_value: str
+    vmafs_value: str
+    ratio: str
+    target: str
+    met: bool | None
+    note: str = ""
+
+
+@dataclass
+class Ctx:
+    work: str
+    sizes: ds.Sizes
+    notes: dict[str, list[str]] = field(default_factory=dict)
+    data: dict[str, object] = field(default_factory=dict)  # dataset paths, built lazily
+    facts: dict[str, object] = field(default_factory=dict)
+
+    def note(self, section: str, text: str | list[str]) -> None:
+        lines = self.notes.setdefault(section, [])
+        lines.extend([text] if isinstance(text, str) else text)
+
+    def mnt(self, name: str) -> str:
+        p = os.path.join(self.work, "mnt", name)
+        os.makedirs(p, exist_ok=True)
+        return p
+
+    # datasets, built on first use and cached in the work dir
+    def get(self, key: str):
+        if key not in self.data:
+            self.data[key] = self._build(key)
+        return self.data[key]
+
+    def _build(self, key: str):
+        w, s = self.work, self.sizes
+        t0 = time.perf_counter()
+        if key == "files":
+            out = ds.guest_files(w, s)
+        elif key == "image":
+            out = ds.ext4_image(w, s, self.get("files"))
+        elif key == "archive":
+            out = ds.created_archive(w, self.get("image"))
+        elif key == "raw":
+            out = os.path.join(ds.extracted(w, self.get("archive")), DISK)
+        elif key == "tar":
+            out = ds.raw_tar(w, self.get("raw"))
+        elif key == "zst":
+            out = ds.zstd_archive(w, self.get("archive"))
+        elif key == "seekable":
+            out = ds.seekable_archive(w, self.get("archive"))
+        elif key == "sparse":
+            out = ds.sparse_archive(w, s)
+        elif key == "sparse-shuffled":
+            out = ds.sparse_archive(w, s, "shuffled")
+        elif key == "data-archive":
+            out = ds.created_archive(w, self.get("wdisk"), "data.vma")
+        elif key == "wdisk":
+            out = ds.random_image(w, "writer-disk.img", s.writer_disk)
+        elif key == "ldisk":
+            out = ds.random_image(w, "latency-disk.img", s.latency_disk, seed=4)
+        else:
+            raise KeyError(key)
+        self.facts.setdefault("build_s", {})[key] = round(time.perf_counter() - t0, 2)
+        return out
+
+
+def _ratio(x: float, y: float) -> str:
+    return f"{x / y:.2f}x" if y > 0 else "n/a"
+
+
+def _mounted_disk(mnt: str) -> str:
+    return os.path.join(mnt, DISK)
+
+
+# --- restore one file --------------------------------------------------------------
+
+
+def _read_guest_file(disk: str, gmnt: str) -> str:
+    with loop_ro(disk) as dev, ext4_ro(dev, gmnt):
+        return ds.sha256_file(os.path.join(gmnt, ds.RESTORE_FILE))
+
+
+def fig_restore(ctx: Ctx) -> list[Row]:
+    archive = ctx.get("archive")
+    want = ds.sha256_file(os.path.join(ctx.get("files"), ds.RESTORE_FILE))
+    gmnt = ctx.mnt("guest")
+    mnt = ctx.mnt("restore")
+    times = []
+    for _ in range(3 if ctx.sizes.label == "full" else 2):
+        drop_caches()
+        t0 = time.perf_counter()
+        with vmafs_mount(archive, mnt):
+            got = _read_guest_file(_mounted_disk(mnt), gmnt)
+            times.append(time.perf_counter() - t0)
+        if got != want:
+            raise RuntimeError("restored file differs from the original (through the mount)")
+    vm = sorted(times)[len(times) // 2]
+
+    drop_caches()
+    out = os.path.join(ctx.work, "restore-extract")
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    try:
+        run([*VMAFS, "extract", archive, out])
+        got = _read_guest_file(os.path.join(out, DISK), gmnt)
+        base = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    if got != want:
+        raise RuntimeError("restored file differs from the original (extract)")
+    note = f"vmafs median of {len(times)} ({', '.join(fmt_s(t) for t in times)})"
+    if shutil.which("vma") is None:
+        note += "; no Proxmox `vma` binary on PATH, so no `vma extract` baseline"
+    return [
+        Row(
+            "restore one file (mount + loop + ext4 ro,noload + read "
+            f"{ctx.sizes.restore_file >> 20} MiB file), cold cache",
+            "`vmafs extract` + loop + read",
+            fmt_s(base),
+            fmt_s(vm),
+            f"1/{base / vm:.0f}",
+            "<= 1/20",
+            vm * 20 <= base,
+            note,
+        )
+    ]
+
+
+# --- index ------------------------------------------------------------------------
+
+_INDEX_CHILD = r"""
+import json, os, resource, sys, time
+import numpy  # imported before the baseline RSS: the index needs it anyway
+from vmafs.archive import Archive
+import vmafs.index, vmafs.source
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+if len(sys.argv) > 2:  # warm-up: lazy imports and one-time state are not the index
+    Archive.open(sys.argv[2]).close()
+r0 = rss()
+c0, t0 = time.process_time(), time.perf_counter()
+a = Archive.open(sys.argv[1])
+t1, c1 = time.perf_counter(), time.process_time()
+r1 = rss(); p1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+clusters = sum(d.clusters for d in a.devices)
+print(json.dumps({"wall": t1 - t0, "cpu": c1 - c0, "rss": r1 - r0, "peak": p1 - r0,
+                  "clusters": clusters, "extents": a.index.extents}))
+"""
+
+
+def fig_index(ctx: Ctx) -> list[Row]:
+    path, facts = ctx.get("sparse")
+    size_label = f"{ctx.sizes.sparse_disk >> 30} GiB"
+    warm(path)
+    runs = []
+    for _ in range(3):
+        out = run(
+            [sys.executable, "-c", _INDEX_CHILD, path, ctx.get("archive")],
+            stdout=subprocess.PIPE,
+        ).stdout
+        runs.append(json.loads(out))
+    best = min(runs, key=lambda r: r["wall"])
+    clusters = best["clusters"]
+    rate, cpu_rate = clusters / best["wall"], clusters / best["cpu"]
+    mem = min(r["rss"] for r in runs) / clusters
+    peak = min(r["peak"] for r in runs) / clusters
+
+    spath, _ = ctx.get("sparse-shuffled")
+    warm(spath)
+    out = run(
+        [sys.executable, "-c", _INDEX_CHILD, spath, ctx.get("archive")], stdout=subprocess.PIPE
+    ).stdout
+    shuffled = json.loads(out)
+    ctx.facts["index_shuffled"] = shuffled
+
+    mnt = ctx.mnt("index")
+    ready = []
+    for cold in (False, True):
+        if cold:
+            drop_caches()
+        with vmafs_mount(path, mnt) as t:
+            ready.append(t)
+            os.stat(_mounted_disk(mnt))
+    ctx.facts["index"] = {"runs": runs, "ready_warm_cold": ready, **facts}
+    extents = best["extents"]
+    return [
+        Row(
+            f"index build ({size_label} disk, {clusters / 1e6:.1f} M clusters, "
+            f"{extents} extents, archive warm)",
+            "clusters/s",
+            "-",
+            f"{rate / 1e6:.1f} M/s wall, {cpu_rate / 1e6:.1f} M/s CPU",
+            "-",
+            ">= 10 M/s",
+            rate >= 10e6,
+            f"clusters in live-backup order (1 MiB runs shuffled in windows of 64, 0.5% "
+            f"early); best of 3 Archive.open in a fresh process: {fmt_s(best['wall'])} wall, "
+            f"{fmt_s(best['cpu'])} CPU; the same disk with every cluster shuffled (worst "
+            f"case): {shuffled['clusters'] / shuffled['wall'] / 1e6:.1f} M/s wall, "
+            f"{shuffled['clusters'] / shuffled['cpu'] / 1e6:.1f} M/s CPU",
+        ),
+        Row(
+            f"`vmafs mount` time-to-ready, {size_label} disk",
+            "seconds",
+            "-",
+            f"{fmt_s(ready[0])} warm, {fmt_s(ready[1])} cold",
+            "-",
+            "<= 3 s",
+            ready[0] <= 3.0,
+            "command start to return (mount answering); cold = after drop_caches",
+        ),
+        Row(
+            f"index memory ({size_label} disk)",
+            "bytes/cluster (RSS delta)",
+            "-",
+            f"{mem:.2f} B/cluster",
+            "-",
+            "<= 10",
+            mem <= 10,
+            f"peak during the build {peak:.2f} B/cluster",
+        ),
+    ]
+
+
+# --- sequential reads -----------------------------------------------------------------
+
+
+def _ratarmount_dd(ctx: Ctx, tar: str, disk_bytes: int) -> float:
+    exe = shutil.which("ratarmount") or os.path.join(os.path.dirname(sys.executable), "ratarmount")
+    if not os.path.exists(exe):
+        raise Skip("ratarmount is not installed (pip install 'vmafs[bench]')")
+    mnt = ctx.mnt("ratar")
+    umount(mnt)
+    # index once (kept beside the tar), then a fresh mount for the timed read
+    run([exe, tar, mnt])
+    umount(mnt)
+    warm(tar)
+    run([exe, tar, mnt])
+    try:
+        for _ in range(100):
+            if os.path.exists(os.path.join(mnt, DISK)):
+                break
+            time.sleep(0.05)
+        t = timed(["dd", f"if={os.path.join(mnt, DISK)}", "of=/dev/null", "bs=1M", "status=none"])
+        return t[0]
+    finally:
+        umount(mnt)
+
+
+def _vmafs_dd(archive: str, mnt: str, options=(), bs: str = "1M", count=None) -> float:
+    warm(archive)
+    with vmafs_mount(archive, mnt, options):
+        cmd = ["dd", f"if={_mounted_disk(mnt)}", "of=/dev/null", f"bs={bs}", "status=none"]
+        if count:
+            cmd.append(f"count={count}")
+        return timed(cmd)[0]
+
+
+def fig_seq(ctx: Ctx) -> list[Row]:
+    # a disk that is all data (no holes), so "the same bytes" means the same thing
+    # for the mount and for a straight read of the archive file
+    data_arch = ctx.get("data-archive")
+    dsize = ctx.sizes.writer_disk
+    mnt = ctx.mnt("seq")
+    vm_d = min(_vmafs_dd(data_arch, mnt) for _ in range(2))
+    vm_dio = _vmafs_dd(data_arch, mnt, ("direct_io",))
+    warm(data_arch)
+    st_d = min(
+        timed(["dd", f"if={data_arch}", "of=/dev/null", "bs=1M", "status=none"])[0]
+        for _ in range(2)
+    )
+    archive = ctx.get("archive")
+    disk_bytes = ctx.sizes.disk
+    arch_bytes = os.path.getsize(archive)
+    vm = min(_vmafs_dd(archive, mnt) for _ in range(2))
+    warm(archive)
+    straight = timed(["dd", f"if={archive}", "of=/dev/null", "bs=1M", "status=none"])[0]
+    rows = [
+        Row(
+            f"sequential `dd bs=1M` through the mount, warm: {dsize >> 20} MiB disk of random data",
+            "straight `dd bs=1M` of its archive file",
+            f"{fmt_s(st_d)} ({fmt_rate(dsize / st_d)})",
+            f"{fmt_s(vm_d)} ({fmt_rate(dsize / vm_d)})",
+            f"{st_d / vm_d:.2f}",
+            ">= 0.30 of straight",
+            st_d / vm_d >= 0.30,
+            f"fresh mount (empty FUSE cache), best of 2; with `-o direct_io`: {fmt_s(vm_dio)} "
+            f"({fmt_rate(dsize / vm_dio)}, {st_d / vm_dio:.2f}); the {disk_bytes >> 30} GiB "
+            f"ext4 disk: {fmt_s(vm)} ({fmt_rate(disk_bytes / vm)} of disk) vs straight "
+            f"`dd` of its {arch_bytes / 1e9:.2f} GB archive {fmt_s(straight)}",
+        )
+    ]
+    ctx.facts["seq"] = {"data": [vm_d, vm_dio, st_d], "ext4": [vm, straight]}
+    try:
+        tar = ctx.get("tar")
+        ratar = _ratarmount_dd(ctx, tar, disk_bytes)
+        rows.append(
+            Row(
+                f"sequential `dd bs=1M` of the {disk_bytes >> 30} GiB ext4 disk through the "
+                "mount, warm",
+                "ratarmount serving an uncompressed tar of the extracted raw disk",
+                f"{fmt_s(ratar)} ({fmt_rate(disk_bytes / ratar)})",
+                f"{fmt_s(vm)} ({fmt_rate(disk_bytes / vm)})",
+                f"{ratar / vm:.2f}x",
+                ">= 1.2x ratarmount",
+                ratar / vm >= 1.2,
+                "tar warm in page cache, fresh ratarmount mount",
+            )
+        )
+    except Skip as e:
+        rows.append(
+            Row(
+                "sequential read vs ratarmount",
+                "ratarmount",
+                "-",
+                f"{fmt_s(vm)}",
+                "-",
+                ">= 1.2x ratarmount",
+                None,
+                str(e),
+            )
+        )
+    return rows
+
+
+# --- random 4 KiB reads ---------------------------------------------------------------
+
+
+def _random_offsets(archive: str, n: int, seed: int = 5) -> list[int]:
+    from vmafs.archive import Archive
+
+    with Archive.open(archive) as a:
+        dev = next(d for d in a.devices if not d.is_vmstate)
+        ranges = list(a.allocated_ranges(dev.dev_id))
+    blocks = []
+    for off, length in ranges:
+        blocks.append((off // 4096, length // 4096))
+    total = sum(b[1] for b in blocks)
+    rnd = random.Random(seed)
+    picks = sorted(rnd.sample(range(total), min(n, total)))
+    out, i, base = [], 0, 0
+    for p in picks:
+        while p >= base + blocks[i][1]:
+            base += blocks[i][1]
+            i += 1
+        out.append((blocks[i][0] + p - base) * 4096)
+    rnd.shuffle(out)
+    return out
+
+
+def _pread_lat(path: str, offsets: list[int]) -> tuple[list[float], float]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        lat = []
+        pread, clock = os.pread, time.perf_counter
+        t0 = clock()
+        for off in offsets:
+            a = clock()
+            pread(fd, 4096, off)
+            lat.append(clock() - a)
+        total = clock() - t0
+    finally:
+        os.close(fd)
+    lat.sort()
+    return lat, total
+
+
+def _lat_str(lat: list[float], total: float) -> str:
+    return (
+        f"{len(lat) / total:,.0f} IOPS, p50 {fmt_s(percentile(lat, 0.5))}, "
+        f"p99 {fmt_s(percentile(lat, 0.99))}"
+    )
+
+
+def fig_random(ctx: Ctx) -> list[Row]:
+    archive = ctx.get("archive")
+    raw = ctx.get("raw")
+    offsets = _random_offsets(archive, ctx.sizes.random_reads)
+    ctx.data["offsets"] = offsets
+    warm(raw)
+    base_lat, base_t = _pread_lat(raw, offsets)
+    warm(archive)
+    mnt = ctx.mnt("random")
+    with vmafs_mount(archive, mnt):
+        lat, t = _pread_lat(_mounted_disk(mnt), offsets)
+    iops, base_iops = len(lat) / t, len(base_lat) / base_t
+    return [
+        Row(
+            f"random 4 KiB preads through the mount, warm ({len(offsets)} distinct offsets "
+            "in stored data)",
+            "straight pread on the extracted raw (page cache warm)",
+            _lat_str(base_lat, base_t),
+            _lat_str(lat, t),
+            f"{iops / base_iops:.3f}",
+            ">= 0.25 of IOPS",
+            iops >= 0.25 * base_iops,
+            "fresh mount; archive warm in page cache; FADV_RANDOM on both",
+        )
+    ]
+
+
+# --- qemu-img convert ----------------------------------------------------------------
+
+
+def _sync_timed(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    run(cmd)
+    os.sync()
+    return time.perf_counter() - t0
+
+
+def _convert(archive: str, mnt: str, out: str, options=()) -> float:
+    warm(archive)
+    with vmafs_mount(archive, mnt, options):
+        try:
+            return _sync_timed(
+                ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", _mounted_disk(mnt), out]
+            )
+        finally:
+            if os.path.exists(out):
+                os.unlink(out)
+
+
+def fig_convert(ctx: Ctx) -> list[Row]:
+    need("qemu-img")
+    archive = ctx.get("archive")
+    mnt = ctx.mnt("convert")
+    out = os.path.join(ctx.work, "convert.qcow2")
+    conv = _convert(archive, mnt, out)
+    ctx.facts["convert_buffered_s"] = conv
+    xdir = os.path.join(ctx.work, "convert-extract")
+    shutil.rmtree(xdir, ignore_errors=True)
+    warm(archive)
+    try:
+        ext = _sync_timed([*VMAFS, "extract", archive, xdir])
+    finally:
+        shutil.rmtree(xdir, ignore_errors=True)
+    return [
+        Row(
+            "`qemu-img convert -O qcow2` from the mount",
+            "`vmafs extract` of the same archive",
+            fmt_s(ext),
+            fmt_s(conv),
+            _ratio(conv, ext),
+            "<= 1.0x",
+            conv <= ext,
+            "archive warm; both timed to the end of a following sync",
+        )
+    ]
+
+
+# --- writer ---------------------------------------------------------------------------
+
+
+class _Qmp:
+    """Synchronous QMP client (qemu.qmp's legacy API) for the bench's own QEMU control."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"QMP socket {path} did not appear")
+            time.sleep(0.02)
+        self.q = QEMUMonitorProtocol(path)
+        self.q.connect()
+
+    def cmd(self, name: str, args: dict | None = None):
+        r = self.q.cmd_raw(name, args) if hasattr(self.q, "cmd_raw") else self.q.cmd(name, args)
+        if "error" in r:
+            raise RuntimeError(f"{name}: {r['error'].get('desc')}")
+        return r.get("return")
+
+    def wait_event(self, names: set[str], timeout: float = 600.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ev = self.q.pull_event(wait=max(0.1, deadline - time.monotonic()))
+            if ev and ev.get("event") in names:
+                return ev
+        raise RuntimeError(f"no {names} event in {timeout} s")
+
+    def close(self) -> None:
+        self.q.close()
+
+
+def _qsd(sock: str, image: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            need("qemu-storage-daemon"),
+            "--chardev",
+            f"socket,id=m,path={sock},server=on,wait=off",
+            "--monitor",
+            "chardev=m",
+            "--blockdev",
+            f"driver=file,filename={image},node-name=f0,read-only=on",
+            "--blockdev",
+            "driver=raw,file=f0,node-name=src,read-only=on",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _stop(p: subprocess.Popen | None) -> None:
+    if p is not None and p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _qsd_backup(work: str, image: str, size: int, target: str) -> tuple[float, float]:
+    """blockdev-backup of *image* by a fresh qemu-storage-daemon into *target*.
+
+    *target* is ``nbdkit`` (memory plugin) or ``raw`` (a file, fsynced at the
+    end).  Returns (end-to-end seconds incl. daemon start, job seconds).
+    """
+    sock = os.path.join(work, "qsd-qmp.sock")
+    nbd_sock = os.path.join(work, "nbdkit.sock")
+    out = os.path.join(work, "backup-target.raw")
+    for p in (sock, nbd_sock, out):
+        if os.path.exists(p):
+            os.unlink(p)
+    nbdkit = qsd = None
+    t_start = time.perf_counter()
+    try:
+        if target == "nbdkit":
+            nbdkit = subprocess.Popen(
+                [need("nbdkit"), "-f", "-U", nbd_sock, "memory", str(size)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            while not os.path.exists(nbd_sock):
+                if nbdkit.poll() is not None:
+                    raise RuntimeError("nbdkit exited")
+                time.sleep(0.01)
+            node = {"driver": "nbd", "server": {"type": "unix", "path": nbd_sock}}
+        else:
+            with open(out, "wb") as f:
+                f.truncate(size)
+            node = {"driver": "file", "filename": out}
+        qsd = _qsd(sock, image)
+        q = _Qmp(sock)
+        try:
+            q.cmd("blockdev-add", {"node-name": "tgt", **node})
+            t_job = time.perf_counter()
+            q.cmd(
+                "blockdev-backup", {"job-id": "j", "device": "src", "target": "tgt", "sync": "full"}
+            )
+            ev = q.wait_event({"BLOCK_JOB_COMPLETED"})
+            if ev["data"].get("error"):
+                raise RuntimeError(f"baseline backup failed: {ev['data']['error']}")
+            q.cmd("blockdev-del", {"node-name": "tgt"})
+            if target == "raw":
+                fd = os.open(out, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+            t_end = time.perf_counter()
+        finally:
+            q.close()
+        return t_end - t_start, t_end - t_job
+    finally:
+        _stop(qsd)
+        _stop(nbdkit)
+        for p in (sock, nbd_sock, out):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+def fig_writer(ctx: Ctx) -> list[Row]:
+    need("qemu-storage-daemon")
+    image = ctx.get("wdisk")
+    size = ctx.sizes.writer_disk
+    out = os.path.join(ctx.work, "writer-out.vma")
+    warm(image)
+    t0 = time.perf_counter()
+    p = run(
+        [*VMAFS, "create", "-f", "--no-progress", "-v", out, f"drive-scsi0={image}:raw"],
+        stderr=subprocess.PIPE,
+    )
+    vm_wall = time.perf_counter() - t0
+    m = re.search(r"clusters \(\d+ re-sent\), ([\d.]+) s", p.stderr.decode(errors="replace"))
+    vm_job = float(m.group(1)) if m else float("nan")
+    summary = p.stderr.decode(errors="replace").strip().splitlines()
+    ctx.facts["writer_summary"] = summary[-1] if summary else ""
+    ctx.facts["writer_archive"] = {"path": out, "size": os.path.getsize(out)}
+    warm(image)
+    nbd_wall, nbd_job = _qsd_backup(ctx.work, image, size, "nbdkit")
+    warm(image)
+    raw_wall, raw_job = _qsd_backup(ctx.work, image, size, "raw")
+    rate = size / vm_wall
+    return [
+        Row(
+            f"writer: `vmafs create` of a {size >> 20} MiB disk of random data",
+            "qemu-storage-daemon blockdev-backup into `nbdkit memory`",
+            f"{fmt_rate(size / nbd_wall)} ({fmt_s(nbd_wall)}; job {fmt_s(nbd_job)})",
+            f"{fmt_rate(rate)} ({fmt_s(vm_wall)}; job {fmt_s(vm_job)})",
+            f"{nbd_wall / vm_wall:.2f}",
+            ">= 0.80 of nbdkit memory",
+            nbd_wall / vm_wall >= 0.8,
+            "end to end (process start to archive fsynced and renamed / job completed); "
+            "'job' = the writer's own backup timer and the baseline's "
+            "blockdev-backup-to-BLOCK_JOB_COMPLETED",
+        ),
+        Row(
+            "writer: `vmafs create` (same)",
+            "qemu-storage-daemon blockdev-backup into a raw file (fsynced)",
+            f"{fmt_rate(size / raw_wall)} ({fmt_s(raw_wall)}; job {fmt_s(raw_job)})",
+            f"{fmt_rate(rate)} ({fmt_s(vm_wall)})",
+            f"{raw_wall / vm_wall:.2f}",
+            "(reference)",
+            None,
+        ),
+    ]
+
+
+# --- guest write latency during a backup ------------------------------------------------
+
+
+def _write_latency(
+    ctx: Ctx, image: str, start_job: Callable[[str, str, int], object], speed: int, writes: int
+) -> tuple[list[float], int, object]:
+    """Run a QEMU (-machine none) with *image*; start a backup with *start_job*;
+    time 4 KiB HMP qemu-io writes to not-yet-copied clusters on a second QMP monitor.
+    Returns (sorted latencies, writes that were ahead of the job, start_job's result)."""
+    size = os.path.getsize(image)
+    q1 = os.path.join(ctx.work, "vm-qmp1.sock")
+    q2 = os.path.join(ctx.work, "vm-qmp2.sock")
+    for p in (q1, q2):
+        if os.path.exists(p):
+            os.unlink(p)
+    vm = subprocess.Popen(
+        [
+            need("qemu-system-x86_64"),
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-drive",
+            f"file={image},format=raw,if=none,id=drive0",
+            "-qmp",
+            f"unix:{q1},server=on,wait=off",
+            "-qmp",
+            f"unix:{q2},server=on,wait=off",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    mon = job = None
+    try:
+        mon = _Qmp(q2)
+        while not os.path.exists(q1):
+            time.sleep(0.01)
+        job = start_job(q1, "drive0", speed)
+        deadline = time.monotonic() + 30
+        job_id = None
+        while job_id is None:
+            jobs = mon.cmd("query-block-jobs")
+            if jobs:
+                job_id = jobs[0]["device"]
+            elif time.monotonic() > deadline:
+                raise RuntimeError("the backup job did not start")
+            else:
+                time.sleep(0.01)
+        rnd = random.Random(9)
+        clusters = size // 65536
+        targets = rnd.sample(range(clusters // 2, clusters), writes)
+        lat, ahead = [], 0
+        gap = 0.5 * size / speed / writes  # writes spread over half the job's time
+        for c in targets:
+            jobs = mon.cmd("query-block-jobs")
+            done = jobs[0]["offset"] if jobs else size
+            off = c * 65536 + rnd.randrange(16) * 4096
+            ahead += off > done
+            t0 = time.perf_counter()
+            r = mon.cmd(
+                "human-monitor-command",
+                {"command-line": f'qemu-io drive0 "write -P 0x5a {off} 4k"'},
+            )
+            lat.append(time.perf_counter() - t0)
+            if r and "error" in r.lower():
+                raise RuntimeError(f"qemu-io: {r.strip()}")
+            time.sleep(gap)
+        if job_id:
+            try:
+                mon.cmd("block-job-set-speed", {"device": job_id, "speed": 0})
+            except RuntimeError:
+                pass  # already finished
+        result = job() if callable(job) else job
+        lat.sort()
+        return lat, ahead, result
+    finally:
+        if mon is not None:
+            mon.close()
+        _stop(vm)
+        for p in (q1, q2):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+def fig_latency(ctx: Ctx) -> list[Row]:
+    need("qemu-system-x86_64")
+    base = ctx.get("ldisk")
+    size = ctx.sizes.latency_disk
+    duration = 12.0 if ctx.sizes.label == "full" else 6.0
+    speed = int(size / duration)
+    writes = 150 if ctx.sizes.label == "full" else 60
+    scratch = os.path.join(ctx.work, "latency-scratch.img")
+    out = os.path.join(ctx.work, "latency-out.vma")
+
+    def vmafs_job(qmp: str, drive: str, speed: int):
+        proc = subprocess.Popen(
+            [*VMAFS, "backup", "--qmp", qmp, "-o", out, "-f", "--no-progress", "-v"]
+            + ["--speed", str(speed), drive],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+        def finish():
+            _, err = proc.communicate(timeout=600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"vmafs backup failed: {err.decode().strip()[-300:]}")
+            return err.decode(errors="replace").strip().splitlines()[-1:]
+
+        return finish
+
+    def raw_job(qmp: str, drive: str, speed: int):
+        tgt = os.path.join(ctx.work, "latency-target.raw")
+        with open(tgt, "wb") as f:
+            f.truncate(size)
+        q = _Qmp(qmp)
+        q.cmd("blockdev-add", {"node-name": "tgt", "driver": "file", "filename": tgt})
+        q.cmd(
+            "blockdev-backup",
+            {"job-id": "j", "device": drive, "target": "tgt", "sync": "full", "speed": speed},
+        )
+
+        def finish():
+            try:
+                ev = q.wait_event({"BLOCK_JOB_COMPLETED"})
+                if ev["data"].get("error"):
+                    raise RuntimeError(ev["data"]["error"])
+            finally:
+                q.close()
+                os.unlink(tgt)
+
+        return finish
+
+    def no_job(qmp: str, drive: str, speed: int):
+        raise AssertionError
+
+    results = {}
+    for name, fn in (("vmafs", vmafs_job), ("raw", raw_job)):
+        shutil.copyfile(base, scratch)
+        lat, ahead, extra = _write_latency(ctx, scratch, fn, speed, writes)
+        results[name] = (lat, ahead, extra)
+    os.unlink(scratch)
+    if os.path.exists(out):
+        os.unlink(out)
+    (vl, va, vextra), (rl, ra, _) = results["vmafs"], results["raw"]
+    v99, r99 = percentile(vl, 0.99), percentile(rl, 0.99)
+    ctx.facts["latency_vmafs_summary"] = vextra
+    return [
+        Row(
+            f"guest 4 KiB write latency during a throttled backup ({size >> 20} MiB disk, "
+            f"{speed >> 20} MiB/s, {writes} writes via HMP qemu-io)",
+            "the same job into a raw file target",
+            f"p50 {fmt_s(percentile(rl, 0.5))}, p99 {fmt_s(r99)} ({ra} ahead of the job)",
+            f"p50 {fmt_s(percentile(vl, 0.5))}, p99 {fmt_s(v99)} ({va} ahead of the job)",
+            _ratio(v99, r99),
+            "p99 <= 2x",
+            v99 <= 2 * r99,
+            "each write timed as one QMP human-monitor-command round trip on a second "
+            "monitor; 'ahead' = writes to clusters past the job's offset at that moment",
+        )
+    ]
+
+
+# --- archive size --------------------------------------------------------------------
+
+
+def fig_size(ctx: Ctx) -> list[Row]:
+    from vmafs.format import CLUSTER_SIZE, Header
+
+    archive = ctx.get("archive")
+    image = ctx.get("image")
+    with open(archive, "rb") as f:
+        head = f.read(1 << 20)
+    hsize = Header.peek_size(head)
+    clusters = (os.path.getsize(image) + CLUSTER_SIZE - 1) // CLUSTER_SIZE
+    blocks = ds.nonzero_blocks(image)
+    expect = hsize + 512 * -(-clusters // 58) + 4096 * blocks
+    actual = os.path.getsize(archive)
+    dev = (actual - expect) / expect
+    return [
+        Row(
+            f"archive size from `vmafs create` ({ctx.sizes.disk >> 30} GiB ext4 disk)",
+            "Proxmox rules: header + 512 B per 58 clusters + 4 KiB per non-zero block",
+            f"{expect:,} B",
+            f"{actual:,} B",
+            f"{dev * 100:+.3f}%",
+            "within 1%",
+            abs(dev) <= 0.01,
+            f"{blocks:,} non-zero 4 KiB blocks in the source",
+        )
+    ]
+
+
+# --- compressed (issue 4) ------------------------------------------------------------
+
+
+def fig_zstd(ctx: Ctx) -> list[Row]:
+    from vmafs import sidecar
+    from vmafs.index import StreamIndexer
+    from vmafs.source import zstd
+
+    need("zstd")
+    archive = ctx.get("archive")
+    zpath = ctx.get("zst")
+    indexer = StreamIndexer()
+    warm(zpath)
+    reads = 300 if ctx.sizes.label == "quick" else 1000
+    b = zstd.benchmark(zpath, reads=reads, on_chunk=indexer.feed)
+    ctx.facts["zstd_benchmark"] = b
+
+    # a real first mount (no side index) vs zstd -d, both with the file warm
+    for p in sidecar.candidate_paths(zpath):
+        if os.path.exists(p):
+            os.unlink(p)
+    mnt = ctx.mnt("zstd")
+    warm(zpath)
+    with vmafs_mount(zpath, mnt) as first:
+        pass
+    warm(zpath)
+    zd = timed(["zstd", "-q", "-d", "-c", zpath], stdout=subprocess.DEVNULL)[0]
+    # random reads through the mount after the side index exists
+    offsets = ctx.data.get("offsets") or _random_offsets(archive, 1000)
+    offsets = offsets[:reads]
+    with vmafs_mount(zpath, mnt) as second:
+        lat, t = _pread_lat(_mounted_disk(mnt), offsets)
+    seek = ctx.get("seekable")
+    bs = zstd.benchmark(seek, reads=reads)
+    with vmafs_mount(seek, mnt):
+        slat, st = _pread_lat(_mounted_disk(mnt), offsets)
+    ctx.facts["zstd_seekable_benchmark"] = bs
+    csize = os.path.getsize(zpath)
+    label = f"{csize / 1e9:.2f} GB `zstd --threads=1` .vma.zst"
+    return [
+        Row(
+            f"zstd: first `vmafs mount` (scan + side index), {label}",
+            "`zstd -d >/dev/null`",
+            fmt_s(zd),
+            f"{fmt_s(first)} (scan alone {b['scan_s']} s / zstd -d {b['zstd_d_s']} s "
+            f"= {b['scan_ratio']}x; CPU {b['scan_cpu_ratio']}x)",
+            _ratio(first, zd),
+            "<= 1.3x",
+            first <= 1.3 * zd,
+            f"remount with the side index: {fmt_s(second)}",
+        ),
+        Row(
+            "zstd: random 4 KiB reads after the scan",
+            "-",
+            "-",
+            f"source p99 {b['read_p99_ms']} ms (CPU {b['read_cpu_p99_ms']} ms); "
+            f"mount p99 {fmt_s(percentile(lat, 0.99))}, {len(lat) / t:,.0f} IOPS",
+            "-",
+            "p99 <= 100 ms",
+            max(b["read_p99_ms"], percentile(lat, 0.99) * 1e3) <= 100,
+            f"{b['checkpoints']} checkpoints",
+        ),
+        Row(
+            "zstd: side index size",
+            "archive size",
+            f"{csize:,} B",
+            f"{b['index_bytes']:,} B",
+            f"{b['index_ratio'] * 100:.2f}%",
+            "<= 5%",
+            b["index_ratio"] <= 0.05,
+        ),
+        Row(
+            "writer's seekable .vma.zst: random 4 KiB reads, no side index",
+            "-",
+            "-",
+            f"source p99 {bs['read_p99_ms']} ms; mount p99 {fmt_s(percentile(slat, 0.99))}, "
+            f"{len(slat) / st:,.0f} IOPS",
+            "-",
+            "p99 <= 10 ms",
+            max(bs["read_p99_ms"], percentile(slat, 0.99) * 1e3) <= 10,
+            f"{bs['frames']} frames (`vmafs recompress`)",
+        ),
+    ]
+
+
+FIGURES: dict[str, Callable[[Ctx], list[Row]]] = {
+    "restore": fig_restore,
+    "index": fig_index,
+    "seq": fig_seq,
+    "random": fig_random,
+    "convert": fig_convert,
+    "writer": fig_writer,
+    "latency": fig_latency,
+    "size": fig_size,
+    "zstd": fig_zstd,
+}
