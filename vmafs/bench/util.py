@@ -12,8 +12,16 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 
-#: how the bench runs the CLI: the same interpreter, so the venv's vmafs is used
+#: how the bench runs the CLI: the same interpreter and this checkout of vmafs
 VMAFS = [sys.executable, "-m", "vmafs"]
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def use_this_checkout() -> None:
+    """Let child processes (``python -m vmafs``) import the vmafs the bench runs from."""
+    path = os.environ.get("PYTHONPATH", "")
+    if REPO not in path.split(os.pathsep):
+        os.environ["PYTHONPATH"] = REPO + (os.pathsep + path if path else "")
 
 
 class Skip(Exception):
@@ -100,15 +108,35 @@ def is_mountpoint(path: str) -> bool:
     return os.path.ismount(path)
 
 
+#: pseudo mount option: after mounting, set the FUSE mount's readahead (root only)
+READAHEAD = "bench_read_ahead_kb="
+
+
+def set_read_ahead(mnt: str, kb: int) -> None:
+    """Set /sys/class/bdi/<mount's device>/read_ahead_kb (the kernel's default for
+    FUSE is 128, which makes buffered reads 128 KiB requests)."""
+    st = os.stat(mnt)
+    path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(f"{kb}\n")
+    except OSError as e:
+        raise Skip(f"cannot set {path} ({e.strerror})") from e
+
+
 @contextlib.contextmanager
 def vmafs_mount(archive: str, mnt: str, options: Sequence[str] = ()) -> Iterator[float]:
     """``vmafs mount`` (returns when ready); yields the seconds it took."""
     os.makedirs(mnt, exist_ok=True)
+    ra = [o for o in options if o.startswith(READAHEAD)]
+    options = [o for o in options if not o.startswith(READAHEAD)]
     cmd = [*VMAFS, "mount", archive, mnt]
     if options:
         cmd += ["-o", ",".join(options)]
     t = timed(cmd)[0]
     try:
+        if ra:
+            set_read_ahead(mnt, int(ra[0][len(READAHEAD) :]))
         yield t
     finally:
         umount(mnt)
