@@ -188,20 +188,23 @@ def fig_restore(ctx: Ctx) -> list[Row]:
 # --- index ------------------------------------------------------------------------
 
 _INDEX_CHILD = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 import numpy  # imported before the baseline RSS: the index needs it anyway
 from vmafs.archive import Archive
 import vmafs.index, vmafs.source
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def hwm():  # VmHWM: this process's peak (ru_maxrss would include the parent's: fork)
+    with open("/proc/self/status") as f:
+        return int(next(ln for ln in f if ln.startswith("VmHWM:")).split()[1]) * 1024
 if len(sys.argv) > 2:  # warm-up: lazy imports and one-time state are not the index
     Archive.open(sys.argv[2]).close()
 r0 = rss()
 c0, t0 = time.process_time(), time.perf_counter()
 a = Archive.open(sys.argv[1])
 t1, c1 = time.perf_counter(), time.process_time()
-r1 = rss(); p1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+r1 = rss(); p1 = hwm()
 clusters = sum(d.clusters for d in a.devices)
 print(json.dumps({"wall": t1 - t0, "cpu": c1 - c0, "rss": r1 - r0, "peak": p1 - r0,
                   "clusters": clusters, "extents": a.index.extents}))
