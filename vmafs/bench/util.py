@@ -81,6 +81,18 @@ def warm(path: str, size: int | None = None) -> None:
             left -= n
 
 
+def evict(path: str) -> None:
+    """Drop *path*'s pages from the page cache (keeps memory free for the next figure)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def read_all(path: str, bs: int = 1 << 20) -> int:
     """Read *path* sequentially with *bs*-sized reads (as ``dd bs=``); bytes read."""
     total = 0
