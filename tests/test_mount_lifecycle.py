@@ -60,6 +60,33 @@ def _mount_option_field(mnt: Path) -> tuple[str, str, str]:
 # --- daemon mode ----------------------------------------------------------------------------
 
 
+def _readahead_kb(mnt: Path) -> int:
+    dev = os.stat(mnt).st_dev
+    with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb") as f:
+        return int(f.read())
+
+
+@pytest.mark.parametrize(("option", "expected"), [(None, 1024), ("readahead=256", 256)])
+def test_readahead_of_the_mount(two_disks, mnt, option, expected, require_fuse, manifest):
+    """The mount's readahead is raised (root) so buffered reads arrive as big requests."""
+    args = ("-o", option) if option else ()
+    try:
+        proc = run_vmafs("mount", two_disks, mnt, *args)
+        assert proc.returncode == 0, proc.stderr
+        assert _readahead_kb(mnt) == expected
+        d = manifest(two_disks)["devices"][0]
+        assert sha256_file(mnt / f"disk-{d['name']}.raw") == d["sha256"]
+    finally:
+        cleanup(two_disks, mnt)
+
+
+def test_readahead_option_checked(two_disks, mnt, require_fuse):
+    proc = run_vmafs("mount", two_disks, mnt, "-o", "readahead=lots")
+    assert proc.returncode == 2 and "readahead=lots" in _one_line_error(proc)
+    assert not is_mounted(mnt)
+
+
+
 def test_daemon_returns_when_ready_and_umount(two_disks, mnt, require_fuse, manifest):
     try:
         proc = run_vmafs("mount", two_disks, mnt)
