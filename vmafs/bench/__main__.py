@@ -31,7 +31,12 @@ ALL = [*FIGURES, *TUNING]
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vmafs.bench", description=__doc__.split("\n")[2])
     p.add_argument("--quick", action="store_true", help="small data sets (~2 minutes)")
-    p.add_argument("--out", default="docs/benchmarks.md", help="markdown file to write ('-': none)")
+    p.add_argument(
+        "--out",
+        help="markdown file to write ('-': none; default: docs/benchmarks.md for a full run "
+        "of every figure, none for --quick or --only, so a partial run never replaces "
+        "the recorded one)",
+    )
     p.add_argument("--workdir", default="/var/tmp/vmafs-bench", help="where data sets are built")
     p.add_argument("--only", default="", help="comma-separated figures: " + ",".join(ALL))
     p.add_argument("--keep", action="store_true", help="keep (and reuse) the data sets")
@@ -118,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     sizes = ds.QUICK if args.quick else ds.FULL
     only = [x for x in args.only.split(",") if x] or ALL
+    if args.out is None:
+        args.out = "-" if args.quick or args.only else "docs/benchmarks.md"
     unknown = set(only) - set(ALL)
     if unknown:
         print(f"unknown figure(s): {', '.join(sorted(unknown))}; known: {', '.join(ALL)}")
