@@ -3,9 +3,9 @@
 Builds the data sets (cached in the work directory with ``--keep``), runs
 each figure against its baseline, prints the markdown table and writes it,
 with the machine described and the tuning measurements, to ``--out``
-(default docs/benchmarks.md).  A hand-written analysis block between
-``<!-- BEGIN ANALYSIS -->`` and ``<!-- END ANALYSIS -->`` in an existing
-output file is kept.
+(default docs/benchmarks.md for a full run, none for ``--quick``/``--only``).
+A hand-written analysis block between ``<!-- BEGIN ANALYSIS -->`` and
+``<!-- END ANALYSIS -->`` in an existing output file is kept.
 """
 
 from __future__ import annotations
