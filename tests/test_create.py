@@ -156,6 +156,30 @@ def test_same_devname_twice_and_existing_target(require_qemu, tmp_path):
     assert archive_disks(out) == {"d": (1 * MiB, file_sha256(raw))}
 
 
+@pytest.mark.slow
+def test_backup_longer_than_ten_seconds(require_qemu, tmp_path):
+    """The daemon survives a backup that outlives trio's idle worker threads (10 s).
+
+    Regression: the daemon was forked in a trio worker thread with
+    PR_SET_PDEATHSIG, and the kernel killed it when that *thread* was retired
+    after 10 s idle, so every `create` longer than ~10 s failed.  --speed 4M
+    on 64 MiB makes the job take ~16 s (QEMU's rate limit; it cannot be faster).
+    """
+    img = random_raw(tmp_path / "long.raw", 64 * MiB, seed=18, zero_ranges=[(8 * MiB, 4 * MiB)])
+    out = tmp_path / "long.vma"
+    t0 = time.monotonic()
+    proc = create("--speed", "4M", out, f"drive-scsi0={img}:raw")
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    # precondition of this test, not a performance check: the run did outlive 10 s
+    assert elapsed > 11, f"create took only {elapsed:.1f} s; the test did not test anything"
+    assert vmafs_verify(out).returncode == 0
+    assert archive_disks(out) == {"drive-scsi0": (64 * MiB, file_sha256(img))}
+    assert leftovers(tmp_path) == [out.name]
+    assert holders(img) == []
+
+
 def _start_slow_create(tmp_path: Path, **popen):
     img = random_raw(tmp_path / "slow.raw", 16 * MiB, seed=16)
     outdir = tmp_path / "out"

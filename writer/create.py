@@ -10,6 +10,14 @@ clean QMP error, not daemon stderr to parse), and the daemon runs the same
 
 The daemon is stopped in every path: on success, on error, on Ctrl-C, and,
 through ``PR_SET_PDEATHSIG``, even when vmafs itself is killed.
+
+The kernel sends the death signal when the *thread* that forked the daemon
+exits, not the process.  So the daemon is forked with :class:`subprocess.Popen`
+from the thread running the trio loop (which outlives the daemon), never from
+a worker thread: ``trio.lowlevel.open_process`` forks in one of trio's worker
+threads, which trio retires after 10 s idle - and the daemon died with it.
+Its exit is awaited through a pidfd (``os.pidfd_open`` +
+``trio.lowlevel.wait_readable``), so no thread waits either.
 """
 
 from __future__ import annotations
@@ -93,12 +101,25 @@ async def probe_format(path: str) -> str:
     return json.loads(proc.stdout)["format"]
 
 
-def _pdeathsig() -> None:  # runs in the child between fork and exec
+def _pdeathsig_hook():
+    """A preexec_fn that sets PR_SET_PDEATHSIG=SIGTERM in the child.
+
+    libc's ``prctl`` is looked up here, in the parent: the child (between fork
+    and exec) only calls it.  If the parent is already gone by then, the
+    signal would never come, so the child exits instead of exec'ing.
+    """
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except OSError:
-        pass
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def hook() -> None:  # runs in the child between fork and exec
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return hook
 
 
 class StorageDaemon:
@@ -111,7 +132,8 @@ class StorageDaemon:
     def __init__(self, binary: str = "qemu-storage-daemon") -> None:
         self.binary = binary
         self.qmp: QmpConnection | None = None
-        self.process: trio.Process | None = None
+        self.process: subprocess.Popen | None = None
+        self._pidfd: int | None = None
         self._stderr = None
 
     async def __aenter__(self) -> StorageDaemon:
@@ -121,7 +143,9 @@ class StorageDaemon:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._stderr = tempfile.TemporaryFile()
         try:
-            self.process = await trio.lowlevel.open_process(
+            # Popen here, in the trio thread: see the module docs (PDEATHSIG).
+            # Forking takes a few ms; nothing else is running in this loop yet.
+            self.process = subprocess.Popen(
                 [
                     path,
                     "--chardev",
@@ -133,11 +157,15 @@ class StorageDaemon:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=self._stderr,
-                preexec_fn=_pdeathsig,
+                preexec_fn=_pdeathsig_hook(),
                 # its own session: a terminal's Ctrl-C goes to vmafs only, which
                 # then cancels the jobs cleanly before it stops the daemon
                 start_new_session=True,
             )
+            try:
+                self._pidfd = os.pidfd_open(self.process.pid)
+            except (AttributeError, OSError):  # no pidfds: wait() polls
+                self._pidfd = None
             theirs.close()
             try:
                 self.qmp = await QmpConnection.open(ours, name="qemu-storage-daemon")
@@ -158,24 +186,41 @@ class StorageDaemon:
         lines = self._stderr.read().decode(errors="replace").strip().splitlines()
         return lines[-1] if lines else ""
 
+    async def wait(self) -> int:
+        """Wait (without a thread) until the daemon has exited; its return code."""
+        proc = self.process
+        if self._pidfd is not None:
+            if proc.returncode is None:
+                await trio.lowlevel.wait_readable(self._pidfd)
+            return proc.wait()  # exited (pidfd readable): reaps without blocking
+        while proc.poll() is None:  # no pidfd (kernel < 5.3): poll
+            await trio.sleep(0.05)
+        return proc.returncode
+
     async def aclose(self) -> None:
         if self.qmp is not None:
             await self.qmp.aclose()
             self.qmp = None
         proc = self.process
-        if proc is not None and proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            with trio.move_on_after(STOP_TIMEOUT):
-                await proc.wait()
-            if proc.returncode is None:
-                log.warning("qemu-storage-daemon ignored SIGTERM; killing it")
-                proc.kill()
-                await proc.wait()
-        if proc is not None and proc.returncode not in (0, -signal.SIGTERM):
-            log.info("qemu-storage-daemon exited with %s: %s", proc.returncode, self._tail())
-        if self._stderr is not None:
-            self._stderr.close()
-            self._stderr = None
+        try:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                with trio.move_on_after(STOP_TIMEOUT):
+                    await self.wait()
+                if proc.poll() is None:
+                    log.warning("qemu-storage-daemon ignored SIGTERM; killing it")
+                    proc.kill()
+                    await self.wait()
+            if proc is not None and proc.returncode not in (0, -signal.SIGTERM):
+                log.info("qemu-storage-daemon exited with %s: %s", proc.returncode, self._tail())
+        finally:
+            if self._pidfd is not None:
+                trio.lowlevel.notify_closing(self._pidfd)
+                os.close(self._pidfd)
+                self._pidfd = None
+            if self._stderr is not None:
+                self._stderr.close()
+                self._stderr = None
 
     async def __aexit__(self, *exc: object) -> None:
         with trio.CancelScope(shield=True):
