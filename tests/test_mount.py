@@ -391,3 +391,22 @@ def test_mmap_shared_works_buffered(shuffled, mnt, require_fuse):
                 assert len(m) == len(content)
                 assert m[:] == content
                 assert m[CLUSTER_SIZE - 3 : CLUSTER_SIZE + 5] == content[CLUSTER_SIZE - 3 :][:8]
+
+
+def test_failed_reads_are_logged_at_a_bounded_rate(caplog, monkeypatch):
+    """A reader hammering a damaged region must not flood syslog: a burst, then a count."""
+    from vmafs import fs  # noqa: PLC0415 - imports pyfuse3
+
+    now = [1000.0]
+    monkeypatch.setattr(fs.time, "monotonic", lambda: now[0])
+    errors = fs._ErrorLog(burst=3, window=10.0)
+    with caplog.at_level("WARNING", logger="vmafs.fs"):
+        for i in range(50):
+            errors(40, "read failed %d", i)
+        assert [r.getMessage() for r in caplog.records] == [f"read failed {i}" for i in range(3)]
+        now[0] += 10.0
+        errors(40, "read failed %d", 50)
+    assert [r.getMessage() for r in caplog.records[3:]] == [
+        "47 more failed reads not logged in the last 10 s",
+        "read failed 50",
+    ]

@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable
 
 import pyfuse3
@@ -71,6 +72,38 @@ DEFAULT_DIRECT_IO = False
 DEFAULT_THREADED = False
 
 
+class _ErrorLog:
+    """Log failed reads, at most *burst* lines per *window* seconds.
+
+    A reader walking through a damaged region (``qemu-img convert`` of an
+    incomplete archive) fails thousands of reads a second; the log gets the
+    first ones in full and then one line saying how many were left out.
+    """
+
+    def __init__(self, burst: int = 20, window: float = 10.0) -> None:
+        self.burst = burst
+        self.window = window
+        self._start = -window
+        self._count = 0
+        self._suppressed = 0
+
+    def __call__(self, level: int, msg: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._start >= self.window:
+            if self._suppressed:
+                log.warning(
+                    "%d more failed reads not logged in the last %.0f s",
+                    self._suppressed,
+                    now - self._start,
+                )
+            self._start, self._count, self._suppressed = now, 0, 0
+        if self._count < self.burst:
+            self._count += 1
+            log.log(level, msg, *args)
+        else:
+            self._suppressed += 1
+
+
 def _guard(handler: Callable) -> Callable:
     """Let only FUSEError leave a handler: anything else becomes EIO plus a log line.
 
@@ -85,10 +118,10 @@ def _guard(handler: Callable) -> Callable:
         except FUSEError:
             raise
         except MissingClusterError as e:
-            log.warning("%s: %s", self._describe(handler.__name__, args), e)
+            self._error_log(logging.WARNING, "%s: %s", self._describe(handler.__name__, args), e)
             raise FUSEError(errno.EIO) from None
         except (VmaError, OSError) as e:
-            log.error("%s: %s", self._describe(handler.__name__, args), e)
+            self._error_log(logging.ERROR, "%s: %s", self._describe(handler.__name__, args), e)
             raise FUSEError(errno.EIO) from None
         except Exception:
             log.exception("%s: internal error (answered EIO)", handler.__name__)
@@ -140,6 +173,7 @@ class VmaFS(pyfuse3.Operations):
     ) -> None:
         super().__init__()
         self.archive = archive
+        self._error_log = _ErrorLog()
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.direct_io = direct_io
