@@ -31,8 +31,9 @@ from vmafs.format import (
     SLOTS_PER_EXTENT,
     ExtentHeader,
     Header,
+    encode_cluster,
 )
-from writer.packer import ArchiveOutput, Packer
+from writer.packer import ArchiveOutput, Packer, block_masks
 
 REPO = Path(__file__).resolve().parent.parent
 UUID = bytes(range(16))
@@ -201,6 +202,195 @@ def test_conflicting_resend_is_an_error_and_stores_nothing():
                 await p.finish()
 
     trio.run(main)
+
+
+class GatedOutput(ArchiveOutput):
+    """A real archive file whose writes block until the test opens the gate."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def write(self, data) -> None:
+        self.gate.wait()
+        super().write(data)
+
+
+RESEND_SIZE = 12 * CLUSTER_SIZE + 4608  # a short final cluster with a partial block
+
+
+def _resend_output(kind: str, tmp_path: Path):
+    """A gated output for each way a re-send is compared (gate open).
+
+    file: read back from the archive file; zst and memory (no read_back):
+    digests made by the writer thread."""
+    if kind == "memory":
+        sink = GatedSink()
+        sink.gate.set()
+        return sink
+    out = GatedOutput(tmp_path / ("r.vma" if kind == "file" else "r.vma.zst"))
+    assert (out.read_back is not None) == (kind == "file")
+    return out
+
+
+def _archive_bytes(out) -> bytes:
+    if isinstance(out, GatedSink):
+        return out.buf.getvalue()
+    out.commit()
+    raw = Path(out.path).read_bytes()
+    if out.compress:
+        dctx = zstandard.ZstdDecompressor()
+        return dctx.stream_reader(io.BytesIO(raw), read_across_frames=True).read()
+    return raw
+
+
+async def _written_queued_open(p: Packer, out, data: bytes) -> None:
+    """Clusters 0-5 written, 12 (short), 6, 7 queued behind a closed gate, 8 in the
+    open extent (3 slots per extent); 9-11 missing."""
+
+    def chunk(c: int, n: int = 1) -> bytes:
+        return data[c * CLUSTER_SIZE : min(len(data), (c + n) * CLUSTER_SIZE)]
+
+    await p.put(1, 0, chunk(0, 6))
+    await p.put(1, 12 * CLUSTER_SIZE, chunk(12))
+    await p.flush()
+    out.gate.clear()
+    await p.put(1, 6 * CLUSTER_SIZE, chunk(6, 2))
+    await p.put(1, 8 * CLUSTER_SIZE, chunk(8))
+    assert p.missing() == {1: 3}
+
+
+@pytest.mark.parametrize("kind", ["file", "zst", "memory"])
+def test_identical_resends_of_written_queued_and_open_clusters(tmp_path, kind):
+    data = make_disk(RESEND_SIZE, 21)
+    out = _resend_output(kind, tmp_path)
+
+    async def main():
+        async with Packer(
+            out, [("d", RESEND_SIZE)], uuid=UUID, ctime=CTIME, slots_per_extent=3
+        ) as p:
+            try:
+                await _written_queued_open(p, out, data)
+                await p.put(1, 0, data[: 9 * CLUSTER_SIZE])  # written, queued, open
+                await p.put(1, 12 * CLUSTER_SIZE, data[12 * CLUSTER_SIZE :])  # queued, short
+                await p.put(1, CLUSTER_SIZE, None, CLUSTER_SIZE)  # cluster 1 is all zero
+                assert p.duplicates_dropped == 9 + 1 + 1
+                assert p.missing() == {1: 3}
+            finally:
+                out.gate.set()
+            await p.put(1, 9 * CLUSTER_SIZE, data[9 * CLUSTER_SIZE : 12 * CLUSTER_SIZE])
+            await p.finish()
+        return p
+
+    p = trio.run(main)
+    assert p.clusters_stored == 13
+    path = tmp_path / "check.vma"
+    path.write_bytes(_archive_bytes(out))
+    with Archive.open(path) as a:  # a duplicated cluster would fail here
+        assert a.read(1, 0, RESEND_SIZE) == data
+
+
+@pytest.mark.parametrize("kind", ["file", "zst", "memory"])
+@pytest.mark.parametrize("where", [5, 6, 8, 12], ids=["written", "queued", "open", "short"])
+def test_conflicting_resends_of_written_queued_and_open_clusters(tmp_path, kind, where):
+    """The request [where, 9] (12: alone) differs in one byte of cluster `where`:
+    refused, and its new cluster 9 is not stored."""
+    data = make_disk(RESEND_SIZE, 22)
+    out = _resend_output(kind, tmp_path)
+    end = RESEND_SIZE if where == 12 else 10 * CLUSTER_SIZE
+    changed = bytearray(data[where * CLUSTER_SIZE : end])
+    changed[3 * 4096 + 5 if where != 12 else 4100] ^= 0x40
+
+    async def main():
+        async with Packer(
+            out, [("d", RESEND_SIZE)], uuid=UUID, ctime=CTIME, slots_per_extent=3
+        ) as p:
+            try:
+                await _written_queued_open(p, out, data)
+                with pytest.raises(ConflictingClusterError) as ei:
+                    await p.put(1, where * CLUSTER_SIZE, bytes(changed))
+                assert ei.value.cluster == where and ei.value.dev_id == 1
+                assert p.missing() == {1: 3}
+                assert p.duplicates_dropped == 0
+            finally:
+                out.gate.set()
+            with pytest.raises(WriterError):
+                await p.put(1, 9 * CLUSTER_SIZE, data[9 * CLUSTER_SIZE : 12 * CLUSTER_SIZE])
+            with pytest.raises(WriterError):
+                await p.finish()
+
+    trio.run(main)
+    if isinstance(out, ArchiveOutput):
+        out.abort()
+    assert not list(tmp_path.glob("*.vma*"))
+
+
+def test_caller_buffers_are_copied_and_sinks_get_reused_buffers():
+    """put() copies: the caller may reuse its buffer at once.  The packer reuses
+    its extent buffers once written, so a sink must copy too (BytesIO does)."""
+    data = make_disk(200 * CLUSTER_SIZE, 23)
+    out = io.BytesIO()
+    kept = []
+
+    class Keeper:
+        def write(self, chunk) -> None:
+            kept.append(chunk)
+            out.write(chunk)
+
+    async def main():
+        buf = bytearray(CLUSTER_SIZE)
+        async with Packer(Keeper(), [("d", len(data))], max_pending_bytes=0) as p:
+            for off, chunk in clusters(data):
+                buf[:] = chunk
+                await p.put(1, off, buf)
+                buf[:] = b"\xee" * CLUSTER_SIZE  # scribble over it at once
+            await p.finish()
+
+    trio.run(main)
+    _, extents = walk_extents(out.getvalue())
+    assert sum(len(e.slots) for e in extents) == 200
+    path_data = out.getvalue()
+    header = Header.parse(path_data)
+    got = bytearray()
+    pos = header.header_size
+    for e in extents:
+        got += path_data[pos + EXTENT_HEADER_SIZE : pos + EXTENT_HEADER_SIZE + e.block_count * 4096]
+        pos += EXTENT_HEADER_SIZE + e.block_count * 4096
+    # every cluster's stored blocks are its data (the zero cluster and block are not stored)
+    stored = b"".join(
+        data[o + b * 4096 : o + (b + 1) * 4096]
+        for o, _ in clusters(data)
+        for b in range(16)
+        if data[o + b * 4096 : o + (b + 1) * 4096] != bytes(4096)
+    )
+    assert bytes(got) == stored
+    # and the sink really was handed reused buffers (views, not fresh bytes)
+    assert any(isinstance(k, memoryview) for k in kept)
+
+
+def test_block_masks_agree_with_encode_cluster():
+    """The writer's whole-request zero detection gives encode_cluster's masks."""
+    rnd = random.Random(24)
+    for length in [CLUSTER_SIZE, 3 * CLUSTER_SIZE, 2 * CLUSTER_SIZE + 4608, 512, 4096, 12800]:
+        for _ in range(20):
+            buf = bytearray(length)
+            for b in range(0, length, 4096):
+                kind = rnd.randrange(4)
+                hi = min(b + 4096, length)
+                if kind == 1:  # random data
+                    buf[b:hi] = rnd.randbytes(hi - b)
+                elif kind == 2:  # one byte set, anywhere (also the first and last)
+                    buf[rnd.choice([b, hi - 1, rnd.randrange(b, hi)])] = rnd.randrange(1, 256)
+                elif kind == 3:  # zero first word, data later
+                    buf[min(b + 8, hi - 1)] = 1
+            want = [
+                encode_cluster(bytes(buf[o : o + CLUSTER_SIZE]))[0]
+                for o in range(0, length, CLUSTER_SIZE)
+            ]
+            assert block_masks(memoryview(buf), length) == want
+            assert block_masks(bytes(buf), length) == want
+    assert block_masks(None, 3 * CLUSTER_SIZE) == [0, 0, 0]
 
 
 def test_zeros_via_none_conflict_with_data():

@@ -2,14 +2,16 @@
 
 A push-mode QEMU backup delivers each disk's clusters in no particular order
 (copy-before-write sends a cluster's old data first when the guest is about to
-overwrite it).  :class:`Packer` takes them as they come, encodes each cluster
-with :func:`vmafs.format.encode_cluster` (all-zero 4 KiB blocks are not
-stored), fills extents with :class:`vmafs.format.ExtentPacker` (58 slots, as Proxmox)
-and hands whole extents to a background thread that writes them to the output.
-The layout is entirely :mod:`vmafs.format`'s; nothing here knows a byte offset.
-Fed a Proxmox archive's clusters in that archive's order, with its uuid, ctime,
-configs and devices, the Packer reproduces the archive byte for byte
-(tests/test_packer.py does this for every fixture).
+overwrite it).  :class:`Packer` takes them as they come, finds the all-zero
+4 KiB blocks of a whole request at once (they are not stored, as Proxmox's
+writer does), copies the other blocks straight into a preallocated extent
+buffer (58 slots, as Proxmox) and hands whole extents to a background thread
+that writes them to the output; written buffers are reused.  Layout facts come
+from :mod:`vmafs.format` (``ExtentHeader``, ``BlockInfo``, the constants); the
+masks agree with :func:`vmafs.format.encode_cluster` (tests/test_packer.py checks
+both).  Fed a Proxmox archive's clusters in that archive's order, with its
+uuid, ctime, configs and devices, the Packer reproduces the archive byte for
+byte (tests/test_packer.py does this for every fixture).
 
 Usage (inside a trio task)::
 
@@ -30,21 +32,32 @@ Contract of :meth:`Packer.put`:
   range ends exactly at the end of the device (the final partial cluster).
   Anything else is a :class:`vmafs.errors.WriteRangeError` (the archive is
   untouched; the NBD layer answers ``EINVAL``).
-- ``data=None`` means ``length`` zero bytes (NBD WRITE_ZEROES).
+- ``data=None`` means ``length`` zero bytes (NBD WRITE_ZEROES).  ``data`` is
+  copied before ``put`` returns; the caller may reuse its buffer afterwards.
 - Every cluster of every device must be put exactly once.  Re-sending a
   cluster with identical content (QEMU re-sends a range after an error or a
   reconnect) is acknowledged and dropped; a re-send with different content
   raises :class:`vmafs.errors.ConflictingClusterError` and stores nothing of
-  that request.  Identity is checked with a 63-bit digest (sha256 of the
-  encoded cluster, truncated; 0 = "not yet received") per cluster, kept in a
-  numpy array: 8 bytes per 64 KiB cluster, 128 MiB per TiB of disk.
-- ``put`` returns as soon as the data is encoded into the packer's buffer; it
-  waits (backpressure) only while more than ``max_pending_bytes`` of finished
-  extents are queued for the output.  Encoding and hashing run in the event
-  loop (about 1-2 ms per MiB); the check-and-store step has no await inside,
-  so a put - even a cancelled one - stores all of its new clusters or none.
-  An NBD reply sent after ``put`` returns means "accepted", not "on disk":
-  durability is :meth:`finish` + :meth:`ArchiveOutput.commit`.
+  that request.  Per cluster the packer keeps one 64-bit word (8 bytes per
+  64 KiB cluster, 128 MiB per TiB of disk): 0 = not received, else where its
+  stored blocks are in the archive and its mask.  Nothing is hashed on the
+  way in; a re-sent cluster is compared with what was stored: in memory
+  while its extent is not written yet, else read back from the output file
+  (:attr:`ArchiveOutput.read_back`, a plain archive file; the page cache
+  usually still has it).  Outputs that cannot be read back (stdout, a pipe,
+  ``.vma.zst``, any other sink) get the old scheme instead, but off the event
+  loop: the writer thread replaces each written cluster's word by a 62-bit
+  digest (sha256 of mask and stored blocks), and a re-send is compared by
+  digest.  That costs the writer thread ~1.5 ms of CPU per MiB stored.
+- ``put`` returns as soon as the data is copied into the packer's extent
+  buffer; it waits (backpressure) only while more than ``max_pending_bytes``
+  of finished extents are queued for the output.  Zero detection and the
+  copy run in the event loop (~0.2-0.3 ms per MiB of data); the
+  check-and-store step has no await inside, so a put - even a cancelled one -
+  stores all of its new clusters or none (a re-send that must be read back
+  from the file is compared first, in a worker thread, then the check runs
+  again).  An NBD reply sent after ``put`` returns means "accepted", not "on
+  disk": durability is :meth:`finish` + :meth:`ArchiveOutput.commit`.
 - A device named ``vmstate`` (RAM state) must be put in cluster order, as
   Proxmox's reader requires; backups of disks never have one.
 
@@ -53,9 +66,11 @@ conflict, every later ``put``/``finish`` raises a
 :class:`vmafs.errors.WriterError` whose ``__cause__`` is the first failure
 (whose own cause is the ``OSError``, if any).
 
-The output object needs only ``write(bytes)`` (and optionally ``flush()``).
-:class:`Packer` calls ``write`` first with the whole header, then once per batch
-of *whole* extents (never a partial extent): this is the hook that lets
+The output object needs only ``write(data)`` (and optionally ``flush()``).
+``data`` is a bytes-like object (a ``memoryview`` of a buffer the packer
+reuses once ``write`` has returned): a sink must copy what it keeps.
+:class:`Packer` calls ``write`` first with the whole header, then once per
+*whole* extent (never a partial extent): this is the hook that lets
 :class:`ArchiveOutput` group extents into seekable-zstd frames.
 """
 
@@ -71,7 +86,8 @@ import tempfile
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import numpy as np
@@ -84,16 +100,19 @@ from vmafs.errors import (
     WriterError,
 )
 from vmafs.format import (
+    BLOCK_SIZE,
+    BLOCKS_PER_CLUSTER,
     CLUSTER_SIZE,
+    EXTENT_HEADER_SIZE,
+    FULL_MASK,
     MAX_DEV_ID,
     MIN_DEV_ID,
     PROXMOX_SLOTS_PER_EXTENT,
+    BlockInfo,
     Config,
     Device,
     ExtentHeader,
-    ExtentPacker,
     Header,
-    encode_cluster,
 )
 
 if TYPE_CHECKING:
@@ -113,45 +132,98 @@ log = logging.getLogger("writer.packer")
 
 DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
 
-_ZERO_CLUSTER = bytes(CLUSTER_SIZE)
 _NO_HARDLINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+_ZERO_BLOCK = bytes(BLOCK_SIZE)
+_WORDS_PER_BLOCK = BLOCK_SIZE // 8
+
+# The per-cluster word (numpy uint64; 0 = not received):
+#   location form  (offset // 512) << 18 | mask << 2 | 0b01   offset = archive offset of
+#                                                            the cluster's first stored block
+#   digest form    digest62 << 2 | 0b11                      (outputs without read_back,
+#                                                            once the extent is written)
+# A zero cluster (mask 0) is 0b01 forever.  Stored blocks start 512-aligned.
+_FORM = 0b11
+_LOCATION = 0b01
+_DIGEST = 0b11
 
 
-def _digest(mask: int, stored: bytes) -> int:
-    """63-bit digest of an encoded cluster; never 0 (0 marks "not received")."""
+def _location(offset: int, mask: int) -> int:
+    return (offset // 512) << 18 | mask << 2 | _LOCATION
+
+
+def _digest(mask: int, stored) -> int:
+    """62-bit digest of an encoded cluster (mask and stored blocks)."""
     h = hashlib.sha256(mask.to_bytes(2, "big"))
     h.update(stored)
-    return int.from_bytes(h.digest()[:8], "big") | 1
+    return int.from_bytes(h.digest()[:8], "big") >> 2
 
 
-_ZERO_DIGEST = _digest(0, b"")
+def block_masks(data, length: int) -> list[int]:
+    """Per-cluster masks (bit i = block i is not all zero) of a cluster-aligned range.
 
-
-def _encode_range(first_cluster: int, data: memoryview | None, length: int):
-    """[(cluster, mask, stored, digest)] for a cluster-aligned range.
-
-    Pure function of its arguments.
+    *data* is ``length`` bytes starting at a cluster boundary (the last
+    cluster may be short; its missing bytes count as zeros), or None for
+    zeros.  The same masks as :func:`vmafs.format.encode_cluster`, for a
+    whole request at once: the first 8 bytes of each 4 KiB block decide for
+    almost every block of real data; only blocks starting with zeros are
+    scanned whole.
     """
-    out = []
     n = (length + CLUSTER_SIZE - 1) // CLUSTER_SIZE
-    for i in range(n):
-        if data is None:
-            out.append((first_cluster + i, 0, b"", _ZERO_DIGEST))
-            continue
-        chunk = bytes(data[i * CLUSTER_SIZE : (i + 1) * CLUSTER_SIZE])
-        if chunk == _ZERO_CLUSTER or (len(chunk) < CLUSTER_SIZE and chunk == bytes(len(chunk))):
-            mask, stored = encode_cluster(None)
-        else:
-            mask, stored = encode_cluster(chunk)
-        digest = _ZERO_DIGEST if not mask else _digest(mask, stored)
-        out.append((first_cluster + i, mask, stored, digest))
-    return out
+    if data is None:
+        return [0] * n
+    full = length // BLOCK_SIZE
+    nonzero = np.zeros(n * BLOCKS_PER_CLUSTER, dtype=bool)
+    if full:
+        words = np.frombuffer(data, dtype=np.uint64, count=full * _WORDS_PER_BLOCK)
+        words = words.reshape(full, _WORDS_PER_BLOCK)
+        head = words[:, 0] != 0
+        maybe_zero = np.flatnonzero(~head)
+        if len(maybe_zero):
+            head[maybe_zero] = words[maybe_zero].any(axis=1)
+        nonzero[:full] = head
+    tail = length - full * BLOCK_SIZE
+    if tail:
+        nonzero[full] = bytes(data[full * BLOCK_SIZE : length]) != _ZERO_BLOCK[:tail]
+    bits = np.packbits(nonzero.reshape(n, BLOCKS_PER_CLUSTER), axis=1, bitorder="little")
+    return bits.view("<u2").ravel().tolist()
+
+
+def _stored_bytes(data, start: int, clen: int, mask: int) -> bytes:
+    """The stored blocks of one cluster (``clen`` bytes of *data* from *start*)."""
+    if mask == FULL_MASK and clen == CLUSTER_SIZE:
+        return bytes(data[start : start + CLUSTER_SIZE])
+    parts = []
+    for b in range(BLOCKS_PER_CLUSTER):
+        if mask >> b & 1:
+            lo = b * BLOCK_SIZE
+            chunk = bytes(data[start + lo : start + min(lo + BLOCK_SIZE, clen)])
+            parts.append(chunk + _ZERO_BLOCK[len(chunk) :])
+    return b"".join(parts)
+
+
+class _Extent:
+    """One extent being filled in a preallocated buffer: header slot, then data."""
+
+    __slots__ = ("buf", "start", "end", "slots", "blocks")
+
+    def __init__(self, buf: bytearray, start: int) -> None:
+        self.buf = buf
+        self.start = start  # archive offset of the extent header
+        self.end = EXTENT_HEADER_SIZE  # bytes used in buf
+        self.slots: list[tuple[int, int, int]] = []  # (dev_id, cluster, mask)
+        self.blocks = 0
+
+    def view(self) -> memoryview:
+        return memoryview(self.buf)[: self.end]
 
 
 class Sink(Protocol):
-    """What :class:`Packer` writes to: sequential ``write`` calls only."""
+    """What :class:`Packer` writes to: sequential ``write`` calls only.
 
-    def write(self, data: bytes, /) -> object: ...
+    ``data`` is only valid during the call (copy what you keep).
+    """
+
+    def write(self, data: bytes | memoryview, /) -> object: ...
 
 
 class Packer:
@@ -159,7 +231,9 @@ class Packer:
 
     :param out: a :class:`Sink` (an :class:`ArchiveOutput`, an open binary file,
         a pipe).  Only ``write`` is used, always sequentially and from one
-        background thread; ``flush`` is called by :meth:`finish` when present.
+        background thread; ``flush`` is called by :meth:`finish` when present;
+        ``read_back(offset, n)`` (an :class:`ArchiveOutput` of a plain file)
+        is used to compare re-sent clusters with what was written.
     :param devices: ``(name, size_in_bytes)`` per device; dev_ids are assigned
         1, 2, ... in this order (see :attr:`dev_ids`).  Sizes must be > 0.
     :param configs: ``(name, data)`` per config file; the name is stored as its
@@ -168,8 +242,8 @@ class Packer:
     :param ctime: seconds since the epoch; default now.
     :param slots_per_extent: clusters per extent, 1..59; default 58 like Proxmox.
     :param max_pending_bytes: finished extents queued for the output beyond
-        which :meth:`put` waits.  Memory use is about this plus one extent
-        being filled (<= 3.7 MiB) plus 8 bytes per cluster of every device.
+        which :meth:`put` waits.  Memory use is about this plus two extent
+        buffers (<= 3.7 MiB each) plus 8 bytes per cluster of every device.
 
     Use as ``async with packer:`` - entering queues the header and starts the
     background writer thread; leaving stops it.  Leaving without
@@ -224,16 +298,25 @@ class Packer:
         )
         self._header_bytes = self.header.pack()  # validates sizes, names, counts
         self._out = out
+        #: ``read_back(offset, n) -> bytes`` of the output, or None: then digests
+        self._read_back: Callable[[int, int], bytes] | None = getattr(out, "read_back", None)
         self._devices = devs
-        self._digests = {d: np.zeros(dev.clusters, dtype=np.uint64) for d, dev in devs.items()}
+        self._state = {d: np.zeros(dev.clusters, dtype=np.uint64) for d, dev in devs.items()}
         self._missing = {d: dev.clusters for d, dev in devs.items()}
         self._vmstate_next = 0
         self._extents_written = 0
-        self._extents = ExtentPacker(self.header.uuid, slots_per_extent)
+        self._slots_per_extent = slots_per_extent
+        self._extent_size = EXTENT_HEADER_SIZE + slots_per_extent * CLUSTER_SIZE
+        self._pos = len(self._header_bytes)  # archive offset where the next extent starts
+        self._current: _Extent | None = None
+        #: finished extents not yet reported written, oldest first (trio side)
+        self._unwritten: deque[_Extent] = deque()
+        self._free: list[bytearray] = []
+        self._max_free = max_pending_bytes // self._extent_size + 2
         self._max_pending = max_pending_bytes
         self._queued_bytes = 0
         self._progress = trio.lowlevel.ParkingLot()
-        self._q: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[bytes | _Extent | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop = False
@@ -281,13 +364,33 @@ class Packer:
             item = self._q.get()
             if item is None:
                 return
+            extent = item if isinstance(item, _Extent) else None
             if not failed and not self._stop:
                 try:
-                    self._out.write(item)
+                    self._out.write(item if extent is None else extent.view())
+                    if extent is not None and self._read_back is None:
+                        self._digest_extent(extent)
                 except BaseException as exc:  # noqa: BLE001 - reported to the trio side
                     failed = True
                     self._report(self._on_error, exc)
-            self._report(self._on_written, len(item), not failed and not self._stop)
+            n = len(item) if extent is None else extent.end
+            self._report(self._on_written, extent, n, not failed and not self._stop)
+
+    def _digest_extent(self, extent: _Extent) -> None:
+        """(writer thread) Replace the location words of a written extent by digests.
+
+        Runs before the extent is reported written, so the trio side sees
+        the digest form for every cluster whose buffer it has let go of.
+        hashlib releases the GIL: this overlaps with the event loop.
+        """
+        view = memoryview(extent.buf)
+        pos = EXTENT_HEADER_SIZE
+        for dev_id, cluster, mask in extent.slots:
+            if mask:
+                n = mask.bit_count() * BLOCK_SIZE
+                word = _digest(mask, view[pos : pos + n]) << 2 | _DIGEST
+                self._state[dev_id][cluster] = word
+                pos += n
 
     def _report(self, fn, *args) -> None:
         try:
@@ -295,10 +398,15 @@ class Packer:
         except trio.RunFinishedError:
             pass
 
-    def _on_written(self, n: int, ok: bool) -> None:
+    def _on_written(self, extent: _Extent | None, n: int, ok: bool) -> None:
         self._queued_bytes -= n
         if ok:
             self.bytes_written += n
+        if extent is not None:
+            done = self._unwritten.popleft()
+            assert done is extent
+            if len(self._free) < self._max_free:
+                self._free.append(extent.buf)
         self._progress.unpark_all()
 
     def _on_error(self, exc: BaseException) -> None:
@@ -312,15 +420,47 @@ class Packer:
             log.error("%s", err)
         self._progress.unpark_all()
 
-    def _enqueue(self, buf: bytes) -> None:
-        self._queued_bytes += len(buf)
-        self._q.put(buf)
+    def _enqueue(self, item: bytes | _Extent) -> None:
+        n = len(item) if isinstance(item, bytes) else item.end
+        self._queued_bytes += n
+        self._q.put(item)
 
     def _check_usable(self) -> None:
         if self._failure is not None:
             raise WriterError(f"archive writer failed earlier: {self._failure}") from self._failure
         if self._thread is None:
             raise RuntimeError("use the Packer as 'async with packer:'")
+
+    # -- extents --
+
+    def _extent(self) -> _Extent:
+        """The extent being filled (a new one, in a reused buffer, if none)."""
+        extent = self._current
+        if extent is None:
+            buf = self._free.pop() if self._free else bytearray(self._extent_size)
+            extent = self._current = _Extent(buf, self._pos)
+        return extent
+
+    def _close_extent(self) -> None:
+        extent = self._current
+        if extent is None:
+            return
+        self._current = None
+        slots = [BlockInfo(d, c, m) for d, c, m in extent.slots]
+        head = ExtentHeader(self.header.uuid, extent.blocks, slots).pack()
+        extent.buf[:EXTENT_HEADER_SIZE] = head
+        self._pos += extent.end
+        self._unwritten.append(extent)
+        self._enqueue(extent)
+        self._extents_written += 1
+
+    def _in_memory(self, offset: int, n: int) -> memoryview | None:
+        """Archive bytes [offset, offset+n) if they are still in an extent buffer."""
+        for extent in (*self._unwritten, self._current):
+            if extent is not None and extent.start <= offset < extent.start + extent.end:
+                lo = offset - extent.start
+                return memoryview(extent.buf)[lo : lo + n]
+        return None
 
     # -- data path --
 
@@ -366,49 +506,130 @@ class Packer:
         while self._queued_bytes > self._max_pending and self._failure is None:
             await self._progress.park()
         self._check_usable()
-        # Encoding and hashing run inline, in the event loop: measured under a
-        # real blockdev-backup, worker threads (GIL contention with the loop)
+        # Zero detection and copying run inline, in the event loop: measured under
+        # a real blockdev-backup, worker threads (GIL contention with the loop)
         # gave lower throughput and 5-10x worse reply latency.
-        encoded = _encode_range(offset // CLUSTER_SIZE, data, length)
-        self._store(dev, encoded)
+        first = offset // CLUSTER_SIZE
+        masks = block_masks(data, length)
+        words = self._state[dev_id][first : first + len(masks)]
+        checked: set[int] = set()  # re-sent clusters already found identical
+        while words.any():
+            to_read = self._check_resends(dev, first, data, length, masks, words, checked)
+            if not to_read:
+                break
+            # Compare with the file in a worker thread; then check again from the
+            # start (no await may separate the final check from the store).
+            got = await trio.to_thread.run_sync(self._read_all, [r[1] for r in to_read])
+            self._check_usable()
+            for (i, _, want), have in zip(to_read, got, strict=True):
+                if have != want:
+                    self._conflict(dev, first + i)
+                checked.add(i)
+        self._store(dev, first, data, length, masks, words)
 
-    def _store(self, dev: Device, encoded) -> None:
-        """Check the whole request, then store its new clusters (no awaits here)."""
-        digests = self._digests[dev.dev_id]
-        new = []
-        for item in encoded:
-            cluster, _, _, digest = item
-            old = int(digests[cluster])
-            if old == 0:
-                new.append(item)
-            elif old != digest:
-                err = ConflictingClusterError(
-                    f"cluster of {dev.name!r} re-sent with different contents",
-                    dev_id=dev.dev_id,
-                    cluster=cluster,
-                )
-                self._fail(err)
-                raise err
+    def _check_resends(self, dev, first, data, length, masks, words, checked):
+        """Compare the already received clusters of a request with what is stored.
+
+        Raises on a conflict; returns ``[(i, (offset, n), stored)]`` for those
+        that must be read back from the output file first.
+        """
+        to_read = []
+        for i in np.flatnonzero(words).tolist():
+            if i in checked:
+                continue
+            word = int(words[i])
+            mask = masks[i]
+            start = i * CLUSTER_SIZE
+            clen = min(CLUSTER_SIZE, length - start)
+            if word & _FORM == _DIGEST:
+                stored = _stored_bytes(data, start, clen, mask) if mask else b""
+                if _digest(mask, stored) != word >> 2:
+                    self._conflict(dev, first + i)
+                checked.add(i)
+                continue
+            if (word >> 2) & FULL_MASK != mask:
+                self._conflict(dev, first + i)
+            if mask:
+                n = mask.bit_count() * BLOCK_SIZE
+                where = (word >> 18) * 512
+                stored = _stored_bytes(data, start, clen, mask)
+                old = self._in_memory(where, n)
+                if old is None:
+                    if self._read_back is None:  # cannot happen: written means digest form
+                        raise WriterError("internal error: re-sent cluster not found")
+                    to_read.append((i, (where, n), stored))
+                    continue
+                if old != stored:
+                    self._conflict(dev, first + i)
+            checked.add(i)
+        return to_read
+
+    def _read_all(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        try:
+            return [self._read_back(off, n) for off, n in ranges]
+        except OSError as exc:
+            err = WriterError(f"reading back the archive failed: {exc}")
+            err.__cause__ = exc
+            self._fail(err)
+            raise err from exc
+
+    def _conflict(self, dev: Device, cluster: int) -> None:
+        err = ConflictingClusterError(
+            f"cluster of {dev.name!r} re-sent with different contents",
+            dev_id=dev.dev_id,
+            cluster=cluster,
+        )
+        self._fail(err)
+        raise err
+
+    def _store(self, dev: Device, first: int, data, length: int, masks, words) -> None:
+        """Store the request's clusters not received yet (no awaits here)."""
+        new = np.flatnonzero(words == 0).tolist()
         if dev.is_vmstate and new:
             expect = self._vmstate_next
-            for cluster, *_ in new:
-                if cluster != expect:
+            for i in new:
+                if first + i != expect:
                     raise WriteRangeError(
-                        f"vmstate clusters must arrive in order: got {cluster}, expected {expect}",
+                        f"vmstate clusters must arrive in order: got {first + i}, "
+                        f"expected {expect}",
                         dev_id=dev.dev_id,
-                        cluster=cluster,
+                        cluster=first + i,
                     )
                 expect += 1
             self._vmstate_next = expect
-        self.duplicates_dropped += len(encoded) - len(new)
-        for cluster, mask, stored, digest in new:
-            digests[cluster] = digest
-            self._missing[dev.dev_id] -= 1
-            self.clusters_stored += 1
-            extent = self._extents.add(dev.dev_id, cluster, mask, stored)
-            if extent:
-                self._enqueue(extent)
-                self._extents_written += 1
+        self.duplicates_dropped += len(masks) - len(new)
+        dev_id = dev.dev_id
+        limit = self._slots_per_extent
+        for i in new:
+            mask = masks[i]
+            extent = self._extent()
+            if mask:
+                buf, pos = extent.buf, extent.end
+                start = i * CLUSTER_SIZE
+                clen = min(CLUSTER_SIZE, length - start)
+                if mask == FULL_MASK and clen == CLUSTER_SIZE:
+                    buf[pos : pos + CLUSTER_SIZE] = data[start : start + CLUSTER_SIZE]
+                    end = pos + CLUSTER_SIZE
+                else:
+                    end = pos
+                    for b in range(BLOCKS_PER_CLUSTER):
+                        if mask >> b & 1:
+                            lo = start + b * BLOCK_SIZE
+                            hi = min(lo + BLOCK_SIZE, start + clen)
+                            buf[end : end + hi - lo] = data[lo:hi]
+                            if hi - lo < BLOCK_SIZE:  # the device's last, partial block
+                                buf[end + hi - lo : end + BLOCK_SIZE] = bytes(BLOCK_SIZE - hi + lo)
+                            end += BLOCK_SIZE
+                words[i] = _location(extent.start + pos, mask)
+                extent.end = end
+                extent.blocks += (end - pos) // BLOCK_SIZE
+            else:
+                words[i] = _LOCATION
+            extent.slots.append((dev_id, first + i, mask))
+            if len(extent.slots) == limit:
+                self._close_extent()
+        self._missing[dev_id] -= len(new)
+        self.clusters_stored += len(new)
 
     async def flush(self) -> None:
         """Wait until every finished extent has been handed to the output.
@@ -458,10 +679,8 @@ class Packer:
             raise IncompleteArchiveError(
                 f"{sum(self._missing.values())} clusters never arrived ({', '.join(parts)})"
             )
-        extent = self._extents.flush()
-        if extent:
-            self._enqueue(extent)
-            self._extents_written += 1
+        if self._current is not None:
+            self._close_extent()
         elif not self._extents_written:
             # Proxmox's writer always emits at least one extent: an archive
             # without devices ends with one empty extent header (no-disks.vma).
@@ -517,6 +736,11 @@ class ArchiveOutput:
     uncompressed bytes, so every frame starts at an extent boundary.
     ``compress`` overrides the choice: ``"zstd"``, ``None``/``False`` (plain),
     ``True`` (by suffix).
+
+    :attr:`read_back` is ``read_back(offset, n) -> bytes`` for a plain archive
+    file (what :class:`Packer` compares re-sent clusters with), None for
+    stdout and zstd.  Plain files are written unbuffered, so everything
+    :meth:`write` was given is in the file when it returns.
     """
 
     def __init__(
@@ -536,10 +760,10 @@ class ArchiveOutput:
         self.overwrite = overwrite
         self._committed = False
         self._frame_bytes = frame_bytes
-        self._frame: list[bytes] = []
-        self._frame_len = 0
+        self._frame = bytearray()
         self._zw = None  # zstd writer (seekable or streaming)
         self._seekable = False
+        self.read_back: Callable[[int, int], bytes] | None = None
         if target == "-":
             self.path = None
             self.temp_path = None
@@ -549,11 +773,16 @@ class ArchiveOutput:
             if not overwrite and os.path.lexists(self.path):
                 raise FileExistsError(f"{self.path} already exists")
             directory, base = os.path.split(self.path)
+            # mkstemp's descriptor is O_RDWR: read_back can pread it
             fd, self.temp_path = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
             umask = os.umask(0)
             os.umask(umask)
             os.fchmod(fd, 0o666 & ~umask)
-            self._f = os.fdopen(fd, "wb")
+            if self.compress is None:
+                self._f = os.fdopen(fd, "wb", buffering=0)
+                self.read_back = self._pread
+            else:
+                self._f = os.fdopen(fd, "wb")
         if self.compress == "zstd":
             self._open_zstd()
 
@@ -569,22 +798,39 @@ class ArchiveOutput:
             self._zw = SeekableZstdWriter(self._f)
             self._seekable = True
 
-    def write(self, data: bytes) -> None:
-        """Append ``data`` (the header, or one or more whole extents)."""
+    def write(self, data: bytes | memoryview) -> None:
+        """Append ``data`` (the header, or one or more whole extents); keeps no reference."""
         if self._zw is None:
-            self._f.write(data)
+            if self.read_back is None:
+                self._f.write(data)  # buffered stdout: writes it all
+                return
+            view = memoryview(data)  # unbuffered file: loop over short writes
+            while view:
+                view = view[self._f.write(view) :]
         elif not self._seekable:
             self._zw.write(data)
         else:
-            self._frame.append(data)
-            self._frame_len += len(data)
-            if self._frame_len >= self._frame_bytes:
+            self._frame += data
+            if len(self._frame) >= self._frame_bytes:
                 self._end_frame()
 
     def _end_frame(self) -> None:
         if self._frame:
-            self._zw.write_frame(b"".join(self._frame))
-            self._frame, self._frame_len = [], 0
+            self._zw.write_frame(self._frame)
+            self._frame = bytearray()
+
+    def _pread(self, offset: int, n: int) -> bytes:
+        """Bytes [offset, offset+n) of what was written (a plain archive file)."""
+        parts = []
+        fd = self._f.fileno()
+        while n:
+            chunk = os.pread(fd, n, offset)
+            if not chunk:
+                raise OSError(errno.EIO, f"archive is shorter than offset {offset}")
+            parts.append(chunk)
+            offset += len(chunk)
+            n -= len(chunk)
+        return b"".join(parts)
 
     def flush(self) -> None:
         """Push buffered bytes to the OS (ends the current seekable zstd frame)."""
