@@ -191,6 +191,78 @@ def test_seekable_round_trip_and_zstd_cli_identity(tmp_path):
     src.close()
 
 
+def expected_frames(units: list[int], target: int, limit: int) -> list[int]:
+    """The frame sizes the writer's rule gives for units of these sizes, in order."""
+    frames, cur = [], 0
+    for u in units:
+        if cur and (cur >= target or cur + u > limit):
+            frames.append(cur)
+            cur = 0
+        cur += u
+    return [*frames, cur] if cur else frames
+
+
+@needs_zstd
+@pytest.mark.parametrize("pieces", [False, True])
+def test_seekable_writer_groups_units_into_frames(tmp_path, pieces):
+    # Units as a VMA writer sends them: a header, full extents, runs of empty
+    # extents, partly filled ones; frames never split one and stay within the limit.
+    rnd = random.Random(7)
+    units = [12800]
+    for _ in range(60):
+        units.append(
+            rnd.choice((512, 512, 512 + 59 * 65536, 512 + rnd.randrange(1, 59 * 16) * 4096))
+        )
+    target, limit = 256 << 10, 1 << 20
+    data = mixed_data(sum(units), seed=9)
+    path = tmp_path / "u.zst"
+    with open(path, "wb") as f:
+        w = SeekableZstdWriter(f, frame_target=target, frame_limit=limit)
+        pos = 0
+        for u in units:
+            if pieces:  # announced, then fed in pieces of any size
+                w.unit(u)
+                end = pos + u
+                while pos < end:
+                    n = min(end - pos, rnd.choice((1, 7, 4096, 100_000, 1 << 20)))
+                    w.feed(memoryview(data)[pos : pos + n])
+                    pos += n
+            else:
+                w.write(data[pos : pos + u])
+                pos += u
+        w.close()
+    raw = path.read_bytes()
+    table = SeekTable.from_tail(lambda o, n: raw[o : o + n], len(raw))
+    want = expected_frames(units, target, limit)
+    assert table.decompressed_sizes == want
+    assert len(want) > 10 and max(want) > limit  # some full extents stand alone
+    assert all(d <= limit or d in units for d in want)
+    out = subprocess.run(["zstd", "-d", "-c", str(path)], check=True, capture_output=True).stdout
+    assert out == data
+    src = ZstdSource(str(path))
+    check_random_reads(src, data)
+    src.close()
+
+
+def test_seekable_writer_write_frame_ends_the_collected_frame():
+    buf = io.BytesIO()
+    w = SeekableZstdWriter(buf, frame_target=1 << 20)
+    w.write(b"a" * 1000)
+    w.write(b"b" * 1000)
+    w.write_frame(b"c" * 500)  # the two units become a frame first
+    w.end_frame()  # nothing collected: no empty frame
+    w.write(b"d" * 10)
+    w.close()
+    w.close()
+    raw = buf.getvalue()
+    table = SeekTable.from_tail(lambda o, n: raw[o : o + n], len(raw))
+    assert table.decompressed_sizes == [2000, 500, 10]
+    with pytest.raises(ValueError):
+        w.feed(b"x")
+    with pytest.raises(ValueError):
+        w.write_frame(b"x")
+
+
 def test_seek_table_rejects_inconsistent_footer(tmp_path):
     data = mixed_data(1 << 20)
     buf = io.BytesIO()

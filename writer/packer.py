@@ -731,9 +731,11 @@ class ArchiveOutput:
     Targets ending in ``.zst`` are written as zstd: seekable zstd
     (vmafs.source.zstd_seekable.SeekableZstdWriter) when that module exists,
     else one plain zstd frame (what ``vzdump`` writes).  :meth:`write`
-    receives the header and then whole extents only; in seekable mode it
-    groups consecutive extents into frames of at least ``frame_bytes``
-    uncompressed bytes, so every frame starts at an extent boundary.
+    receives the header and then whole extents only; in seekable mode each
+    write is one unit of the writer, which groups consecutive extents into
+    frames (``FRAME_TARGET``/``FRAME_LIMIT`` in zstd_seekable, shared with
+    ``vmafs recompress``; ``frame_bytes`` overrides the target), so every
+    frame starts at an extent boundary.
     ``compress`` overrides the choice: ``"zstd"``, ``None``/``False`` (plain),
     ``True`` (by suffix).
 
@@ -749,7 +751,7 @@ class ArchiveOutput:
         *,
         overwrite: bool = False,
         compress: str | None | bool = True,
-        frame_bytes: int = 8 * 1024 * 1024,
+        frame_bytes: int | None = None,
     ) -> None:
         target = os.fspath(target)
         if compress is True:
@@ -760,7 +762,6 @@ class ArchiveOutput:
         self.overwrite = overwrite
         self._committed = False
         self._frame_bytes = frame_bytes
-        self._frame = bytearray()
         self._zw = None  # zstd writer (seekable or streaming)
         self._seekable = False
         self.read_back: Callable[[int, int], bytes] | None = None
@@ -795,7 +796,8 @@ class ArchiveOutput:
             log.info("seekable zstd writer not available; writing one plain zstd frame")
             self._zw = zstandard.ZstdCompressor(threads=-1).stream_writer(self._f, closefd=False)
         else:
-            self._zw = SeekableZstdWriter(self._f)
+            kw = {} if self._frame_bytes is None else {"frame_target": self._frame_bytes}
+            self._zw = SeekableZstdWriter(self._f, **kw)
             self._seekable = True
 
     def write(self, data: bytes | memoryview) -> None:
@@ -807,17 +809,11 @@ class ArchiveOutput:
             view = memoryview(data)  # unbuffered file: loop over short writes
             while view:
                 view = view[self._f.write(view) :]
-        elif not self._seekable:
-            self._zw.write(data)
         else:
-            self._frame += data
-            if len(self._frame) >= self._frame_bytes:
-                self._end_frame()
+            self._zw.write(data)  # seekable: one unit, copied; frames end between units
 
     def _end_frame(self) -> None:
-        if self._frame:
-            self._zw.write_frame(self._frame)
-            self._frame = bytearray()
+        self._zw.end_frame()
 
     def _pread(self, offset: int, n: int) -> bytes:
         """Bytes [offset, offset+n) of what was written (a plain archive file)."""

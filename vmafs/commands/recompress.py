@@ -6,10 +6,12 @@ once, front to back.  Every byte goes to two consumers:
 - :class:`~vmafs.index.StreamIndexer`, which checks the VMA structure exactly
   as ``vmafs verify`` does, so a damaged archive is never turned into a
   good-looking seekable one;
-- :class:`_Framer`, which cuts the stream at VMA extent boundaries into
-  frames of at least :data:`FRAME_TARGET` bytes (whole extents; the header
-  rides in the first frame) and hands them to
-  :class:`~vmafs.source.zstd_seekable.SeekableZstdWriter`.
+- :class:`_Framer`, which finds the VMA extent boundaries and hands the
+  stream to :class:`~vmafs.source.zstd_seekable.SeekableZstdWriter` one
+  extent at a time, so that its frames hold whole extents (the header rides
+  in the first frame).  Frame sizes are the writer's
+  (:data:`~vmafs.source.zstd_seekable.FRAME_TARGET`, ``FRAME_LIMIT``), the
+  same as for the VMA writer's own ``.vma.zst`` output.
 
 The output is written to ``OUT.tmp`` and linked to ``OUT`` only when the
 whole input checked out; ``OUT`` is never overwritten.  ``zstd -d OUT``
@@ -25,7 +27,7 @@ import os
 from ..format import BLOCK_SIZE, EXTENT_HEADER_SIZE, HEADER_STRUCT_SIZE, Header
 from ..index import StreamIndexer
 from ..source import open_source
-from ..source.zstd_seekable import SeekableZstdWriter
+from ..source.zstd_seekable import FRAME_LIMIT, FRAME_TARGET, SeekableZstdWriter
 from ._common import add_progress_options
 from .progress import Progress, human_bytes, want_progress
 
@@ -34,10 +36,10 @@ HELP = "rewrite an archive as seekable zstd (frames aligned to extents)"
 DESCRIPTION = """\
 Read IN (a plain .vma or a .vma.zst/.gz/.lzo, e.g. straight from vzdump),
 check its VMA structure as `vmafs verify` does, and write OUT as zstd in
-the seekable format: independent frames of whole VMA extents (about 4 MiB
-and up each) plus a seek table.  `zstd -d OUT` yields the plain archive byte
-for byte, so Proxmox restores it as usual; vmafs mounts it with random
-access and needs no side index.
+the seekable format: independent frames of whole VMA extents (1-4 MiB
+each; a full extent is about 3.7 MiB) plus a seek table.  `zstd -d OUT`
+yields the plain archive byte for byte, so Proxmox restores it as usual;
+vmafs mounts it with random access and needs no side index.
 
 OUT must not exist.  The data is written to OUT.tmp first and renamed when
 complete; on any error OUT.tmp is removed and OUT is not created."""
@@ -47,8 +49,6 @@ examples:
   vmafs recompress vzdump-qemu-100-2024_01_01-00_00_00.vma.zst vm100.seekable.vma.zst
   vmafs recompress --level 9 backup.vma.gz backup.vma.zst"""
 
-#: A frame is cut at the first extent boundary at or after this many bytes.
-FRAME_TARGET = 4 << 20
 _PLAIN_READ = 8 << 20
 
 
@@ -67,42 +67,53 @@ def register(subparsers) -> None:
 
 
 class _Framer:
-    """Groups the stream into frames of whole extents, at least *target* bytes each."""
+    """Tells *writer* where each extent begins, so its frames hold whole extents.
 
-    def __init__(self, write_frame, target: int = FRAME_TARGET) -> None:
-        self.write_frame = write_frame
-        self.target = target
-        self.buf = bytearray()
-        self.start = 0  # stream offset of buf[0]
-        self.next: int | None = None  # offset of the next structure boundary
+    Walks the structure the way the StreamIndexer fed before it validated:
+    the header, then extents whose length is in bytes 6-7 of their header.
+    The first bytes of a structure are held back until its length is known,
+    so :meth:`SeekableZstdWriter.unit` is called before any of its bytes
+    are fed; everything else passes straight through, without buffering.
+    """
+
+    def __init__(self, writer: SeekableZstdWriter) -> None:
+        self.writer = writer
+        self.pos = 0  # stream offset of the next chunk
+        self.next = 0  # stream offset of the structure being sized
+        self.head = bytearray()  # its first bytes, held back
+        self.in_header = True  # the structure at self.next is the VMA header
 
     def feed(self, chunk) -> None:
-        self.buf += chunk
-        end = self.start + len(self.buf)
-        while True:
-            if self.next is None:
-                if len(self.buf) < HEADER_STRUCT_SIZE:
-                    return
-                # Validated by the StreamIndexer fed before us.
-                self.next = Header.peek_size(bytes(self.buf[:HEADER_STRUCT_SIZE]))
+        mv = memoryview(chunk).cast("B")
+        n, i = len(mv), 0
+        while i < n:
+            if self.pos + i < self.next:  # inside a structure: pass through to its end
+                j = min(n, self.next - self.pos)
+                self.writer.feed(mv[i:j])
+                i = j
                 continue
-            if self.next + 8 > end:
-                return
-            if self.next - self.start >= self.target:
-                self._cut(self.next)
-            rel = self.next - self.start
-            blocks = int.from_bytes(self.buf[rel + 6 : rel + 8], "big")
-            self.next += EXTENT_HEADER_SIZE + BLOCK_SIZE * blocks
-
-    def _cut(self, at: int) -> None:
-        n = at - self.start
-        self.write_frame(memoryview(self.buf)[:n])
-        del self.buf[:n]
-        self.start = at
+            want = HEADER_STRUCT_SIZE if self.in_header else 8
+            take = mv[i : i + want - len(self.head)]
+            self.head += take
+            i += len(take)
+            if len(self.head) < want:
+                break
+            if self.in_header:
+                size = Header.peek_size(bytes(self.head))
+                self.in_header = False
+            else:
+                size = EXTENT_HEADER_SIZE + BLOCK_SIZE * int.from_bytes(self.head[6:8], "big")
+                self.writer.unit(size)
+            self.writer.feed(self.head)
+            self.head = bytearray()
+            self.next += size
+        self.pos += n
 
     def flush(self) -> None:
-        if self.buf:
-            self._cut(self.start + len(self.buf))
+        """Feed bytes still held back (a cut-off structure; the indexer has refused it)."""
+        if self.head:
+            self.writer.feed(self.head)
+            self.head = bytearray()
 
 
 def recompress(
@@ -113,6 +124,7 @@ def recompress(
     threads: int = 0,
     progress=None,
     frame_target: int = FRAME_TARGET,
+    frame_limit: int = FRAME_LIMIT,
 ) -> dict:
     """Write *out_path* (must not exist) as seekable zstd; returns some numbers."""
     if os.path.lexists(out_path):
@@ -126,8 +138,14 @@ def recompress(
         raise
     try:
         with os.fdopen(fd, "wb", buffering=1 << 20) as out:
-            writer = SeekableZstdWriter(out, level=level, threads=threads)
-            framer = _Framer(writer.write_frame, frame_target)
+            writer = SeekableZstdWriter(
+                out,
+                level=level,
+                threads=threads,
+                frame_target=frame_target,
+                frame_limit=frame_limit,
+            )
+            framer = _Framer(writer)
             indexer = StreamIndexer()
 
             def on_chunk(offset: int, chunk) -> None:

@@ -112,34 +112,99 @@ class SeekTable:
         return cls(csizes, dsizes, sums if with_checksum else None, table_size)
 
 
-class SeekableZstdWriter:
-    """Write a zstd seekable file: one independent frame per :meth:`write_frame`.
+#: Frame sizes (uncompressed).  A frame holds whole units (for a VMA
+#: archive: the header, then whole extents, so every frame starts at an
+#: extent boundary).  It ends at the first unit boundary at or after
+#: FRAME_TARGET bytes, and earlier when the next unit would take it past
+#: FRAME_LIMIT (a unit bigger than that gets a frame of its own).  A random
+#: read decompresses one whole frame (~1 ms of CPU per MiB), so these bound a
+#: read's cost: a full Proxmox extent (512 B + 59 x 64 KiB, ~3.7 MiB) is the
+#: usual frame, runs of small extents are grouped to at least 1 MiB.
+#: Measured in docs/compression.md ("Seekable output").
+FRAME_TARGET = 1 << 20
+FRAME_LIMIT = 4 << 20
 
-    The caller chooses frame boundaries (the VMA writer aligns them to
-    extents, a few MiB each, so a random read decompresses one small frame).
-    :meth:`close` appends the seek table; it does not close *fileobj*.
-    Frames carry zstd's content checksum, and the table repeats it, so both
-    ``zstd -d`` and the seek table can verify the data.
+
+class SeekableZstdWriter:
+    """Write a zstd seekable file of independent frames.
+
+    Two ways to make frames:
+
+    - :meth:`write` (one unit) or :meth:`unit` + :meth:`feed` (a unit handed
+      over in pieces): the writer groups units into frames by
+      :data:`FRAME_TARGET` / :data:`FRAME_LIMIT` and never cuts inside one.
+      The VMA writer and ``vmafs recompress`` pass the header and each
+      extent as units, so frames start at extent boundaries;
+    - :meth:`write_frame`: *data* becomes one frame, as it is.
+
+    :meth:`close` ends the last frame and appends the seek table; it does not
+    close *fileobj*.  Frames carry zstd's content checksum, and the table
+    repeats it, so both ``zstd -d`` and the seek table can verify the data.
     """
 
-    def __init__(self, fileobj: BinaryIO, level: int = 3, *, threads: int = 0) -> None:
+    def __init__(
+        self,
+        fileobj: BinaryIO,
+        level: int = 3,
+        *,
+        threads: int = 0,
+        frame_target: int = FRAME_TARGET,
+        frame_limit: int = FRAME_LIMIT,
+    ) -> None:
         self._f = fileobj
         self._cctx = zstandard.ZstdCompressor(
             level=level, write_checksum=True, write_content_size=True, threads=threads
         )
+        self._target = frame_target
+        self._limit = max(frame_limit, frame_target)
+        self._buf = bytearray()  # the frame being assembled (whole units so far)
         self._csizes: list[int] = []
         self._dsizes: list[int] = []
         self._sums: list[int] = []
         self._closed = False
         #: Compressed bytes written so far (frames only, until close()).
         self.compressed_size = 0
-        #: Uncompressed bytes accepted so far.
+        #: Uncompressed bytes in written frames.
         self.size = 0
 
+    def unit(self, size: int) -> None:
+        """The next *size* bytes fed belong together: no frame ends inside them.
+
+        Ends the current frame here if it holds FRAME_TARGET bytes or more,
+        or if *size* more would take it past FRAME_LIMIT.
+        """
+        n = len(self._buf)
+        if n and (n >= self._target or n + size > self._limit):
+            self.end_frame()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append bytes of the current unit (see :meth:`unit`)."""
+        if self._closed:
+            raise ValueError("feed() on a closed SeekableZstdWriter")
+        self._buf += data
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append *data* as one unit (``unit(len(data))`` then ``feed(data)``)."""
+        self.unit(len(data))
+        self.feed(data)
+
+    def end_frame(self) -> None:
+        """Compress what :meth:`feed` collected as one frame (nothing if empty)."""
+        if self._buf:
+            self._compress(self._buf)
+            self._buf = bytearray()
+
     def write_frame(self, data: bytes | bytearray | memoryview) -> int:
-        """Compress *data* as one frame and write it; returns the frame's compressed size."""
+        """Compress *data* as one frame and write it; returns the frame's compressed size.
+
+        A frame being collected by :meth:`feed` is ended first.
+        """
         if self._closed:
             raise ValueError("write_frame() on a closed SeekableZstdWriter")
+        self.end_frame()
+        return self._compress(data)
+
+    def _compress(self, data: bytes | bytearray | memoryview) -> int:
         n = len(data)
         if n == 0:
             return 0  # an empty frame would only cost a table entry
@@ -162,9 +227,10 @@ class SeekableZstdWriter:
         return len(self._csizes)
 
     def close(self) -> None:
-        """Write the seek table (once); the file object stays open."""
+        """End the last frame and write the seek table (once); the file object stays open."""
         if self._closed:
             return
+        self.end_frame()
         self._closed = True
         table = SeekTable(self._csizes, self._dsizes, self._sums, 0)
         self._f.write(table.to_bytes())
