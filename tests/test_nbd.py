@@ -350,6 +350,43 @@ def test_replies_out_of_order_and_requests_concurrent(tmp_path):
     assert order == [CLUSTER_SIZE, 0]
 
 
+def test_write_buffers_are_reused_and_released_after_the_callback(tmp_path):
+    """Payloads land in receive buffers the server reuses; the view a callback got
+    is released once it returns, so one kept by mistake fails loudly instead of
+    silently showing a later request's data."""
+    kept: list[memoryview] = []
+    copies: dict[int, bytes] = {}
+    owners = []  # kept alive, so distinct buffers have distinct ids
+
+    async def on_write(offset, data):
+        kept.append(data)
+        owners.append(data.obj)
+        copies[offset] = bytes(data)
+        await trio.sleep(0)  # let the next request be received meanwhile
+
+    async def on_zero(offset, length):
+        raise AssertionError("not used")
+
+    payloads = {i * CLUSTER_SIZE: os.urandom(CLUSTER_SIZE // (1 + i % 3)) for i in range(64)}
+
+    async def body(server, path):
+        c = await connected(path)
+        for off, payload in payloads.items():
+            await c.request(nbd.NBD_CMD_WRITE, off, len(payload), payload)
+        assert sorted([err for _, err in [await c.reply() for _ in payloads]]) == [0] * 64
+        c.close()
+
+    trio.run(
+        lambda: with_server(
+            tmp_path, {"d": Export(64 * CLUSTER_SIZE, on_write, on_zero)}, body, max_in_flight=4
+        )
+    )
+    assert copies == payloads
+    assert len({id(o) for o in owners}) <= 5  # max_in_flight in use + one being received
+    with pytest.raises(ValueError):
+        bytes(kept[0])  # released
+
+
 def test_callback_errors_map_to_nbd_errors(tmp_path):
     async def on_write(offset, data):
         if offset == 0:

@@ -30,7 +30,8 @@ Protocol subset (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto
 Commands, what they mean here and what an error does to the client:
 
 ``NBD_CMD_WRITE`` (flags: FUA accepted and ignored; any other flag -> ``EINVAL``)
-    Calls ``export.on_write(offset, data)``.  Success means the data is
+    Calls ``export.on_write(offset, data)`` (``data`` is a view of a reused
+    receive buffer, valid during the call).  Success means the data is
     accepted into the packer's buffer (not on disk).  A range beyond the export
     end gets ``ENOSPC`` (payload read and discarded); length 0 gets ``EINVAL``;
     a payload longer than ``max_block`` cannot be trusted and closes the
@@ -196,8 +197,10 @@ class _EOF(_Hangup):
 class Export:
     """One named export: its size and the callbacks that receive its writes.
 
-    ``on_write(offset, data)`` receives a ``bytes``/``memoryview`` payload
-    already checked to lie inside ``[0, size)``; ``on_zero(offset, length)``
+    ``on_write(offset, data)`` receives a ``memoryview`` payload already
+    checked to lie inside ``[0, size)``.  It is a view of a receive buffer
+    the server reuses for a later request once the callback has returned (and
+    releases then): copy what you keep.  ``on_zero(offset, length)``
     likewise; ``on_flush()`` is optional.  All are awaited in the server's trio
     task for that request; they may raise (see the module docs for how
     exceptions map to NBD errors).  ``description`` is returned for
@@ -249,6 +252,22 @@ class _Conn:
         self.send_lock = trio.Lock()
         self.export_name: str | None = None
         self.export: Export | None = None
+        #: receive buffers for WRITE payloads, reused (no fresh pages per request)
+        self._buffers: list[bytearray] = []
+
+    def _take_buffer(self, n: int) -> bytearray:
+        for i, buf in enumerate(self._buffers):
+            if len(buf) >= n:
+                return self._buffers.pop(i)
+        return bytearray(max(n, PREFERRED_BLOCK))
+
+    def _give_back(self, buf: bytearray, view: memoryview) -> None:
+        try:
+            view.release()
+        except BufferError:  # a callback still holds an export of it: never reuse it
+            return
+        if len(self._buffers) <= self.server.max_in_flight:
+            self._buffers.append(buf)
 
     # -- raw I/O --
 
@@ -413,17 +432,21 @@ class _Conn:
             if cmd == NBD_CMD_DISC:
                 log.debug("conn %d: NBD_CMD_DISC", self.cid)
                 return  # the nursery waits for the requests in flight
-            payload = None
+            payload = buf = None
             if cmd == NBD_CMD_WRITE:
                 if length > srv.max_block:
                     raise _Hangup(f"WRITE of {length} bytes exceeds max block {srv.max_block}")
-                payload = await self.recv(length)
+                buf = self._take_buffer(length)
+                payload = memoryview(buf)[:length]
+                await self.recv_into(payload)
             received = time.perf_counter()
             nursery.start_soon(
-                self.handle, limit, cmd, flags, cookie, offset, length, payload, received
+                self.handle, limit, cmd, flags, cookie, offset, length, payload, buf, received
             )
 
-    async def handle(self, limit, cmd, flags, cookie, offset, length, payload, received) -> None:
+    async def handle(
+        self, limit, cmd, flags, cookie, offset, length, payload, buf, received
+    ) -> None:
         try:
             err = await self.execute(cmd, flags, offset, length, payload)
             if err:
@@ -437,6 +460,8 @@ class _Conn:
                 self.server._record_latency(time.perf_counter() - received)
             self.server.requests += 1
         finally:
+            if buf is not None:
+                self._give_back(buf, payload)
             limit.release()
 
     async def execute(self, cmd, flags, offset, length, payload) -> int:
