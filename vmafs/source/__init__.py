@@ -30,7 +30,11 @@ class Source(Protocol):
     def scan(
         self, on_chunk: Callable[[int, memoryview], None], progress: ProgressFn | None = None
     ) -> None:
-        """One sequential pass over the stream, handing every byte to *on_chunk* in order."""
+        """One sequential pass over the stream, handing every byte to *on_chunk* in order.
+
+        *on_chunk(offset, view)* must copy what it keeps: the view may be of a
+        buffer that the source reuses once the call returns.
+        """
 
     def pread(self, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) of the stream; short only at its end; thread-safe."""

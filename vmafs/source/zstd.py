@@ -353,11 +353,18 @@ class _Candidate:
 
 
 class _SeqReader:
-    """Sequential buffered reads of the compressed file for the scan."""
+    """Sequential buffered reads of the compressed file for the scan.
+
+    One buffer, refilled in place (no fresh 4 MiB allocation per refill):
+    what :meth:`peek`/:meth:`take` return and views of ``_buf`` are valid
+    until the next refill, which the scan does only once zstd has used all
+    input handed to it.
+    """
 
     def __init__(self, fd: int, size: int) -> None:
         self._fd, self.size = fd, size
-        self._buf = b""
+        self._back = bytearray(_SCAN_CHUNK)
+        self._buf = memoryview(self._back)[:0]
         self._i = 0
         self._base = 0  # file offset of _buf[0]
 
@@ -369,7 +376,10 @@ class _SeqReader:
         # cache): cheaper than copying a 4 MiB buffer to keep a few KiB.
         pos = self.tell()
         want = min(max(n, _SCAN_CHUNK), max(self.size - pos, 0))
-        self._buf = os.pread(self._fd, want, pos) if want else b""
+        if want > len(self._back):
+            self._back = bytearray(want)
+        got = os.preadv(self._fd, [memoryview(self._back)[:want]], pos) if want else 0
+        self._buf = memoryview(self._back)[:got]
         self._base, self._i = pos, 0
 
     def ensure(self, n: int) -> bool:
@@ -378,12 +388,12 @@ class _SeqReader:
             self._fill(n)
         return self._i + n <= len(self._buf)
 
-    def peek(self, n: int) -> bytes:
+    def peek(self, n: int) -> memoryview:
         if self._i + n > len(self._buf):
             self._fill(n)
         return self._buf[self._i : self._i + n]
 
-    def take(self, n: int) -> bytes:
+    def take(self, n: int) -> memoryview:
         if self._i + n > len(self._buf):
             self._fill(n)
         out = self._buf[self._i : self._i + n]
@@ -398,7 +408,7 @@ class _SeqReader:
             self._i += n
         else:
             self._base = self.tell() + n
-            self._buf, self._i = b"", 0
+            self._buf, self._i = memoryview(self._back)[:0], 0
         return n
 
 
@@ -590,152 +600,7 @@ class ZstdSource:
                 f"zstd frame at compressed offset {at} needs dictionary {hdr.dict_id}, "
                 "which vmafs does not have"
             )
-        # write_size above a batch's largest output: one buffer, no join of pieces
-        dobj = _decompressor().decompressobj(write_size=_BATCH_BLOCKS * BLOCK_SIZE_MAX + 4096)
-        try:
-            dobj.decompress(rd.take(hdr.size))
-        except zstandard.ZstdError as e:
-            raise _corrupt(f"bad zstd frame header ({e})", at, st.dec) from e
-        window = hdr.window_size
-        block_max = min(window, BLOCK_SIZE_MAX)
-        frame_dec0 = st.dec
-        checkpoints = window <= MAX_CHECKPOINT_WINDOW and self._spacing is not None
-        need = window + BLOCK_SIZE_MAX  # output to test a candidate on: every reach-back resolved
-        history: deque[bytes] = deque()
-        hist = 0
-        ct = 0.0  # decode CPU seconds in this frame
-        last_ct, last_dec = 0.0, frame_dec0
-        pending: deque[_Candidate] = deque()
-        clock = time.thread_time
-        on_chunk = st.on_chunk
-        spacing, budget = self._spacing, self._budget
-        # Blocks are decompressed in batches (one call per _BATCH_BLOCKS
-        # blocks: fewer GIL hand-offs with the test thread), handed to zstd
-        # as a view of the read buffer (no copy).  A batch ends where the
-        # buffer is refilled and where a checkpoint candidate should start.
-        nblocks = 0
-        bstart = 0  # batch start, index into rd._buf
-
-        def flush() -> None:
-            nonlocal ct, hist, nblocks
-            dec = st.dec
-            data = memoryview(rd._buf)[bstart : rd._i]
-            batch_pos = rd._base + bstart
-            t0 = clock()
-            try:
-                out = dobj.decompress(data)
-            except zstandard.ZstdError as e:
-                raise _corrupt(
-                    f"corrupt zstd data ({e}) in the {nblocks} block(s) starting",
-                    batch_pos,
-                    dec,
-                ) from e
-            ct += clock() - t0
-            nblocks = 0
-            if not out:
-                return
-            on_chunk(dec, memoryview(out))
-            n = len(out)
-            st.dec = dec + n
-            history.append(out)
-            hist += n
-            while hist - len(history[0]) >= window:
-                hist -= len(history.popleft())
-            for c in pending:
-                if c.future is None and c.got < c.need:
-                    c.parts.append(out)
-                    c.got += n
-                    if c.got >= c.need:
-                        self._submit(c, rd.tell(), hdr, pool, st)
-
-        while True:
-            bpos = rd.tell()
-            if rd._i + 3 > len(rd._buf):
-                if nblocks:
-                    flush()
-                if not rd.ensure(3):
-                    raise _corrupt(
-                        "truncated zstd stream (ends inside a block header)", bpos, st.dec
-                    )
-            buf, i = rd._buf, rd._i
-            h = buf[i] | buf[i + 1] << 8 | buf[i + 2] << 16
-            btype, bsize = h >> 1 & 3, h >> 3
-            if btype == BLOCK_RESERVED:
-                raise _corrupt("zstd block of reserved type", bpos, st.dec)
-            if bsize > block_max:
-                raise _corrupt(
-                    f"zstd block of {bsize} bytes exceeds the maximum {block_max}", bpos, st.dec
-                )
-            clen = 3 + (1 if btype == BLOCK_RLE else bsize)
-            if i + clen > len(buf):
-                if nblocks:
-                    flush()
-                if not rd.ensure(clen):
-                    raise _corrupt("truncated zstd stream (ends inside a block)", bpos, st.dec)
-                buf, i = rd._buf, rd._i
-            # A checkpoint candidate at this boundary?
-            if (
-                checkpoints
-                and len(pending) < _MAX_PENDING
-                and ct - last_ct >= spacing
-                and st.cp_bytes <= budget * bpos  # may overrun by one checkpoint
-            ):
-                if nblocks:
-                    flush()
-                dec = st.dec
-                if dec - last_dec >= _MIN_CHECKPOINT_GAP and (
-                    not pending or dec - pending[-1].dec >= _CANDIDATE_GAP
-                ):
-                    if btype == BLOCK_COMPRESSED and not _block_is_candidate(buf[i + 3 : i + clen]):
-                        st.stats["rejected_header"] += 1
-                    else:
-                        keep = min(window, dec - frame_dec0)
-                        pending.append(_Candidate(dec, bpos, ct, _tail(history, hist, keep), need))
-                        st.stats["candidates"] += 1
-            if not nblocks:
-                bstart = i
-            nblocks += 1
-            rd._i = i + clen
-            if h & 1 or nblocks >= _BATCH_BLOCKS:
-                flush()
-            if pending and pending[0].future is not None and pending[0].future.done():
-                accepted = self._settle(pending, fidx, st)
-                if accepted is not None:
-                    last_ct, last_dec = accepted.ct, accepted.dec
-            if st.progress and rd.tell() >= st.next_progress:
-                st.progress(rd.tell(), st.total)
-                st.next_progress = rd.tell() + _PROGRESS_STEP
-            if h & 1:
-                break
-        end_blocks = rd.tell()
-        if hdr.checksum:
-            cks = rd.take(4)
-            if len(cks) < 4:
-                raise _corrupt(
-                    "truncated zstd stream (ends inside the frame checksum)", end_blocks, st.dec
-                )
-            try:
-                dobj.decompress(cks)
-            except zstandard.ZstdError as e:
-                raise _corrupt(f"zstd frame checksum mismatch ({e})", end_blocks, st.dec) from e
-        if not dobj.eof:
-            raise _corrupt("zstd frame did not end after its last block", rd.tell(), st.dec)
-        if hdr.content_size is not None and st.dec - frame_dec0 != hdr.content_size:
-            raise _corrupt(
-                f"zstd frame holds {st.dec - frame_dec0} bytes, its header says {hdr.content_size}",
-                at,
-                st.dec,
-            )
-        # Candidates near the frame end are tested on what is left of the frame.
-        for c in pending:
-            if c.future is None:
-                self._submit(c, end_blocks, hdr, pool, st)
-        while pending:
-            concurrent.futures.wait([pending[0].future])
-            if self._settle(pending, fidx, st) is not None:
-                break
-        for c in pending:
-            c.future.cancel()
+        _FrameScan(self, rd, hdr, fidx, st, pool).run()
 
     def _submit(self, c: _Candidate, comp_end: int, hdr: FrameHeader, pool, st) -> None:
         truth = b"".join(c.parts)[: c.need]
@@ -1009,6 +874,245 @@ class ZstdSource:
         self.close()
 
 
+class _FrameScan:
+    """The scan of one frame: a block walker feeding zstd, and the loop taking its output.
+
+    zstd decompresses straight into a reused ring buffer (``readinto1`` of a
+    stream reader), so the scan allocates nothing per batch; the ring also
+    holds the recent output that checkpoint candidates need as their window.
+    The compressed side is this object's :meth:`read`, which zstd calls for
+    more input: it walks the block headers and hands out batches of whole
+    blocks (views of the read buffer, no copy).  zstd calls ``read`` only once
+    all input handed out before is decoded, and the output region is always
+    bigger than a batch can produce, so nothing is held back inside zstd:
+    at a ``read`` call, ``st.dec`` is exactly the decompressed offset of the
+    block boundary where the next batch starts.  That is where checkpoint
+    candidates are taken.
+    """
+
+    def __init__(self, src: ZstdSource, rd: _SeqReader, hdr: FrameHeader, fidx: int, st, pool):
+        self.src, self.rd, self.hdr, self.fidx, self.st, self.pool = src, rd, hdr, fidx, st, pool
+        self.window = hdr.window_size
+        self.block_max = min(self.window, BLOCK_SIZE_MAX)
+        self.frame_dec0 = st.dec
+        self.checkpoints = self.window <= MAX_CHECKPOINT_WINDOW and src._spacing is not None
+        self.need = self.window + BLOCK_SIZE_MAX  # output a candidate is tested on
+        # One more byte than a batch can yield: a full region would mean zstd holds output back.
+        self.region = _BATCH_BLOCKS * self.block_max + 1
+        # History (a window) never meets the region being written: see _keep.
+        self.ring = bytearray((self.window if self.checkpoints else 0) + 3 * self.region)
+        self.segs: deque[tuple[int, int]] = deque()  # (ring offset, length) of recent output
+        self.hist = 0  # bytes in segs
+        self.ct = 0.0  # decode CPU seconds in this frame
+        self.last_ct, self.last_dec = 0.0, self.frame_dec0
+        self.pending: deque[_Candidate] = deque()
+        self.stage = 0  # 0: frame header next, 1: blocks, 2: checksum next, 3: all handed out
+        self.at = self.batch_at = self.end_blocks = rd.tell()
+        self.piece = "header"  # what the last piece handed out was: header, blocks, checksum
+        self.batch_blocks = 0  # blocks in it
+
+    # --- compressed side: zstd's input ---------------------------------------------
+
+    def read(self, size: int = -1):
+        rd, st, hdr = self.rd, self.st, self.hdr
+        if self.stage == 1:
+            return self._blocks()
+        if self.stage == 0:
+            self.stage = 1
+            return rd.take(hdr.size)
+        if self.stage == 2:
+            self.stage = 3
+            self.piece = "checksum"
+            cks = rd.take(4)
+            if len(cks) < 4:
+                raise _corrupt(
+                    "truncated zstd stream (ends inside the frame checksum)",
+                    self.end_blocks,
+                    st.dec,
+                )
+            return cks
+        return b""
+
+    def _blocks(self) -> memoryview:
+        """The next batch of whole blocks (a view of the read buffer)."""
+        rd, st = self.rd, self.st
+        pending = self.pending
+        if pending and pending[0].future is not None and pending[0].future.done():
+            accepted = self.src._settle(pending, self.fidx, st)
+            if accepted is not None:
+                self.last_ct, self.last_dec = accepted.ct, accepted.dec
+        checkpoints = self.checkpoints
+        spacing, budget = self.src._spacing, self.src._budget
+        block_max = self.block_max
+        nblocks = 0
+        bstart = rd._i
+        while True:
+            bpos = rd.tell()
+            if rd._i + 3 > len(rd._buf):
+                if nblocks:
+                    break  # hand out what is there; refill on the next call
+                if not rd.ensure(3):
+                    raise _corrupt(
+                        "truncated zstd stream (ends inside a block header)", bpos, st.dec
+                    )
+                bstart = rd._i
+            buf, i = rd._buf, rd._i
+            h = buf[i] | buf[i + 1] << 8 | buf[i + 2] << 16
+            btype, bsize = h >> 1 & 3, h >> 3
+            if btype == BLOCK_RESERVED:
+                raise _corrupt("zstd block of reserved type", bpos, st.dec)
+            if bsize > block_max:
+                raise _corrupt(
+                    f"zstd block of {bsize} bytes exceeds the maximum {block_max}", bpos, st.dec
+                )
+            clen = 3 + (1 if btype == BLOCK_RLE else bsize)
+            if i + clen > len(buf):
+                if nblocks:
+                    break
+                if not rd.ensure(clen):
+                    raise _corrupt("truncated zstd stream (ends inside a block)", bpos, st.dec)
+                buf, i = rd._buf, rd._i
+                bstart = i
+            # A checkpoint candidate at this boundary?  Only at the start of a
+            # batch is st.dec this boundary's offset: end the batch before it.
+            if (
+                checkpoints
+                and len(pending) < _MAX_PENDING
+                and self.ct - self.last_ct >= spacing
+                and st.cp_bytes <= budget * bpos  # may overrun by one checkpoint
+            ):
+                if nblocks:
+                    break
+                self._candidate(bpos, btype, buf, i, clen)
+            nblocks += 1
+            rd._i = i + clen
+            if h & 1:
+                self.stage = 2 if self.hdr.checksum else 3
+                self.end_blocks = rd.tell()
+                break
+            if nblocks >= _BATCH_BLOCKS:
+                break
+        self.piece, self.batch_at, self.batch_blocks = "blocks", rd._base + bstart, nblocks
+        if st.progress and rd.tell() >= st.next_progress:
+            st.progress(rd.tell(), st.total)
+            st.next_progress = rd.tell() + _PROGRESS_STEP
+        return rd._buf[bstart : rd._i]
+
+    def _candidate(self, bpos: int, btype: int, buf: bytes, i: int, clen: int) -> None:
+        st, dec = self.st, self.st.dec
+        pending = self.pending
+        if dec - self.last_dec < _MIN_CHECKPOINT_GAP or (
+            pending and dec - pending[-1].dec < _CANDIDATE_GAP
+        ):
+            return
+        if btype == BLOCK_COMPRESSED and not _block_is_candidate(buf[i + 3 : i + clen]):
+            st.stats["rejected_header"] += 1
+            return
+        keep = min(self.window, dec - self.frame_dec0)
+        pending.append(_Candidate(dec, bpos, self.ct, self._tail(keep), self.need))
+        st.stats["candidates"] += 1
+
+    def _tail(self, n: int) -> bytes:
+        """The last *n* bytes of output (from the ring)."""
+        if n <= 0:
+            return b""
+        ring = memoryview(self.ring)
+        parts = []
+        got = 0
+        for off, length in reversed(self.segs):
+            take = min(length, n - got)
+            parts.append(ring[off + length - take : off + length])
+            got += take
+            if got >= n:
+                break
+        return b"".join(reversed(parts))
+
+    # --- decompressed side ---------------------------------------------------------
+
+    def run(self) -> None:
+        st, hdr = self.st, self.hdr
+        reader = _decompressor().stream_reader(
+            self, read_size=_SCAN_CHUNK, read_across_frames=False
+        )
+        ring = memoryview(self.ring)
+        region, size = self.region, len(self.ring)
+        clock = time.thread_time
+        on_chunk = st.on_chunk
+        pos = 0  # where the next output goes in the ring
+        while True:
+            if pos + region > size:
+                pos = 0
+            t0 = clock()
+            try:
+                n = reader.readinto1(ring[pos : pos + region])
+            except zstandard.ZstdError as e:
+                if self.piece == "header":
+                    raise _corrupt(f"bad zstd frame header ({e})", self.at, st.dec) from e
+                if self.piece == "checksum":
+                    raise _corrupt(
+                        f"zstd frame checksum mismatch ({e})", self.end_blocks, st.dec
+                    ) from e
+                raise _corrupt(
+                    f"corrupt zstd data ({e}) in the {self.batch_blocks} block(s) starting",
+                    self.batch_at,
+                    st.dec,
+                ) from e
+            self.ct += clock() - t0
+            if n == 0:
+                break  # all of the frame was handed out and zstd used it up
+            if n >= region:
+                raise SourceError(f"{self.src.path}: zstd returned more than a batch of blocks")
+            view = ring[pos : pos + n]
+            dec = st.dec
+            on_chunk(dec, view)
+            st.dec = dec + n
+            if self.checkpoints:
+                self._keep(pos, view)
+            pos += n
+        if self.stage != 3:
+            raise _corrupt("zstd frame did not end after its last block", self.rd.tell(), st.dec)
+        frame_dec0 = self.frame_dec0
+        if hdr.content_size is not None and st.dec - frame_dec0 != hdr.content_size:
+            raise _corrupt(
+                f"zstd frame holds {st.dec - frame_dec0} bytes, its header says {hdr.content_size}",
+                self.at,
+                st.dec,
+            )
+        # Candidates near the frame end are tested on what is left of the frame.
+        pending = self.pending
+        for c in pending:
+            if c.future is None:
+                self.src._submit(c, self.end_blocks, hdr, self.pool, st)
+        while pending:
+            concurrent.futures.wait([pending[0].future])
+            if self.src._settle(pending, self.fidx, st) is not None:
+                break
+        for c in pending:
+            c.future.cancel()
+
+    def _keep(self, pos: int, view: memoryview) -> None:
+        """Track *view* (output at ring offset *pos*) as history and as candidates' truth.
+
+        History is trimmed to the last window plus the newest region (less than
+        ``window + region``); with the gap of under a region that wrapping leaves
+        at the ring's end, the next region written never reaches live history in
+        a ring of ``window + 3 * region``.
+        """
+        n = len(view)
+        segs = self.segs
+        segs.append((pos, n))
+        self.hist += n
+        while self.hist - segs[0][1] >= self.window:
+            self.hist -= segs.popleft()[1]
+        for c in self.pending:
+            if c.future is None and c.got < c.need:
+                part = bytes(view[: c.need - c.got])
+                c.parts.append(part)
+                c.got += len(part)
+                if c.got >= c.need:
+                    self.src._submit(c, self.rd.tell(), self.hdr, self.pool, self.st)
+
+
 class _ScanState:
     def __init__(self, on_chunk, progress, total: int) -> None:
         self.on_chunk, self.progress, self.total = on_chunk, progress, total
@@ -1029,21 +1133,6 @@ class _ScanState:
             "checkpoints": 0,
             "window_bytes": 0,  # uncompressed window bytes kept, all checkpoints
         }
-
-
-def _tail(history: deque[bytes], total: int, n: int) -> bytes:
-    """The last *n* bytes of the chunks in *history* (whose lengths sum to *total*)."""
-    if n <= 0:
-        return b""
-    parts = []
-    got = 0
-    for chunk in reversed(history):
-        parts.append(chunk)
-        got += len(chunk)
-        if got >= n:
-            break
-    data = b"".join(reversed(parts))
-    return data[len(data) - n :] if len(data) > n else data
 
 
 register(ZSTD_MAGIC_BYTES, ZstdSource)
