@@ -41,10 +41,13 @@ import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zstandard
-from indexed_gzip.indexed_gzip import _IndexedGzipFile
+
+if TYPE_CHECKING:
+    from indexed_gzip.indexed_gzip import _IndexedGzipFile
 
 from ..errors import CorruptStreamError, IndexCacheError, SourceError
 from . import register
@@ -212,6 +215,10 @@ class GzipSource:
         return z
 
     def _new_handle(self) -> _IndexedGzipFile:
+        # Imported here: indexed_gzip's import costs ~40 ms (importlib.metadata),
+        # which every vmafs command would pay for gzip support it does not use.
+        from indexed_gzip.indexed_gzip import _IndexedGzipFile  # noqa: PLC0415
+
         fobj = os.fdopen(os.dup(self._file.fileno()), "rb")
         return _IndexedGzipFile(
             fileobj=fobj,
