@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
@@ -21,7 +22,9 @@ from vmafs.format import (
     ExtentHeader,
     ExtentPacker,
     Header,
+    block_masks,
     encode_cluster,
+    stored_blocks,
 )
 
 PLAIN_FIXTURES = fixture_archives(compressed=False)
@@ -177,6 +180,41 @@ def test_extent_header_checks():
 
 
 # --- encode_cluster and ExtentPacker ------------------------------------------------------------
+
+
+def _naive(cluster: bytes) -> tuple[int, bytes]:
+    """Proxmox's rule spelled out: a 4 KiB block is stored unless it is all zero."""
+    cluster += bytes(-len(cluster) % BLOCK_SIZE)
+    blocks = [cluster[i : i + BLOCK_SIZE] for i in range(0, len(cluster), BLOCK_SIZE)]
+    mask = sum(1 << b for b, blk in enumerate(blocks) if blk != bytes(BLOCK_SIZE))
+    return mask, b"".join(blk for blk in blocks if blk != bytes(BLOCK_SIZE))
+
+
+def test_whole_request_zero_detection_follows_the_block_rule():
+    """block_masks (the writer's, over a request) and encode_cluster = the naive rule."""
+    rnd = random.Random(24)
+    for length in [CLUSTER_SIZE, 3 * CLUSTER_SIZE, 2 * CLUSTER_SIZE + 4608, 512, 4096, 12800]:
+        for _ in range(20):
+            buf = bytearray(length)
+            for b in range(0, length, BLOCK_SIZE):
+                kind = rnd.randrange(4)
+                hi = min(b + BLOCK_SIZE, length)
+                if kind == 1:  # random data
+                    buf[b:hi] = rnd.randbytes(hi - b)
+                elif kind == 2:  # one byte set, anywhere (also the first and last)
+                    buf[rnd.choice([b, hi - 1, rnd.randrange(b, hi)])] = rnd.randrange(1, 256)
+                elif kind == 3:  # zero first word, data later
+                    buf[min(b + 8, hi - 1)] = 1
+            starts = range(0, length, CLUSTER_SIZE)
+            want = [_naive(bytes(buf[o : o + CLUSTER_SIZE])) for o in starts]
+            masks = [m for m, _ in want]
+            assert block_masks(memoryview(buf), length) == masks
+            assert block_masks(bytes(buf), length) == masks
+            for k, o in enumerate(starts):
+                clen = min(CLUSTER_SIZE, length - o)
+                assert encode_cluster(bytes(buf[o : o + clen])) == want[k]
+                assert stored_blocks(buf, masks[k], o, clen) == want[k][1]
+    assert block_masks(None, 3 * CLUSTER_SIZE) == [0, 0, 0]
 
 
 def test_encode_cluster_zero_and_full():

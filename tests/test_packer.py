@@ -32,9 +32,8 @@ from vmafs.format import (
     SLOTS_PER_EXTENT,
     ExtentHeader,
     Header,
-    encode_cluster,
 )
-from writer.packer import ArchiveOutput, Packer, block_masks
+from writer.packer import ArchiveOutput, Packer
 
 REPO = Path(__file__).resolve().parent.parent
 UUID = bytes(range(16))
@@ -368,30 +367,6 @@ def test_caller_buffers_are_copied_and_sinks_get_reused_buffers():
     assert bytes(got) == stored
     # and the sink really was handed reused buffers (views, not fresh bytes)
     assert any(isinstance(k, memoryview) for k in kept)
-
-
-def test_block_masks_agree_with_encode_cluster():
-    """The writer's whole-request zero detection gives encode_cluster's masks."""
-    rnd = random.Random(24)
-    for length in [CLUSTER_SIZE, 3 * CLUSTER_SIZE, 2 * CLUSTER_SIZE + 4608, 512, 4096, 12800]:
-        for _ in range(20):
-            buf = bytearray(length)
-            for b in range(0, length, 4096):
-                kind = rnd.randrange(4)
-                hi = min(b + 4096, length)
-                if kind == 1:  # random data
-                    buf[b:hi] = rnd.randbytes(hi - b)
-                elif kind == 2:  # one byte set, anywhere (also the first and last)
-                    buf[rnd.choice([b, hi - 1, rnd.randrange(b, hi)])] = rnd.randrange(1, 256)
-                elif kind == 3:  # zero first word, data later
-                    buf[min(b + 8, hi - 1)] = 1
-            want = [
-                encode_cluster(bytes(buf[o : o + CLUSTER_SIZE]))[0]
-                for o in range(0, length, CLUSTER_SIZE)
-            ]
-            assert block_masks(memoryview(buf), length) == want
-            assert block_masks(bytes(buf), length) == want
-    assert block_masks(None, 3 * CLUSTER_SIZE) == [0, 0, 0]
 
 
 def test_zeros_via_none_conflict_with_data():

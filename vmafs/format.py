@@ -62,6 +62,7 @@ _BLOCKINFO = struct.Struct(f">{SLOTS_PER_EXTENT}Q")
 _MD5_SLICE = slice(32, 48)
 _EXTENT_MD5_SLICE = slice(24, 40)
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
+_WORDS_PER_BLOCK = BLOCK_SIZE // 8
 
 
 def _md5_with_hole(buf: bytes | bytearray | memoryview, hole: slice) -> bytes:
@@ -395,7 +396,39 @@ def check_extent_header(buf: bytes, offset: int, uuid: bytes | None) -> None:
         )
 
 
-# --- packing clusters into extents (shared by the writer and the tests) -----------
+# --- packing clusters into extents (zero detection shared by the writer and the tests) --
+
+
+def block_masks(data, length: int) -> list[int]:
+    """Per-cluster masks (bit i = block i is not all zero) of a cluster-aligned range.
+
+    *data* is ``length`` bytes starting at a cluster boundary (the last
+    cluster may be short; its missing bytes count as zeros), or None for
+    zeros.  All-zero 4 KiB blocks are not stored, as Proxmox's writer does.
+    Vectorized over a whole request: the first 8 bytes of each block decide
+    for almost every block of real data; only blocks starting with zeros are
+    scanned whole.
+    """
+    import numpy as np  # noqa: PLC0415 - keeps header-only commands light
+
+    n = (length + CLUSTER_SIZE - 1) // CLUSTER_SIZE
+    if data is None:
+        return [0] * n
+    full = length // BLOCK_SIZE
+    nonzero = np.zeros(n * BLOCKS_PER_CLUSTER, dtype=bool)
+    if full:
+        words = np.frombuffer(data, dtype=np.uint64, count=full * _WORDS_PER_BLOCK)
+        words = words.reshape(full, _WORDS_PER_BLOCK)
+        head = words[:, 0] != 0
+        maybe_zero = np.flatnonzero(~head)
+        if len(maybe_zero):
+            head[maybe_zero] = words[maybe_zero].any(axis=1)
+        nonzero[:full] = head
+    tail = length - full * BLOCK_SIZE
+    if tail:
+        nonzero[full] = bytes(data[full * BLOCK_SIZE : length]) != _ZERO_BLOCK[:tail]
+    bits = np.packbits(nonzero.reshape(n, BLOCKS_PER_CLUSTER), axis=1, bitorder="little")
+    return bits.view("<u2").ravel().tolist()
 
 
 def encode_cluster(data: bytes | memoryview | None) -> tuple[int, bytes]:
@@ -409,26 +442,29 @@ def encode_cluster(data: bytes | memoryview | None) -> tuple[int, bytes]:
         return 0, b""
     if len(data) > CLUSTER_SIZE:
         raise ValueError(f"cluster data is {len(data)} bytes, more than {CLUSTER_SIZE}")
-    raw = bytes(data)
-    if raw == _ZERO_CLUSTER[: len(raw)]:  # memcmp: the common all-zero case
+    (mask,) = block_masks(data, len(data)) if len(data) else (0,)
+    if not mask:
         return 0, b""
-    if len(raw) % BLOCK_SIZE:
-        raw += bytes(BLOCK_SIZE - len(raw) % BLOCK_SIZE)
-    # Slices of bytes compare with memcmp (memoryview comparison is per
-    # element and was 25x slower on mostly-zero clusters).
-    mask = 0
+    return mask, stored_blocks(data, mask)
+
+
+def stored_blocks(data, mask: int, start: int = 0, length: int | None = None) -> bytes:
+    """The blocks of one cluster that *mask* marks as stored, in block order.
+
+    The cluster is *length* bytes of *data* from *start* (default: all of
+    it, at most 65536); a short final block is zero-padded to 4096 bytes.
+    """
+    if length is None:
+        length = len(data) - start
+    if mask == FULL_MASK and length == CLUSTER_SIZE:
+        return bytes(data[start : start + CLUSTER_SIZE])
     parts = []
-    for b in range(len(raw) // BLOCK_SIZE):
-        block = raw[b * BLOCK_SIZE : (b + 1) * BLOCK_SIZE]
-        if block != _ZERO_BLOCK:
-            mask |= 1 << b
-            parts.append(block)
-    if len(parts) * BLOCK_SIZE == len(raw):
-        return mask, raw
-    return mask, b"".join(parts)
-
-
-_ZERO_CLUSTER = bytes(CLUSTER_SIZE)
+    for b in range(BLOCKS_PER_CLUSTER):
+        if mask >> b & 1:
+            lo = b * BLOCK_SIZE
+            chunk = bytes(data[start + lo : start + min(lo + BLOCK_SIZE, length)])
+            parts.append(chunk + _ZERO_BLOCK[len(chunk) :])
+    return b"".join(parts)
 
 
 class ExtentPacker:

@@ -7,10 +7,10 @@ overwrite it).  :class:`Packer` takes them as they come, finds the all-zero
 writer does), copies the other blocks straight into a preallocated extent
 buffer (58 slots, as Proxmox) and hands whole extents to a background thread
 that writes them to the output; written buffers are reused.  Layout facts come
-from :mod:`vmafs.format` (``ExtentHeader``, ``BlockInfo``, the constants); the
-masks agree with :func:`vmafs.format.encode_cluster` (tests/test_packer.py checks
-both).  Fed a Proxmox archive's clusters in that archive's order, with its
-uuid, ctime, configs and devices, the Packer reproduces the archive byte for
+from :mod:`vmafs.format` (``ExtentHeader``, ``BlockInfo``, the constants, and
+``block_masks``/``stored_blocks``, the zero-block rule).  Fed a Proxmox
+archive's clusters in that archive's order, with its uuid, ctime, configs and
+devices, the Packer reproduces the archive byte for
 byte (tests/test_packer.py does this for every fixture).
 
 Usage (inside a trio task)::
@@ -116,6 +116,8 @@ from vmafs.format import (
     Device,
     ExtentHeader,
     Header,
+    block_masks,
+    stored_blocks,
 )
 
 if TYPE_CHECKING:
@@ -136,8 +138,6 @@ log = logging.getLogger("writer.packer")
 DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
 
 _NO_HARDLINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
-_ZERO_BLOCK = bytes(BLOCK_SIZE)
-_WORDS_PER_BLOCK = BLOCK_SIZE // 8
 
 # The per-cluster word (numpy uint64; 0 = not received):
 #   location form  (offset // 512) << 18 | mask << 2 | 0b01   offset = archive offset of
@@ -159,49 +159,6 @@ def _digest(mask: int, stored) -> int:
     h = hashlib.sha256(mask.to_bytes(2, "big"))
     h.update(stored)
     return int.from_bytes(h.digest()[:8], "big") >> 2
-
-
-def block_masks(data, length: int) -> list[int]:
-    """Per-cluster masks (bit i = block i is not all zero) of a cluster-aligned range.
-
-    *data* is ``length`` bytes starting at a cluster boundary (the last
-    cluster may be short; its missing bytes count as zeros), or None for
-    zeros.  The same masks as :func:`vmafs.format.encode_cluster`, for a
-    whole request at once: the first 8 bytes of each 4 KiB block decide for
-    almost every block of real data; only blocks starting with zeros are
-    scanned whole.
-    """
-    n = (length + CLUSTER_SIZE - 1) // CLUSTER_SIZE
-    if data is None:
-        return [0] * n
-    full = length // BLOCK_SIZE
-    nonzero = np.zeros(n * BLOCKS_PER_CLUSTER, dtype=bool)
-    if full:
-        words = np.frombuffer(data, dtype=np.uint64, count=full * _WORDS_PER_BLOCK)
-        words = words.reshape(full, _WORDS_PER_BLOCK)
-        head = words[:, 0] != 0
-        maybe_zero = np.flatnonzero(~head)
-        if len(maybe_zero):
-            head[maybe_zero] = words[maybe_zero].any(axis=1)
-        nonzero[:full] = head
-    tail = length - full * BLOCK_SIZE
-    if tail:
-        nonzero[full] = bytes(data[full * BLOCK_SIZE : length]) != _ZERO_BLOCK[:tail]
-    bits = np.packbits(nonzero.reshape(n, BLOCKS_PER_CLUSTER), axis=1, bitorder="little")
-    return bits.view("<u2").ravel().tolist()
-
-
-def _stored_bytes(data, start: int, clen: int, mask: int) -> bytes:
-    """The stored blocks of one cluster (``clen`` bytes of *data* from *start*)."""
-    if mask == FULL_MASK and clen == CLUSTER_SIZE:
-        return bytes(data[start : start + CLUSTER_SIZE])
-    parts = []
-    for b in range(BLOCKS_PER_CLUSTER):
-        if mask >> b & 1:
-            lo = b * BLOCK_SIZE
-            chunk = bytes(data[start + lo : start + min(lo + BLOCK_SIZE, clen)])
-            parts.append(chunk + _ZERO_BLOCK[len(chunk) :])
-    return b"".join(parts)
 
 
 class _Extent:
@@ -549,7 +506,7 @@ class Packer:
             start = i * CLUSTER_SIZE
             clen = min(CLUSTER_SIZE, length - start)
             if word & _FORM == _DIGEST:
-                stored = _stored_bytes(data, start, clen, mask) if mask else b""
+                stored = stored_blocks(data, mask, start, clen) if mask else b""
                 if _digest(mask, stored) != word >> 2:
                     self._conflict(dev, first + i)
                 checked.add(i)
@@ -559,7 +516,7 @@ class Packer:
             if mask:
                 n = mask.bit_count() * BLOCK_SIZE
                 where = (word >> 18) * 512
-                stored = _stored_bytes(data, start, clen, mask)
+                stored = stored_blocks(data, mask, start, clen)
                 old = self._in_memory(where, n)
                 if old is None:
                     if self._read_back is None:  # cannot happen: written means digest form
