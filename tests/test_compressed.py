@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import zlib
 
 import pytest
@@ -759,6 +760,42 @@ def test_mount_compressed_reads_back_equal_to_manifest(tmp_path, require_fuse, k
         subprocess.run(vmafs_cmd("umount", mnt), capture_output=True, timeout=GUARD, check=False)
         unmount(mnt)
     assert not os.path.ismount(mnt)
-    side_index = os.path.exists(archive + sidecar.SUFFIX)
-    assert side_index == (kind != "recompressed")  # seekable zstd needs none
+    if kind == "recompressed":  # seekable zstd needs none
+        assert not os.path.exists(archive + sidecar.SUFFIX)
+    else:
+        # Written by the filesystem process beside serving (it may still be at it
+        # when umount returns): wait for it, then it must be whole and valid.
+        deadline = time.monotonic() + GUARD
+        while not os.path.exists(archive + sidecar.SUFFIX) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        src = open_source(archive)
+        try:
+            assert sidecar.load(src) is not None
+        finally:
+            src.close()
     assert not os.path.exists(sidecar.cache_path(archive, str(tmp_path / "cache")))
+
+
+def test_deferred_side_index_is_written_only_when_asked(tmp_path):
+    # What vmafs mount does: open inside deferred_saves(), write the side index
+    # later (from the filesystem process's thread).
+    path = copy_fixture(tmp_path, "two-disks.vma.zst")
+    side = path + sidecar.SUFFIX
+    with sidecar.deferred_saves() as saves:
+        a = Archive.open(path)  # in this thread (open_guarded would use another)
+        assert not os.path.exists(side) and len(saves) == 1
+        with sidecar.deferred_saves() as inner:  # nested: the inner block queues its own
+            assert inner == []
+    try:
+        out = []
+        t = threading.Thread(target=lambda: out.append(saves[0]()))
+        t.start()
+        t.join(GUARD)
+        assert out == [side] and os.path.isfile(side)
+        with open_source(path) as src:
+            assert sidecar.load(src) is not None
+        # Outside the block saving is immediate again.
+        os.unlink(side)
+        assert sidecar.save(a.source, a.header, a.index) == side
+    finally:
+        a.close()

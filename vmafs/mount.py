@@ -38,6 +38,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -382,10 +383,14 @@ def mount(
     anything found before the filesystem process detaches.
     """
     from .fs import VmaFS  # noqa: PLC0415 - needs pyfuse3
+    from .sidecar import deferred_saves  # noqa: PLC0415
 
     mp = check_mountpoint(mountpoint)
     archive_path = os.path.abspath(archive_path)
-    archive = open_archive(archive_path, opts.allow_incomplete)
+    # A side index this open makes is written by the filesystem process beside
+    # serving (_save_side_index), not before the mount is ready.
+    with deferred_saves() as saves:
+        archive = open_archive(archive_path, opts.allow_incomplete)
     try:
         ops = VmaFS(
             archive, uid=opts.uid, gid=opts.gid, direct_io=opts.direct_io, threaded=opts.threads
@@ -395,13 +400,35 @@ def mount(
             _setup_logging(opts, detached=False, verbose=verbose)
             _log_start(archive_path, mp, opts, ops)
             errors: list[str] = []
-            status = serve(ops, mp, options, lambda e: e and errors.append(e), opts.readahead)
+            saver = _save_side_index(saves)
+            try:
+                status = serve(ops, mp, options, lambda e: e and errors.append(e), opts.readahead)
+            finally:
+                if saver is not None:
+                    saver.join()
             if errors and status:
                 raise MountError(errors[0])
             return status
-        return _daemonize(archive_path, mp, opts, ops, options, verbose)
+        return _daemonize(archive_path, mp, opts, ops, options, verbose, saves)
     finally:
         archive.close()
+
+
+def _save_side_index(saves: list) -> threading.Thread | None:
+    """Run the side-index writes queued while opening, in a thread; None if there are none."""
+    if not saves:
+        return None
+
+    def run() -> None:
+        for save in saves:
+            try:
+                save()
+            except Exception:  # the mount works without it; the next open scans again
+                log.exception("writing the side index failed")
+
+    thread = threading.Thread(target=run, name="vmafs-side-index")
+    thread.start()
+    return thread
 
 
 def _log_start(archive_path: str, mp: str, opts: MountOptions, ops) -> None:
@@ -417,7 +444,7 @@ def _log_start(archive_path: str, mp: str, opts: MountOptions, ops) -> None:
         log.warning("incomplete archive: %d clusters missing, reads of them give EIO", missing)
 
 
-def _daemonize(archive_path, mp, opts, ops, options, verbose) -> int:
+def _daemonize(archive_path, mp, opts, ops, options, verbose, saves=()) -> int:
     r, w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -439,7 +466,12 @@ def _daemonize(archive_path, mp, opts, ops, options, verbose) -> int:
                 if error is None:
                     _detach_stdio()  # libfuse's own mount errors still reach the terminal
 
-            status = serve(ops, mp, options, on_ready, opts.readahead)
+            saver = _save_side_index(list(saves))
+            try:
+                status = serve(ops, mp, options, on_ready, opts.readahead)
+            finally:
+                if saver is not None:
+                    saver.join()  # before os._exit, which would cut the write short
         except BaseException as e:
             log.exception("filesystem process failed")
             tell(f"filesystem process failed: {e}")

@@ -43,12 +43,15 @@ Sources that use the side index implement::
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import struct
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -199,6 +202,29 @@ def _write_atomic(dest: str, blob: bytes) -> None:
         raise
 
 
+_deferral = threading.local()
+
+
+@contextlib.contextmanager
+def deferred_saves() -> Iterator[list[Callable[[], str | None]]]:
+    """Within this block, :func:`save` in this thread only queues the write.
+
+    Yields the list of queued saves (call each to write it).  ``vmafs mount``
+    opens the archive inside this block and writes the side index in the
+    background once the filesystem process runs, instead of before the mount
+    is ready: the side index is only ever a shortcut for the next open, and
+    it is checked in full when loaded, so writing it later (or never, if the
+    process is killed first) changes nothing but that next open's speed.
+    """
+    queued: list[Callable[[], str | None]] = []
+    outer = getattr(_deferral, "queued", None)
+    _deferral.queued = queued
+    try:
+        yield queued
+    finally:
+        _deferral.queued = outer
+
+
 def save(
     source,
     header: Header,
@@ -213,10 +239,28 @@ def save(
     Tries beside the archive (unless *beside* is false), then the cache
     directory (*directory* or :func:`cache_dir`).  A failure to write is
     logged and returns None, or raises IndexCacheError when *strict*.
+    Inside :func:`deferred_saves`, only queues the write and returns None.
     """
     try:
+        # Taken now, right after the scan, even when the write is deferred.
         ident = identity(source)
-        ident["uuid"] = header.uuid.hex()
+    except OSError as e:
+        ident = e
+    write = functools.partial(
+        _save, source, header, index, ident, directory=directory, beside=beside, strict=strict
+    )
+    queued = getattr(_deferral, "queued", None)
+    if queued is not None:
+        queued.append(write)
+        return None
+    return write()
+
+
+def _save(source, header, index, ident, *, directory, beside, strict) -> str | None:
+    try:
+        if isinstance(ident, OSError):
+            raise ident
+        ident = dict(ident, uuid=header.uuid.hex())
         blob = dumps(
             ident,
             _kind(source),
