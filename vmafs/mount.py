@@ -29,7 +29,9 @@ else, when nothing listens there, to ``$XDG_STATE_HOME/vmafs/mount.log``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import grp
+import importlib
 import logging
 import logging.handlers
 import os
@@ -382,16 +384,21 @@ def mount(
     Raises :class:`MountError`, :class:`VmaError` or :class:`OSError` for
     anything found before the filesystem process detaches.
     """
-    from .fs import VmaFS  # noqa: PLC0415 - needs pyfuse3
+    from .archive import Archive  # noqa: PLC0415, F401 - here, not in the thread below
+    from .commands.progress import Progress  # noqa: PLC0415, F401 - ditto
     from .sidecar import deferred_saves  # noqa: PLC0415
 
     mp = check_mountpoint(mountpoint)
     archive_path = os.path.abspath(archive_path)
-    # A side index this open makes is written by the filesystem process beside
-    # serving (_save_side_index), not before the mount is ready.
-    with deferred_saves() as saves:
+    # pyfuse3 and trio take ~0.15 s to import: done while a compressed archive
+    # is decompressed.  A side index this open makes is written by the
+    # filesystem process beside serving (_save_side_index), not before the
+    # mount is ready.
+    with _importing_meanwhile("vmafs.fs"), deferred_saves() as saves:
         archive = open_archive(archive_path, opts.allow_incomplete)
     try:
+        from .fs import VmaFS  # noqa: PLC0415 - needs pyfuse3
+
         ops = VmaFS(
             archive, uid=opts.uid, gid=opts.gid, direct_io=opts.direct_io, threaded=opts.threads
         )
@@ -412,6 +419,31 @@ def mount(
         return _daemonize(archive_path, mp, opts, ops, options, verbose, saves)
     finally:
         archive.close()
+
+
+@contextlib.contextmanager
+def _importing_meanwhile(module: str):
+    """Import *module* in a thread while the block runs; joined at its end.
+
+    Worth it when the block mostly waits outside the GIL (zstd, zlib, I/O).
+    Failures are left to the caller's own import, which raises them properly.
+    """
+
+    def run() -> None:
+        with contextlib.suppress(BaseException):
+            importlib.import_module(module)
+
+    interval = sys.getswitchinterval()
+    # The block's thread wants the GIL back after each call into zstd; behind
+    # a busy import thread it would wait a whole interval (5 ms) each time.
+    sys.setswitchinterval(min(interval, 0.0005))
+    thread = threading.Thread(target=run, name="vmafs-import", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+        sys.setswitchinterval(interval)
 
 
 def _save_side_index(saves: list) -> threading.Thread | None:
