@@ -307,7 +307,7 @@ def _test_candidate(
         return None
     tail = bytearray(window[-keep:])
     costly = []
-    for a in range(0, keep, _SEGMENT):
+    for a in range(0, keep if mask else 0, _SEGMENT):
         n = min(_SEGMENT, keep - a)
         # every 4th byte is a fair sample of a segment's byte distribution
         sample = np.frombuffer(tail, dtype=np.uint8, count=n, offset=a)[::4]
@@ -315,7 +315,7 @@ def _test_candidate(
         p = p[p > 0]
         if -(p * np.log2(p)).sum() > _MASK_MIN_ENTROPY:  # bits per byte: already compressed data
             costly.append((a, n))
-    if not mask or sum(n for _, n in costly) < _MASK_MIN_BYTES:
+    if sum(n for _, n in costly) < _MASK_MIN_BYTES:
         costly = []
     trials = [_MASK_TRIALS]
 
