@@ -310,6 +310,16 @@ def test_single_frame_checkpoints_random_reads(tmp_path, mixed32):
     # checkpoint_state round trip: a second source needs no scan and reads the same
     state = src.checkpoint_state()
     assert all(isinstance(v, np.ndarray) for v in state.values())
+    # Each stored window is exactly the output before its checkpoint (no masking
+    # with this budget), also past the first wraps of the scan's ring buffer
+    # (window + 3 batches of 32 blocks, ~14 MiB here).
+    blob = state["cp_windows"].tobytes()
+    bounds = [*state["cp_boff"].tolist(), len(blob)]
+    dctx = zstandard.ZstdDecompressor()
+    for i, dec in enumerate(state["cp_dec"].tolist()):
+        window = dctx.decompress(blob[bounds[i] : bounds[i + 1]])
+        assert window == mixed32[dec - len(window) : dec], i
+    assert max(state["cp_dec"].tolist()) > 20 << 20
     other = ZstdSource(path, cache_bytes=1 << 20)
     other.load_checkpoint_state(state)
     assert not other.needs_scan and other.size == len(mixed32)
