@@ -96,6 +96,7 @@ _MASK_TRIALS = 2  # all costly segments; if that fails, the older half
 _CHECK_STEP = 256 << 10  # a candidate's output is compared in pieces of this size
 _SCAN_CHUNK = 4 << 20
 _BATCH_BLOCKS = 32  # blocks per decompress call in the scan (at most 4 MiB of output)
+_PENDING_BATCH_BLOCKS = 8  # ... while a candidate waits: its test starts and ends sooner
 _READ_CHUNK = 256 << 10
 _PROGRESS_STEP = 16 << 20
 _CURSORS = 4
@@ -937,13 +938,13 @@ class _FrameScan:
         """The next batch of whole blocks (a view of the read buffer)."""
         rd, st = self.rd, self.st
         pending = self.pending
+        checkpoints = self.checkpoints
+        spacing, budget = self.src._spacing, self.src._budget
+        block_max = self.block_max
         if pending and pending[0].future is not None and pending[0].future.done():
             accepted = self.src._settle(pending, self.fidx, st)
             if accepted is not None:
                 self.last_ct, self.last_dec = accepted.ct, accepted.dec
-        checkpoints = self.checkpoints
-        spacing, budget = self.src._spacing, self.src._budget
-        block_max = self.block_max
         nblocks = 0
         bstart = rd._i
         while True:
@@ -990,7 +991,10 @@ class _FrameScan:
                 self.stage = 2 if self.hdr.checksum else 3
                 self.end_blocks = rd.tell()
                 break
-            if nblocks >= _BATCH_BLOCKS:
+            # Smaller batches while a candidate waits for its output or its
+            # test, so that it is submitted and settled (and the next one can
+            # be taken) within about 1 MiB rather than 4 MiB of output.
+            if nblocks >= (_PENDING_BATCH_BLOCKS if pending else _BATCH_BLOCKS):
                 break
         self.piece, self.batch_at, self.batch_blocks = "blocks", rd._base + bstart, nblocks
         if st.progress and rd.tell() >= st.next_progress:
