@@ -134,6 +134,19 @@ def test_partial_zero_cluster_block_layout(tmp_path):
         check_reads(a, b)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1 << 20])
+def test_allocated_ranges_across_scan_chunks(tmp_path, monkeypatch, chunk):
+    # allocated_ranges walks the map in chunks; runs that cross a chunk border stay merged.
+    monkeypatch.setattr("vmafs.archive._RUNS_CHUNK", chunk)
+    b = build_archive(DISKS, order="shuffled", seed=3)
+    with Archive.open(b.write(tmp_path / "a.vma")) as a:
+        for dev_id, content in b.disks.items():
+            assert list(a.allocated_ranges(dev_id)) == expected_ranges(content), dev_id
+    full = build_archive({"d": b"\x01" * (5 * CLUSTER_SIZE + 100)})
+    with Archive.open(full.write(tmp_path / "f.vma")) as a:
+        assert list(a.allocated_ranges(1)) == [(0, 5 * CLUSTER_SIZE + 100)]
+
+
 def test_read_clips_at_device_end(tmp_path):
     b = build_archive(DISKS)
     with Archive.open(b.write(tmp_path / "a.vma")) as a:
@@ -216,12 +229,20 @@ def test_property_random_reads_equal_source(built, data):
             for dev_id, content in built.disks.items():
                 assert a.read(dev_id, 0, len(content) + 1) == content
                 assert a.stored_bytes(dev_id) == expected_stored(content)
+                assert list(a.allocated_ranges(dev_id)) == expected_ranges(content)
             reads = data.draw(
                 st.lists(
                     st.tuples(
                         st.sampled_from(sorted(built.disks)),
-                        st.integers(0, 7 * CLUSTER_SIZE),
-                        st.integers(0, 3 * CLUSTER_SIZE),
+                        st.one_of(  # anywhere, or block-aligned as filesystems read
+                            st.integers(0, 7 * CLUSTER_SIZE),
+                            st.integers(0, 7 * 16).map(lambda b: b * BLOCK_SIZE),
+                        ),
+                        st.one_of(  # up to 3 clusters, or small reads inside one
+                            st.integers(0, 3 * CLUSTER_SIZE),
+                            st.integers(0, 2 * BLOCK_SIZE),
+                            st.sampled_from([BLOCK_SIZE, 2 * BLOCK_SIZE, CLUSTER_SIZE]),
+                        ),
                     ),
                     min_size=1,
                     max_size=25,
@@ -230,9 +251,10 @@ def test_property_random_reads_equal_source(built, data):
             for dev_id, off, n in reads:
                 want = built.disks[dev_id][off : off + n]
                 assert a.read(dev_id, off, n) == want
-                buf = bytearray(n)
+                buf = bytearray(b"\xee" * n)  # not zero: holes must be written as zeros
                 assert a.readinto(dev_id, off, buf) == len(want)
                 assert bytes(buf[: len(want)]) == want
+                assert buf[len(want) :] == b"\xee" * (n - len(want))
             # The stream walker (compressed archives), fed in random chunks, maps the same.
             chunks = data.draw(st.lists(st.integers(1, 200_000), min_size=1, max_size=8))
             si, pos, i = StreamIndexer(), 0, 0

@@ -2,7 +2,7 @@
 
 build_index (random access, header-only reads) and StreamIndexer (one pass
 over a stream fed in arbitrary chunks) must produce the same index and the
-same errors; the maps cost at most 10 bytes per cluster.
+same errors; the maps cost 8 bytes per cluster (offset and mask packed in a uint64).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from vmafs.format import (
     Header,
     encode_cluster,
 )
-from vmafs.index import ArchiveIndex, StreamIndexer, build_index
+from vmafs.index import ArchiveIndex, DeviceMap, StreamIndexer, build_index, pack, unpack
 from vmafs.source.plain import PlainSource
 
 DISKS = {
@@ -89,6 +89,11 @@ def assert_same_index(a: ArchiveIndex, b: ArchiveIndex) -> None:
     for k in aa:
         assert aa[k].dtype == bb[k].dtype and np.array_equal(aa[k], bb[k]), k
     assert (a.extents, a.end, a.truncated_at) == (b.extents, b.end, b.truncated_at)
+    for dev_id, dm in a.maps.items():
+        # Counts kept while building equal the ones computed from the arrays.
+        fresh = DeviceMap(dm.device, dm.packed)
+        for m in (dm, b.maps[dev_id]):
+            assert (m.missing, m.stored_blocks) == (fresh.missing, fresh.stored_blocks)
 
 
 def expected_maps(b: Built) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -117,10 +122,19 @@ def test_index_matches_layout(tmp_path, order, slots):
     assert index.complete and index.extents == len(b.extents) and index.end == b.size
     for dev_id, (offs, masks) in expected_maps(b).items():
         dm = index.maps[dev_id]
+        assert dm.packed.dtype == np.uint64 and dm.packed.shape == offs.shape
+        assert (offs % 512 == 0).all() and (offs != 0).all()
+        want = (offs >> np.uint64(9)) << np.uint64(16) | masks.astype(np.uint64)
+        assert np.array_equal(dm.packed, want)
+        # The derived accessors give the unpacked values back.
         assert dm.offsets.dtype == np.uint64 and dm.masks.dtype == np.uint16
         assert np.array_equal(dm.offsets, offs) and np.array_equal(dm.masks, masks)
+        assert not dm.masks.flags.writeable  # a view into the map, not a copy to edit
+        for c in (0, len(offs) // 2, len(offs) - 1):
+            assert dm.lookup(c) == unpack(int(dm.packed[c])) == (int(offs[c]), int(masks[c]))
         assert dm.missing == 0 and dm.first_missing() is None
         assert dm.stored_blocks == sum(int(m).bit_count() for m in masks)
+        assert dm.data_clusters == int(np.count_nonzero(masks))
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -150,6 +164,18 @@ def test_stream_indexer_refuses_gaps():
         si.finish(100)
 
 
+@pytest.mark.parametrize("offset", [512, 12288 + 512, 3 << 40, (1 << 57) - 512])
+@pytest.mark.parametrize("mask", [0, 1, 0x8001, 0xFFFF])
+def test_pack_unpack(offset, mask):
+    entry = pack(offset, mask)
+    assert 0 < entry < 1 << 64 and unpack(entry) == (offset, mask)
+    dm = DeviceMap(Device(1, "d", 3 * CLUSTER_SIZE), np.array([0, entry, 0], dtype=np.uint64))
+    assert dm.lookup(1) == (offset, mask) and dm.lookup(0) == (0, 0)
+    assert dm.missing == 2 and dm.first_missing() == 0
+    assert dm.stored_blocks == mask.bit_count() and dm.data_clusters == (mask != 0)
+    assert dm.offsets.tolist() == [0, offset, 0] and dm.masks.tolist() == [0, mask, 0]
+
+
 def test_to_arrays_from_arrays_round_trip(tmp_path):
     b = shuffled()
     index = index_of(b.write(tmp_path / "a.vma"))
@@ -162,7 +188,7 @@ def test_to_arrays_from_arrays_round_trip(tmp_path):
     with np.load(tmp_path / "i.npz") as z:
         assert_same_index(index, ArchiveIndex.from_arrays(index.header, dict(z)))
     # An index that does not fit the header is refused.
-    bad = dict(arrays, offsets_1=arrays["offsets_1"][:-1])
+    bad = dict(arrays, packed_1=arrays["packed_1"][:-1])
     with pytest.raises(ValueError):
         ArchiveIndex.from_arrays(index.header, bad)
 
@@ -199,6 +225,8 @@ def test_allow_incomplete_missing_clusters_raise_on_read(tmp_path):
                     assert f"dev {dev_id}, cluster {c})" in str(e.value)
                     with pytest.raises(MissingClusterError):
                         a.readinto(dev_id, max(0, off - 10), bytearray(20))
+                    with pytest.raises(MissingClusterError):  # inside the cluster
+                        a.readinto(dev_id, off + BLOCK_SIZE, bytearray(BLOCK_SIZE))
                 else:
                     assert a.read(dev_id, off, CLUSTER_SIZE) == content[off : off + CLUSTER_SIZE]
         # A read spanning a missing cluster fails as a whole, naming that cluster.
@@ -431,9 +459,9 @@ def test_index_of_1tib_sparse_disk(tmp_path, capsys):
             index = build_index(hdr, src)
             elapsed.append(time.perf_counter() - t0)
         dm = index.maps[1]
-        per_cluster = (dm.offsets.nbytes + dm.masks.nbytes) / clusters
-        assert index.complete and len(dm.offsets) == clusters
-        assert per_cluster <= 10, per_cluster
+        per_cluster = dm.packed.nbytes / clusters
+        assert index.complete and len(dm.packed) == clusters
+        assert per_cluster <= 8, per_cluster
         # Whatever the builder allocated on the way, the peak stays near the maps themselves.
         tracemalloc.start()
         try:
@@ -441,7 +469,7 @@ def test_index_of_1tib_sparse_disk(tmp_path, capsys):
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-        assert peak <= 10 * clusters + (96 << 20), peak / clusters
+        assert peak <= 8 * clusters + (96 << 20), peak / clusters
         a = Archive(str(path), src, hdr, index)  # reads through the index just built
         for c in data_clusters[:50].tolist():
             want = payload[c] + bytes(CLUSTER_SIZE - BLOCK_SIZE)

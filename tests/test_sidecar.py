@@ -26,7 +26,10 @@ def _sample():
         "empty": np.zeros(0, dtype=np.uint32),
         "matrix": np.arange(12, dtype=np.uint16).reshape(3, 4),
     }
-    index = {"meta": np.array([9, 8, -1], dtype=np.int64), "masks_1": np.full(5, 0xFFFF, np.uint16)}
+    index = {
+        "meta": np.array([9, 8, -1], dtype=np.int64),
+        "packed_1": np.full(5, 0xFFFF, np.uint64),
+    }
     return ident, state, index
 
 
@@ -41,7 +44,7 @@ def test_round_trip_keeps_types_and_values():
     assert arrays["state/empty"].size == 0
     assert arrays["state/blob"].tobytes() == state["blob"]
     assert meta["state_bytes_keys"] == ["blob"]
-    assert (arrays["index/masks_1"] == 0xFFFF).all()
+    assert (arrays["index/packed_1"] == 0xFFFF).all()
     for d in meta["arrays"]:
         assert d["offset"] % 64 == 0
 
@@ -168,7 +171,8 @@ def test_forged_offset_map_with_valid_checksum_is_refused(tmp_path, monkeypatch,
     for k in meta["state_bytes_keys"]:
         state[k] = state[k].tobytes()
     index = {k[6:]: v.copy() for k, v in arrays.items() if k.startswith("index/")}
-    index["offsets_1"][index["offsets_1"] != 0] += np.uint64(1 << 40)
+    # Every stored offset 1 TiB further on (entries hold offset >> 9 above a 16-bit mask).
+    index["packed_1"][index["packed_1"] != 0] += np.uint64((1 << 40 >> 9) << 16)
     forged = sidecar.dumps(
         meta["identity"], meta["source"], arrays["header"].tobytes(), state, index
     )
@@ -181,6 +185,54 @@ def test_forged_offset_map_with_valid_checksum_is_refused(tmp_path, monkeypatch,
     finally:
         src.close()
     assert "points outside the extents" in caplog.text
+
+
+def _rewrite(side: str, version: int, index_of) -> None:
+    """Replace the side index with one of another *version* whose index arrays are
+    ``index_of(saved index arrays)``, checksum fixed up."""
+    meta, arrays = sidecar.loads(open(side, "rb").read())
+    state = {k[6:]: v for k, v in arrays.items() if k.startswith("state/")}
+    for k in meta["state_bytes_keys"]:
+        state[k] = state[k].tobytes()
+    index = index_of({k[6:]: v.copy() for k, v in arrays.items() if k.startswith("index/")})
+    blob = bytearray(
+        sidecar.dumps(meta["identity"], meta["source"], arrays["header"].tobytes(), state, index)
+    )
+    blob[8:12] = version.to_bytes(4, "little")
+    body = bytes(blob[:-32])
+    with open(side, "wb") as f:
+        f.write(body + hashlib.sha256(body).digest())
+
+
+def _as_version_1(index: dict) -> dict:
+    """The version 1 layout: uint64 offsets and uint16 masks per device."""
+    out = {"meta": index.pop("meta")}
+    for key, packed in index.items():
+        dev = key.split("_")[1]
+        out[f"offsets_{dev}"] = (packed >> np.uint64(16)) << np.uint64(9)
+        out[f"masks_{dev}"] = (packed & np.uint64(0xFFFF)).astype(np.uint16)
+    return out
+
+
+@pytest.mark.parametrize("version", [1, sidecar.FORMAT_VERSION])
+def test_side_index_of_the_old_layout_is_rebuilt_not_misread(
+    tmp_path, monkeypatch, caplog, version
+):
+    """A side index with the version 1 arrays (offsets + masks) is never read as packed
+    entries: refused by its version, or (forged as this version) by its array names."""
+    p, side = _indexed_copy(tmp_path, monkeypatch)
+    with Archive.open(p, use_sidecar=False) as a:
+        want = {d.dev_id: a.read(d.dev_id, 0, d.size) for d in a.devices}
+    _rewrite(side, version, _as_version_1)
+    with caplog.at_level("WARNING", logger="vmafs.sidecar"):
+        with Archive.open(p) as a:
+            assert {d.dev_id: a.read(d.dev_id, 0, d.size) for d in a.devices} == want
+    assert "not used, rebuilding" in caplog.text
+    assert "format 1" in caplog.text if version == 1 else "does not fit" in caplog.text
+    meta, arrays = sidecar.loads(open(side, "rb").read())  # rewritten in this format
+    assert int.from_bytes(open(side, "rb").read()[8:12], "little") == sidecar.FORMAT_VERSION
+    assert any(k.startswith("index/packed_") for k in arrays)
+    assert not any(k.startswith(("index/offsets_", "index/masks_")) for k in arrays)
 
 
 def test_side_index_of_a_stranger_is_ignored(tmp_path, monkeypatch, caplog):

@@ -13,11 +13,26 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from .errors import HeaderError, MissingClusterError, TruncatedError
-from .format import BLOCK_SIZE, CLUSTER_SIZE, FULL_MASK, HEADER_STRUCT_SIZE, Device, Header
-from .index import ArchiveIndex, StreamIndexer, build_index
+from .format import (
+    BLOCK_SIZE,
+    CLUSTER_SIZE,
+    FULL_MASK,
+    HEADER_STRUCT_SIZE,
+    Device,
+    Header,
+)
+from .index import MASK, MASK_BITS, OFFSET_SHIFT, ArchiveIndex, StreamIndexer, build_index
 from .source import Source, open_source
 
 ProgressFn = Callable[[int, int], None]
+
+_CLUSTER_BITS = CLUSTER_SIZE.bit_length() - 1
+_IN_CLUSTER = CLUSTER_SIZE - 1
+_BLOCK_BITS = BLOCK_SIZE.bit_length() - 1
+_IN_BLOCK = BLOCK_SIZE - 1
+_NEXT_CLUSTER = (CLUSTER_SIZE >> OFFSET_SHIFT) << MASK_BITS  # entry step: next 64 KiB stored
+_ZEROS = memoryview(bytes(1 << 20))  # holes are copied from here (calloc'ed: no RSS)
+_RUNS_CHUNK = 1 << 20  # clusters per step of allocated_ranges (bounds its temporaries)
 
 
 def read_header(source: Source) -> Header:
@@ -49,6 +64,7 @@ class Archive:
         self.source = source
         self.header = header
         self.index = index
+        self._pread_into = getattr(source, "pread_into", None)
 
     @classmethod
     def open(
@@ -104,17 +120,29 @@ class Archive:
         return self.index.maps[dev_id].missing
 
     def allocated_ranges(self, dev_id: int) -> Iterator[tuple[int, int]]:
-        """(offset, length) byte ranges holding stored data, clusters merged, clipped to size."""
+        """(offset, length) byte ranges holding stored data, clusters merged, clipped to size.
+
+        Walks the map a million clusters at a time, so its temporaries stay
+        a few MB whatever the disk size.
+        """
         dm = self.index.maps[dev_id]
         size = dm.device.size
-        idx = np.flatnonzero(dm.masks != 0)
-        if not idx.size:
-            return
-        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-        for run in np.split(idx, breaks):
-            start = int(run[0]) * CLUSTER_SIZE
-            stop = min((int(run[-1]) + 1) * CLUSTER_SIZE, size)
-            yield start, stop - start
+        masks = dm.masks
+        run_at = -1  # first cluster of the run still open at a chunk's end, else -1
+        for base in range(0, masks.size, _RUNS_CHUNK):
+            data = (masks[base : base + _RUNS_CHUNK] != 0).view(np.int8)
+            edge = np.diff(data, prepend=np.int8(run_at >= 0))  # +1: run starts, -1: ends
+            starts = (np.flatnonzero(edge == 1) + base).tolist()
+            stops = (np.flatnonzero(edge == -1) + base).tolist()
+            if run_at >= 0:
+                if not stops:
+                    continue  # the whole chunk is inside the open run
+                starts.insert(0, run_at)
+            run_at = starts.pop() if len(starts) > len(stops) else -1
+            for a, b in zip(starts, stops, strict=True):
+                yield a * CLUSTER_SIZE, min(b * CLUSTER_SIZE, size) - a * CLUSTER_SIZE
+        if run_at >= 0:
+            yield run_at * CLUSTER_SIZE, size - run_at * CLUSTER_SIZE
 
     # -- reading --
 
@@ -144,7 +172,9 @@ class Archive:
         """
         dm = self.index.maps[dev_id]
         out = memoryview(buf).cast("B")
-        n = max(0, min(len(out), dm.device.size - offset))
+        n = len(out)
+        if offset + n > dm.device.size:
+            n = max(0, dm.device.size - offset)
         runs, zeros = self._plan(dm, offset, n)
         self._fill(out, runs, zeros)
         return n
@@ -155,56 +185,71 @@ class Archive:
             raise TruncatedError("archive shrank while it was being read", offset=aoff + len(data))
         return data
 
+    def _read_run(self, out: memoryview, aoff: int, length: int, dest: int) -> None:
+        if self._pread_into is None:
+            out[dest : dest + length] = self._pread(aoff, length)
+            return
+        got = self._pread_into(aoff, out[dest : dest + length])
+        if got != length:
+            raise TruncatedError("archive shrank while it was being read", offset=aoff + got)
+
     def _fill(self, out: memoryview, runs, zeros) -> None:
         for dest, length in zeros:
-            out[dest : dest + length] = bytes(length)
-        pread_into = getattr(self.source, "pread_into", None)
+            while length > 0:
+                step = min(length, len(_ZEROS))
+                out[dest : dest + step] = _ZEROS[:step]
+                dest += step
+                length -= step
         for aoff, length, dest in runs:
-            if pread_into is not None:
-                got = pread_into(aoff, out[dest : dest + length])
-                if got != length:
-                    raise TruncatedError(
-                        "archive shrank while it was being read", offset=aoff + got
-                    )
-            else:
-                out[dest : dest + length] = self._pread(aoff, length)
+            self._read_run(out, aoff, length, dest)
 
-    def _plan(self, dm, offset: int, n: int) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    def _plan(
+        self, dm, offset: int, n: int, entries: list[int] | None = None
+    ) -> tuple[list[list[int]], list[tuple[int, int]]]:
         """Where the n bytes at device *offset* come from.
 
         Returns (runs, zeros): runs of [archive offset, length, dest offset],
         merged when contiguous in both, and (dest offset, length) ranges that
-        are zero without any I/O.
+        are zero without any I/O.  *entries*: the map entries of the clusters
+        concerned, when the caller has them already.
         """
         if offset < 0:  # numpy would index from the end: wrong bytes, silently
             raise ValueError(f"negative device offset {offset}")
         if n <= 0:
             return [], []
-        first, last = offset // CLUSTER_SIZE, (offset + n - 1) // CLUSTER_SIZE
-        if first == last:  # the small-read case: avoid numpy slicing
-            offs, masks = [int(dm.offsets[first])], [int(dm.masks[first])]
+        first, last = offset >> _CLUSTER_BITS, (offset + n - 1) >> _CLUSTER_BITS
+        if entries is not None:
+            pass
+        elif first == last:
+            entries = [dm.packed.item(first)]
         else:
-            offs, masks = dm.offsets[first : last + 1].tolist(), dm.masks[first : last + 1].tolist()
-        if 0 in offs:
+            entries = dm.packed[first : last + 1].tolist()
+        if 0 in entries:
             raise MissingClusterError(
                 "cluster was never written to the archive",
                 dev_id=dm.device.dev_id,
-                cluster=first + offs.index(0),
+                cluster=first + entries.index(0),
             )
         runs: list[list[int]] = []
         zeros: list[tuple[int, int]] = []
         pos = 0
-        for i, (aoff, mask) in enumerate(zip(offs, masks, strict=True)):
-            cstart = (first + i) * CLUSTER_SIZE
+        end = offset + n
+        cstart = first << _CLUSTER_BITS
+        for entry in entries:
             a = max(offset, cstart) - cstart
-            b = min(offset + n, cstart + CLUSTER_SIZE) - cstart
+            b = min(end, cstart + CLUSTER_SIZE) - cstart
+            mask = entry & MASK
             if mask == FULL_MASK:
-                self._add_run(runs, aoff + a, b - a, pos)
+                self._add_run(runs, ((entry >> MASK_BITS) << OFFSET_SHIFT) + a, b - a, pos)
             elif mask == 0:
-                zeros.append((pos, b - a))
+                if zeros and zeros[-1][0] + zeros[-1][1] == pos:
+                    zeros[-1] = (zeros[-1][0], zeros[-1][1] + b - a)
+                else:
+                    zeros.append((pos, b - a))
             else:
-                self._partial(pos, aoff, mask, a, b, runs, zeros)
+                self._partial(pos, (entry >> MASK_BITS) << OFFSET_SHIFT, mask, a, b, runs, zeros)
             pos += b - a
+            cstart += CLUSTER_SIZE
         return runs, zeros
 
     @staticmethod

@@ -3,8 +3,11 @@
 Building it reads only the 512-byte extent headers (seeking over the data
 between them) and does the per-cluster work in numpy, a batch of extents
 at a time, so a 1 TiB disk (16.8 M clusters) indexes in about a second.
-Each device costs 10 bytes per cluster: a uint64 archive offset of the
-cluster's first stored block (0 = never written) and a uint16 block mask.
+Each device costs 8 bytes per cluster: one uint64 that packs the archive
+offset of the cluster's first stored block, in 512-byte units, above its
+16-bit block mask (0 = never written).  Every offset is a multiple of 512
+(the header size is, and every extent is 512 + n * 4096 bytes), so nothing
+is lost, and 48 bits of 512-byte units reach 128 PiB.
 
 Two walkers feed the same checks: :func:`build_index` for sources with
 random access (it preads headers and skips data) and :class:`StreamIndexer`
@@ -13,9 +16,9 @@ for compressed streams that are decompressed once, front to back.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,6 +49,11 @@ from .format import (
     check_extent_header,
 )
 
+try:  # CPython's own md5: ~1.5x faster than OpenSSL's for a 512-byte header
+    from _md5 import md5 as _md5
+except ImportError:  # pragma: no cover - a Python built without it
+    from hashlib import md5 as _md5
+
 ProgressFn = Callable[[int, int], None]
 
 _BATCH = 1024  # extents validated and scattered per numpy pass
@@ -54,30 +62,85 @@ _HEADER_READ = 4096  # after an extent with data: one page, not a MiB of the nex
 _ZERO16 = bytes(16)
 _MAGIC_U32 = int.from_bytes(VMA_EXTENT_MAGIC, "little")
 
+#: A map entry: (archive offset >> OFFSET_SHIFT) << MASK_BITS | block mask; 0 = never written.
+OFFSET_SHIFT = 9
+MASK_BITS = 16
+MASK = (1 << MASK_BITS) - 1
+MAX_OFFSET = 1 << (64 - MASK_BITS + OFFSET_SHIFT)  # 128 PiB
+_MASK_WORD = 0 if sys.byteorder == "little" else 3  # the uint16 of a uint64 holding the mask
+#: An extent starting here could hold data past MAX_OFFSET (none does below 128 PiB).
+_LAST_EXTENT = MAX_OFFSET - EXTENT_HEADER_SIZE - 0xFFFF * BLOCK_SIZE
+_CHUNK = 1 << 20  # clusters per step of whole-map scans (bounds their temporaries)
+
+
+def pack(offset: int, mask: int) -> int:
+    """The map entry of a cluster stored at archive *offset* (a multiple of 512) with *mask*."""
+    return (offset >> OFFSET_SHIFT) << MASK_BITS | mask
+
+
+def unpack(entry: int) -> tuple[int, int]:
+    """(archive offset, mask) of a map entry; offset 0 = never written."""
+    return (entry >> MASK_BITS) << OFFSET_SHIFT, entry & MASK
+
 
 @dataclass
 class DeviceMap:
-    """Where each cluster of one device is stored."""
+    """Where each cluster of one device is stored: one packed uint64 per cluster."""
 
     device: Device
-    offsets: np.ndarray  # uint64, archive offset of the first stored block; 0 = missing
-    masks: np.ndarray  # uint16, bit i = block i stored
+    #: uint64 per cluster: (archive offset >> 9) << 16 | block mask (bit i = block i
+    #: stored); 0 = never written.  See :func:`pack` / :func:`unpack`.
+    packed: np.ndarray
+    _missing: int | None = field(default=None, repr=False)
+    _stored_blocks: int | None = field(default=None, repr=False)
+
+    def lookup(self, cluster: int) -> tuple[int, int]:
+        """(archive offset, mask) of *cluster*; offset 0 = never written."""
+        return unpack(self.packed.item(cluster))
+
+    @property
+    def masks(self) -> np.ndarray:
+        """uint16 block masks: a read-only strided view of ``packed`` (no copy)."""
+        v = self.packed.view(np.uint16)[_MASK_WORD::4]
+        v.flags.writeable = False
+        return v
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Archive offsets as a NEW uint64 array (8 bytes/cluster): for tests and tools."""
+        return (self.packed >> np.uint64(MASK_BITS)) << np.uint64(OFFSET_SHIFT)
 
     @property
     def missing(self) -> int:
-        return self.offsets.size - int(np.count_nonzero(self.offsets))
+        if self._missing is None:
+            self._missing = self.packed.size - int(np.count_nonzero(self.packed))
+        return self._missing
 
     @property
     def stored_blocks(self) -> int:
-        return int(np.bitwise_count(self.masks).sum(dtype=np.int64))
+        if self._stored_blocks is None:
+            masks = self.masks
+            self._stored_blocks = sum(
+                int(np.bitwise_count(masks[i : i + _CHUNK]).sum(dtype=np.int64))
+                for i in range(0, masks.size, _CHUNK)
+            )
+        return self._stored_blocks
+
+    @property
+    def data_clusters(self) -> int:
+        """Clusters with at least one stored block."""
+        masks = self.masks
+        return sum(
+            int(np.count_nonzero(masks[i : i + _CHUNK])) for i in range(0, masks.size, _CHUNK)
+        )
 
     def first_missing(self) -> int | None:
         # argmin finds the first 0 without a temporary per-cluster array
         # (flatnonzero needed 8 bytes per missing cluster: 13 GB for 100 TiB).
-        if not self.offsets.size:
+        if not self.packed.size or self.missing == 0:
             return None
-        i = int(np.argmin(self.offsets))
-        return i if self.offsets[i] == 0 else None
+        i = int(np.argmin(self.packed))
+        return i if self.packed[i] == 0 else None
 
 
 @dataclass
@@ -104,8 +167,7 @@ class ArchiveIndex:
             )
         }
         for dev_id, m in self.maps.items():
-            out[f"offsets_{dev_id}"] = m.offsets
-            out[f"masks_{dev_id}"] = m.masks
+            out[f"packed_{dev_id}"] = m.packed
         return out
 
     @classmethod
@@ -114,12 +176,41 @@ class ArchiveIndex:
         extents, end, trunc = (int(x) for x in arrays["meta"])
         maps = {}
         for dev_id, dev in header.devices.items():
-            offsets = np.asarray(arrays[f"offsets_{dev_id}"], dtype=np.uint64)
-            masks = np.asarray(arrays[f"masks_{dev_id}"], dtype=np.uint16)
-            if offsets.shape != (dev.clusters,) or masks.shape != (dev.clusters,):
+            packed = np.asarray(arrays[f"packed_{dev_id}"], dtype=np.uint64)
+            if packed.shape != (dev.clusters,):
                 raise ValueError(f"saved index does not fit dev {dev_id}")
-            maps[dev_id] = DeviceMap(dev, offsets, masks)
+            maps[dev_id] = DeviceMap(dev, packed)
         return cls(header, maps, extents, end, None if trunc < 0 else trunc)
+
+
+class _Scratch:
+    """Work arrays for one batch, allocated once per build and reused.
+
+    Fresh numpy temporaries of ~0.5 MB per batch were returned to the kernel
+    by malloc between batches and faulted in again by the next one: on a VM
+    that made the page faults half of the build's CPU time (300k faults for
+    the 1 TiB test archive).  The hot path therefore writes into these.
+    """
+
+    def __init__(self, rows: int) -> None:
+        shape = (rows, SLOTS_PER_EXTENT)
+        slots = rows * SLOTS_PER_EXTENT
+        self.queue = bytearray(rows * EXTENT_HEADER_SIZE)  # headers waiting for a batch
+        self.zeroed = np.empty((rows, EXTENT_HEADER_SIZE), np.uint8)  # md5 field zeroed
+        self.info = np.empty(shape, np.uint64)  # blockinfo, native order
+        self.dev = np.empty(shape, np.uint64)
+        self.masks = np.empty(shape, np.uint64)
+        self.entry = np.empty(shape, np.uint64)  # the map entry each slot would get
+        self.slot_bad = np.empty(shape, np.uint64)
+        self.counts = np.empty(shape, np.uint8)
+        self.used = np.empty(shape, bool)
+        self.unused = np.empty(shape, bool)
+        self.d = np.empty(slots, np.intp)  # per used slot, archive order
+        self.c = np.empty(slots, np.intp)
+        self.v = np.empty(slots, np.uint64)
+        self.g = np.empty(slots, np.uint64)  # gathered entries, then sorted clusters
+        self.flags = np.empty(slots, bool)
+        self.flags2 = np.empty(slots, bool)
 
 
 class _IndexCore:
@@ -131,17 +222,18 @@ class _IndexCore:
         self.maps = {}
         for dev_id, dev in header.devices.items():
             try:
-                offsets = np.zeros(dev.clusters, dtype=np.uint64)
-                masks = np.zeros(dev.clusters, dtype=np.uint16)
+                packed = np.zeros(dev.clusters, dtype=np.uint64)
             except MemoryError:
                 # A 13 KiB header can declare 254 devices of 256 TiB each.
                 raise HeaderError(
                     f"not enough memory to index device {dev.name!r} of {dev.size} bytes "
-                    f"({10 * dev.clusters} bytes of offset map)",
+                    f"({8 * dev.clusters} bytes of offset map)",
                     offset=DEV_INFO_OFFSET + DEV_INFO_SIZE * dev_id + 8,
                     dev_id=dev_id,
                 ) from None
-            self.maps[dev_id] = DeviceMap(dev, offsets, masks)
+            self.maps[dev_id] = DeviceMap(dev, packed)
+        self._written = dict.fromkeys(header.devices, 0)  # clusters recorded, per device
+        self._stored = dict.fromkeys(header.devices, 0)  # blocks recorded, per device
         self._nclusters = np.zeros(256, dtype=np.int64)
         self._known = np.zeros(256, dtype=bool)
         for dev_id, dev in header.devices.items():
@@ -152,49 +244,87 @@ class _IndexCore:
         self._vmstate_next = 0
         self._uuid = np.frombuffer(header.uuid, dtype=np.uint8)
         self.extents = 0
-        self._offsets: list[int] = []
-        self._headers = bytearray()
+        self._s: _Scratch | None = None  # made on the first batch, dropped by finish()
+        self._starts: list[int] = []  # archive offset of each queued header
 
-    def add(self, offsets: Sequence[int], raw: bytes | memoryview) -> None:
-        """Queue extent headers (back-to-back 512-byte records, extent magic already checked)."""
-        self._offsets.extend(offsets)
-        self._headers += raw
-        if len(self._offsets) >= _BATCH:
-            self.flush()
+    @property
+    def _scratch(self) -> _Scratch:
+        if self._s is None:
+            self._s = _Scratch(_BATCH)
+        return self._s
+
+    def add(self, pos: int, raw: bytes | bytearray | memoryview) -> None:
+        """Queue extent headers: 512-byte records back to back from archive offset *pos*.
+
+        The extent magic is already checked.  Whole batches of a long run
+        (extents without data sit back to back) are checked in place.
+        """
+        size = EXTENT_HEADER_SIZE
+        n = len(raw) // size
+        i = 0
+        if n >= _BATCH:
+            self.flush()  # errors in earlier extents come first
+            step = _BATCH * size
+            for i in range(0, (n - n % _BATCH) * size, step):
+                at = pos + i
+                self._process(np.arange(at, at + step, size, dtype=np.uint64), raw[i : i + step])
+            i = (n - n % _BATCH) * size
+        queue = self._scratch.queue
+        while i < n * size:
+            q = len(self._starts) * size
+            take = min(n * size - i, len(queue) - q)
+            queue[q : q + take] = raw[i : i + take]
+            self._starts.extend(range(pos + i, pos + i + take, size))
+            i += take
+            if len(self._starts) == _BATCH:
+                self.flush()
 
     def flush(self) -> None:
-        if not self._offsets:
+        if not self._starts:
             return
-        offsets = np.array(self._offsets, dtype=np.uint64)
-        raw = bytes(self._headers)
-        self._offsets, self._headers = [], bytearray()
-        self._process(offsets, raw)
+        starts = np.array(self._starts, dtype=np.uint64)
+        self._starts = []
+        self._process(starts, memoryview(self._scratch.queue)[: len(starts) * EXTENT_HEADER_SIZE])
 
-    def _fail_header(self, row: int, offsets: np.ndarray, raw: bytes) -> None:
+    def _fail_header(self, row: int, offsets: np.ndarray, raw) -> None:
         off = int(offsets[row])
         check_extent_header(
-            raw[row * EXTENT_HEADER_SIZE : (row + 1) * EXTENT_HEADER_SIZE], off, self.header.uuid
+            bytes(raw[row * EXTENT_HEADER_SIZE : (row + 1) * EXTENT_HEADER_SIZE]),
+            off,
+            self.header.uuid,
         )
         raise AssertionError("vectorized and scalar extent checks disagree")  # pragma: no cover
 
-    def _process(self, ext_off: np.ndarray, raw: bytes) -> None:
+    def _process(self, ext_off: np.ndarray, raw) -> None:
+        """Check and record up to _BATCH extent headers (*raw*) at archive offsets *ext_off*."""
         n = len(ext_off)
-        u8 = np.frombuffer(raw, dtype=np.uint8).reshape(n, EXTENT_HEADER_SIZE)
-        md5_bad = self._md5_mismatches(u8)
-        # Each blockinfo as two 32-bit words: hi = mask<<16 | reserved<<8 | dev_id, lo = cluster.
-        words = u8[:, BLOCKINFO_OFFSET:].copy().view(">u4").astype(np.uint32)
-        hi, lo = words[:, 0::2], words[:, 1::2]
-        dev = hi & 0xFF
-        used = dev != 0
-        counts = np.bitwise_count(hi >> 16)
+        if int(ext_off[-1]) >= _LAST_EXTENT:
+            raise ExtentError(
+                "extent lies beyond 128 PiB into the archive", offset=int(ext_off[-1])
+            )
+        s = self._scratch
+        u8 = np.frombuffer(raw, np.uint8, n * EXTENT_HEADER_SIZE).reshape(n, EXTENT_HEADER_SIZE)
+        md5_bad = self._md5_mismatches(u8, s.zeroed[:n])
+        # blockinfo[59], native: mask << 48 | reserved << 40 | dev_id << 32 | cluster.
+        info = s.info[:n]
+        np.copyto(
+            info, np.frombuffer(raw, ">u8", n * 64).reshape(n, 64)[:, BLOCKINFO_OFFSET // 8 :]
+        )
+        dev = np.right_shift(info, 32, out=s.dev[:n])
+        dev &= 0xFF
+        used = np.not_equal(dev, 0, out=s.used[:n])
+        masks = np.right_shift(info, 48, out=s.masks[:n])
+        counts = np.bitwise_count(masks, out=s.counts[:n])
         block_count = (u8[:, 6].astype(np.int64) << 8) | u8[:, 7]
+        # An empty slot must be all zero; a used one must have zero reserved bits.
+        slot_bad = np.bitwise_and(info, 0xFF << 40, out=s.slot_bad[:n])
+        np.copyto(slot_bad, info, where=np.logical_not(used, out=s.unused[:n]))
         bad = (
             (u8[:, 4] != 0)
             | (u8[:, 5] != 0)
             | np.any(u8[:, 8:24] != self._uuid, axis=1)
             | (counts.sum(axis=1, dtype=np.int64) != block_count)
-            | np.any(~used & ((hi | lo) != 0), axis=1)
-            | np.any(hi & 0xFF00, axis=1)
+            | slot_bad.any(axis=1)
         )
         if md5_bad is not None:
             bad |= md5_bad
@@ -206,31 +336,34 @@ class _IndexCore:
                 self._process(ext_off[:row], raw[: row * EXTENT_HEADER_SIZE])
             self._fail_header(row, ext_off, raw)
 
-        # Data of slot i starts after the blocks of slots 0..i-1.
-        before = np.cumsum(counts, axis=1, dtype=np.uint32) - counts
+        # The entry of each slot: its data starts after the header and the blocks
+        # of slots 0..i-1, in 512-byte units (a block is 8 of them), mask below.
+        entry = np.cumsum(counts, axis=1, dtype=np.uint64, out=s.entry[:n])
+        entry -= counts
+        entry <<= 3
+        entry += ((ext_off >> OFFSET_SHIFT) + 1)[:, None]
+        entry <<= MASK_BITS
+        entry |= masks
         k = int(used[0].sum())
         if used[:, :k].all() and not used[:, k:].any():
             # Every extent uses the same first k slots (how writers fill them).
             def slot(i: int) -> int:
                 return (i // k) * SLOTS_PER_EXTENT + i % k
 
-            d, c = dev[:, :k].ravel(), lo[:, :k].ravel()
-            m, before = (hi[:, :k] >> 16).ravel(), before[:, :k]
-            start = ext_off[:, None]
+            m = n * k
+            d, c, v = s.d[:m], s.c[:m], s.v[:m]
+            np.copyto(d.reshape(n, k), dev[:, :k])
+            np.bitwise_and(info[:, :k], 0xFFFFFFFF, out=c.reshape(n, k))
+            np.copyto(v.reshape(n, k), entry[:, :k])
         else:
             flat = np.flatnonzero(used)  # used slots in archive order (row-major)
 
             def slot(i: int) -> int:
                 return int(flat[i])
 
-            d, c = dev.ravel()[flat], lo.ravel()[flat]
-            m, before = (hi.ravel()[flat] >> 16), before.ravel()[flat]
-            start = ext_off[flat // SLOTS_PER_EXTENT]
-        d = d.astype(np.intp)
-        c = c.astype(np.intp)
-        m = m.astype(np.uint16)
-        o = (start + before.astype(np.uint64) * np.uint64(BLOCK_SIZE)).ravel()
-        o += np.uint64(EXTENT_HEADER_SIZE)
+            d = dev.ravel()[flat].astype(np.intp)
+            c = (info.ravel()[flat] & 0xFFFFFFFF).astype(np.intp)
+            v = entry.ravel()[flat]
 
         def where(i: int) -> dict:
             row, col = divmod(slot(i), SLOTS_PER_EXTENT)
@@ -242,71 +375,83 @@ class _IndexCore:
 
         # Every problem found is (index in archive order, tie-break, error); the first one wins.
         problems: list[tuple[int, int, VmaError]] = []
-        unknown = ~self._known[d]
-        beyond = c >= self._nclusters[d]  # unknown devices have 0 clusters: also beyond
-        if unknown.any() or beyond.any():
-            i = int(np.argmax(unknown | beyond))
-            if unknown[i]:
-                err: VmaError = UnknownDeviceError(
-                    f"extent names dev_id {int(d[i])}, which the header does not register",
-                    **where(i),
-                )
-            else:
-                dev_size = self.header.devices[int(d[i])].size
-                err = ClusterRangeError(
-                    f"cluster lies beyond the end of the device ({dev_size} bytes)", **where(i)
-                )
-            problems.append((i, 0, err))
-            d, c, o, m = d[:i], c[:i], o[:i], m[:i]  # the slots before it are checked still
-        per_dev = np.flatnonzero(np.bincount(d, minlength=256))
-        for dev_id in per_dev.tolist():
-            sel = None if len(per_dev) == 1 else np.flatnonzero(d == dev_id)
-            cs = c if sel is None else c[sel]
-            found = self._scatter(
-                dev_id,
-                cs,
-                o if sel is None else o[sel],
-                m if sel is None else m[sel],
-                lambda j, sel=sel: where(j if sel is None else int(sel[j])),
-            )
+        one = int(d[0]) if len(d) and int(d.min()) == int(d.max()) else None
+        if one is None or not self._known[one] or int(c.max()) >= self._nclusters[one]:
+            unknown = ~self._known[d]
+            beyond = c >= self._nclusters[d]  # unknown devices have 0 clusters: also beyond
+            if unknown.any() or beyond.any():
+                i = int(np.argmax(unknown | beyond))
+                if unknown[i]:
+                    err: VmaError = UnknownDeviceError(
+                        f"extent names dev_id {int(d[i])}, which the header does not register",
+                        **where(i),
+                    )
+                else:
+                    dev_size = self.header.devices[int(d[i])].size
+                    err = ClusterRangeError(
+                        f"cluster lies beyond the end of the device ({dev_size} bytes)",
+                        **where(i),
+                    )
+                problems.append((i, 0, err))
+                d, c, v = d[:i], c[:i], v[:i]  # the slots before it are checked still
+        if one is not None and not problems:
+            found = self._scatter(one, c, v, int(block_count.sum()), where)
             if found is not None:
-                j, tie, err = found
-                problems.append((j if sel is None else int(sel[j]), tie, err))
+                problems.append(found)
+        elif len(d):
+            for dev_id in np.flatnonzero(np.bincount(d, minlength=256)).tolist():
+                sel = np.flatnonzero(d == dev_id)
+                vs = v[sel]
+                blocks = int(np.bitwise_count(vs & MASK).sum(dtype=np.int64))
+                found = self._scatter(
+                    dev_id, c[sel], vs, blocks, lambda j, sel=sel: where(int(sel[j]))
+                )
+                if found is not None:
+                    j, tie, err = found
+                    problems.append((int(sel[j]), tie, err))
         if problems:
             raise min(problems, key=lambda p: p[:2])[2]
         self.extents += n
 
-    def _md5_mismatches(self, u8: np.ndarray) -> np.ndarray | None:
+    def _md5_mismatches(self, u8: np.ndarray, zeroed: np.ndarray) -> np.ndarray | None:
         """Rows whose md5 is wrong (None: all right); the one check numpy cannot do."""
-        stored = u8[:, 24:40].tobytes()
-        zeroed = u8.copy()
+        np.copyto(zeroed, u8)
         zeroed[:, 24:40] = 0
-        z = memoryview(zeroed.tobytes())
-        md5 = hashlib.md5
-        step = EXTENT_HEADER_SIZE
+        z = memoryview(zeroed).cast("B")
+        md5, step = _md5, EXTENT_HEADER_SIZE
         digests = b"".join([md5(z[i : i + step]).digest() for i in range(0, len(z), step)])
-        if digests == stored:
+        if digests == u8[:, 24:40].tobytes():
             return None
         got = np.frombuffer(digests, np.uint8).reshape(-1, 16)
         return np.any(got != u8[:, 24:40], axis=1)
 
-    def _scatter(self, dev_id: int, cs: np.ndarray, o: np.ndarray, m: np.ndarray, where):
-        """Record clusters *cs* of one device, refusing any cluster seen before.
+    def _scatter(self, dev_id: int, cs: np.ndarray, v: np.ndarray, blocks: int, where):
+        """Record entries *v* for clusters *cs* of one device, refusing any cluster seen before.
 
-        Returns the first problem as (index into cs, tie-break, error), else None.
+        *blocks* is the number of blocks they store.  Returns the first problem
+        as (index into cs, tie-break, error), else None.
         """
-        dm = self.maps[dev_id]
+        packed = self.maps[dev_id].packed
+        s = self._scratch
+        m = len(cs)
         lo, hi = int(cs[0]), int(cs[-1]) + 1
-        if hi - lo == len(cs) and (len(cs) < 2 or bool(np.all(cs[1:] > cs[:-1]))):
+        if hi - lo == m and (
+            m < 2 or bool(np.greater(cs[1:], cs[:-1], out=s.flags[: m - 1]).all())
+        ):
             # A contiguous ascending run (in-order archives): slices, no gathers.
             target = slice(lo, hi)
-            dup = dm.offsets[target] != 0
+            dup = np.not_equal(packed[target], 0, out=s.flags[:m])
         else:
             target = cs
-            dup = dm.offsets[cs] != 0
-            order = np.argsort(cs, kind="stable")
-            again = cs[order[1:]] == cs[order[:-1]]  # a second copy within the batch
-            dup[order[1:]] |= again
+            dup = np.not_equal(np.take(packed, cs, out=s.g[:m], mode="clip"), 0, out=s.flags[:m])
+            # A second copy within the batch: a plain sort tells whether there is
+            # one; only then the (slower) stable argsort says which slot it is.
+            srt = s.g.view(np.uint32)[:m]  # clusters are 32-bit: half the data to sort
+            np.copyto(srt, cs, casting="unsafe")
+            srt.sort()
+            if bool(np.equal(srt[1:], srt[:-1], out=s.flags2[: m - 1]).any()):
+                order = np.argsort(cs, kind="stable")
+                dup[order[1:]] |= cs[order[1:]] == cs[order[:-1]]
         found = []
         if dup.any():
             j = int(np.argmax(dup))
@@ -317,8 +462,9 @@ class _IndexCore:
                 found.append(wrong)
         if found:
             return min(found, key=lambda p: p[:2])
-        dm.offsets[target] = o
-        dm.masks[target] = m
+        packed[target] = v
+        self._written[dev_id] += m
+        self._stored[dev_id] += blocks
         return None
 
     def _check_vmstate(self, cs: np.ndarray, where):
@@ -340,6 +486,11 @@ class _IndexCore:
 
     def finish(self, end: int, truncated_at: int | None) -> ArchiveIndex:
         self.flush()
+        self._s = None
+        for dev_id, dm in self.maps.items():
+            # Duplicates are refused, so every cluster recorded is a distinct one.
+            dm._missing = dm.device.clusters - self._written[dev_id]
+            dm._stored_blocks = self._stored[dev_id]
         index = ArchiveIndex(self.header, self.maps, self.extents, end, truncated_at)
         if not self.allow_incomplete:
             for dev_id, dm in sorted(self.maps.items()):
@@ -396,17 +547,26 @@ def build_index(
     want = _READ_AHEAD  # shrinks to _HEADER_READ while extents carry data
     truncated_at = None
     last_report = 0
+    stops = _no_stops
+    # One buffer for every read (a fresh MiB per read costs page faults too);
+    # whatever the core keeps of a window it copies before the next read.
+    pread_into = getattr(source, "pread_into", None)
+    window = memoryview(bytearray(_READ_AHEAD)) if pread_into is not None else None
     while pos < end:
         rel = pos - buf_at
         if rel < 0 or rel + EXTENT_HEADER_SIZE > len(buf):
-            buf, buf_at, rel = source.pread(pos, want), pos, 0
-        run = _zero_extent_run(buf, rel)
+            if window is not None:
+                buf = window[: pread_into(pos, window[:want])]
+            else:
+                buf = source.pread(pos, want)
+            buf_at, rel = pos, 0
+            stops = _zero_extent_stops(buf)
+        # How many records from here are data-less extent headers in a row.
+        r = rel // EXTENT_HEADER_SIZE
+        run = int(stops[np.searchsorted(stops, r)]) - r
         if run:
             # Extents without data sit back to back: take them in one go.
-            core.add(
-                range(pos, pos + run * EXTENT_HEADER_SIZE, EXTENT_HEADER_SIZE),
-                memoryview(buf)[rel : rel + run * EXTENT_HEADER_SIZE],
-            )
+            core.add(pos, memoryview(buf)[rel : rel + run * EXTENT_HEADER_SIZE])
             pos += run * EXTENT_HEADER_SIZE
             want = _READ_AHEAD
             continue
@@ -427,7 +587,7 @@ def build_index(
             check_extent_header(bytes(head), pos, header.uuid)
             truncated_at = _truncated(core, pos, end, "an extent's data")
             break
-        core.add((pos,), head)
+        core.add(pos, head)
         if nxt > pos + EXTENT_HEADER_SIZE:
             want = _HEADER_READ  # the next header lies past this extent's data
         pos = nxt
@@ -440,15 +600,17 @@ def build_index(
     return index
 
 
-def _zero_extent_run(buf: bytes, rel: int) -> int:
-    """How many records from buf[rel:] are data-less extent headers in a row."""
-    avail = (len(buf) - rel) // EXTENT_HEADER_SIZE
-    if avail < 2:
-        return 0
-    words = np.frombuffer(buf, "<u4", avail * EXTENT_HEADER_SIZE // 4, rel).reshape(avail, -1)
+_no_stops = np.zeros(1, dtype=np.intp)
+
+
+def _zero_extent_stops(buf: bytes) -> np.ndarray:
+    """Ascending numbers of the 512-byte records of *buf* that are not data-less
+    extent headers, ending with the number of whole records (one pass per read)."""
+    avail = len(buf) // EXTENT_HEADER_SIZE
+    words = np.frombuffer(buf, "<u4", avail * EXTENT_HEADER_SIZE // 4).reshape(avail, 128)
     # Word 0 is the magic, word 1 holds reserved + block_count: both must match.
     ok = (words[:, 0] == _MAGIC_U32) & (words[:, 1] == 0)
-    return avail if ok.all() else int(np.argmin(ok))
+    return np.append(np.flatnonzero(~ok), avail)
 
 
 class StreamIndexer:
@@ -506,7 +668,7 @@ class StreamIndexer:
             if self._held is not None:
                 # Its data has streamed past; it goes to the checks before the next
                 # magic is judged, so its own errors come first (as in build_index).
-                self._core.add((self._held[0],), self._held[1])
+                self._core.add(*self._held)
                 self._held = None
             if data[:4] != VMA_EXTENT_MAGIC:
                 _bad_magic(self._core, data, pos, None)
@@ -525,7 +687,7 @@ class StreamIndexer:
         if self._held is not None:
             pos, head = self._held
             if pos + EXTENT_HEADER_SIZE + BLOCK_SIZE * int.from_bytes(head[6:8], "big") <= end:
-                core.add((pos,), head)
+                core.add(pos, head)
             else:
                 core.flush()
                 check_extent_header(head, pos, self.header.uuid)

@@ -57,12 +57,14 @@ import numpy as np
 
 from .errors import IndexCacheError, VmaError
 from .format import BLOCK_SIZE, Header
-from .index import ArchiveIndex
+from .index import MASK, MASK_BITS, OFFSET_SHIFT, ArchiveIndex
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"VMAFSIDX"
-FORMAT_VERSION = 1
+#: 2: the offset map is one packed uint64 per cluster (``index/packed_<dev>``); version 1
+#: files (uint64 offsets + uint16 masks) are refused by version, so they are rebuilt.
+FORMAT_VERSION = 2
 SUFFIX = ".vmafs-index"
 EDGE = 64 << 10  # bytes of the archive's head and tail that are hashed
 _FIXED = struct.Struct("<8sIQ")
@@ -427,12 +429,22 @@ def _owner(source) -> int:
 
 
 def _check_offsets(index: ArchiveIndex, header: Header) -> None:
-    """Every stored cluster's data must lie between the header and the last extent's end."""
+    """Every stored cluster's data must lie between the header and the last extent's end.
+
+    Walks each map a million clusters at a time (bounded temporaries).
+    """
+    step = 1 << 20
+    shift, bits = np.uint64(MASK_BITS), np.uint64(OFFSET_SHIFT)
     for dev_id, dm in index.maps.items():
-        present = dm.offsets != 0
-        if not present.any():
-            continue
-        offs = dm.offsets[present]
-        ends = offs + np.bitwise_count(dm.masks[present]).astype(np.uint64) * np.uint64(BLOCK_SIZE)
-        if int(offs.min()) < header.header_size or int(ends.max()) > index.end:
-            raise IndexCacheError(f"saved offset map of dev {dev_id} points outside the extents")
+        for i in range(0, dm.packed.size, step):
+            chunk = dm.packed[i : i + step]
+            chunk = chunk[chunk != 0]
+            if not chunk.size:
+                continue
+            offs = (chunk >> shift) << bits
+            blocks = np.bitwise_count(chunk & np.uint64(MASK)).astype(np.uint64)
+            ends = offs + blocks * np.uint64(BLOCK_SIZE)
+            if int(offs.min()) < header.header_size or int(ends.max()) > index.end:
+                raise IndexCacheError(
+                    f"saved offset map of dev {dev_id} points outside the extents"
+                )

@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
-
 from .. import names
 from ..errors import HeaderError, VmaError
 from ..format import CLUSTER_SIZE
@@ -73,13 +71,12 @@ def register(subparsers) -> None:
 def device_stats(archive, dev_id: int) -> dict:
     """Counts for one device from the index (no I/O)."""
     dm = archive.index.maps[dev_id]
-    present = dm.offsets != 0
-    data = present & (dm.masks != 0)
+    clusters, data, missing = dm.device.clusters, dm.data_clusters, dm.missing
     return {
-        "clusters": int(dm.offsets.size),
-        "data_clusters": int(np.count_nonzero(data)),
-        "zero_clusters": int(np.count_nonzero(present & (dm.masks == 0))),
-        "missing_clusters": int(np.count_nonzero(~present)),
+        "clusters": clusters,
+        "data_clusters": data,
+        "zero_clusters": clusters - data - missing,
+        "missing_clusters": missing,
         "stored_bytes": archive.stored_bytes(dev_id),
     }
 
