@@ -15,6 +15,7 @@ import numpy as np
 from .errors import HeaderError, MissingClusterError, TruncatedError
 from .format import (
     BLOCK_SIZE,
+    BLOCKS_PER_CLUSTER,
     CLUSTER_SIZE,
     FULL_MASK,
     HEADER_STRUCT_SIZE,
@@ -175,7 +176,38 @@ class Archive:
         n = len(out)
         if offset + n > dm.device.size:
             n = max(0, dm.device.size - offset)
-        runs, zeros = self._plan(dm, offset, n)
+        entries = None
+        if n > 0 and offset >= 0:
+            # Fast paths in plain ints: one cluster (small reads), or clusters
+            # stored whole and back to back (most of a sequential read).
+            first = offset >> _CLUSTER_BITS
+            last = (offset + n - 1) >> _CLUSTER_BITS
+            if first == last:
+                entry = dm.packed.item(first)
+                if entry:
+                    a = offset & _IN_CLUSTER
+                    blk = a >> _BLOCK_BITS
+                    want = (2 << ((a + n - 1) >> _BLOCK_BITS)) - (1 << blk)  # blocks touched
+                    have = entry & want  # of those, the stored ones (mask bits)
+                    if not have:
+                        out[:n] = _ZEROS[:n]
+                        return n
+                    if have == want:
+                        # Stored blocks of a cluster lie back to back: skip those before.
+                        before = (entry & ((1 << blk) - 1)).bit_count()
+                        aoff = ((entry >> MASK_BITS) << OFFSET_SHIFT) + (before << _BLOCK_BITS)
+                        self._read_run(out, aoff + (a & _IN_BLOCK), n, 0)
+                        return n
+            else:
+                entries = dm.packed[first : last + 1].tolist()
+                entry = entries[0]
+                if entry & MASK == FULL_MASK and entries == list(
+                    range(entry, entry + len(entries) * _NEXT_CLUSTER, _NEXT_CLUSTER)
+                ):
+                    aoff = ((entry >> MASK_BITS) << OFFSET_SHIFT) + (offset & _IN_CLUSTER)
+                    self._read_run(out, aoff, n, 0)
+                    return n
+        runs, zeros = self._plan(dm, offset, n, entries)
         self._fill(out, runs, zeros)
         return n
 
@@ -261,18 +293,32 @@ class Archive:
 
     @classmethod
     def _partial(cls, pos, aoff, mask, a, b, runs, zeros) -> None:
-        """Plan bytes [a, b) of a cluster with some blocks stored, destined for pos."""
-        for blk in range(a // BLOCK_SIZE, (b - 1) // BLOCK_SIZE + 1):
-            lo = max(a, blk * BLOCK_SIZE)
-            hi = min(b, (blk + 1) * BLOCK_SIZE)
+        """Plan bytes [a, b) of a cluster with some blocks stored, destined for pos.
+
+        Goes from one run of stored (or of unstored) blocks to the next, not
+        block by block.
+        """
+        blk, last = a >> _BLOCK_BITS, (b - 1) >> _BLOCK_BITS
+        stored = (mask & ((1 << blk) - 1)).bit_count()  # blocks stored before blk
+        while blk <= last:
+            x = mask >> blk
+            if x & 1:
+                k = (~x & (x + 1)).bit_length() - 1  # trailing ones: stored blocks in a row
+            else:
+                k = (x & -x).bit_length() - 1 if x else BLOCKS_PER_CLUSTER  # trailing zeros
+            stop = min(blk + k, last + 1)
+            lo = max(a, blk << _BLOCK_BITS)
+            hi = min(b, stop << _BLOCK_BITS)
             dest = pos + lo - a
-            if mask >> blk & 1:
-                stored = (mask & ((1 << blk) - 1)).bit_count()
-                cls._add_run(
-                    runs, aoff + stored * BLOCK_SIZE + lo - blk * BLOCK_SIZE, hi - lo, dest
-                )
+            if x & 1:
+                start = aoff + (stored << _BLOCK_BITS) + lo - (blk << _BLOCK_BITS)
+                cls._add_run(runs, start, hi - lo, dest)
+                stored += stop - blk
+            elif zeros and zeros[-1][0] + zeros[-1][1] == dest:
+                zeros[-1] = (zeros[-1][0], zeros[-1][1] + hi - lo)
             else:
                 zeros.append((dest, hi - lo))
+            blk = stop
 
 
 def _open_scanned(source: Source, allow_incomplete: bool, progress, use_sidecar: bool):
