@@ -10,16 +10,20 @@ disks, orders and slot counts.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
 import pytest
-from conftest import fixture_archives, load_manifest
+from conftest import FIXTURES_DIR, fixture_archives, load_manifest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vmafactory import Built, build_archive, sparse_disk
 
+import vmafs.source
 from vmafs.archive import Archive
 from vmafs.format import BLOCK_SIZE, CLUSTER_SIZE
 from vmafs.index import StreamIndexer
@@ -265,3 +269,47 @@ def test_property_random_reads_equal_source(built, data):
             streamed = si.finish(built.size).to_arrays()
             for key, arr in a.index.to_arrays().items():
                 assert np.array_equal(arr, streamed[key]), key
+
+
+# --- container modules are imported when the magic asks for them -------------------------
+
+_CONTAINER_MODULES = ("zstandard", "indexed_gzip", "lzo", "vmafs.source.")
+
+
+@pytest.mark.parametrize(
+    "suffix, modules, libraries",
+    [
+        ("", set(), set()),
+        (".zst", {"zstd", "zstd_seekable"}, {"zstandard"}),
+        (".gz", {"gzip"}, {"indexed_gzip", "zstandard"}),  # zstd packs its saved windows
+        (".lzo", {"lzo"}, {"lzo"}),
+    ],
+)
+def test_open_imports_only_the_container_it_needs(suffix, modules, libraries):
+    """A fresh interpreter opening a plain archive imports no compression library."""
+    code = (
+        "import sys\n"
+        "from vmafs.archive import Archive\n"
+        "Archive.open(sys.argv[1], use_sidecar=False).close()\n"
+        f"print(' '.join(m for m in sys.modules if m.startswith({_CONTAINER_MODULES!r})))\n"
+    )
+    path = FIXTURES_DIR / f"two-disks.vma{suffix}"
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    loaded = set(r.stdout.split())
+    ours = {m.rsplit(".", 1)[1] for m in loaded if m.startswith("vmafs.source.")}
+    assert ours - {"plain"} == modules
+    assert {m.split(".")[0] for m in loaded if not m.startswith("vmafs.")} == libraries
+
+
+def test_lazy_magic_table_matches_what_the_modules_register():
+    for module in {m for _, m in vmafs.source.CONTAINERS}:
+        importlib.import_module(f"vmafs.source.{module}")
+    registered = {
+        (magic, factory.__module__.rsplit(".", 1)[1])
+        for magic, factory in vmafs.source._MAGICS
+        if factory is not vmafs.source.PlainSource
+    }
+    assert registered == set(vmafs.source.CONTAINERS)
