@@ -97,6 +97,9 @@ _CHECK_STEP = 256 << 10  # a candidate's output is compared in pieces of this si
 _SCAN_CHUNK = 4 << 20
 _BATCH_BLOCKS = 32  # blocks per decompress call in the scan (at most 4 MiB of output)
 _PENDING_BATCH_BLOCKS = 8  # ... while a candidate waits: its test starts and ends sooner
+#: The scan waits for a candidate's test once it has decoded this many spacings
+#: past the candidate (a slow test thread must not stretch checkpoint gaps).
+_MAX_TEST_LAG = 1.0
 _READ_CHUNK = 256 << 10
 _PROGRESS_STEP = 16 << 20
 _CURSORS = 4
@@ -941,10 +944,17 @@ class _FrameScan:
         checkpoints = self.checkpoints
         spacing, budget = self.src._spacing, self.src._budget
         block_max = self.block_max
-        if pending and pending[0].future is not None and pending[0].future.done():
-            accepted = self.src._settle(pending, self.fidx, st)
-            if accepted is not None:
-                self.last_ct, self.last_dec = accepted.ct, accepted.dec
+        if pending and pending[0].future is not None:
+            c = pending[0]
+            if not c.future.done() and self.ct - c.ct > _MAX_TEST_LAG * spacing:
+                # The test thread fell behind (a loaded machine): wait for it,
+                # so that checkpoints stay about one spacing apart and a cold
+                # read stays about that cheap.
+                concurrent.futures.wait([c.future])
+            if c.future.done():
+                accepted = self.src._settle(pending, self.fidx, st)
+                if accepted is not None:
+                    self.last_ct, self.last_dec = accepted.ct, accepted.dec
         nblocks = 0
         bstart = rd._i
         while True:
