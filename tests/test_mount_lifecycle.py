@@ -86,7 +86,6 @@ def test_readahead_option_checked(two_disks, mnt, require_fuse):
     assert not is_mounted(mnt)
 
 
-
 def test_daemon_returns_when_ready_and_umount(two_disks, mnt, require_fuse, manifest):
     try:
         proc = run_vmafs("mount", two_disks, mnt)
