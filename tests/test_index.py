@@ -8,6 +8,7 @@ same errors; the maps cost 8 bytes per cluster (offset and mask packed in a uint
 from __future__ import annotations
 
 import random
+import struct
 import time
 import tracemalloc
 
@@ -22,6 +23,7 @@ from vmafactory import (
     dev_id_255,
     dev_id_unregistered,
     duplicate_cluster,
+    edit_extent_header,
     extent_bitflip,
     hostile_base,
     sparse_disk,
@@ -33,6 +35,7 @@ from vmafactory import (
 from vmafs.archive import Archive, read_header
 from vmafs.errors import (
     DuplicateClusterError,
+    ExtentError,
     IncompleteArchiveError,
     MissingClusterError,
     TruncatedError,
@@ -424,6 +427,60 @@ def test_build_index_reads_headers_not_data(tmp_path):
         src.close()
     assert index.complete and index.extents == len(b.extents) == 11
     assert src.bytes_read <= (1 << 20) + len(b.extents) * BLOCK_SIZE, src.bytes_read
+
+
+# --- extents with and without data in one batch ----------------------------------------------
+#
+# The batch check counts mask bits only for the extents that announce data;
+# every other extent must carry no mask bit at all.  Damage either kind, in a
+# batch of only data-less extents and in a mixed one, with the md5 kept valid.
+
+
+def _mixed() -> Built:
+    disk = sparse_disk(40 * CLUSTER_SIZE, 31, zero_clusters=0.7)
+    return build_archive({"drive-scsi0": disk}, order="shuffled", seed=2, slots=3)
+
+
+def _dataless() -> Built:
+    return build_archive({"drive-scsi0": bytes(50 * CLUSTER_SIZE)}, slots=4)
+
+
+def _first(b: Built, with_data: bool) -> int:
+    return next(k for k, s in enumerate(b.slots) if any(m for _, _, m in s) == with_data)
+
+
+@pytest.mark.parametrize(
+    "make, with_data",
+    [(_mixed, False), (_mixed, True), (_dataless, False)],
+    ids=["mixed-batch-no-data-extent", "mixed-batch-data-extent", "dataless-batch"],
+)
+@pytest.mark.parametrize("damage", ["mask-bit", "reserved-bits", "empty-slot", "count+1"])
+def test_batch_checks_for_extents_with_and_without_data(tmp_path, make, with_data, damage):
+    b = make()
+    k = _first(b, with_data)
+    ext = b.extents[k]
+    slot = b.slot_offset(k, 0) - ext
+    if damage == "mask-bit":  # a block announced by the mask but not counted
+        (mask,) = struct.unpack_from(">H", b.data, ext + slot)
+        free = next(i for i in range(16) if not mask >> i & 1)
+        new, where = struct.pack(">H", mask | 1 << free), (slot, ext + 6, "differs from the")
+    elif damage == "reserved-bits":
+        new, where = b"\x04", (slot + 2, ext + slot, "reserved bits")
+    elif damage == "empty-slot":
+        slot = b.slot_offset(k, len(b.slots[k])) - ext  # the first unused slot
+        new, where = struct.pack(">Q", 3), (slot, ext + slot, "empty slot")
+    else:
+        (count,) = struct.unpack_from(">H", b.data, ext + 6)
+        new, where = struct.pack(">H", count + 1), (6, ext + 6, "differs from the")
+    data = edit_extent_header(b.data, ext, where[0], new)
+    path = tmp_path / "d.vma"
+    path.write_bytes(data)
+    with pytest.raises(ExtentError, match=where[2]) as e:
+        index_of(path)
+    assert e.value.offset == where[1]
+    with pytest.raises(ExtentError, match=where[2]) as e:
+        stream_index(data, 4)
+    assert e.value.offset == where[1]
 
 
 # --- a 1 TiB sparse disk: memory per cluster, build rate --------------------------------------

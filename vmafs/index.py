@@ -199,10 +199,12 @@ class _Scratch:
         self.zeroed = np.empty((rows, EXTENT_HEADER_SIZE), np.uint8)  # md5 field zeroed
         self.info = np.empty(shape, np.uint64)  # blockinfo, native order
         self.dev = np.empty(shape, np.uint64)
-        self.masks = np.empty(shape, np.uint64)
+        self.high = np.empty(shape, np.uint64)
+        self.masks = np.empty(shape, np.uint64)  # of the extents that store data
+        self.before = np.empty(shape, np.uint64)
         self.entry = np.empty(shape, np.uint64)  # the map entry each slot would get
         self.slot_bad = np.empty(shape, np.uint64)
-        self.counts = np.empty(shape, np.uint8)
+        self.counts = np.empty(shape, np.uint8)  # of the extents that store data
         self.used = np.empty(shape, bool)
         self.unused = np.empty(shape, bool)
         self.d = np.empty(slots, np.intp)  # per used slot, archive order
@@ -313,22 +315,37 @@ class _IndexCore:
         dev = np.right_shift(info, 32, out=s.dev[:n])
         dev &= 0xFF
         used = np.not_equal(dev, 0, out=s.used[:n])
-        masks = np.right_shift(info, 48, out=s.masks[:n])
-        counts = np.bitwise_count(masks, out=s.counts[:n])
         block_count = (u8[:, 6].astype(np.int64) << 8) | u8[:, 7]
         # An empty slot must be all zero; a used one must have zero reserved bits.
         slot_bad = np.bitwise_and(info, 0xFF << 40, out=s.slot_bad[:n])
         np.copyto(slot_bad, info, where=np.logical_not(used, out=s.unused[:n]))
-        bad = (
-            (u8[:, 4] != 0)
-            | (u8[:, 5] != 0)
-            | np.any(u8[:, 8:24] != self._uuid, axis=1)
-            | (counts.sum(axis=1, dtype=np.int64) != block_count)
-            | slot_bad.any(axis=1)
-        )
-        if md5_bad is not None:
-            bad |= md5_bad
-        if bad.any():
+        # Only the extents that store data (few, on a sparse disk) need their masks
+        # counted; all others must have no mask bit at all.
+        high = np.right_shift(info, 40, out=s.high[:n])  # mask << 8 | reserved
+        rows = np.flatnonzero(block_count)
+        masks = np.take(high, rows, axis=0, out=s.masks[: len(rows)])
+        masks >>= 8
+        counts = np.bitwise_count(masks, out=s.counts[: len(rows)])
+        blocks = block_count[rows]
+        dataless_marked = len(rows) < n and bool((high.any(axis=1) & (block_count == 0)).any())
+        if (
+            md5_bad is not None
+            or u8[:, 4:6].any()
+            or (u8[:, 8:24] != self._uuid).any()
+            or slot_bad.any()
+            or dataless_marked
+            or (counts.sum(axis=1, dtype=np.int64) != blocks).any()
+        ):
+            bad = (
+                (u8[:, 4] != 0)
+                | (u8[:, 5] != 0)
+                | np.any(u8[:, 8:24] != self._uuid, axis=1)
+                | slot_bad.any(axis=1)
+                | (high.any(axis=1) & (block_count == 0))
+            )
+            bad[rows] |= counts.sum(axis=1, dtype=np.int64) != blocks
+            if md5_bad is not None:
+                bad |= md5_bad
             # Errors come in archive order: the slots of the extents before the
             # bad header are checked first, then the header itself fails.
             row = int(np.argmax(bad))
@@ -338,12 +355,16 @@ class _IndexCore:
 
         # The entry of each slot: its data starts after the header and the blocks
         # of slots 0..i-1, in 512-byte units (a block is 8 of them), mask below.
-        entry = np.cumsum(counts, axis=1, dtype=np.uint64, out=s.entry[:n])
-        entry -= counts
-        entry <<= 3
-        entry += ((ext_off >> OFFSET_SHIFT) + 1)[:, None]
-        entry <<= MASK_BITS
-        entry |= masks
+        entry = s.entry[:n]
+        first = ((ext_off >> OFFSET_SHIFT) + 1) << MASK_BITS
+        entry[:] = first[:, None]  # right after the header, mask 0: extents without data
+        if len(rows):
+            before = np.cumsum(counts, axis=1, dtype=np.uint64, out=s.before[: len(rows)])
+            before -= counts
+            before <<= 3 + MASK_BITS
+            before += first[rows, None]
+            before |= masks
+            entry[rows] = before
         k = int(used[0].sum())
         if used[:, :k].all() and not used[:, k:].any():
             # Every extent uses the same first k slots (how writers fill them).
