@@ -20,6 +20,7 @@ import threading
 import time
 import zlib
 
+import numpy as np
 import pytest
 from conftest import FIXTURES_DIR, load_manifest, unmount, vmafs_cmd
 
@@ -618,6 +619,73 @@ def test_recompressed_output_opens_without_side_index(tmp_path):
         assert_matches_manifest(a, "two-disks.vma")
     assert not os.path.exists(out + sidecar.SUFFIX)
     assert not os.path.exists(sidecar.cache_path(out))
+
+
+def test_seekable_archive_is_indexed_without_whole_frame_decodes(tmp_path, monkeypatch):
+    # Archive.open reads the extent headers only: no frame is decoded whole and
+    # few compressed bytes are read, also where a frame holds several extents
+    # (small extents of a sparse stretch are grouped).  Reads afterwards decode
+    # whole frames, verify them, and return the disk.
+    from test_cli_support import build
+
+    import vmafs.source.zstd as vz
+    from vmafs.commands.recompress import recompress
+    from vmafs.source.zstd_seekable import SeekTable
+
+    rnd = random.Random(9)
+    sparse = bytearray(8 << 20)
+    for c in range(0, len(sparse) >> 16, 5):  # one 4 KiB block in every 5th cluster
+        sparse[c << 16 : (c << 16) + 4096] = rnd.randbytes(4096)
+    disk = rnd.randbytes(8 << 20) + bytes(sparse) + bytes(4 << 20) + rnd.randbytes(1 << 20)
+    b = build(tmp_path / "a.vma", {"drive-scsi0": disk}, slots=8)
+    out = str(tmp_path / "a.vma.zst")
+    recompress(str(b.path), out, frame_target=256 << 10, frame_limit=1 << 20)
+    blob = open(out, "rb").read()
+    table = SeekTable.from_tail(lambda off, n: blob[off : off + n], len(blob))
+    ends = np.cumsum(table.decompressed_sizes)
+    per_frame = np.bincount(np.searchsorted(ends, b.extent_offsets, side="right"))
+    assert per_frame.max() > 2 and (per_frame == 1).sum() >= 3  # grouped and single extents
+
+    decodes, read = [], [0]
+    real_decode, real_pread = vz.ZstdSource._decode_frame, os.pread
+
+    def decode(self, fi):
+        decodes.append(fi)
+        return real_decode(self, fi)
+
+    def pread(fd, n, off):
+        data = real_pread(fd, n, off)
+        read[0] += len(data)
+        return data
+
+    monkeypatch.setattr(vz.ZstdSource, "_decode_frame", decode)
+    monkeypatch.setattr(os, "pread", pread)
+    a = open_guarded(out)
+    monkeypatch.setattr(os, "pread", real_pread)
+    try:
+        assert decodes == [] and len(a.source._cache) == 0
+        assert read[0] < len(blob) // 4, (read[0], len(blob))
+        assert a.read(1, 0, len(disk)) == disk
+        assert sorted(set(decodes)) == list(range(len(table)))
+    finally:
+        a.close()
+
+    # Damage inside a frame holding one extent, past the part its header is
+    # decoded from: the open succeeds, a read of that frame fails on it.
+    fi = int(np.flatnonzero(per_frame == 1)[1])
+    comp = sum(table.compressed_sizes[:fi])
+    bad = bytearray(blob)
+    bad[comp + table.compressed_sizes[fi] * 3 // 4] ^= 0xFF
+    open(out, "wb").write(bad)
+    decodes.clear()
+    a = open_guarded(out)
+    try:
+        assert decodes == []
+        assert a.read(1, len(disk) - 4096, 4096) == disk[-4096:]  # an intact frame
+        with pytest.raises(CorruptStreamError, match=f"compressed offset {comp}"):
+            a.source.pread(int(ends[fi]) - 4096, 4096)
+    finally:
+        a.close()
 
 
 def test_recompress_refuses_to_overwrite_and_cleans_up(tmp_path):

@@ -507,6 +507,54 @@ def test_corrupt_byte_and_checksum(tmp_path, mixed32):
         src.close()
 
 
+def test_header_reader_decodes_only_what_is_asked(tmp_path, monkeypatch):
+    # Frames cut anywhere (not at any structure): reads at random offsets give
+    # the stream's bytes, at least min(size, 64 KiB, rest) of them, crossing
+    # frames when needed, without a whole-frame decode or touching the cache.
+    import vmafs.source.zstd as vz
+
+    data = mixed_data(6 << 20, seed=11)
+    rnd = random.Random(4)
+    bounds = [0, *sorted(rnd.sample(range(1, len(data)), 7)), len(data)]
+    path = tmp_path / "s.zst"
+    with open(path, "wb") as f, SeekableZstdWriter(f) as w:
+        for a, b in zip(bounds, bounds[1:], strict=False):
+            w.write_frame(data[a:b])
+    src = ZstdSource(str(path))
+    whole = []
+    monkeypatch.setattr(ZstdSource, "_decode_frame", lambda self, fi: whole.append(fi))
+    reader = src.header_reader()
+    assert reader.size == len(data)
+    offsets = sorted(rnd.randrange(len(data)) for _ in range(200))
+    offsets += [b - 3 for b in bounds[1:]]  # across a frame end (or the stream's)
+    for off in offsets + offsets[::7]:  # forward, then backwards in a frame
+        size = rnd.choice((1, 512, 4096, 1 << 20))
+        got = reader.pread(off, size)
+        assert len(got) >= min(size, vz._HEAD_CHUNK, len(data) - off)
+        assert got == data[off : off + len(got)]
+    assert reader.pread(len(data), 512) == b"" and reader.pread(len(data) + 9, 1) == b""
+    assert whole == [] and len(src._cache) == 0
+    # a frame in the cache is served from it
+    monkeypatch.undo()
+    assert src.pread(bounds[2], 10) == data[bounds[2] : bounds[2] + 10]
+    assert reader.pread(bounds[2] + 1, 100) == data[bounds[2] + 1 : bounds[2] + 101]
+    src.close()
+
+
+def test_header_reader_reports_damage(tmp_path):
+    data = mixed_data(3 << 20, seed=12)
+    path = tmp_path / "s.zst"
+    with open(path, "wb") as f, SeekableZstdWriter(f) as w:
+        w.write_frame(data)
+    raw = bytearray(path.read_bytes())
+    raw[parse_frame_header(bytes(raw[:18]), 0).size] |= 0x06  # first block: reserved type
+    path.write_bytes(raw)
+    src = ZstdSource(str(path))
+    with pytest.raises(CorruptStreamError, match="compressed offset 0"):
+        src.header_reader().pread(0, 512)
+    src.close()
+
+
 def test_truncated_after_indexing_fails_reads_cleanly(tmp_path):
     data = mixed_data(6 << 20, seed=8)
     path = tmp_path / "s.zst"

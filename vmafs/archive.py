@@ -40,8 +40,11 @@ def read_header(source: Source) -> Header:
     """Read and validate the archive header through *source*."""
     head = source.pread(0, HEADER_STRUCT_SIZE)
     size = Header.peek_size(head)
-    if size > len(head):
-        head += source.pread(len(head), size - len(head))
+    while len(head) < size:  # a header reader may return less than asked
+        more = source.pread(len(head), size - len(head))
+        if not more:
+            break
+        head += more
     return Header.parse(head)
 
 
@@ -83,9 +86,13 @@ class Archive:
             if source.needs_scan:
                 header, index = _open_scanned(source, allow_incomplete, progress, use_sidecar)
             else:
-                header = read_header(source)
+                # A source may offer a cheaper reader for the header walk (seekable
+                # zstd: decode each frame only as far as its extent headers).
+                header_reader = getattr(source, "header_reader", None)
+                walker = header_reader() if header_reader is not None else source
+                header = read_header(walker)
                 index = build_index(
-                    header, source, allow_incomplete=allow_incomplete, progress=progress
+                    header, walker, allow_incomplete=allow_incomplete, progress=progress
                 )
         except BaseException:
             source.close()

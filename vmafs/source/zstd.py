@@ -103,6 +103,10 @@ _MAX_TEST_LAG = 1.0
 _READ_CHUNK = 256 << 10
 _PROGRESS_STEP = 16 << 20
 _CURSORS = 4
+#: Header reads (:meth:`ZstdSource.header_reader`): at most this much output per
+#: call, and compressed input taken in pieces of this size.
+_HEAD_CHUNK = 64 << 10
+_HEAD_READ_SIZE = 16 << 10
 STATE_VERSION = 1
 
 
@@ -863,6 +867,16 @@ class ZstdSource:
         )
         return _Cursor(fi, entry, reader, j)
 
+    def header_reader(self) -> _HeadReader:
+        """A reader for walkers that want a few bytes here and there (extent headers).
+
+        Its ``pread`` decodes a frame only as far as the bytes asked for and
+        leaves the frame cache alone; see :class:`_HeadReader`.
+        """
+        if self.needs_scan:
+            raise SourceError(f"{self.path}: zstd stream read before its scan")
+        return _HeadReader(self)
+
     def close(self) -> None:
         with self._lock:
             self._cache.clear()
@@ -876,6 +890,90 @@ class ZstdSource:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _HeadReader:
+    """Partial frame decodes for the index builder's header walk.
+
+    The index builder reads the archive header and every extent header (512
+    bytes each, at the extent boundaries where the seekable writer starts its
+    frames).  Through :meth:`ZstdSource.pread` each of those would decode its
+    whole frame (~3.7 MiB for a Proxmox extent) and read all of its
+    compressed bytes.  Here one streaming decoder is kept on the frame being
+    walked: a read decodes from the frame's start (or from where the last read
+    stopped, when it lies ahead in the same frame) just up to the bytes asked
+    for, taking compressed input in pieces of :data:`_HEAD_READ_SIZE`.  Frames
+    already in the source's cache are served from it; nothing is added to it.
+
+    ``pread(offset, size)`` returns at least ``min(size, _HEAD_CHUNK, bytes
+    left)`` bytes and never more than :data:`_HEAD_CHUNK`: a caller that wants
+    more asks again from where the data stopped (:func:`~vmafs.index.build_index`
+    does, and needs only 512 bytes per read).  The frame checksum is verified
+    only when a read decodes a frame to its end; an extent header carries its
+    own md5, and :meth:`ZstdSource.pread` verifies the whole frame later.
+    One walker at a time: not thread-safe.
+    """
+
+    def __init__(self, src: ZstdSource) -> None:
+        self._src = src
+        self.path = src.path
+        self.size = src.size
+        self._dctx = _decompressor()
+        self._cur: _Cursor | None = None
+        self._scratch = bytearray(_HEAD_CHUNK)
+
+    def pread(self, offset: int, size: int) -> bytes:
+        if offset < 0:
+            raise ValueError("negative offset")
+        src = self._src
+        end = min(offset + min(size, _HEAD_CHUNK), self.size)
+        parts = []
+        pos = offset
+        while pos < end:
+            fi = bisect.bisect_right(src._f_dec_list, pos) - 1
+            fdec = src._f_dec_list[fi]
+            stop = min(end, fdec + int(src._f_dsize[fi]))
+            with src._lock:
+                whole = src._cache.get((fi, -1))
+            if whole is not None:
+                parts.append(whole[pos - fdec : stop - fdec])
+            else:
+                parts.append(self._decode(fi, pos, stop))
+            pos = stop
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)  # b"" at or past the end
+
+    def _decode(self, fi: int, start: int, end: int) -> bytes:
+        src = self._src
+        cur = self._cur
+        if cur is None or cur.frame != fi or cur.pos > start:
+            self._cur = cur = None  # its reader is done with before the decoder is reused
+            comp, csize = int(src._f_comp[fi]), int(src._f_csize[fi])
+            reader = self._dctx.stream_reader(
+                _RangeFile(src._fd, comp, comp + csize),
+                read_size=_HEAD_READ_SIZE,
+                read_across_frames=False,
+            )
+            cur = _Cursor(fi, src._f_dec_list[fi], reader, -1)
+        try:
+            data = cur.read(start, end, self._scratch)
+        except (zstandard.ZstdError, EOFError) as e:
+            self._cur = None
+            comp = int(src._f_comp[fi])
+            have = os.fstat(src._fd).st_size
+            if have < comp + int(src._f_csize[fi]):
+                raise _corrupt(
+                    "truncated zstd stream (file shorter than its index)", have, cur.pos
+                ) from e
+            what = "truncated" if isinstance(e, EOFError) else f"corrupt ({e})"
+            raise _corrupt(
+                f"zstd frame {what} between decompressed offsets {cur.start} and {end}",
+                comp,
+                cur.pos,
+            ) from e
+        self._cur = cur
+        return data
 
 
 class _FrameScan:
