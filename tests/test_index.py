@@ -362,6 +362,55 @@ def test_duplicate_in_last_extent_before_junk_both_walkers(tmp_path):
         stream_index(data, 8)
 
 
+def runs_archive(
+    clusters: int, dup: tuple[int, int] | None = None, run: int = 16
+) -> tuple[bytes, list[int]]:
+    """Clusters in ascending runs of *run*, the runs shuffled (how live backups look);
+    *dup* = (position, cluster): store that cluster again at that position.
+    Returns the archive and the clusters in archive order."""
+    rng = random.Random(4)
+    runs = [list(range(c, min(c + run, clusters))) for c in range(0, clusters, run)]
+    rng.shuffle(runs)
+    order = [c for run in runs for c in run]
+    if dup is not None:
+        order.insert(dup[0], dup[1])
+    header = Header(UUID, 1, [], {1: Device(1, "d", clusters * CLUSTER_SIZE)})
+    packer = ExtentPacker(UUID)
+    out = [header.pack()]
+    out += [
+        packer.add(1, c, *encode_cluster(bytes([c % 251 + 1]) * 9 if c % 5 else None))
+        for c in order
+    ]
+    out.append(packer.flush())
+    return b"".join(out), order
+
+
+@pytest.mark.parametrize("run", [16, 300])
+@pytest.mark.parametrize("dup", [None, (40, 3), (900, 500), (900, 899), (1800, 0), (1800, 1799)])
+def test_duplicate_among_ascending_runs(tmp_path, dup, run):
+    # Live-backup layout, all in one batch: a copy in another run must be found,
+    # in the right slot.
+    data, order = runs_archive(2000, dup, run)
+    path = tmp_path / "r.vma"
+    path.write_bytes(data)
+    if dup is None:
+        index = index_of(path)
+        assert index.complete
+        with Archive.open(path) as a:
+            assert a.read(1, 7 * CLUSTER_SIZE, 9) == bytes([8]) * 9
+        return
+    with pytest.raises(DuplicateClusterError) as e:
+        index_of(path)
+    with pytest.raises(DuplicateClusterError) as e2:
+        stream_index(data, 5)
+    assert str(e.value) == str(e2.value)
+    header_size = Header.peek_size(data)
+    second = max(i for i, c in enumerate(order) if c == dup[1])  # the later copy is refused
+    k, j = divmod(second, 58)  # Proxmox's 58 slots per extent
+    want = _nth_extent(data, header_size, k) + 40 + 8 * j
+    assert (e.value.offset, e.value.cluster) == (want, dup[1])
+
+
 # Two damages in one archive: the one earlier in the archive is reported, by both walkers,
 # whatever kinds they are (all extents of these archives fall into one numpy batch).
 TWO_DAMAGES = {
