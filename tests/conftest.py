@@ -1,6 +1,6 @@
 """Shared test infrastructure: real-part probes, fixture archives, CLI helpers.
 
-Real parts only (docs/dev/TEAM.md): tests that need the kernel's FUSE, loop
+Real parts only (docs/dev/CONVENTIONS.md): tests that need the kernel's FUSE, loop
 devices or QEMU ask for them through the session fixtures below.  Each probe
 really exercises the part once per session (a FUSE round trip, a loop device
 attach/detach, the QEMU binaries running) and
