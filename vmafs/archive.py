@@ -330,17 +330,13 @@ class Archive:
 
 def _open_scanned(source: Source, allow_incomplete: bool, progress, use_sidecar: bool):
     """Index a source that must be decompressed once, reusing a saved side index."""
-    sidecar = None
+    from . import sidecar  # noqa: PLC0415 - only compressed archives need it
+
     if use_sidecar:
-        try:
-            from . import sidecar  # noqa: PLC0415 - optional until compressed support lands
-        except ImportError:
-            sidecar = None
-    if sidecar is not None:
         loaded = sidecar.load(source, allow_incomplete=allow_incomplete)
         if loaded is not None:
             return loaded
     header, index = _index_by_scan(source, allow_incomplete, progress)
-    if sidecar is not None:
+    if use_sidecar:
         sidecar.save(source, header, index)
     return header, index

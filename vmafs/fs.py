@@ -51,10 +51,14 @@ CACHE_TIMEOUT = 86400.0
 #   compressed, 512 MiB disk (~4:1), bs=1M, side index present: .vma.zst
 #   buffered inline 52-86, threads 62-129, direct_io inline 182, threads 147;
 #   .vma.gz buffered inline 56, threads 57, direct_io inline 112, threads 89.
-#   Archive.readinto alone: 47 us per 128 KiB (2.8 GB/s), 14 us per 4 KiB.
+#   Archive.readinto alone (2026-11-26, after its plain-int fast paths):
+#   ~25 us per 128 KiB (mostly the copy), ~3 us per 4 KiB; VmaFS.read adds
+#   ~2 us.  A pyfuse3/trio round trip is ~100 us, so the fs is bound by the
+#   number of requests, not by this code.
 #
-# Buffered: the handler is ~0.8 s of a 3-9 s buffered 2 GiB run, the rest is
-# FUSE round trips of 128 KiB and kernel page-cache work; direct_io's 1 MiB
+# Buffered: the handler is a small part of a buffered 2 GiB run, the rest is
+# FUSE round trips of 128 KiB and kernel page-cache work (vmafs.mount raises
+# the mount's readahead to 1024 KiB, which makes the requests bigger); direct_io's 1 MiB
 # requests are 3-5x faster for big sequential reads but every small read
 # becomes a round trip (30 MB/s at 4 KiB), nothing is cached between opens,
 # and MAP_SHARED mmap fails.  Buffered is what every consumer copes with
