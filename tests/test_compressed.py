@@ -23,6 +23,7 @@ import zlib
 import numpy as np
 import pytest
 from conftest import FIXTURES_DIR, load_manifest, unmount, vmafs_cmd
+from test_source_zstd import expected_frames
 
 import vmafs.source.gzip as vgzip
 import vmafs.source.lzo as vlzo
@@ -560,17 +561,7 @@ def test_recompress_round_trips_through_zstd_d(tmp_path, name):
     assert table is not None and len(table) == r["frames"] > 1
     starts = sorted(_extent_starts(plain))
     units = [starts[0]] + [b - a for a, b in zip(starts, [*starts[1:], len(plain)], strict=True)]
-    assert table.decompressed_sizes == _expected_frames(units, 512 << 10, 1 << 20)
-
-
-def _expected_frames(units: list[int], target: int, limit: int) -> list[int]:
-    frames, cur = [], 0
-    for u in units:
-        if cur and (cur >= target or cur + u > limit):
-            frames.append(cur)
-            cur = 0
-        cur += u
-    return [*frames, cur] if cur else frames
+    assert table.decompressed_sizes == expected_frames(units, 512 << 10, 1 << 20)
 
 
 def test_recompress_framer_any_chunking(tmp_path):
@@ -586,7 +577,7 @@ def test_recompress_framer_any_chunking(tmp_path):
     plain = _plain("two-disks.vma")
     starts = sorted(_extent_starts(plain))
     units = [starts[0]] + [b - a for a, b in zip(starts, [*starts[1:], len(plain)], strict=True)]
-    want = _expected_frames(units, 64 << 10, 256 << 10)
+    want = expected_frames(units, 64 << 10, 256 << 10)
     rnd = random.Random(3)
     for sizes in ((1, 2, 9, 511, 513), (7, 512, 4096), (3, 100_000), (len(plain),)):
         buf = io.BytesIO()

@@ -114,6 +114,14 @@ def _corrupt(msg: str, comp_off: int, dec_off: int | None = None) -> CorruptStre
     return CorruptStreamError(f"{msg} at compressed offset {comp_off}", offset=dec_off)
 
 
+def _frame_failed(e: Exception, comp_off: int, start: int, end: int, pos: int):
+    """The error for a frame that would not decode between *start* and *end*."""
+    what = "truncated" if isinstance(e, EOFError) else f"corrupt ({e})"
+    return _corrupt(
+        f"zstd frame {what} between decompressed offsets {start} and {end}", comp_off, pos
+    )
+
+
 @dataclass(frozen=True)
 class FrameHeader:
     size: int  # bytes of magic + header
@@ -818,12 +826,7 @@ class ZstdSource:
                     self._c_bad[cur.checkpoint] = True
                     continue
                 comp = int(self._f_comp[fi])
-                what = "truncated" if isinstance(e, EOFError) else f"corrupt ({e})"
-                raise _corrupt(
-                    f"zstd frame {what} between decompressed offsets {cur.start} and {end}",
-                    comp,
-                    cur.pos,
-                ) from e
+                raise _frame_failed(e, comp, cur.start, end, cur.pos) from e
             with self._lock:
                 self._cursors.append(cur)
                 if len(self._cursors) > _CURSORS:
@@ -966,12 +969,7 @@ class _HeadReader:
                 raise _corrupt(
                     "truncated zstd stream (file shorter than its index)", have, cur.pos
                 ) from e
-            what = "truncated" if isinstance(e, EOFError) else f"corrupt ({e})"
-            raise _corrupt(
-                f"zstd frame {what} between decompressed offsets {cur.start} and {end}",
-                comp,
-                cur.pos,
-            ) from e
+            raise _frame_failed(e, comp, cur.start, end, cur.pos) from e
         self._cur = cur
         return data
 
