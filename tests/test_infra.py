@@ -132,3 +132,19 @@ def test_unmount_clears_a_fuse_mount_whose_process_died(require_fuse, tmp_path):
         proc.wait(timeout=30)
         unmount(mnt)
     assert not is_mounted(mnt)
+
+
+def test_ci_runs_the_readme_test_command():
+    """README's two set-up commands exist, and .ci/run runs exactly the test one."""
+    from pathlib import Path  # noqa: PLC0415
+
+    repo = Path(__file__).resolve().parent.parent
+    readme = (repo / "README.md").read_text()
+    assert "sudo bash scripts/demo" in readme and "sudo bash scripts/test" in readme
+    assert (repo / "scripts" / "demo").is_file() and (repo / "scripts" / "test").is_file()
+    commands = [
+        line.strip()
+        for line in (repo / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert any(c.split("||")[0].strip() == "bash scripts/test" for c in commands), commands
