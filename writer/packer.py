@@ -104,7 +104,6 @@ from vmafs.errors import (
 )
 from vmafs.format import (
     BLOCK_SIZE,
-    BLOCKS_PER_CLUSTER,
     CLUSTER_SIZE,
     EXTENT_HEADER_SIZE,
     FULL_MASK,
@@ -506,7 +505,7 @@ class Packer:
             start = i * CLUSTER_SIZE
             clen = min(CLUSTER_SIZE, length - start)
             if word & _FORM == _DIGEST:
-                stored = stored_blocks(data, mask, start, clen) if mask else b""
+                stored = stored_blocks(data, mask, start, clen)
                 if _digest(mask, stored) != word >> 2:
                     self._conflict(dev, first + i)
                 checked.add(i)
@@ -574,16 +573,10 @@ class Packer:
                 if mask == FULL_MASK and clen == CLUSTER_SIZE:
                     buf[pos : pos + CLUSTER_SIZE] = data[start : start + CLUSTER_SIZE]
                     end = pos + CLUSTER_SIZE
-                else:
-                    end = pos
-                    for b in range(BLOCKS_PER_CLUSTER):
-                        if mask >> b & 1:
-                            lo = start + b * BLOCK_SIZE
-                            hi = min(lo + BLOCK_SIZE, start + clen)
-                            buf[end : end + hi - lo] = data[lo:hi]
-                            if hi - lo < BLOCK_SIZE:  # the device's last, partial block
-                                buf[end + hi - lo : end + BLOCK_SIZE] = bytes(BLOCK_SIZE - hi + lo)
-                            end += BLOCK_SIZE
+                else:  # some blocks are zero, or the device's short last cluster
+                    stored = stored_blocks(data, mask, start, clen)
+                    end = pos + len(stored)
+                    buf[pos:end] = stored
                 words[i] = _location(extent.start + pos, mask)
                 extent.end = end
                 extent.blocks += (end - pos) // BLOCK_SIZE
