@@ -7,6 +7,7 @@ original bytes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -474,9 +475,33 @@ def test_pzstd_frames(tmp_path, mixed32):
 # --- damage ----------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["mapped", "pread"])
+def scan_io(request, monkeypatch) -> str:
+    """Run a test with the scan reading the mapped file, and again as where mmap fails."""
+    if request.param == "pread":
+
+        def refuse(*args, **kwargs):
+            raise OSError(errno.ENODEV, "No such device")
+
+        monkeypatch.setattr("vmafs.source.zstd.mmap.mmap", refuse)
+    return request.param
+
+
+@needs_zstd
+def test_scan_reads_mapped_or_by_pread_alike(tmp_path, mixed32, scan_io):
+    path = zstd_cli(tmp_path, "io", mixed32, "--threads=1", "-3")
+    src = ZstdSource(path)
+    src._spacing = 0.0
+    src._budget = 100.0
+    assert scan_all(src) == mixed32
+    assert src.checkpoints >= 2, src.scan_stats
+    check_random_reads(src, mixed32)
+    src.close()
+
+
 @needs_zstd
 @pytest.mark.parametrize("cut", [3, 9, 1000, 0.5, -3, -1])
-def test_truncated_single_frame(tmp_path, mixed32, cut):
+def test_truncated_single_frame(tmp_path, mixed32, cut, scan_io):
     path = zstd_cli(tmp_path, "trunc", mixed32[: 8 << 20], "--threads=1")
     full = open(path, "rb").read()
     keep = int(len(full) * cut) if isinstance(cut, float) else (cut if cut > 0 else len(full) + cut)
