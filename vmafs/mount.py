@@ -33,7 +33,6 @@ import contextlib
 import grp
 import importlib
 import logging
-import logging.handlers
 import os
 import pwd
 import re
@@ -319,10 +318,11 @@ def _setup_logging(opts: MountOptions, *, detached: bool, verbose: bool) -> None
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     handler: logging.Handler | None = None
     if detached and opts.logfile is None and os.path.exists("/dev/log"):
+        # only a detached mount needs it; importing it costs ~15 ms of every start
+        from logging.handlers import SysLogHandler  # noqa: PLC0415
+
         try:
-            handler = logging.handlers.SysLogHandler(
-                "/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
-            )
+            handler = SysLogHandler("/dev/log", facility=SysLogHandler.LOG_DAEMON)
             handler.setFormatter(logging.Formatter("vmafs[%(process)d]: %(message)s"))
         except OSError:
             handler = None
@@ -392,7 +392,7 @@ def mount(
     archive_path = os.path.abspath(archive_path)
     # pyfuse3 and trio take ~0.15 s to import: done while a compressed archive
     # is decompressed.  A side index this open makes is written by the
-    # filesystem process beside serving (_save_side_index), not before the
+    # filesystem process once the mount is up (_SideIndexSaver), not before the
     # mount is ready.
     with _importing_meanwhile("vmafs.fs"), deferred_saves() as saves:
         archive = open_archive(archive_path, opts.allow_incomplete)
@@ -407,12 +407,18 @@ def mount(
             _setup_logging(opts, detached=False, verbose=verbose)
             _log_start(archive_path, mp, opts, ops)
             errors: list[str] = []
-            saver = _save_side_index(saves)
+            saver = _SideIndexSaver(saves)
+
+            def on_ready(error: str | None) -> None:
+                if error:
+                    errors.append(error)
+                else:
+                    saver.start()
+
             try:
-                status = serve(ops, mp, options, lambda e: e and errors.append(e), opts.readahead)
+                status = serve(ops, mp, options, on_ready, opts.readahead)
             finally:
-                if saver is not None:
-                    saver.join()
+                saver.join()
             if errors and status:
                 raise MountError(errors[0])
             return status
@@ -446,21 +452,32 @@ def _importing_meanwhile(module: str):
         sys.setswitchinterval(interval)
 
 
-def _save_side_index(saves: list) -> threading.Thread | None:
-    """Run the side-index writes queued while opening, in a thread; None if there are none."""
-    if not saves:
-        return None
+class _SideIndexSaver:
+    """Runs the side-index writes queued while opening, in a thread, once the mount is up.
 
-    def run() -> None:
-        for save in saves:
+    Started by the ready callback, not before: the write competes with
+    mounting for the CPU, and the mount is what the user waits for.
+    """
+
+    def __init__(self, saves) -> None:
+        self._saves = list(saves)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._saves and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="vmafs-side-index")
+            self._thread.start()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        for save in self._saves:
             try:
                 save()
             except Exception:  # the mount works without it; the next open scans again
                 log.exception("writing the side index failed")
-
-    thread = threading.Thread(target=run, name="vmafs-side-index")
-    thread.start()
-    return thread
 
 
 def _log_start(archive_path: str, mp: str, opts: MountOptions, ops) -> None:
@@ -493,17 +510,18 @@ def _daemonize(archive_path, mp, opts, ops, options, verbose, saves=()) -> int:
             _setup_logging(opts, detached=True, verbose=verbose)
             _log_start(archive_path, mp, opts, ops)
 
+            saver = _SideIndexSaver(saves)
+
             def on_ready(error: str | None) -> None:
                 tell(error)
                 if error is None:
                     _detach_stdio()  # libfuse's own mount errors still reach the terminal
+                    saver.start()
 
-            saver = _save_side_index(list(saves))
             try:
                 status = serve(ops, mp, options, on_ready, opts.readahead)
             finally:
-                if saver is not None:
-                    saver.join()  # before os._exit, which would cut the write short
+                saver.join()  # before os._exit, which would cut the write short
         except BaseException as e:
             log.exception("filesystem process failed")
             tell(f"filesystem process failed: {e}")
