@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip as stdgzip
 import hashlib
+import json
 import logging
 import os
 import random
@@ -103,6 +104,35 @@ def test_open_source_knows_every_container():
     )
     assert r.returncode == 0, r.stderr.strip().splitlines()[-1:]
     assert r.stdout.split() == ["GzipSource", "LzoSource", "ZstdSource"]
+
+
+def test_import_container_imports_only_the_module_the_magic_asks_for(tmp_path):
+    """What `vmafs mount` calls before its import thread starts (fresh interpreter)."""
+    code = (
+        "import json, sys\n"
+        "from vmafs.source import import_container\n"
+        "import_container(sys.argv[1])\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('vmafs.source.'))))\n"
+    )
+    expect = {  # beyond vmafs.source.plain, which the package always imports
+        "two-disks.vma": [],
+        "two-disks.vma.zst": ["vmafs.source.zstd", "vmafs.source.zstd_seekable"],
+        "two-disks.vma.gz": ["vmafs.source.gzip"],
+    }
+    for name, modules in expect.items():
+        r = subprocess.run(
+            [sys.executable, "-c", code, str(FIXTURES_DIR / name)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        got = [m for m in json.loads(r.stdout) if m != "vmafs.source.plain"]
+        assert got == modules, name
+    from vmafs.source import import_container  # noqa: PLC0415
+
+    with pytest.raises(SourceError, match="cannot open"):
+        import_container(tmp_path / "missing.vma")
 
 
 # --- Proxmox-written fixtures -------------------------------------------------------------

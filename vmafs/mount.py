@@ -387,13 +387,16 @@ def mount(
     from .archive import Archive  # noqa: PLC0415, F401 - here, not in the thread below
     from .commands.progress import Progress  # noqa: PLC0415, F401 - ditto
     from .sidecar import deferred_saves  # noqa: PLC0415
+    from .source import import_container  # noqa: PLC0415
 
     mp = check_mountpoint(mountpoint)
     archive_path = os.path.abspath(archive_path)
     # pyfuse3 and trio take ~0.15 s to import: done while a compressed archive
-    # is decompressed.  A side index this open makes is written by the
-    # filesystem process once the mount is up (_SideIndexSaver), not before the
-    # mount is ready.
+    # is decompressed.  Before that thread starts, this one imports what it
+    # needs itself (zstandard etc.): two threads importing take turns.  A side
+    # index this open makes is written by the filesystem process once the
+    # mount is up (_SideIndexSaver), not before the mount is ready.
+    import_container(archive_path)
     with _importing_meanwhile("vmafs.fs"), deferred_saves() as saves:
         archive = open_archive(archive_path, opts.allow_incomplete)
     try:

@@ -71,21 +71,42 @@ def _factory(head: bytes) -> Callable[[str], Source] | None:
     return None
 
 
+def _read_head(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(16)
+    except OSError as e:
+        raise SourceError(f"cannot open {path}: {e.strerror}") from e
+
+
+def _import_container(head: bytes) -> None:
+    for magic, module in CONTAINERS:
+        if head.startswith(magic):
+            importlib.import_module(f"{__name__}.{module}")  # registers its magic
+            return
+
+
+def import_container(path: str | os.PathLike[str]) -> None:
+    """Import the container module that *path*'s first bytes call for, if any.
+
+    :func:`open_source` does this itself; calling this first lets a caller
+    choose when the import is paid (``vmafs mount``: before it starts a
+    thread that competes for the interpreter).  Raises SourceError if
+    *path* cannot be read.
+    """
+    head = _read_head(os.fspath(path))
+    if _factory(head) is None:
+        _import_container(head)
+
+
 def open_source(path: str | os.PathLike[str]) -> Source:
     """Open *path* with the source its first bytes call for."""
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError as e:
-        raise SourceError(f"cannot open {path}: {e.strerror}") from e
+    head = _read_head(path)
     factory = _factory(head)
     if factory is None:
-        for magic, module in CONTAINERS:
-            if head.startswith(magic):
-                importlib.import_module(f"{__name__}.{module}")  # registers its magic
-                factory = _factory(head)
-                break
+        _import_container(head)
+        factory = _factory(head)
     if factory is None:
         raise SourceError(
             f"{path}: not a VMA archive (first bytes {head[:4].hex()}; "
