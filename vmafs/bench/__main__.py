@@ -68,7 +68,7 @@ def render(rows: list[Row], ctx: Ctx, mach: dict, args, elapsed: float, analysis
         "# Benchmarks",
         "",
         "Written by `python -m vmafs.bench` (issue 5); regenerate with "
-        "`sudo /opt/vmafs-venv/bin/python -m vmafs.bench --keep` (root: loop devices, "
+        "`sudo .venv/bin/python -m vmafs.bench --keep` (root: loop devices, "
         "drop_caches, mount). Every number below was measured in one run "
         f"({mode}, {elapsed / 60:.1f} min including building the data); nothing is "
         "copied from elsewhere. A figure that could not run says why.",
