@@ -494,6 +494,9 @@ def test_scan_reads_mapped_or_by_pread_alike(tmp_path, mixed32, scan_io):
     src._spacing = 0.0
     src._budget = 100.0
     assert scan_all(src) == mixed32
+    # the mapping ends with the scan (a mount forks its daemon right after)
+    with open("/proc/self/maps") as maps:
+        assert os.path.realpath(path) not in maps.read()
     assert src.checkpoints >= 2, src.scan_stats
     check_random_reads(src, mixed32)
     src.close()
