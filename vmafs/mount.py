@@ -391,7 +391,7 @@ def mount(
 
     mp = check_mountpoint(mountpoint)
     archive_path = os.path.abspath(archive_path)
-    # pyfuse3 and trio take ~0.15 s to import: done while a compressed archive
+    # pyfuse3 and trio take ~0.3 s to import: done while a compressed archive
     # is decompressed.  Before that thread starts, this one imports what it
     # needs itself (zstandard etc.): two threads importing take turns.  A side
     # index this open makes is written by the filesystem process once the
