@@ -268,7 +268,13 @@ class _RangeFile:
 
 
 def _test_candidate(
-    fd: int, comp: int, comp_len: int, wd: int, window, truth, mask: bool = True
+    fd: int,
+    comp: int,
+    comp_len: int,
+    wd: int,
+    window: bytes | memoryview,
+    truth: bytes | memoryview,
+    mask: bool = True,
 ) -> tuple[int, bytes] | None:
     """Decode *truth*'s length from a synthetic frame at *comp*; keep as little window as works.
 
