@@ -23,6 +23,15 @@ def test_version():
     assert proc.stdout.strip() == f"vmafs {vmafs.__version__}"
 
 
+def test_version_imports_no_command():
+    code = (
+        "import sys; from vmafs.cli import main; main(['--version']); "
+        "print(sorted(m for m in sys.modules if m.startswith(('vmafs.', 'writer', 'numpy'))))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.splitlines()[-1] == "['vmafs.cli', 'vmafs.errors']"
+
+
 def test_top_level_help_lists_commands():
     proc = run_cli("-h")
     assert proc.returncode == 0
