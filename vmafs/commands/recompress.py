@@ -13,17 +13,30 @@ once, front to back.  Every byte goes to two consumers:
   (:data:`~vmafs.source.zstd_seekable.FRAME_TARGET`, ``FRAME_LIMIT``), the
   same as for the VMA writer's own ``.vma.zst`` output.
 
-The output is written to ``OUT.tmp`` and linked to ``OUT`` only when the
-whole input checked out; ``OUT`` is never overwritten.  ``zstd -d OUT``
-gives back the plain archive byte for byte (what Proxmox's restore pipes),
-and vmafs reads it at random with no side index.
+The output is written to a hidden temporary file beside ``OUT``
+(``.OUT.XXXXXXXX.tmp``, a fresh name per run, so a file left by a killed run
+never blocks the next one) and linked to ``OUT`` only when the whole input
+checked out; ``OUT`` is never overwritten.  An error, SIGINT, SIGTERM, SIGHUP
+or SIGQUIT removes the temporary file; only SIGKILL or a crash can leave one.
+``OUT`` ``-`` streams to stdout instead (no temporary file; a failure shows
+as the exit status and a stream without seek table).  ``zstd -d OUT`` gives
+back the plain archive byte for byte (what Proxmox's restore pipes), and
+vmafs reads it at random with no side index.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import errno
 import os
+import signal
+import sys
+import tempfile
 
+import zstandard
+
+from ..errors import WriterError
 from ..format import BLOCK_SIZE, EXTENT_HEADER_SIZE, HEADER_STRUCT_SIZE, Header
 from ..index import StreamIndexer
 from ..source import open_source
@@ -41,26 +54,76 @@ each; a full extent is about 3.7 MiB) plus a seek table.  `zstd -d OUT`
 yields the plain archive byte for byte, so Proxmox restores it as usual;
 vmafs mounts it with random access and needs no side index.
 
-OUT must not exist.  The data is written to OUT.tmp first and renamed when
-complete; on any error OUT.tmp is removed and OUT is not created."""
+OUT must not exist; its directory must.  The data is written to a hidden
+temporary file beside OUT (.OUT.XXXXXXXX.tmp) and renamed when complete;
+on any error, Ctrl-C, SIGTERM, SIGHUP or SIGQUIT the temporary file is
+removed and OUT is not created.  Only a hard kill (SIGKILL, power loss) can leave a
+temporary file behind; it never blocks a later run and may be deleted.
+
+OUT `-` writes the stream to stdout (not a terminal) instead: no temporary
+file, no summary line.  If IN turns out damaged, the stream stops early,
+without its seek table, and the exit status is non-zero.  (A file named
+`-` is `./-`.)"""
 
 EPILOG = """\
 examples:
   vmafs recompress vzdump-qemu-100-2024_01_01-00_00_00.vma.zst vm100.seekable.vma.zst
-  vmafs recompress --level 9 backup.vma.gz backup.vma.zst"""
+  vmafs recompress --level 9 backup.vma.gz backup.vma.zst
+  vmafs recompress backup.vma.gz - | ssh host 'cat > backup.vma.zst'"""
 
 _PLAIN_READ = 8 << 20
+
+#: zstd's level range: ``ZSTD_minCLevel()`` (the fastest of the negative "fast"
+#: levels; python-zstandard does not expose it) to ``ZSTD_maxCLevel()``.
+#: Level 0 is zstd's default (3).
+MIN_LEVEL = -(1 << 17)
+MAX_LEVEL = zstandard.MAX_COMPRESSION_LEVEL
+#: ``ZSTDMT_NBWORKERS_MAX`` of a 64-bit libzstd (more workers are not used).
+MAX_THREADS = 256
+
+#: What stops a recompression cleanly (the temporary file is removed; exit status
+#: 128 + the signal's number): Ctrl-C, kill's default, the terminal or ssh session
+#: going away, and Ctrl-\ (SIGQUIT).
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def _int_in(lo: int, hi: int, what: str):
+    """An argparse ``type=``: an int in [lo, hi], else a usage error naming the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: {what} {lo} to {hi}")
+        return value
+
+    return parse
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("recompress", help=HELP, description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("input", metavar="IN", help="archive to read (plain or compressed)")
-    p.add_argument("output", metavar="OUT", help="seekable .vma.zst to create (must not exist)")
     p.add_argument(
-        "--level", type=int, default=3, metavar="N", help="zstd compression level (default 3)"
+        "output",
+        metavar="OUT",
+        help="seekable .vma.zst to create (must not exist); '-' streams to stdout",
     )
     p.add_argument(
-        "--threads", type=int, default=0, metavar="N", help="zstd worker threads (default 0: none)"
+        "--level",
+        type=_int_in(MIN_LEVEL, MAX_LEVEL, "zstd levels are"),
+        default=3,
+        metavar="N",
+        help=f"zstd compression level, {MAX_LEVEL} (smallest) down to 1, or negative for "
+        f"zstd's fast levels (down to {MIN_LEVEL}); default 3",
+    )
+    p.add_argument(
+        "--threads",
+        type=_int_in(0, MAX_THREADS, "zstd worker threads are"),
+        default=0,
+        metavar="N",
+        help=f"zstd worker threads, 0 to {MAX_THREADS} (default 0: compress in this thread)",
     )
     add_progress_options(p)
     p.set_defaults(func=run)
@@ -116,6 +179,133 @@ class _Framer:
             self.head = bytearray()
 
 
+class Interrupted(BaseException):
+    """A signal stopped the recompression (BaseException, like KeyboardInterrupt,
+    so that no ``except Exception`` swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold :data:`SIGNALS` back until the block is done (they are delivered then).
+
+    Around the steps that must not be cut in two: creating the temporary file
+    and remembering its name; linking it to OUT and marking it committed.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class _Output:
+    """Where the seekable stream goes: a hidden temporary file beside OUT, or stdout.
+
+    :meth:`write` is the file object :class:`SeekableZstdWriter` writes to;
+    every OSError on the way to OUT names OUT (as the user wrote it), never the
+    temporary file.  :meth:`discard` is idempotent and never raises.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.stdout = path == "-"
+        self.name = "standard output" if self.stdout else path
+        self.temp: str | None = None
+        self.fd: int | None = None
+        self.size = 0  # bytes written
+        self.committed = False
+
+    def check(self) -> None:
+        """Refuse an OUT that cannot work, before any input is read."""
+        if self.stdout:
+            if os.isatty(1):
+                raise WriterError(
+                    "refusing to write compressed data to a terminal (redirect stdout)"
+                )
+            return
+        path = self.path
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, "is a directory (OUT is a file to create)", path)
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "refusing to overwrite an existing file", path)
+        parent = os.path.dirname(path) or "."
+        if not os.path.isdir(parent):
+            why = "does not exist" if not os.path.lexists(parent) else "is not a directory"
+            raise FileNotFoundError(errno.ENOENT, f"cannot create it: {parent} {why}", path)
+
+    def open(self) -> None:
+        if self.stdout:
+            self.fd = 1
+            return
+        directory, base = os.path.split(os.path.abspath(self.path))
+        try:
+            with _signals_deferred():  # a signal cannot come between create and remember
+                self.fd, self.temp = tempfile.mkstemp(
+                    prefix=f".{base}.", suffix=".tmp", dir=directory
+                )
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(self.fd, 0o644 & ~umask)
+        except OSError as e:
+            raise self._named(e) from None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as e:
+            raise self._named(e) from None
+        self.size += n
+        return n
+
+    def commit(self) -> None:
+        """fsync, link the temporary file to OUT, fsync the directory."""
+        if self.stdout:
+            self.committed = True
+            return
+        try:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
+            with _signals_deferred():  # a signal after the link no longer undoes the run
+                os.link(self.temp, self.path)  # fails rather than overwrite a file made meanwhile
+                self.committed = True
+            directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        except OSError as e:
+            raise self._named(e) from None
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (the second name of OUT after commit)."""
+        if self.fd is not None and not self.stdout:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+        self.fd = None
+        if self.temp is not None:
+            try:
+                os.unlink(self.temp)
+            except OSError:
+                pass
+            self.temp = None
+
+    def _named(self, e: OSError) -> OSError:
+        """*e* naming OUT (not the temporary file)."""
+        e.filename = self.name
+        e.filename2 = None
+        return e
+
+
 def recompress(
     src_path: str,
     out_path: str,
@@ -126,25 +316,29 @@ def recompress(
     frame_target: int = FRAME_TARGET,
     frame_limit: int = FRAME_LIMIT,
 ) -> dict:
-    """Write *out_path* (must not exist) as seekable zstd; returns some numbers."""
-    if os.path.lexists(out_path):
-        raise FileExistsError(errno.EEXIST, "refusing to overwrite an existing file", out_path)
-    tmp = out_path + ".tmp"
+    """Write *out_path* (must not exist; ``-``: stdout) as seekable zstd; returns some numbers."""
+    return _recompress(
+        src_path,
+        _Output(out_path),
+        level=level,
+        threads=threads,
+        progress=progress,
+        frame_target=frame_target,
+        frame_limit=frame_limit,
+    )
+
+
+def _recompress(src_path: str, output: _Output, *, level, threads, progress, **frames) -> dict:
+    if not MIN_LEVEL <= level <= MAX_LEVEL:
+        raise ValueError(f"zstd level {level} is out of range ({MIN_LEVEL} to {MAX_LEVEL})")
+    if not 0 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads={threads} is out of range (0 to {MAX_THREADS})")
+    output.check()
     source = open_source(src_path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    except BaseException:
-        source.close()
-        raise
-    try:
-        with os.fdopen(fd, "wb", buffering=1 << 20) as out:
-            writer = SeekableZstdWriter(
-                out,
-                level=level,
-                threads=threads,
-                frame_target=frame_target,
-                frame_limit=frame_limit,
-            )
+        try:
+            output.open()
+            writer = SeekableZstdWriter(output, level=level, threads=threads, **frames)
             framer = _Framer(writer)
             indexer = StreamIndexer()
 
@@ -156,17 +350,17 @@ def recompress(
             index = indexer.finish(size)  # raises unless the archive is whole and valid
             framer.flush()
             writer.close()
-            out.flush()
-            os.fsync(out.fileno())
-            frames, csize = writer.frames, out.tell()
-        os.link(tmp, out_path)  # fails rather than overwrite a file created meanwhile
+            output.commit()
+        finally:
+            output.discard()
     finally:
         source.close()
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-    return {"size": size, "compressed": csize, "frames": frames, "extents": index.extents}
+    return {
+        "size": size,
+        "compressed": output.size,
+        "frames": writer.frames,
+        "extents": index.extents,
+    }
 
 
 def _stream(source, on_chunk, progress) -> int:
@@ -188,14 +382,61 @@ def _stream(source, on_chunk, progress) -> int:
     return pos
 
 
+@contextlib.contextmanager
+def _signals_unwind(output: _Output):
+    """The first of :data:`SIGNALS` raises :class:`Interrupted`, unless OUT is committed.
+
+    Later signals are ignored, so the cleanup they unwind into runs to its end.
+    """
+    fired = False
+
+    def handler(signum, frame):
+        nonlocal fired
+        if fired or output.committed:
+            return
+        fired = True
+        raise Interrupted(signum)
+
+    old = {}
+    try:
+        for signum in SIGNALS:
+            old[signum] = signal.signal(signum, handler)
+    except ValueError:  # not the main thread (in-process callers): leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        for signum, previous in old.items():
+            signal.signal(signum, previous)
+
+
 def run(args) -> int:
     show = want_progress(args.progress)
-    with Progress("recompressing", enabled=show) as bar:
-        r = recompress(
-            args.input, args.output, level=args.level, threads=args.threads, progress=bar
+    output = _Output(args.output)
+    try:
+        with _signals_unwind(output):
+            try:
+                with Progress("recompressing", enabled=show) as bar:
+                    r = _recompress(
+                        args.input, output, level=args.level, threads=args.threads, progress=bar
+                    )
+            finally:
+                output.discard()  # again: a signal may have cut the first cleanup short
+    except Interrupted as e:
+        what = (
+            "the stream on stdout is incomplete"
+            if output.stdout
+            else f"{args.output} was not created"
         )
-    print(
-        f"{args.output}: {human_bytes(r['compressed'])} in {r['frames']} frames "
-        f"({r['extents']} extents, {human_bytes(r['size'])} uncompressed)"
-    )
+        name = signal.Signals(e.signum).name
+        # After a "^C" echoed on the terminal, start a line of our own (as cli.main does).
+        newline = "\n" if e.signum == signal.SIGINT and sys.stderr.isatty() else ""
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            sys.stderr.write(f"{newline}vmafs: error: interrupted by {name}; {what}\n")
+        return 128 + e.signum
+    if not output.stdout:
+        print(
+            f"{args.output}: {human_bytes(r['compressed'])} in {r['frames']} frames "
+            f"({r['extents']} extents, {human_bytes(r['size'])} uncompressed)"
+        )
     return 0
