@@ -19,10 +19,11 @@ their sizes.  :func:`backup` then, inside one trio run:
    disconnects), finishes the packer and commits the output (fsync, rename).
 
 Any failure - QEMU refusing a command, a job ending with an error or being
-cancelled, the packer failing (e.g. ``ENOSPC``), SIGINT/SIGTERM, QEMU going
+cancelled, the packer failing (e.g. ``ENOSPC``), SIGINT/SIGTERM/SIGHUP, QEMU going
 away - aborts: the jobs are cancelled, the target nodes deleted, the temp file
 removed, and :class:`vmafs.errors.BackupError` (or the packer's
-:class:`~vmafs.errors.WriterError`) says why in one line.  The NBD server
+:class:`~vmafs.errors.WriterError`) says why in one line (never as a trio
+``ExceptionGroup``: a group of one is unwrapped).  The NBD server
 keeps answering during the abort, so QEMU's requests in flight complete
 instead of failing guest writes.
 """
@@ -47,7 +48,7 @@ import trio
 
 from vmafs.errors import BackupError, WriterError
 
-from .nbd import Export, NbdServer
+from .nbd import MAX_SOCKET_PATH, Export, NbdServer
 from .packer import ArchiveOutput, Packer
 from .qmp import QemuError, QmpConnection
 
@@ -70,8 +71,14 @@ PROGRESS_INTERVAL = 0.5
 #: after the first failed/cancelled job, how long to wait for the events of the
 #: others (a grouped transaction cancels them) to find the root cause
 GRACE_SECONDS = 2.0
-#: the abort path waits at most this long for QEMU to end the cancelled jobs
+#: the abort path waits at most this long for QEMU to end the cancelled jobs and
+#: delete the nodes.  Generous: a job cancelled while its source hangs on slow
+#: storage (NFS, a dying disk) may need tens of seconds, and giving up early
+#: leaves the job running against a closed socket, failing guest writes.  A
+#: third signal cuts the wait short (:func:`_on_signal`).
 CANCEL_TIMEOUT = 60.0
+#: signals that abort a backup cleanly; SIGHUP is an ssh session or terminal going away
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 ProgressFn = Callable[[int, int], None]
 
@@ -199,7 +206,7 @@ class BackupResult:
 
 
 class BackupInterrupted(BackupError):
-    """SIGINT/SIGTERM aborted the backup (after a clean abort); ``signum`` says which."""
+    """SIGINT/SIGTERM/SIGHUP aborted the backup (after a clean abort); ``signum`` says which."""
 
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
@@ -207,7 +214,7 @@ class BackupInterrupted(BackupError):
 
 
 class SignalGuard:
-    """SIGINT/SIGTERM for a whole command: ``await SignalGuard().run(fn, ...)``.
+    """SIGINT/SIGTERM/SIGHUP for a whole command: ``await SignalGuard().run(fn, ...)``.
 
     While :func:`backup` runs (given this guard) a signal aborts the backup
     cleanly: jobs cancelled, nodes deleted, temp file removed, then
@@ -215,6 +222,9 @@ class SignalGuard:
     starting a daemon, stopping it) a signal cancels *fn*, whose ``async with``
     blocks clean up, and ``run`` raises :class:`BackupInterrupted` - unless
     *fn* had already returned (the archive is committed: success stands).
+    SIGHUP counts: a dropped ssh session must not leave jobs, nodes and a temp
+    file behind.  An exception group of one from *fn* is raised as that one
+    exception (the CLI prints it as one line).
     """
 
     def __init__(self) -> None:
@@ -231,7 +241,7 @@ class SignalGuard:
                 try:
                     result = await fn(*args, **kwargs)
                 except Exception as e:  # noqa: BLE001 - re-raised below, outside the nursery
-                    error = e
+                    error = unwrap_group(e)
             nursery.cancel_scope.cancel()
         if error is not None:
             raise error
@@ -241,13 +251,25 @@ class SignalGuard:
         return result
 
     async def _watch(self) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(*SIGNALS) as signals:
             async for signum in signals:
                 if self.delegate is not None:
                     self.delegate(signum)
                 elif self.signum is None:
                     self.signum = signum
                     self._scope.cancel()
+
+
+def unwrap_group(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) exception groups of one, else *exc* itself.
+
+    trio wraps whatever leaves a nursery in an ``ExceptionGroup``; users must
+    see the real error ("AF_UNIX path too long"), not "Exceptions from Trio
+    nursery (1 sub-exception)".
+    """
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 @dataclass
@@ -267,6 +289,11 @@ class _Abort:
     signum: int | None = None
     #: cancel scopes of the NBD requests currently inside the packer
     inflight: set[trio.CancelScope] = field(default_factory=set)
+    #: signals received after the one that started the abort
+    more_signals: int = 0
+    #: cancelled by the third signal: stop waiting for QEMU in :func:`_cleanup`
+    #: (may be cancelled before the clean-up enters it)
+    cleanup_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     def __call__(self, cause: str, exc: BaseException | None = None) -> None:
         if self.closed:
@@ -356,18 +383,24 @@ async def backup(
     Owns *output*: commits it on success, aborts it (temp file removed) on
     any failure.  ``speed`` is QEMU's per-job rate limit in bytes/s (0 = none).
     ``progress(done, total)`` is called about twice a second.  With a
-    :class:`SignalGuard`, SIGINT and SIGTERM abort the backup cleanly (cancel
-    jobs, delete nodes, remove the temp file, :class:`BackupInterrupted`);
-    without one they behave as trio's default (KeyboardInterrupt).
+    :class:`SignalGuard`, SIGINT, SIGTERM and SIGHUP abort the backup cleanly
+    (cancel jobs, delete nodes, remove the temp file, :class:`BackupInterrupted`);
+    without one they behave as trio's default (KeyboardInterrupt).  The NBD
+    socket is made in a new directory in *socket_dir* (default: ``$TMPDIR``).
     """
     started = time.monotonic()
     abort = _Abort()
     names = _Names(len(disks))
     result = BackupResult(output.path, list(disks))
-    sock_dir = tempfile.mkdtemp(prefix="vmafs-nbd-", dir=socket_dir)
-    sock_path = os.path.join(sock_dir, "nbd.sock")
-    error: Exception | None = None
     try:
+        sock_dir = tempfile.mkdtemp(prefix="vmafs-nbd-", dir=socket_dir)
+    except BaseException:
+        output.abort()
+        raise
+    sock_path = os.path.join(sock_dir, "nbd.sock")
+    error: BaseException | None = None
+    try:
+        _check_socket_path(sock_path, socket_dir)
         if signals is not None:
             signals.delegate = functools.partial(_on_signal, abort)
         async with trio.open_nursery() as watchers:
@@ -386,7 +419,7 @@ async def backup(
                     progress=progress,
                 )
             except Exception as e:  # noqa: BLE001 - re-raised below, outside the nursery
-                error = e
+                error = unwrap_group(e)
             watchers.cancel_scope.cancel()
         if error is not None:
             raise error
@@ -401,13 +434,49 @@ async def backup(
     return result
 
 
+def _check_socket_path(path: str, socket_dir: str | None) -> None:
+    """Refuse a socket path bind() would refuse, before anything is started in QEMU.
+
+    The kernel's own error, "AF_UNIX path too long", names neither the path nor
+    the way out.
+    """
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        fix = (
+            "a shorter --socket-dir"
+            if socket_dir
+            else "a shorter TMPDIR (or, for vmafs backup, --socket-dir)"
+        )
+        raise BackupError(
+            f"the NBD socket path {path} is {size} bytes, longer than the "
+            f"{MAX_SOCKET_PATH} bytes a Unix socket path may have: use {fix}"
+        )
+
+
 def _on_signal(abort: _Abort, signum: int) -> None:
+    """First signal: abort cleanly.  Second: say what is being waited for.  Third:
+    stop waiting for QEMU (what is left there is named).
+
+    One signal always gets the full clean-up: cutting it short leaves a job
+    running against a closed socket, and its next request fails a guest write.
+    """
     name = signal.Signals(signum).name
-    if abort.cause is None and not abort.closed:
+    if abort.closed:
+        log.info("%s after the archive was committed; ignored", name)
+    elif abort.cause is None:
         abort.signum = signum
         abort(f"interrupted by {name}; backup cancelled")
     else:
-        log.info("%s while already aborting or committed; ignored", name)
+        abort.more_signals += 1
+        if abort.more_signals == 1:
+            log.warning(
+                "%s: still cleaning up in QEMU (at most %g s); "
+                "send it again to stop waiting and leave the jobs and nodes there",
+                name,
+                CANCEL_TIMEOUT,
+            )
+        else:
+            abort.cleanup_scope.cancel()
 
 
 async def _watch_lost(qmp: QmpConnection, abort: _Abort) -> None:
@@ -621,31 +690,60 @@ async def _delete_targets(qmp, targets: Sequence[str], *, strict: bool) -> list[
 
 
 async def _cleanup(qmp: QmpConnection, names: _Names, abort: _Abort) -> BaseException | None:
-    """Cancel our jobs, wait for them to end, delete our nodes (best effort, bounded)."""
+    """Cancel our jobs, wait for them to end, delete our nodes (best effort, bounded).
+
+    Bounded by :data:`CANCEL_TIMEOUT` and by ``abort.cleanup_scope`` (a third
+    signal); either way a warning names what may be left in QEMU.
+    """
     if qmp.lost.is_set():
         return None
-    try:
-        with trio.fail_after(CANCEL_TIMEOUT):
-            ours = set(names.jobs)
-            first = True
-            while True:
-                jobs = [j for j in await qmp.execute("query-block-jobs") if j["device"] in ours]
-                if not jobs:
-                    break
-                if first:
-                    for job in jobs:
-                        try:
-                            await qmp.execute(
-                                "block-job-cancel", {"device": job["device"], "force": True}
-                            )
-                        except QemuError as e:
-                            log.info("block-job-cancel %s: %s", job["device"], e)
-                    first = False
-                await trio.sleep(0.05)
-            left = await _delete_targets(qmp, names.targets, strict=False)
-            if left:
-                log.warning("nodes left in QEMU after the abort: %s", ", ".join(left))
-    except (QemuError, trio.TooSlowError) as e:
-        log.warning("cleaning up in QEMU failed: %s", e or "timed out")
-        return e
-    return None
+    left_behind = (
+        f"job(s) {', '.join(names.jobs)} and node(s) {', '.join(names.targets)} may be "
+        "left in QEMU (a job fails on its next request once vmafs is gone; "
+        "the next vmafs backup removes the nodes)"
+    )
+    waiting = ["an answer"]  # what the clean-up waits for, for the message
+    with abort.cleanup_scope:
+        try:
+            return await _cancel_and_delete(qmp, names, waiting)
+        except trio.TooSlowError as e:
+            what = "did not answer" if waiting[0] == "an answer" else "did not end the jobs"
+            log.warning(
+                "cleaning up in QEMU: QEMU %s within %g s; %s", what, CANCEL_TIMEOUT, left_behind
+            )
+            return e
+        except QemuError as e:
+            log.warning("cleaning up in QEMU failed: %s; %s", e, left_behind)
+            return e
+    log.warning("cleaning up in QEMU stopped by a signal; %s", left_behind)
+    return BackupError("cleaning up in QEMU stopped by a signal")
+
+
+async def _cancel_and_delete(qmp: QmpConnection, names: _Names, waiting: list[str]) -> None:
+    """Cancel our jobs, poll until QEMU has ended them, delete our nodes.
+
+    ``waiting[0]`` says what it is waiting for when the time runs out.
+    """
+    with trio.fail_after(CANCEL_TIMEOUT):
+        ours = set(names.jobs)
+        first = True
+        while True:
+            waiting[0] = "an answer"
+            jobs = [j for j in await qmp.execute("query-block-jobs") if j["device"] in ours]
+            if not jobs:
+                break
+            if first:
+                for job in jobs:
+                    try:
+                        await qmp.execute(
+                            "block-job-cancel", {"device": job["device"], "force": True}
+                        )
+                    except QemuError as e:
+                        log.info("block-job-cancel %s: %s", job["device"], e)
+                first = False
+            waiting[0] = "the jobs to end"
+            await trio.sleep(0.05)
+        waiting[0] = "an answer"
+        left = await _delete_targets(qmp, names.targets, strict=False)
+        if left:
+            log.warning("nodes left in QEMU after the abort: %s", ", ".join(left))

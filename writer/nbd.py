@@ -106,6 +106,8 @@ MAX_OPTIONS = 1024
 #: seconds a client may take for the whole handshake
 HANDSHAKE_TIMEOUT = 30.0
 PREFERRED_BLOCK = 65536
+#: longest Unix socket path bind() takes on Linux (sun_path is 108 bytes with the NUL)
+MAX_SOCKET_PATH = 107
 #: reply latencies kept for :meth:`NbdServer.latency` (a ring: the most recent ones)
 LATENCY_SAMPLES = 1 << 20
 
@@ -610,7 +612,19 @@ class NbdServer:
             pass
         lsock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            await lsock.bind(path)
+            try:
+                await lsock.bind(path)
+            except OSError as e:
+                # Python's "AF_UNIX path too long" names neither the path nor the limit
+                size = len(os.fsencode(path))
+                if size > MAX_SOCKET_PATH:
+                    raise OSError(
+                        errno.ENAMETOOLONG,
+                        f"NBD socket path is {size} bytes, longer than the {MAX_SOCKET_PATH} "
+                        "bytes a Unix socket path may have",
+                        path,
+                    ) from e
+                raise
             os.chmod(path, self.socket_mode)  # before listen(): no one connects before this
             lsock.listen(64)
             async with trio.open_nursery() as nursery:

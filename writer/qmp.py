@@ -40,6 +40,7 @@ from typing import Any
 
 import trio
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
+from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
 from vmafs.errors import BackupError
 
@@ -72,6 +73,33 @@ def parse_address(text: str) -> str | tuple[str, int]:
         return (host.strip("[]") or "localhost", int(port))
     except ValueError:
         return text
+
+
+def _where(address) -> str:
+    if isinstance(address, socket.socket):
+        return "socket"
+    if isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+
+
+def _connect_failure(e: QMPError, client: QMPClient) -> str:
+    """Why ``QMPClient.connect`` failed, in one line that says what the peer did.
+
+    qemu.qmp wraps the root cause, which is often message-less (``EOFError()``
+    for a peer that hangs up) or spans lines (a greeting that is not JSON).
+    """
+    root = getattr(e, "exc", None) or e
+    if isinstance(root, EOFError):
+        if client.greeting is None:
+            return "the peer closed the connection without sending a QMP greeting (is it QEMU?)"
+        return "the peer closed the connection during capabilities negotiation (is it QEMU?)"
+    detail = " ".join(str(root).split()) or type(root).__name__
+    if isinstance(root, GreetingError):
+        return f"the peer's greeting is not QMP (is it QEMU?): {detail}"
+    if isinstance(root, NegotiationError):
+        return f"the peer refused qmp_capabilities (is it QEMU?): {detail}"
+    return detail
 
 
 class QmpConnection:
@@ -122,11 +150,18 @@ class QmpConnection:
             except QemuError as e:
                 if e.lost:
                     raise
-                where = address if not isinstance(address, socket.socket) else "socket"
+                if self._client is not None and self._client.greeting is not None:
+                    what = (
+                        f"the peer sent a QMP greeting but did not answer qmp_capabilities "
+                        f"within {timeout:g} s (is it QEMU?)"
+                    )
+                else:
+                    what = (
+                        f"no greeting within {timeout:g} s (is another client connected? "
+                        "a QMP socket serves one client at a time)"
+                    )
                 raise QemuError(
-                    f"cannot connect to QMP at {where}: no greeting within {timeout:g} s "
-                    "(is another client connected? a QMP socket serves one client at a time)",
-                    lost=True,
+                    f"cannot connect to QMP at {_where(address)}: {what}", lost=True
                 ) from e
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -142,10 +177,10 @@ class QmpConnection:
         try:
             await client.connect(address)
         except QMPError as e:
-            root = getattr(e, "exc", None)
-            detail = str(root) if root is not None else str(e)
-            where = address if not isinstance(address, socket.socket) else "socket"
-            raise QemuError(f"cannot connect to QMP at {where}: {detail}", lost=True) from e
+            raise QemuError(
+                f"cannot connect to QMP at {_where(address)}: {_connect_failure(e, client)}",
+                lost=True,
+            ) from e
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._a_pump_events(listener)))
         self._tasks.append(loop.create_task(self._a_watch_runstate(client)))
