@@ -100,7 +100,7 @@ def test_mixed_qcow2_backing_chain_and_zstd(require_qemu, tmp_path):
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x77 2M 128k", "-c", "write -z 4M 64k", top)
     want = image_sha256(top)
     out = tmp_path / "chain.vma.zst"
-    proc = create(out, f"drive-virtio0={top}")
+    proc = create(out, f"drive-virtio0={top}:qcow2")
     assert proc.returncode == 0, proc.stderr
     assert vmafs_verify(out).returncode == 0
     assert archive_disks(out) == {"drive-virtio0": (want[1], want[0])}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import signal
 import sys
 
 import trio
@@ -22,7 +24,7 @@ from .backup import (
     resolve_disks,
 )
 from .create import ImageSpec, create, parse_image_spec
-from .packer import ArchiveOutput
+from .packer import ArchiveOutput, check_names
 from .qmp import QmpConnection, parse_address
 
 __all__ = ["register_backup", "register_create", "run_backup", "run_create"]
@@ -42,7 +44,11 @@ appended to the archive as they come.
 
 DRIVE is a -drive id (BlockBackend name), a guest device id or a block node
 name.  DEVNAME is the disk's name in the archive; default drive-DRIVE, as
-Proxmox names them (a DRIVE already starting with drive- is kept).
+Proxmox names them (a DRIVE already starting with drive- is kept).  DEVNAME
+and config names must be plain UTF-8 file names (no '/', no control
+characters, DEVNAME at most 246 bytes); DEVNAME 'vmstate' is reserved for RAM
+state.  ARCHIVE ending in .zst is written zstd-compressed; other compressed
+suffixes (.gz, .lzo, .zstd, ...) are refused: pipe '-o -' into the compressor.
 
 The archive is written to a hidden temporary file beside ARCHIVE and renamed
 only after every job completed without error.  On any failure (QEMU error,
@@ -65,16 +71,31 @@ CREATE_HELP = "make a VMA archive from disk image files (raw, qcow2, ...)"
 CREATE_DESCRIPTION = """\
 Make a VMA archive from image files of any format QEMU reads, through a
 private qemu-storage-daemon running the same blockdev-backup path as
-`vmafs backup`.  Each DEVNAME=IMAGE becomes one disk (in the given order);
-FORMAT is probed with `qemu-img info` when not given.  Images are opened
-read-only.  The daemon is stopped in every case."""
+`vmafs backup`.  Each DEVNAME=IMAGE becomes one disk (in the given order).
+Images are opened read-only.  The daemon is stopped in every case.
+
+Without FORMAT: a block device (LVM, ZFS, RBD volume) is raw; a regular file
+is probed with `qemu-img info`, and refused when it probes as an image that
+refers to other files (a backing file, a qcow2 data file, vmdk extents) - a
+guest can write such a header into its own disk to make vmafs read a host
+file.  Write IMAGE:FORMAT (e.g. disk.qcow2:qcow2) to follow a backing chain.
+
+DEVNAME and config names must be plain UTF-8 file names (no '/', no control
+characters, DEVNAME at most 246 bytes and not 'vmstate', which is reserved
+for RAM state).  ARCHIVE ending in .zst is written zstd-compressed; other
+compressed suffixes (.gz, .lzo, .zstd, ...) are refused: write '-' and pipe
+it into the compressor."""
 
 CREATE_EPILOG = """\
 examples:
   vmafs create vm.vma -c qemu-server.conf drive-scsi0=disk.qcow2 drive-efidisk0=efi.raw:raw
-  vmafs create vm.vma.zst drive-virtio0=/dev/vg/vm-100-disk-0"""
+  vmafs create vm.vma.zst drive-virtio0=/dev/vg/vm-100-disk-0
+  vmafs create vm.vma drive-scsi0=overlay.qcow2:qcow2    # follows its backing chain
+  vmafs create - drive-scsi0=disk.raw:raw | gzip > vm.vma.gz"""
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+#: QEMU's job speed is an int64 of bytes/s
+MAX_RATE = (1 << 63) - 1
 
 
 def parse_rate(text: str) -> int:
@@ -85,9 +106,14 @@ def parse_rate(text: str) -> int:
         value = float(t[: len(t) - len(unit)])
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad rate {text!r} (e.g. 50M)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"bad rate {text!r}")
-    return int(value * _UNITS[unit])
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"bad rate {text!r}: must be a number >= 0 (e.g. 50M)")
+    rate = int(value * _UNITS[unit])
+    if rate > MAX_RATE:
+        raise argparse.ArgumentTypeError(
+            f"bad rate {text!r}: more than QEMU's limit of {MAX_RATE} bytes/s (use 0: unlimited)"
+        )
+    return rate
 
 
 def _drive(text: str) -> DriveSpec:
@@ -118,7 +144,8 @@ def _common_options(p: argparse.ArgumentParser) -> None:
         type=parse_rate,
         default=0,
         metavar="RATE",
-        help="limit each disk's backup job to RATE bytes/s (K/M/G suffixes; default unlimited)",
+        help="limit each disk's backup job to RATE bytes/s (K/M/G/T suffixes; "
+        "default 0: unlimited)",
     )
     p.add_argument(
         "-f", "--force", action="store_true", help="replace ARCHIVE if it exists (atomically)"
@@ -156,8 +183,8 @@ def register_backup(subparsers) -> None:
     p.add_argument(
         "--socket-dir",
         metavar="DIR",
-        help="where to create the private NBD socket directory (default $TMPDIR or /tmp); "
-        "QEMU must be able to connect there",
+        help="existing directory in which to create the private NBD socket directory "
+        "(default $TMPDIR or /tmp); QEMU must be able to connect there",
     )
     _common_options(p)
     p.add_argument("drives", nargs="+", type=_drive, metavar="DRIVE[=DEVNAME]")
@@ -170,7 +197,14 @@ def register_create(subparsers) -> None:
     )
     p.add_argument("archive", metavar="ARCHIVE", help="archive to write; '-' streams to stdout")
     _common_options(p)
-    p.add_argument("images", nargs="+", type=_image, metavar="DEVNAME=IMAGE[:FORMAT]")
+    p.add_argument(
+        "images",
+        nargs="+",
+        type=_image,
+        metavar="DEVNAME=IMAGE[:FORMAT]",
+        help="a disk of the archive; without FORMAT a block device is raw and a file is probed "
+        "(refused if it names a backing file: write IMAGE:FORMAT to follow it)",
+    )
     p.set_defaults(func=run_create)
 
 
@@ -186,9 +220,18 @@ def read_configs(paths: list[str]) -> list[tuple[str, bytes]]:
     return out
 
 
-def _open_output(target: str, force: bool) -> ArchiveOutput:
-    if target == "-" and sys.stdout.isatty():
+def check_output(target: str) -> None:
+    """Refuse an unusable ARCHIVE before anything else starts (see ArchiveOutput too)."""
+    if target != "-":
+        return
+    if sys.stdout is None:  # fd 1 was closed when Python started
+        raise BackupError("cannot stream the archive to stdout: stdout is closed")
+    if sys.stdout.isatty():
         raise BackupError("refusing to write an archive to a terminal (redirect stdout)")
+
+
+def _open_output(target: str, force: bool) -> ArchiveOutput:
+    check_output(target)
     return ArchiveOutput(target, overwrite=force)
 
 
@@ -232,13 +275,19 @@ def _interrupted(e: BackupInterrupted) -> int:
 def run_backup(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     configs = read_configs(args.config)
+    check_names([d.devname for d in args.drives], [name for name, _ in configs])
+    check_output(args.output)
+    if args.socket_dir is not None and not os.path.isdir(args.socket_dir):
+        raise BackupError(f"--socket-dir {args.socket_dir}: no such directory")
     bar = Progress("backup", enabled=want_progress(args.progress))
     guard = SignalGuard()
+    late = _LateSignals()
 
     async def main() -> BackupResult:
         # The temp file is made inside the guarded run, so a signal at any
         # point after it exists removes it again.
-        output = _open_output(args.output, args.force)
+        await late.ready()
+        output = late.output = _open_output(args.output, args.force)
         try:
             qmp = await QmpConnection.open(parse_address(args.qmp))
         except BaseException:
@@ -251,33 +300,126 @@ def run_backup(args: argparse.Namespace) -> int:
                 output.abort()
                 raise
             return await backup(
-                qmp, disks, output, configs, speed=args.speed, progress=bar, signals=guard
+                qmp,
+                disks,
+                output,
+                configs,
+                speed=args.speed,
+                progress=bar,
+                socket_dir=args.socket_dir,
+                signals=guard,
             )
 
-    return _run(guard, main, bar, args.verbose, args.output)
+    return _run(guard, main, bar, args.verbose, args.output, late)
 
 
 def run_create(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     configs = read_configs(args.config)
+    check_names([i.devname for i in args.images], [name for name, _ in configs])
+    check_output(args.archive)
     bar = Progress("create", enabled=want_progress(args.progress))
     guard = SignalGuard()
+    late = _LateSignals()
 
     async def main() -> BackupResult:
-        output = _open_output(args.archive, args.force)
+        await late.ready()
+        output = late.output = _open_output(args.archive, args.force)
         return await create(
             output, args.images, configs, speed=args.speed, progress=bar, signals=guard
         )
 
-    return _run(guard, main, bar, args.verbose, args.archive)
+    return _run(guard, main, bar, args.verbose, args.archive, late)
 
 
-def _run(guard: SignalGuard, main, bar: Progress, verbose: bool, target: str) -> int:
+class _LateSignals:
+    """Signals while the SignalGuard does not listen: nothing lost, nothing wrong.
+
+    The guard's receiver exists only while trio runs the command, and it
+    starts listening only once the command's first await has let it run.
+
+    - Once :attr:`output` is committed a signal changes nothing: vmafs exits 0.
+      (The guard's receiver restores these handlers when it closes; without
+      them a SIGTERM while the daemon was stopped or the interpreter exited
+      killed vmafs with 143 and no message although the archive was complete.)
+    - Inside trio, before the archive is committed, SIGINT goes to trio's
+      handler (it knows where a KeyboardInterrupt is safe) and a signal whose
+      default is to kill is recorded instead: :meth:`ready`, awaited before
+      the output is created, reports it as :class:`BackupInterrupted`; after
+      the command has failed it changes nothing (the status says failure).
+    - Outside trio the dispositions vmafs started with apply again.
+
+    After a successful run the signals are ignored until the process exits
+    (the run_* functions are CLI entry points): any window left would be
+    one for a wrong status.
+    """
+
+    SIGNALS = tuple(
+        getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+    )
+
+    def __init__(self) -> None:
+        self.output: ArchiveOutput | None = None
+        self.pending: int | None = None
+        #: dispositions before trio.run (restored by nobody: see the class docs)
+        self._outside = {s: signal.getsignal(s) for s in self.SIGNALS}
+        #: dispositions inside trio.run (SIGINT: trio's KeyboardInterrupt handler)
+        self._inside: dict[int, object] = {}
+        self._in_trio = False
+
+    async def run(self, guard: SignalGuard, main):
+        for signum in self.SIGNALS:
+            self._inside[signum] = signal.signal(signum, self._handle)
+        self._in_trio = True
+        try:
+            return await guard.run(main)
+        finally:
+            self._in_trio = False
+
+    async def ready(self) -> None:
+        """Let the guard start listening, then raise for a signal that came before."""
+        for _ in range(100):  # the guard's watcher runs within a checkpoint or two
+            if signal.getsignal(signal.SIGTERM) != self._handle:
+                break
+            await trio.lowlevel.checkpoint()
+        if self.pending is not None:
+            name = signal.Signals(self.pending).name
+            raise BackupInterrupted(f"interrupted by {name}; nothing written", self.pending)
+
+    def committed(self) -> None:
+        """The archive is complete: ignore these signals from now until the exit.
+
+        SIG_IGN, not a Python handler: the interpreter resets Python handlers
+        to SIG_DFL while it shuts down, and a signal then would still kill.
+        """
+        for signum in self.SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.output is not None and self.output.committed:
+            return  # the archive is complete: success stands
+        previous = (self._inside if self._in_trio else self._outside).get(signum)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_IGN:
+            return
+        elif self._in_trio:
+            if self.pending is None:
+                self.pending = signum
+        else:  # SIG_DFL outside trio: die of the signal, as before
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+
+def _run(
+    guard: SignalGuard, main, bar: Progress, verbose: bool, target: str, late: _LateSignals
+) -> int:
     try:
         with bar:
-            result = trio.run(guard.run, main)
+            result = trio.run(late.run, guard, main)
     except BackupInterrupted as e:
         return _interrupted(e)
+    late.committed()  # a result means the archive is committed
     if verbose:
         sys.stderr.write(_summary(result, target) + "\n")
     return 0

@@ -110,6 +110,7 @@ from vmafs.format import (
     MAX_DEV_ID,
     MIN_DEV_ID,
     PROXMOX_SLOTS_PER_EXTENT,
+    VMSTATE_NAME,
     BlockInfo,
     Config,
     Device,
@@ -118,6 +119,7 @@ from vmafs.format import (
     block_masks,
     stored_blocks,
 )
+from vmafs.names import MAX_NAME_BYTES, safe_entry_names, unsafe_reason
 
 if TYPE_CHECKING:
     from .nbd import Export
@@ -126,6 +128,7 @@ __all__ = [
     "ArchiveOutput",
     "Packer",
     "Sink",
+    "check_names",
     "ConflictingClusterError",
     "IncompleteArchiveError",
     "WriteRangeError",
@@ -147,6 +150,58 @@ _NO_HARDLINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, err
 _FORM = 0b11
 _LOCATION = 0b01
 _DIGEST = 0b11
+
+#: compressed-looking archive suffixes the writer does not produce (only ``.zst`` is)
+_FOREIGN_COMPRESSION = tuple(".gz .gzip .tgz .lzo .zstd .xz .lzma .bz2 .lz4 .lz .br .z".split())
+
+
+def check_names(
+    devices: Iterable[str], configs: Iterable[str] = (), *, vmstate: bool = False
+) -> None:
+    """Refuse device and config names the reader would not show as they are.
+
+    The rules are the reader's (:func:`vmafs.names.safe_entry_names`, which
+    ``vmafs verify`` enforces): a plain file name, no ``/``, no control
+    characters, ``disk-NAME.raw`` within 255 bytes, no clash between entries.
+    A name must also be UTF-8 (the format stores UTF-8).  ``vmstate`` is the
+    format's name for VM RAM state: refused unless *vmstate* (a caller that
+    really writes RAM state).  Config names are checked as given (callers
+    pass base names).  Raises :class:`WriterError` naming the first bad name.
+    """
+    devs: dict[int, Device] = {}
+    for i, name in enumerate(devices):
+        _check_utf8("device", name)
+        if any(d.name == name for d in devs.values()):
+            raise WriterError(f"two devices have the same device name {name!r}")
+        if name == VMSTATE_NAME and not vmstate:
+            raise WriterError(
+                f"device name {name!r} is reserved: the format stores VM RAM state under it, "
+                "not a disk; choose another DEVNAME"
+            )
+        shown = f"disk-{name}.raw"
+        if unsafe_reason(name) is None and len(os.fsencode(shown)) > MAX_NAME_BYTES:
+            limit = MAX_NAME_BYTES - len(os.fsencode(shown)) + len(os.fsencode(name))
+            raise WriterError(
+                f"bad device name {name!r}: longer than {limit} bytes (the disk is "
+                f"shown as disk-NAME.raw, at most {MAX_NAME_BYTES} bytes)"
+            )
+        devs[MIN_DEV_ID + i] = Device(MIN_DEV_ID + i, name, 1)
+    cfgs = []
+    for name in configs:
+        _check_utf8("config", name)
+        cfgs.append(Config(name, b""))
+    for entry in safe_entry_names(Header(bytes(16), 0, cfgs, devs)).values():
+        if entry.renamed:
+            what = "config" if entry.kind == "config" else "device"
+            raise WriterError(f"bad {what} name {entry.original!r}: {entry.reason}")
+
+
+def _check_utf8(what: str, name: str) -> None:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        # undecodable bytes from the command line arrive as lone surrogates
+        raise WriterError(f"bad {what} name {name!r}: not valid UTF-8") from None
 
 
 def _location(offset: int, mask: int) -> int:
@@ -251,6 +306,8 @@ class Packer:
                 raise WriterError(f"config name {base!r} given twice")
             seen.add(base)
             cfgs.append(Config(base, bytes(data)))
+        # what the reader would rename (or cannot decode) is refused before any byte is written
+        check_names([d.name for d in devs.values()], [c.name for c in cfgs], vmstate=True)
         if not 1 <= slots_per_extent <= 59:
             raise ValueError("slots_per_extent must be in 1..59")
         self.header = Header(
@@ -724,7 +781,14 @@ class ArchiveOutput:
     ) -> None:
         target = os.fspath(target)
         if compress is True:
-            compress = "zstd" if target.endswith(".zst") else None
+            lower = target.lower()
+            if lower.endswith(_FOREIGN_COMPRESSION):
+                # the reader would open it, but the name promises compression it does not have
+                raise WriterError(
+                    f"{target}: vmafs writes plain (.vma) or zstd (.vma.zst) archives only; "
+                    "for another compressor write to stdout ('-') and pipe: ... | gzip > FILE"
+                )
+            compress = "zstd" if lower.endswith(".zst") else None
         if compress not in (None, False, "zstd"):
             raise ValueError(f"unknown compression {compress!r}")
         self.compress = compress or None
@@ -740,13 +804,30 @@ class ArchiveOutput:
         if target == "-":
             self.path = None
             self.temp_path = None
+            if sys.stdout is None:  # fd 1 was closed when Python started
+                raise WriterError("cannot stream the archive to stdout: stdout is closed")
             self._f = open(sys.stdout.fileno(), "wb", closefd=False)  # noqa: SIM115
         else:
             self.path = os.path.abspath(target)
+            directory, base = os.path.split(self.path)
+            # Checked here, before any copy starts, and naming the user's path:
+            # otherwise mkstemp names the hidden temp file, or (-f onto a
+            # directory) the whole backup runs only for the rename to fail.
+            if not os.path.isdir(directory):
+                why = "is not a directory" if os.path.lexists(directory) else "does not exist"
+                raise WriterError(f"{target}: the directory {directory} {why}")
+            if os.path.isdir(self.path):
+                raise WriterError(f"{target}: is a directory")
             if not overwrite and os.path.lexists(self.path):
                 raise FileExistsError(f"{self.path} already exists")
-            directory, base = os.path.split(self.path)
-            fd, self.temp_path = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
+            try:
+                fd, self.temp_path = tempfile.mkstemp(
+                    prefix=f".{base}.", suffix=".tmp", dir=directory
+                )
+            except OSError as e:
+                raise WriterError(
+                    f"{target}: cannot create a file in {directory}: {e.strerror}"
+                ) from e
             umask = os.umask(0)
             os.umask(umask)
             os.fchmod(fd, 0o666 & ~umask)
@@ -870,6 +951,7 @@ class ArchiveOutput:
         self._f.close()
         if self.overwrite:
             os.replace(self.temp_path, self.path)
+            self._committed = True
         else:
             try:
                 os.link(self.temp_path, self.path)  # FileExistsError if someone took the name
@@ -880,15 +962,26 @@ class ArchiveOutput:
                 if os.path.lexists(self.path):
                     raise FileExistsError(errno.EEXIST, "archive exists", self.path) from None
                 os.rename(self.temp_path, self.path)
+                self._committed = True
             else:
+                # the archive is complete under its name from here on (see `committed`)
+                self._committed = True
                 os.unlink(self.temp_path)
         self.temp_path = None
-        self._committed = True
         dfd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+    @property
+    def committed(self) -> bool:
+        """True once the complete archive is under its final name (or stdout is flushed).
+
+        Set by :meth:`commit` at the rename itself, so a signal handler can
+        tell "the archive exists" from "it never will" at any moment.
+        """
+        return self._committed
 
     def _close_rfd(self) -> None:
         if self._rfd is not None:
