@@ -19,8 +19,10 @@ are shown only with ``--debug`` or ``VMAFS_DEBUG=1``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
+import logging
 import os
 import sys
 import traceback
@@ -71,6 +73,32 @@ class CommandUnavailable(Exception):
 
 class _Parser(argparse.ArgumentParser):
     """ArgumentParser whose usage errors are one line, like every other error."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        # argparse reports an unknown option after the command at the top level
+        # ("see 'vmafs --help'"); the command's own parser should say it.
+        args = list(sys.argv[1:] if args is None else args)
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._parser_of(namespace, args, extras[0]).error(
+                "unrecognized arguments: " + " ".join(extras)
+            )
+        return namespace
+
+    def _parser_of(
+        self, namespace: argparse.Namespace, args: list[str], extra: str
+    ) -> argparse.ArgumentParser:
+        """The command's parser if *extra* came after the command word, else this one."""
+        command = getattr(namespace, "command", None)
+        action = self._subparsers and next(
+            (a for a in self._subparsers._group_actions if a.choices), None
+        )
+        if not command or action is None or command not in action.choices:
+            return self
+        where = args.index(command) if command in args else len(args)
+        if extra in args[:where]:
+            return self
+        return action.choices[command]
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sub = self.prog[len(PROG) :].strip() if self.prog.startswith(PROG) else self.prog
@@ -191,6 +219,94 @@ def _fail(message: str, debug: bool, status: int = 1) -> int:
     return status
 
 
+class _LogFormatter(logging.Formatter):
+    """``vmafs: warning: MESSAGE``: library log records in the CLI's own format."""
+
+    def __init__(self, prog: str, debug: bool) -> None:
+        super().__init__()
+        self.prog = prog
+        self.debug = debug
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "error" if record.levelno >= logging.ERROR else record.levelname.lower()
+        # One line, whatever the message holds (names in archives are untrusted).
+        text = " ".join(record.getMessage().split("\n"))
+        if record.exc_info and self.debug:
+            text += "\n" + self.formatException(record.exc_info)
+        return f"{self.prog}: {level}: {text}"
+
+
+@contextlib.contextmanager
+def stderr_logging(prog: str = PROG, debug: bool = False):
+    """Show log records of WARNING and up (all with *debug*) on stderr while the block runs.
+
+    The library modules (vmafs.sidecar, vmafs.source.*) report what they
+    recover from through :mod:`logging`; without a handler Python's
+    last-resort handler would print the bare message.  The handler goes on
+    the root logger and is removed afterwards.  ``vmafs mount`` replaces it
+    with its own once it knows where to log (``vmafs.mount._setup_logging``
+    removes every root handler); a handler that is gone by then is left alone.
+    """
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormatter(prog, debug))
+    level = logging.DEBUG if debug else logging.WARNING
+    handler.setLevel(level)  # also for loggers set lower than the root
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+    try:
+        yield handler
+    finally:
+        if handler in root.handlers:
+            root.removeHandler(handler)
+            root.setLevel(old_level)
+
+
+#: Commands that configure logging themselves (``writer.cli._setup_logging``
+#: sets up the root logger only when it has no handler yet).
+OWN_LOGGING = frozenset({"backup", "create"})
+
+
+class StdoutError(OSError):
+    """Writing to standard output failed (``> /dev/full``, a full disk, EIO).
+
+    Its strerror says so (``writing to stdout: No space left on device``):
+    without it the error line would not say which file could not be written.
+    """
+
+
+@contextlib.contextmanager
+def writing_stdout(note: str = ""):
+    """Turn an OSError from the block's writes to stdout into a :class:`StdoutError`.
+
+    A closed pipe (EPIPE) stays a BrokenPipeError (exit 141, nothing printed).
+    *note* is added to the message in parentheses.
+    """
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        if isinstance(e, StdoutError) or e.filename is not None:
+            raise
+        text = f"writing to stdout: {e.strerror or e}" + (f" ({note})" if note else "")
+        raise StdoutError(e.errno, text) from e
+
+
+def discard_stdout() -> None:
+    """Point stdout at /dev/null after a failed write, so the interpreter's final
+    flush of what is still buffered neither fails again nor prints a warning."""
+    try:
+        fd = sys.stdout.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        if devnull != fd:
+            os.dup2(devnull, fd)
+            os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def describe_oserror(e: OSError) -> str:
     """``path: strerror`` as ls/cp print it."""
     text = e.strerror or str(e)
@@ -216,8 +332,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         func = getattr(args, "func", None)
         if func is None:
             parser.error("no command given")
-        status = func(args)
-        sys.stdout.flush()
+        own = getattr(args, "command", None) in OWN_LOGGING
+        with contextlib.nullcontext() if own else stderr_logging(PROG, debug):
+            status = func(args)
+        with writing_stdout():
+            sys.stdout.flush()
         return int(status or 0)
     except KeyboardInterrupt:
         if debug:
@@ -226,17 +345,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # stdout went away (vmafs list X | head): quiet, like a C tool killed by SIGPIPE.
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
+        discard_stdout()
         return 141
     except (VmaError, CommandUnavailable) as e:
         return _fail(str(e), debug)
     except OSError as e:
         if e.errno == errno.EPIPE:
             return 141
+        if isinstance(e, StdoutError):
+            discard_stdout()
         return _fail(describe_oserror(e), debug)
     except SystemExit:
         raise

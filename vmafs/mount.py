@@ -8,7 +8,8 @@ user's reference.
 Sequence of ``vmafs mount ARCHIVE MOUNTPOINT``:
 
 1. parse ``-o`` options (unknown ones are a usage error, exit 2);
-2. check MOUNTPOINT is a directory and not a mount point already;
+2. check MOUNTPOINT (symlinks resolved) is an empty directory and not a
+   mount point already (``-o nonempty`` allows a non-empty one);
 3. open the archive (:meth:`Archive.open` validates every extent; an
    incomplete archive is refused unless ``-o allow_incomplete``);
 4. unless ``-f``: fork; the parent waits on a pipe until the filesystem
@@ -21,8 +22,9 @@ Sequence of ``vmafs mount ARCHIVE MOUNTPOINT``:
    ``pyfuse3.close()`` runs on every exit path.
 
 Logging: ``-f`` logs to stderr.  Detached, logs go to ``-o logfile=PATH``
-if given, else to syslog through /dev/log (journald or a syslog daemon),
-else, when nothing listens there, to ``$XDG_STATE_HOME/vmafs/mount.log``
+if given (a relative PATH is taken from where ``vmafs mount`` was started),
+else to syslog through /dev/log (journald or a syslog daemon), else, when
+nothing listens there, to ``$XDG_STATE_HOME/vmafs/mount.log``
 (``~/.local/state/vmafs/mount.log``; ``/var/log/vmafs.log`` for root).
 """
 
@@ -66,6 +68,10 @@ GENERIC_OPTIONS = frozenset(
 )
 
 
+#: The ``-o`` options that take no value (attributes of :class:`MountOptions`).
+FLAG_OPTIONS = ("allow_other", "allow_incomplete", "direct_io", "threads", "nonempty")
+
+
 class MountError(Exception):
     """A mount or unmount cannot be done; the message is the one line to print."""
 
@@ -87,6 +93,7 @@ class MountOptions:
     threads: bool = False
     readahead: int = DEFAULT_READAHEAD_KB
     logfile: str | None = None
+    nonempty: bool = False
     ignored: list[str] = field(default_factory=list)
 
 
@@ -102,7 +109,7 @@ def parse_options(values: Sequence[str], *, sloppy: bool = False) -> MountOption
             key, eq, arg = item.strip().partition("=")
             if not key:
                 continue
-            if key in ("allow_other", "allow_incomplete", "direct_io", "threads") and not eq:
+            if key in FLAG_OPTIONS and not eq:
                 setattr(opts, key, True)
             elif key in ("uid", "gid") and eq:
                 setattr(opts, key, _id_value(key, arg))
@@ -161,9 +168,23 @@ def mount_table() -> dict[str, str]:
     return table
 
 
-def check_mountpoint(path: str) -> str:
-    """Return *path* made absolute after checking it can take a mount."""
-    mp = os.path.abspath(path)
+def mountpoint_path(path: str) -> str:
+    """*path* as the mount table shows it: absolute, symlinks resolved.
+
+    The kernel mounts on the directory a symlink points to, and
+    /proc/self/mountinfo lists that; comparing anything else would miss it.
+    (Non-strict: a dead FUSE mount's ENOTCONN leaves the path as it is.)
+    """
+    return os.path.realpath(path)
+
+
+def check_mountpoint(path: str, *, nonempty: bool = False) -> str:
+    """Return *path* made absolute (symlinks resolved) after checking it can take a mount.
+
+    A directory that holds files is refused unless *nonempty* (``-o
+    nonempty``): the mount would hide them for as long as it lasts.
+    """
+    mp = mountpoint_path(path)
     if mp in mount_table() or os.path.ismount(mp):
         raise MountError(f"{mp}: already a mount point (busy); unmount it first")
     try:
@@ -172,9 +193,39 @@ def check_mountpoint(path: str) -> str:
         raise MountError(f"{mp}: {e.strerror}") from None
     if not os.path.isdir(mp):
         raise MountError(f"{mp}: not a directory")
+    if not nonempty:
+        try:
+            entries = len(os.listdir(mp))
+        except OSError:
+            entries = 0  # unreadable for us: fusermount3 decides whether we may mount there
+        if entries:
+            raise MountError(
+                f"{mp}: not empty ({entries} entr{'y' if entries == 1 else 'ies'}), and the "
+                "mount would hide what is there: use an empty directory, or -o nonempty "
+                "to mount over it anyway"
+            )
     # Whether this user may mount there (write access, sticky directories) is
     # fusermount3's decision; its message reaches the terminal before we detach.
     return mp
+
+
+def check_logfile(path: str) -> str:
+    """Return *path* made absolute after making sure the detached process can log there.
+
+    Resolved here, in the caller's working directory (the filesystem process
+    changes to /); created (with its directory) and opened for appending now,
+    so a path that cannot work is reported on the terminal, not after detaching.
+    """
+    path = os.path.abspath(path)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a"):
+            pass
+    except FileExistsError:  # makedirs: a component of the directory is a file
+        raise MountError(f"logfile={path}: {os.path.dirname(path)}: not a directory") from None
+    except OSError as e:
+        raise MountError(f"logfile={path}: {e.strerror or e}") from None
+    return path
 
 
 def open_archive(path: str, allow_incomplete: bool):
@@ -328,7 +379,7 @@ def _setup_logging(opts: MountOptions, *, detached: bool, verbose: bool) -> None
             handler = None
     if handler is None and detached:
         path = opts.logfile or _default_logfile()
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         handler = logging.FileHandler(path)
         handler.setFormatter(
             logging.Formatter("%(asctime)s vmafs[%(process)d] %(levelname)s: %(message)s")
@@ -389,7 +440,9 @@ def mount(
     from .sidecar import deferred_saves  # noqa: PLC0415
     from .source import import_container  # noqa: PLC0415
 
-    mp = check_mountpoint(mountpoint)
+    mp = check_mountpoint(mountpoint, nonempty=opts.nonempty)
+    if opts.logfile and not foreground:
+        opts.logfile = check_logfile(opts.logfile)
     archive_path = os.path.abspath(archive_path)
     # pyfuse3 and trio take ~0.3 s to import: done while a compressed archive
     # is decompressed.  Before that thread starts, this one imports what it
@@ -505,12 +558,14 @@ def _daemonize(archive_path, mp, opts, ops, options, verbose, saves=()) -> int:
         os.close(r)
         status = 1
         tell = _Pipe(w)
+        logging_ready = False
         try:
             os.setsid()
             if os.fork():  # the session leader exits; the daemon can never get a tty
                 os._exit(0)
             os.chdir("/")
             _setup_logging(opts, detached=True, verbose=verbose)
+            logging_ready = True
             _log_start(archive_path, mp, opts, ops)
 
             saver = _SideIndexSaver(saves)
@@ -526,7 +581,8 @@ def _daemonize(archive_path, mp, opts, ops, options, verbose, saves=()) -> int:
             finally:
                 saver.join()  # before os._exit, which would cut the write short
         except BaseException as e:
-            log.exception("filesystem process failed")
+            if logging_ready:  # else the one line through the pipe is all the user sees
+                log.exception("filesystem process failed")
             tell(f"filesystem process failed: {e}")
         finally:
             logging.shutdown()
@@ -569,7 +625,7 @@ def loop_devices_on(mountpoint: str) -> list[tuple[str, str]]:
 
 def umount(mountpoint: str, *, lazy: bool = False) -> None:
     """Unmount a vmafs mount with fusermount3; raises MountError (also for other mounts)."""
-    mp = os.path.abspath(mountpoint)
+    mp = mountpoint_path(mountpoint)
     fstype = mount_table().get(mp)
     if fstype is None:
         raise MountError(f"{mp}: not mounted")
@@ -611,6 +667,7 @@ options (-o, comma-separated, may repeat):
   threads           serve reads from worker threads: for archives on slow or
                     network storage read by several programs at once
   logfile=PATH      log here instead of syslog when detached
+  nonempty          mount over a directory that is not empty (hides its files)
 mount(8)'s generic options (defaults, noauto, user, nofail, _netdev, x-*, ...)
 are accepted and ignored. See vmafs(1) and docs/mount.md."""
 
@@ -627,7 +684,7 @@ def register(subparsers) -> None:
         epilog=MOUNT_OPTIONS_HELP,
     )
     p.add_argument("archive", help="the .vma (or .vma.zst/.gz/.lzo) file")
-    p.add_argument("mountpoint", help="an empty directory")
+    p.add_argument("mountpoint", help="an empty directory (-o nonempty allows another directory)")
     p.add_argument(
         "-o",
         dest="options",
@@ -709,10 +766,20 @@ def mount_helper_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.namespace:
         return _fail(prog, "-N (mount namespaces) is not supported", 2)
+    from .cli import stderr_logging  # noqa: PLC0415 - light; the CLI imports this module
+
+    try:
+        with stderr_logging(prog):
+            return _helper(args, prog)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _helper(args: argparse.Namespace, prog: str) -> int:
     try:
         opts = parse_options(args.options, sloppy=args.s)
         if args.f:
-            check_mountpoint(args.target)
+            check_mountpoint(args.target, nonempty=opts.nonempty)
             open_archive(args.source, opts.allow_incomplete).close()
             return 0
         return mount(args.source, args.target, opts, verbose=args.v)
@@ -725,8 +792,6 @@ def mount_helper_main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         return _fail(prog, f"{where}{e.strerror or e}")
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":

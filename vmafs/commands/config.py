@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import writing_stdout
 from ..errors import VmaError
 from ._common import load_header, printable
 
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
             f"(the archive has: {have})"
         )
     out = sys.stdout.buffer
-    for name in names:
-        out.write(by_name[name].data)
-    out.flush()
+    with writing_stdout():
+        for name in names:
+            out.write(by_name[name].data)
+        out.flush()
     return 0

@@ -16,10 +16,11 @@ Safety, in this order:
    ``/``, no ``..``): nothing is written outside DIR and nothing existing is
    overwritten or followed, whatever the archive's names say and even if
    someone plants a symlink in DIR meanwhile.
-4. On any error, Ctrl-C or SIGTERM the files this run created are removed again (and
-   DIR, if this run created it), so a DIR that exists afterwards holds a
-   complete extraction.  Only a hard kill (SIGKILL, power loss) can leave
-   partial files behind.
+4. On any error, Ctrl-C, SIGTERM, SIGHUP (the terminal or ssh session went
+   away) or SIGQUIT the files this run created are removed again (and DIR, if
+   this run created it), so a DIR that exists afterwards holds a complete
+   extraction.  Only a hard kill (SIGKILL, power loss) can leave partial
+   files behind.
 
 Disks are written sparse: the file is sized with ftruncate, zero clusters
 and unstored (all-zero) 4 KiB blocks are skipped, and only stored data is
@@ -29,6 +30,7 @@ read, in runs of up to 16 MiB through :meth:`Archive.readinto`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -62,8 +64,8 @@ is '..', has control characters, clashes with another entry) is written
 under a safe replacement name and reported on stderr; nothing is ever
 written outside DIR.  Files are created mode 0600 (backups hold secrets).
 
-If extraction fails or is interrupted (Ctrl-C, SIGTERM), the files written so far are
-removed again, and DIR too if this command created it.
+If extraction fails or is interrupted (Ctrl-C, SIGTERM, SIGHUP, SIGQUIT), the
+files written so far are removed again, and DIR too if this command created it.
 
 Unlike `vma extract`, naming a drive that is not in the archive is an
 error, and with -d the vmstate is extracted only when listed ("vmstate")."""
@@ -80,14 +82,40 @@ _DIR_MODE = 0o700
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+#: Signals that end an extraction cleanly (partial files removed), besides
+#: SIGINT (KeyboardInterrupt): kill's default, the terminal or ssh session
+#: going away, and Ctrl-\ (SIGQUIT).  Exit status 128 + the signal's number.
+CLEANUP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def _target_dir(value: str) -> str:
+    if not value:
+        raise argparse.ArgumentTypeError("the target directory name is empty")
+    return value
+
+
+def _drive_list(value: str) -> str:
+    if not all(value.split(",")):
+        raise argparse.ArgumentTypeError(
+            f"empty drive name in {value!r} (names as 'vmafs list' shows them, comma-separated)"
+        )
+    return value
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("extract", help=HELP, description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("archive", metavar="ARCHIVE", help="a .vma file, plain or .zst/.gz/.lzo")
-    p.add_argument("dir", metavar="DIR", help="target directory (must not exist, or be empty)")
+    p.add_argument(
+        "dir",
+        metavar="DIR",
+        type=_target_dir,
+        help="target directory (must not exist, or be empty)",
+    )
     p.add_argument(
         "-d",
         "--drives",
         metavar="DRIVE[,DRIVE...]",
+        type=_drive_list,
         action="append",
         help="extract only these devices, by name as `vmafs list` shows them "
         "(e.g. drive-scsi0; 'vmstate' for the RAM state); may be repeated. "
@@ -125,6 +153,14 @@ def select_entries(entries: dict[str, names.Entry], drives: list[str] | None) ->
     return [e for e in entries.values() if e.kind == "config" or e.name in chosen]
 
 
+class _Terminated(SystemExit):
+    """A signal of :data:`CLEANUP_SIGNALS` arrived; exits 128 + its number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
 # --- the target directory ------------------------------------------------------------
 
 
@@ -141,6 +177,22 @@ def _open_target(path: str) -> tuple[int, bool]:
         created = True
     except FileExistsError:
         pass
+    except FileNotFoundError:
+        parent = os.path.dirname(os.path.abspath(path))
+        raise VmaError(
+            f"cannot create the target directory {path}: No such file or directory "
+            f"(its parent directory {parent} does not exist)"
+        ) from None
+    try:
+        return _open_dir(path, created), created
+    except (KeyboardInterrupt, _Terminated):
+        if created:  # interrupted right after mkdir: take the empty DIR away again
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        raise
+
+
+def _open_dir(path: str, created: bool) -> int:
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     try:
         fd = os.open(path, flags | (os.O_NOFOLLOW if created else 0))
@@ -162,7 +214,7 @@ def _open_target(path: str) -> tuple[int, bool]:
     except BaseException:
         os.close(fd)
         raise
-    return fd, created
+    return fd
 
 
 # --- writing ---------------------------------------------------------------------------
@@ -284,21 +336,46 @@ class _Extraction:
 
 
 @contextmanager
-def _sigterm_unwinds():
-    """Turn SIGTERM into SystemExit(143) so the cleanup below runs (as for Ctrl-C)."""
+def _signals_unwind():
+    """Turn the signals of CLEANUP_SIGNALS into _Terminated so the cleanup runs.
+
+    Only the first one counts: a second SIGTERM (or SIGHUP) while the
+    partial files are being removed must not cut that short.
+    """
+    hit: list[int] = []
 
     def handler(signum, frame):
-        raise SystemExit(128 + signum)
+        if hit:
+            return
+        hit.append(signum)
+        raise _Terminated(signum)
 
+    old = {}
     try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (in-process callers): leave it alone
-        yield
-        return
+        for sig in CLEANUP_SIGNALS:
+            old[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread (in-process callers): leave them alone
+        pass
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+
+def _print_files(args: argparse.Namespace, archive, plan: list[names.Entry]) -> None:
+    """The -v lines; a failed write to stdout is not mistaken for a failed extraction."""
+    from ..cli import writing_stdout  # noqa: PLC0415 - light, and loaded already
+
+    with writing_stdout(f"the extraction into {printable(args.dir)} is complete"):
+        for e in plan:
+            extra = ""
+            if e.kind != "config":
+                extra = f", {human_bytes(archive.stored_bytes(e.dev_id))} stored"
+            sys.stdout.write(
+                f"{printable(os.path.join(args.dir, e.name))}: {e.size} bytes{extra}\n"
+            )
+        sys.stdout.flush()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -322,26 +399,40 @@ def run(args: argparse.Namespace) -> int:
             if e.kind != "config"
             for _, length in archive.allocated_ranges(e.dev_id)
         )
-        with _sigterm_unwinds():
-            dir_fd, created = _open_target(args.dir)
-            job = _Extraction(archive, args.dir, dir_fd, created)
-            try:
-                buf = bytearray(_CHUNK)
-                with Progress("extracting", total, enabled=show) as bar:
-                    for entry in plan:
-                        job.write(entry, buf, bar)
-                job.finish()
-            except BaseException:
-                job.undo()
-                raise
-            finally:
-                os.close(dir_fd)
+        try:
+            with _signals_unwind():
+                _extract(archive, args.dir, plan, total, show)
+        except _Terminated as t:
+            with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+                sys.stderr.write(
+                    f"vmafs: error: extract: {signal.Signals(t.signum).name}: stopped; "
+                    "the files written so far were removed\n"
+                )
+            return 128 + t.signum
     if args.verbose:
-        for e in plan:
-            extra = ""
-            if e.kind != "config":
-                extra = f", {human_bytes(archive.stored_bytes(e.dev_id))} stored"
-            sys.stdout.write(
-                f"{printable(os.path.join(args.dir, e.name))}: {e.size} bytes{extra}\n"
-            )
+        _print_files(args, archive, plan)
     return 0
+
+
+def _extract(archive, target: str, plan: list[names.Entry], total: int, show: bool) -> None:
+    """Write *plan* into *target*; on any error or signal, remove what was written."""
+    dir_fd, created = -1, False
+    job = None
+    try:
+        dir_fd, created = _open_target(target)
+        job = _Extraction(archive, target, dir_fd, created)
+        buf = bytearray(_CHUNK)
+        with Progress("extracting", total, enabled=show) as bar:
+            for entry in plan:
+                job.write(entry, buf, bar)
+        job.finish()
+    except BaseException:
+        if job is not None:
+            job.undo()
+        elif created:  # signalled between mkdir and the job: DIR is still empty
+            with contextlib.suppress(OSError):
+                os.rmdir(target)
+        raise
+    finally:
+        if dir_fd >= 0:
+            os.close(dir_fd)

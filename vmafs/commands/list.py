@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import uuid as uuidlib
 
+from ..cli import writing_stdout
 from ..format import Header
 from ._common import add_progress_options, load_header, open_archive, printable
 
@@ -109,14 +111,48 @@ def describe(archive) -> dict:
     }
 
 
+def _escape_surrogate(m: re.Match) -> str:
+    return f"\\u{ord(m.group()):04x}"
+
+
+def json_text(obj) -> str:
+    """*obj* as JSON text that is always valid UTF-8.
+
+    Text stays as it is (``ensure_ascii=False``: names read as written),
+    except the lone surrogates by which Python carries the bytes of a path
+    that is not valid UTF-8 (surrogateescape: byte 0xff is U+DCFF): each is
+    written as the JSON escape ``\\udcff``.  Raw, they would be invalid UTF-8
+    in the output; escaped, ``os.fsencode(json.loads(text)["archive"])``
+    gives back the path's bytes.
+    """
+    text = json.dumps(obj, indent=2, ensure_ascii=False)
+    return _SURROGATE.sub(_escape_surrogate, text)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def write_json(obj) -> None:
+    """Print *obj* as JSON encoded as UTF-8, whatever the locale's encoding (RFC 8259)."""
+    data = json_text(obj) + "\n"
+    out = getattr(sys.stdout, "buffer", None)
+    if out is None:  # a text stream without bytes underneath (in-process callers)
+        sys.stdout.write(data)
+        return
+    sys.stdout.flush()
+    out.write(data.encode("utf-8"))
+    out.flush()
+
+
 def run(args: argparse.Namespace) -> int:
     if args.json:
         # allow_incomplete: listing an interrupted backup is how you find out what it lacks.
         with open_archive(args.archive, args, allow_incomplete=True) as archive:
             obj = describe(archive)
-        json.dump(obj, sys.stdout, indent=2, ensure_ascii=False)
-        sys.stdout.write("\n")
+        with writing_stdout():
+            write_json(obj)
         return 0
     header = load_header(args.archive)
-    sys.stdout.write("".join(line + "\n" for line in proxmox_lines(header)))
+    with writing_stdout():
+        sys.stdout.write("".join(line + "\n" for line in proxmox_lines(header)))
     return 0

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from .. import names
+from ..cli import writing_stdout
 from ..errors import HeaderError, VmaError
 from ..format import CLUSTER_SIZE
 from ._common import add_progress_options, open_archive, printable
@@ -183,22 +184,28 @@ def run(args: argparse.Namespace) -> int:
                 except VmaError as e:
                     raise _failed(path, e) from e
         if args.verbose:
-            out = sys.stdout
-            for line in proxmox_lines(archive.header):
-                out.write(line + "\n")
-            idx = archive.index
-            out.write(
-                f"ARCHIVE: header_size: {archive.header.header_size} extents: {idx.extents} "
-                f"end: {idx.end}\n"
-            )
-            for dev in archive.devices:
-                s = device_stats(archive, dev.dev_id)
-                out.write(
-                    f"STATS: dev_id={dev.dev_id} devname: {printable(dev.name)} "
-                    f"clusters: {s['clusters']} data: {s['data_clusters']} "
-                    f"zero: {s['zero_clusters']} missing: {s['missing_clusters']} "
-                    f"stored: {s['stored_bytes']} ({human_bytes(s['stored_bytes'])})\n"
-                )
-            checked = "structure and data" if data_bytes is not None else "structure"
-            out.write(f"OK: {printable(path)}: {checked} verified\n")
+            _print_verbose(archive, path, data_bytes is not None)
     return 0
+
+
+def _print_verbose(archive, path: str, data: bool) -> None:
+    """The -v report (list lines, ARCHIVE:, STATS: per device, OK:) on stdout."""
+    out = sys.stdout
+    with writing_stdout():
+        for line in proxmox_lines(archive.header):
+            out.write(line + "\n")
+        idx = archive.index
+        out.write(
+            f"ARCHIVE: header_size: {archive.header.header_size} extents: {idx.extents} "
+            f"end: {idx.end}\n"
+        )
+        for dev in archive.devices:
+            s = device_stats(archive, dev.dev_id)
+            out.write(
+                f"STATS: dev_id={dev.dev_id} devname: {printable(dev.name)} "
+                f"clusters: {s['clusters']} data: {s['data_clusters']} "
+                f"zero: {s['zero_clusters']} missing: {s['missing_clusters']} "
+                f"stored: {s['stored_bytes']} ({human_bytes(s['stored_bytes'])})\n"
+            )
+        checked = "structure and data" if data else "structure"
+        out.write(f"OK: {printable(path)}: {checked} verified\n")
