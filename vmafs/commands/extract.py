@@ -24,7 +24,10 @@ Safety, in this order:
 
 Disks are written sparse: the file is sized with ftruncate, zero clusters
 and unstored (all-zero) 4 KiB blocks are skipped, and only stored data is
-read, in runs of up to 16 MiB through :meth:`Archive.readinto`.
+read.  From a plain archive, disk by disk in runs of up to 16 MiB through
+:meth:`Archive.readinto`; from a compressed one, all disks in one pass in
+the archive's own order (:mod:`._archive_order`), since reading a
+compressed stream out of order decodes it many times over.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import numpy as np
 from .. import names
 from ..errors import VmaError
 from ..format import BLOCK_SIZE
+from ._archive_order import prefers_archive_order, write_in_archive_order
 from ._common import add_progress_options, open_archive, printable
 from .progress import Progress, human_bytes, want_progress
 
@@ -311,6 +315,44 @@ class _Extraction:
         finally:
             os.close(fd)
 
+    def write_in_archive_order(self, plan: list[names.Entry], bar: Progress) -> None:
+        """Write all of *plan*, the disks in one pass over the archive in its own order.
+
+        For compressed input (see :mod:`._archive_order`): every disk file is
+        created and sized first, then each stored cluster lands in its file
+        as the pass reaches it.
+        """
+        targets: dict[int, tuple[int, int]] = {}
+        paths: dict[int, str] = {}  # fd -> path, for error messages
+        try:
+            for entry in plan:
+                fd = self._create(entry.name)
+                paths[fd] = os.path.join(self.target, entry.name)
+                if entry.kind == "config":
+                    _pwrite_all(fd, memoryview(entry.data), 0)
+                else:
+                    os.ftruncate(fd, entry.size)
+                    targets[entry.dev_id] = (fd, entry.size)
+
+            def write(fd: int, data: memoryview, offset: int) -> None:
+                try:
+                    write_sparse(fd, data, offset)
+                except OSError as e:
+                    e.filename = paths[fd]
+                    raise
+
+            bar.set_label("extracting")
+            write_in_archive_order(self.archive, targets, write, bar.advance)
+            for fd, path in paths.items():
+                try:
+                    os.fsync(fd)
+                except OSError as e:
+                    e.filename = path
+                    raise
+        finally:
+            for fd in paths:
+                os.close(fd)
+
     def finish(self) -> None:
         os.fsync(self.dir_fd)
         if self.created_dir:  # make DIR's own entry durable too
@@ -423,8 +465,11 @@ def _extract(archive, target: str, plan: list[names.Entry], total: int, show: bo
         job = _Extraction(archive, target, dir_fd, created)
         buf = bytearray(_CHUNK)
         with Progress("extracting", total, enabled=show) as bar:
-            for entry in plan:
-                job.write(entry, buf, bar)
+            if prefers_archive_order(archive):
+                job.write_in_archive_order(plan, bar)
+            else:  # plain: disk by disk, each file written front to back
+                for entry in plan:
+                    job.write(entry, buf, bar)
         job.finish()
     except BaseException:
         if job is not None:
