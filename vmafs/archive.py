@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from .errors import HeaderError, MissingClusterError, TruncatedError
+from .errors import HeaderError, MissingClusterError, TruncatedError, naming_archive
 from .format import (
     BLOCK_SIZE,
     BLOCKS_PER_CLUSTER,
@@ -37,15 +37,16 @@ _RUNS_CHUNK = 1 << 20  # clusters per step of allocated_ranges (bounds its tempo
 
 
 def read_header(source: Source) -> Header:
-    """Read and validate the archive header through *source*."""
-    head = source.pread(0, HEADER_STRUCT_SIZE)
-    size = Header.peek_size(head)
-    while len(head) < size:  # a header reader may return less than asked
-        more = source.pread(len(head), size - len(head))
-        if not more:
-            break
-        head += more
-    return Header.parse(head)
+    """Read and validate the archive header through *source* (errors name its path)."""
+    with naming_archive(getattr(source, "path", None)):
+        head = source.pread(0, HEADER_STRUCT_SIZE)
+        size = Header.peek_size(head)
+        while len(head) < size:  # a header reader may return less than asked
+            more = source.pread(len(head), size - len(head))
+            if not more:
+                break
+            head += more
+        return Header.parse(head)
 
 
 def _index_by_scan(source: Source, allow_incomplete: bool, progress) -> tuple[Header, ArchiveIndex]:
@@ -79,24 +80,28 @@ class Archive:
         progress: ProgressFn | None = None,
         use_sidecar: bool = True,
     ) -> Archive:
-        """Open and index *path* (plain or compressed, chosen by magic)."""
+        """Open and index *path* (plain or compressed, chosen by magic).
+
+        A VmaError raised here names *path* once (:meth:`VmaError.name_archive`).
+        """
         path = os.fspath(path)
-        source = open_source(path)
-        try:
-            if source.needs_scan:
-                header, index = _open_scanned(source, allow_incomplete, progress, use_sidecar)
-            else:
-                # A source may offer a cheaper reader for the header walk (seekable
-                # zstd: decode each frame only as far as its extent headers).
-                header_reader = getattr(source, "header_reader", None)
-                walker = header_reader() if header_reader is not None else source
-                header = read_header(walker)
-                index = build_index(
-                    header, walker, allow_incomplete=allow_incomplete, progress=progress
-                )
-        except BaseException:
-            source.close()
-            raise
+        with naming_archive(path):
+            source = open_source(path)
+            try:
+                if source.needs_scan:
+                    header, index = _open_scanned(source, allow_incomplete, progress, use_sidecar)
+                else:
+                    # A source may offer a cheaper reader for the header walk (seekable
+                    # zstd: decode each frame only as far as its extent headers).
+                    header_reader = getattr(source, "header_reader", None)
+                    walker = header_reader() if header_reader is not None else source
+                    header = read_header(walker)
+                    index = build_index(
+                        header, walker, allow_incomplete=allow_incomplete, progress=progress
+                    )
+            except BaseException:
+                source.close()
+                raise
         return cls(path, source, header, index)
 
     def close(self) -> None:

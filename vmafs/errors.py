@@ -4,13 +4,22 @@ Callers catch :class:`VmaError` to mean "this archive (or this backup) is
 bad" without catching programming errors.  Every error can carry where it
 happened: the archive offset, the device id and the cluster number; its
 message names them, so a one-line report is enough to find the damage.
+An error raised while an archive is opened or read also names the archive
+file once (``t.zst: truncated zstd stream ...``; see :meth:`VmaError.name_archive`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator
+
 
 class VmaError(Exception):
     """Base class of every error vmafs raises on purpose."""
+
+    #: The archive file the error is about, once :meth:`name_archive` said so.
+    path: str | None = None
 
     def __init__(
         self,
@@ -34,7 +43,51 @@ class VmaError(Exception):
             where.append(f"dev {self.dev_id}")
         if self.cluster is not None:
             where.append(f"cluster {self.cluster}")
-        return f"{self.message} ({', '.join(where)})" if where else self.message
+        text = f"{self.message} ({', '.join(where)})" if where else self.message
+        return self._prefix + text
+
+    #: ``PATH: `` when the archive is named in front of the message but not in it.
+    _prefix = ""
+
+    def name_archive(self, path: str, *, in_message: bool = True) -> VmaError:
+        """Say which archive file this error is about; returns self.
+
+        Sets :attr:`path` and puts ``PATH: `` in front of what ``str()``
+        gives, unless an archive was named already or the message names
+        *path* itself (``cannot open PATH: ...``, gzip and lzop messages):
+        the path appears once.  With *in_message* (errors of opening an
+        archive) ``message`` gets the prefix too, so code that re-raises with
+        ``e.message`` keeps it; without (errors of reads, which callers such
+        as ``verify --data`` wrap in their own message naming the archive)
+        ``message`` stays as it was.
+        """
+        if self.path is None:
+            self.path = path
+            if not _names(self.message, path):
+                if in_message:
+                    self.message = f"{path}: {self.message}"
+                else:
+                    self._prefix = f"{path}: "
+                self.args = (self._render(),)
+        elif in_message and self._prefix:  # named by a read, re-raised by an open
+            self.message, self._prefix = self._prefix + self.message, ""
+        return self
+
+
+def _names(message: str, path: str) -> bool:
+    """True when *message* mentions *path* as a word (not inside another name)."""
+    return re.search(rf"(?:^|[\s(]){re.escape(path)}(?:$|[\s:)])", message) is not None
+
+
+@contextlib.contextmanager
+def naming_archive(path: str | None) -> Iterator[None]:
+    """A VmaError raised inside the block names the archive *path* (once; None: no name)."""
+    try:
+        yield
+    except VmaError as e:
+        if path is not None:
+            e.name_archive(path)
+        raise
 
 
 # --- structure of the archive -------------------------------------------------

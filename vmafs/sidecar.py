@@ -9,8 +9,11 @@ writable, else ``<cache>/<sha256 of the absolute path>.vmafs-index`` where
 ``<cache>`` is ``$VMAFS_CACHE_DIR``, else ``$XDG_CACHE_HOME/vmafs``, else
 ``~/.cache/vmafs``.  Loading looks in both places.
 
-The file is never trusted: it is used only if it belongs to the archive's
-owner, root or the current user, its own SHA-256 matches, its
+The file is never trusted: it is used only if it is a regular file (not a
+symbolic link, FIFO or device: those are skipped unread, and the rebuilt
+side index replaces them by rename) of at most ``MAX_SIZE`` bytes that
+belongs to the archive's owner, root or the current user, its own SHA-256
+matches, its
 format version is this one, it was made by the same kind of source, and the
 archive still has the size, mtime (ns) and SHA-256 of its first and last
 64 KiB that it had when the index was made; after the source adopts the
@@ -49,7 +52,9 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import struct
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 
@@ -67,6 +72,9 @@ MAGIC = b"VMAFSIDX"
 FORMAT_VERSION = 2
 SUFFIX = ".vmafs-index"
 EDGE = 64 << 10  # bytes of the archive's head and tail that are hashed
+#: A bigger file is not read as a side index: 64 GiB would be an offset map of
+#: 512 TiB of disks (8 bytes per 64 KiB cluster).
+MAX_SIZE = 64 << 30
 _FIXED = struct.Struct("<8sIQ")
 _ALIGN = 64
 _DIGEST = 32
@@ -90,7 +98,8 @@ def beside_path(archive: str) -> str:
 
 
 def cache_path(archive: str, directory: str | None = None) -> str:
-    key = hashlib.sha256(os.path.abspath(archive).encode()).hexdigest()[:32]
+    # fsencode: a file name need not be valid UTF-8 (it round-trips as surrogates).
+    key = hashlib.sha256(os.fsencode(os.path.abspath(archive))).hexdigest()[:32]
     return os.path.join(directory or cache_dir(), key + SUFFIX)
 
 
@@ -188,9 +197,17 @@ def dumps(ident: dict, kind: str, header_raw: bytes, state, index_arrays: Mappin
 
 
 def _write_atomic(dest: str, blob: bytes) -> None:
-    tmp = f"{dest}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    """Write *blob* to a fresh temporary file beside *dest*, then rename it over *dest*.
+
+    Whatever *dest* was (an old side index, a FIFO, a symbolic link to a
+    device) is replaced, never written into; the temporary file is created
+    exclusively (``mkstemp``: O_EXCL, no symbolic link followed).
+    """
+    fd, tmp = tempfile.mkstemp(
+        prefix=os.path.basename(dest) + ".tmp.", dir=os.path.dirname(dest) or "."
+    )
     try:
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
             f.flush()
@@ -346,17 +363,59 @@ def find(
     *beside* false looks only in the cache directory.
     """
     for path in candidate_paths(source.path, directory, beside):
+        blob = _read_candidate(source, path)
+        if blob is None:
+            continue
         try:
-            with open(path, "rb") as f:
-                owner = os.fstat(f.fileno()).st_uid
-                blob = f.read()
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            log.warning("%s: side index %s unreadable: %s", source.path, path, e.strerror)
-            continue
-        trusted = {0, os.geteuid(), _owner(source)}
-        if owner not in trusted:
+            return (path, *_adopt(source, blob, allow_incomplete))
+        except IndexCacheError as e:
+            log.warning("%s: side index %s not used, rebuilding: %s", source.path, path, e)
+    return None
+
+
+def _read_candidate(source, path: str) -> bytes | None:
+    """The bytes of the side index at *path*, or None (logged why, unless there is none).
+
+    Only a regular file, not a symbolic link, owned by the archive's owner,
+    root or the current user, and of at most :data:`MAX_SIZE` bytes is read:
+    a FIFO would block the open or the read forever and a link to a device
+    read without end.  Nothing is opened that ``lstat`` does not call a
+    regular file (opening a device can have effects), and the opened file is
+    checked again (it may have been swapped in between).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.warning("%s: side index %s unreadable: %s", source.path, path, e.strerror)
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        log.warning(
+            "%s: side index %s not used: it is %s, not a regular file",
+            source.path,
+            path,
+            _file_kind(st.st_mode),
+        )
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.warning("%s: side index %s unreadable: %s", source.path, path, e.strerror)
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            log.warning(
+                "%s: side index %s not used: it is %s, not a regular file",
+                source.path,
+                path,
+                _file_kind(st.st_mode),
+            )
+            return None
+        if st.st_uid not in {0, os.geteuid(), _owner(source)}:
             # Whoever can write it decides what the mount shows: only the
             # archive's owner, root or the current user may have made it.
             log.warning(
@@ -364,14 +423,49 @@ def find(
                 "root or this user",
                 source.path,
                 path,
-                owner,
+                st.st_uid,
             )
-            continue
-        try:
-            return (path, *_adopt(source, blob, allow_incomplete))
-        except IndexCacheError as e:
-            log.warning("%s: side index %s not used, rebuilding: %s", source.path, path, e)
-    return None
+            return None
+        if st.st_size > MAX_SIZE:
+            log.warning(
+                "%s: side index %s not used: %d bytes is more than any side index (%d)",
+                source.path,
+                path,
+                st.st_size,
+                MAX_SIZE,
+            )
+            return None
+        # Read what fstat promised and no more (the file cannot make us read forever).
+        blob = bytearray(st.st_size)
+        got = 0
+        with memoryview(blob) as view:
+            while got < len(blob):
+                n = os.preadv(fd, [view[got:]], got)
+                if n <= 0:
+                    break
+                got += n
+        del blob[got:]
+        return bytes(blob)
+    except (OSError, MemoryError) as e:
+        why = e.strerror if isinstance(e, OSError) else "out of memory"
+        log.warning("%s: side index %s unreadable: %s", source.path, path, why)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+    ):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def _adopt(source, blob: bytes, allow_incomplete: bool):

@@ -7,12 +7,14 @@ never by file name.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
+import stat
 from collections.abc import Callable
 from typing import Protocol
 
-from ..errors import SourceError
+from ..errors import SourceError, naming_archive
 from ..format import VMA_MAGIC
 from .plain import PlainSource
 
@@ -71,12 +73,43 @@ def _factory(head: bytes) -> Callable[[str], Source] | None:
     return None
 
 
+def _kind_of(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    return "not a regular file"
+
+
 def _read_head(path: str) -> bytes:
+    """The first bytes of *path*, which must be a regular file or a block device.
+
+    vmafs reads archives at random offsets (and a compressed one twice: the
+    scan, then the reads), so a pipe (``<(cat x.vma.zst)``, a FIFO) cannot
+    work; it is refused here with a clear message, before anything reads from
+    it (O_NONBLOCK: opening a FIFO without a writer must not hang).
+    """
     try:
-        with open(path, "rb") as f:
-            return f.read(16)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise SourceError(f"cannot open {path}: {e.strerror}") from e
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise SourceError(f"cannot open {path}: {os.strerror(errno.EISDIR)}")
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise SourceError(
+                f"{path}: is {_kind_of(mode)}; vmafs needs a regular file or block device "
+                "(it reads archives at random offsets): save the stream to a file first"
+            )
+        try:
+            return os.pread(fd, 16, 0)
+        except OSError as e:
+            raise SourceError(f"cannot read {path}: {e.strerror}") from e
+    finally:
+        os.close(fd)
 
 
 def _import_container(head: bytes) -> None:
@@ -108,8 +141,11 @@ def open_source(path: str | os.PathLike[str]) -> Source:
         _import_container(head)
         factory = _factory(head)
     if factory is None:
+        if not head:
+            raise SourceError(f"{path}: the file is empty (not a VMA archive)")
         raise SourceError(
             f"{path}: not a VMA archive (first bytes {head[:4].hex()}; "
             "expected VMA, zstd, gzip or lzop)"
         )
-    return factory(path)
+    with naming_archive(path):  # a container's errors name the file (once)
+        return factory(path)

@@ -20,7 +20,15 @@ class PlainSource:
         except OSError as e:
             raise SourceError(f"cannot open {path}: {e.strerror}") from e
         # lseek(SEEK_END) also sizes block devices, where st_size is 0.
-        self.size: int | None = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            self.size: int | None = os.lseek(self._fd, 0, os.SEEK_END)
+        except OSError as e:  # a pipe (open_source refuses those before this)
+            os.close(self._fd)
+            self._fd = -1
+            raise SourceError(
+                f"{path}: cannot seek ({e.strerror}); vmafs needs a regular file or "
+                "block device: save the stream to a file first"
+            ) from e
 
     def fileno(self) -> int:
         return self._fd

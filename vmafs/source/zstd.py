@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard
 
-from ..errors import CorruptStreamError, IndexCacheError, SourceError
+from ..errors import CorruptStreamError, IndexCacheError, SourceError, VmaError, naming_archive
 from . import register
 from .zstd_seekable import SeekTable
 
@@ -404,9 +404,10 @@ class _SeqReader:
     The file is mapped, so zstd reads the page cache in place: a buffered
     read() would copy every compressed byte once more (about a tenth of the
     scan's time).  What :meth:`peek`/:meth:`take` return are views of the
-    mapping.  The file must not shrink during the scan (a mapped page past
-    the new end faults with SIGBUS); vzdump and vmafs replace archives by
-    rename, which leaves the mapped file whole.
+    mapping.  The file must not shrink during the scan: a mapped page past
+    the new end faults with SIGBUS, which ends the process (no exception;
+    a known limitation, see docs/compression.md).  vzdump and vmafs replace
+    archives by rename, which leaves the mapped file whole.
 
     Where a file cannot be mapped (some network and FUSE filesystems) the
     same interface is served from one buffer refilled in place by pread;
@@ -610,8 +611,13 @@ class ZstdSource:
         """Decompress the whole stream once, in order, handing it to *on_chunk*.
 
         Records frames and tests checkpoint candidates on the way; afterwards
-        ``needs_scan`` is False and ``size`` is known.
+        ``needs_scan`` is False and ``size`` is known.  A VmaError raised on
+        the way (by the stream or by *on_chunk*) names the file once.
         """
+        with naming_archive(self.path):
+            self._scan(on_chunk, progress)
+
+    def _scan(self, on_chunk, progress) -> None:
         rd = _SeqReader(self._fd, self.compressed_size)
         st = _ScanState(on_chunk, progress, self.compressed_size)
         frames: tuple[list, ...] = ([], [], [], [], [], [])
@@ -768,7 +774,7 @@ class ZstdSource:
         else:
             comp, csz, dec, dsz = (a.astype(np.uint64) for a in f)
             if (
-                comp[0] != 0
+                not self._first_frame_at(int(comp[0]))
                 or np.any(comp[1:] < comp[:-1] + csz[:-1])
                 or int(comp[-1] + csz[-1]) > csize
                 or dec[0] != 0
@@ -798,6 +804,24 @@ class ZstdSource:
             self.size = size
             self.needs_scan = False
 
+    def _first_frame_at(self, first: int) -> bool:
+        """True when a zstd frame starts at *first*, after nothing but whole skippable frames.
+
+        The first data frame need not start at 0: pzstd, for one, writes a
+        skippable frame first.  Anything else means the saved frame table is
+        not this file's.
+        """
+        pos = 0
+        while pos < first:
+            head = os.pread(self._fd, 8, pos)
+            if len(head) < 8:
+                return False
+            magic, n = struct.unpack("<II", head)
+            if magic & SKIPPABLE_MAGIC_MASK != SKIPPABLE_MAGIC_BASE:
+                return False
+            pos += 8 + n
+        return pos == first and os.pread(self._fd, 4, first) == ZSTD_MAGIC_BYTES
+
     # --- reads --------------------------------------------------------------------
 
     def pread(self, offset: int, size: int) -> bytes:
@@ -810,7 +834,11 @@ class ZstdSource:
         parts = []
         pos = offset
         while pos < end:
-            ustart, data = self._unit(pos)
+            try:
+                ustart, data = self._unit(pos)
+            except VmaError as e:  # corrupt, or truncated since the scan: name the file
+                e.name_archive(self.path, in_message=False)
+                raise
             a = pos - ustart
             b = min(len(data), end - ustart)
             parts.append(data[a:b] if (a or b != len(data)) else data)
