@@ -384,3 +384,36 @@ def test_empty_file_is_called_empty(tmp_path):
     one.write_bytes(b"V")
     with pytest.raises(SourceError, match="first bytes 56;"):
         open_source(one)
+
+
+def test_header_and_index_errors_after_a_scan_name_the_file(tmp_path):
+    """`list` of a compressed archive parses the header after its scan, and `index`
+    finds duplicates after it: both errors still name the file."""
+    disk = sparse_disk(3 * CLUSTER_SIZE, 7, zero_clusters=0)
+    b = build_archive(
+        {"drive-scsi0": disk}, extra=[(1, 1, 0xFFFF, disk[CLUSTER_SIZE : 2 * CLUSTER_SIZE])]
+    )
+    bad_header = _zst(tmp_path / "md5.vma.zst", flip_bit(b.data, 40))
+    line = assert_one_line_error(run_cli("list", bad_header))
+    _named_once(line, bad_header)
+    dup = _zst(tmp_path / "dup.vma.zst", b.data)
+    line = assert_one_line_error(run_cli("index", dup))
+    _named_once(line, dup)
+    assert "stored twice" in line, line
+
+
+def test_mount_log_of_an_archive_named_not_utf8(tmp_path, require_fuse):
+    name = os.fsdecode(b"bad\xffname.vma")
+    archive = tmp_path / name
+    shutil.copy(FIXTURES_DIR / "two-disks.vma", archive)
+    mnt, log = tmp_path / "mnt", tmp_path / "mount.log"
+    mnt.mkdir()
+    proc = run_cli("mount", "-o", f"logfile={log}", archive, mnt)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert os.listdir(mnt)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+    text = log.read_text(errors="replace")
+    assert "Logging error" not in proc.stderr + text
+    assert "bad\\xffname.vma" in text, text

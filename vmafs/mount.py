@@ -374,7 +374,7 @@ def _setup_logging(opts: MountOptions, *, detached: bool, verbose: bool) -> None
 
         try:
             handler = SysLogHandler("/dev/log", facility=SysLogHandler.LOG_DAEMON)
-            handler.setFormatter(logging.Formatter("vmafs[%(process)d]: %(message)s"))
+            handler.setFormatter(_Formatter("vmafs[%(process)d]: %(message)s"))
         except OSError:
             handler = None
     if handler is None and detached:
@@ -382,12 +382,25 @@ def _setup_logging(opts: MountOptions, *, detached: bool, verbose: bool) -> None
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         handler = logging.FileHandler(path)
         handler.setFormatter(
-            logging.Formatter("%(asctime)s vmafs[%(process)d] %(levelname)s: %(message)s")
+            _Formatter("%(asctime)s vmafs[%(process)d] %(levelname)s: %(message)s")
         )
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("vmafs: %(levelname)s: %(message)s"))
+        handler.setFormatter(_Formatter("vmafs: %(levelname)s: %(message)s"))
     root.addHandler(handler)
+
+
+class _Formatter(logging.Formatter):
+    """Log lines that any handler can encode.
+
+    A path that is not valid UTF-8 reaches Python as surrogate escapes, which
+    the syslog and file handlers refuse to encode (they print a "Logging
+    error" traceback instead): such bytes are written as \\xNN.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _default_logfile() -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..archive import Archive, read_header
-from ..errors import TruncatedError
+from ..errors import TruncatedError, naming_archive
 from ..format import HEADER_STRUCT_SIZE, Header
 from ..source import open_source
 from .progress import Progress, want_progress
@@ -22,6 +22,11 @@ def load_header(path: str) -> Header:
     is instant even for a huge compressed archive: a source that can only be
     decompressed front to back is stopped as soon as the header is in.
     """
+    with naming_archive(path):  # Header.parse below raises after the scan
+        return _load_header(path)
+
+
+def _load_header(path: str) -> Header:
     source = open_source(path)
     try:
         if not source.needs_scan:

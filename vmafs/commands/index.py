@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from .. import sidecar
+from ..errors import naming_archive
 from ..index import StreamIndexer
 from ..source import open_source
 from ._common import add_progress_options
@@ -58,6 +59,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    # StreamIndexer.finish raises after the scan ("stored twice", "incomplete"): name the file.
+    with naming_archive(args.archive):
+        return _index(args)
+
+
+def _index(args) -> int:
     path = args.archive
     source = open_source(path)
     try:
