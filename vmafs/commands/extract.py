@@ -37,7 +37,6 @@ import contextlib
 import os
 import signal
 import sys
-from contextlib import contextmanager
 
 import numpy as np
 
@@ -45,7 +44,7 @@ from .. import names
 from ..errors import VmaError
 from ..format import BLOCK_SIZE
 from ._archive_order import prefers_archive_order, write_in_archive_order
-from ._common import add_progress_options, open_archive, printable
+from ._common import add_progress_options, first_signal_raises, open_archive, printable
 from .progress import Progress, human_bytes, want_progress
 
 HELP = "restore the disks, configs and vmstate of an archive into a directory"
@@ -377,34 +376,6 @@ class _Extraction:
                 pass
 
 
-@contextmanager
-def _signals_unwind():
-    """Turn the signals of CLEANUP_SIGNALS into _Terminated so the cleanup runs.
-
-    Only the first one counts: a second SIGTERM (or SIGHUP) while the
-    partial files are being removed must not cut that short.
-    """
-    hit: list[int] = []
-
-    def handler(signum, frame):
-        if hit:
-            return
-        hit.append(signum)
-        raise _Terminated(signum)
-
-    old = {}
-    try:
-        for sig in CLEANUP_SIGNALS:
-            old[sig] = signal.signal(sig, handler)
-    except ValueError:  # not the main thread (in-process callers): leave them alone
-        pass
-    try:
-        yield
-    finally:
-        for sig, previous in old.items():
-            signal.signal(sig, previous)
-
-
 def _print_files(args: argparse.Namespace, archive, plan: list[names.Entry]) -> None:
     """The -v lines; a failed write to stdout is not mistaken for a failed extraction."""
     from ..cli import writing_stdout  # noqa: PLC0415 - light, and loaded already
@@ -442,7 +413,7 @@ def run(args: argparse.Namespace) -> int:
             for _, length in archive.allocated_ranges(e.dev_id)
         )
         try:
-            with _signals_unwind():
+            with first_signal_raises(CLEANUP_SIGNALS, _Terminated):
                 _extract(archive, args.dir, plan, total, show)
         except _Terminated as t:
             with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone

@@ -41,7 +41,7 @@ from ..format import BLOCK_SIZE, EXTENT_HEADER_SIZE, HEADER_STRUCT_SIZE, Header
 from ..index import StreamIndexer
 from ..source import open_source
 from ..source.zstd_seekable import FRAME_LIMIT, FRAME_TARGET, SeekableZstdWriter
-from ._common import add_progress_options
+from ._common import add_progress_options, first_signal_raises
 from .progress import Progress, human_bytes, want_progress
 
 HELP = "rewrite an archive as seekable zstd (frames aligned to extents)"
@@ -382,39 +382,11 @@ def _stream(source, on_chunk, progress) -> int:
     return pos
 
 
-@contextlib.contextmanager
-def _signals_unwind(output: _Output):
-    """The first of :data:`SIGNALS` raises :class:`Interrupted`, unless OUT is committed.
-
-    Later signals are ignored, so the cleanup they unwind into runs to its end.
-    """
-    fired = False
-
-    def handler(signum, frame):
-        nonlocal fired
-        if fired or output.committed:
-            return
-        fired = True
-        raise Interrupted(signum)
-
-    old = {}
-    try:
-        for signum in SIGNALS:
-            old[signum] = signal.signal(signum, handler)
-    except ValueError:  # not the main thread (in-process callers): leave signals alone
-        pass
-    try:
-        yield
-    finally:
-        for signum, previous in old.items():
-            signal.signal(signum, previous)
-
-
 def run(args) -> int:
     show = want_progress(args.progress)
     output = _Output(args.output)
     try:
-        with _signals_unwind(output):
+        with first_signal_raises(SIGNALS, Interrupted, ignore=lambda: output.committed):
             try:
                 with Progress("recompressing", enabled=show) as bar:
                     r = _recompress(
