@@ -390,13 +390,7 @@ def _read_candidate(source, path: str) -> bytes | None:
     except OSError as e:
         log.warning("%s: side index %s unreadable: %s", source.path, path, e.strerror)
         return None
-    if not stat.S_ISREG(st.st_mode):
-        log.warning(
-            "%s: side index %s not used: it is %s, not a regular file",
-            source.path,
-            path,
-            _file_kind(st.st_mode),
-        )
+    if _not_regular(st, source, path):
         return None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -407,13 +401,7 @@ def _read_candidate(source, path: str) -> bytes | None:
         return None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            log.warning(
-                "%s: side index %s not used: it is %s, not a regular file",
-                source.path,
-                path,
-                _file_kind(st.st_mode),
-            )
+        if _not_regular(st, source, path):  # swapped since the lstat
             return None
         if st.st_uid not in {0, os.geteuid(), _owner(source)}:
             # Whoever can write it decides what the mount shows: only the
@@ -452,6 +440,19 @@ def _read_candidate(source, path: str) -> bytes | None:
         return None
     finally:
         os.close(fd)
+
+
+def _not_regular(st: os.stat_result, source, path: str) -> bool:
+    """True (with a warning) when *st* is not a regular file's."""
+    if stat.S_ISREG(st.st_mode):
+        return False
+    log.warning(
+        "%s: side index %s not used: it is %s, not a regular file",
+        source.path,
+        path,
+        _file_kind(st.st_mode),
+    )
+    return True
 
 
 def _file_kind(mode: int) -> str:
