@@ -230,11 +230,6 @@ def check_output(target: str) -> None:
         raise BackupError("refusing to write an archive to a terminal (redirect stdout)")
 
 
-def _open_output(target: str, force: bool) -> ArchiveOutput:
-    check_output(target)
-    return ArchiveOutput(target, overwrite=force)
-
-
 def _summary(result: BackupResult, target: str) -> str:
     rate = result.disk_bytes / result.seconds if result.seconds > 0 else 0
     return (
@@ -287,7 +282,7 @@ def run_backup(args: argparse.Namespace) -> int:
         # The temp file is made inside the guarded run, so a signal at any
         # point after it exists removes it again.
         await late.ready()
-        output = late.output = _open_output(args.output, args.force)
+        output = late.output = ArchiveOutput(args.output, overwrite=args.force)
         try:
             qmp = await QmpConnection.open(parse_address(args.qmp))
         except BaseException:
@@ -324,7 +319,7 @@ def run_create(args: argparse.Namespace) -> int:
 
     async def main() -> BackupResult:
         await late.ready()
-        output = late.output = _open_output(args.archive, args.force)
+        output = late.output = ArchiveOutput(args.archive, overwrite=args.force)
         return await create(
             output, args.images, configs, speed=args.speed, progress=bar, signals=guard
         )
