@@ -291,7 +291,8 @@ class Archive:
                 else:
                     zeros.append((pos, b - a))
             else:
-                self._partial(pos, (entry >> MASK_BITS) << OFFSET_SHIFT, mask, a, b, runs, zeros)
+                aoff = (entry >> MASK_BITS) << OFFSET_SHIFT
+                self.plan_partial(pos, aoff, mask, a, b, runs, zeros)
             pos += b - a
             cstart += CLUSTER_SIZE
         return runs, zeros
@@ -304,11 +305,13 @@ class Archive:
             runs.append([aoff, length, dest])
 
     @classmethod
-    def _partial(cls, pos, aoff, mask, a, b, runs, zeros) -> None:
+    def plan_partial(cls, pos, aoff, mask, a, b, runs, zeros) -> None:
         """Plan bytes [a, b) of a cluster with some blocks stored, destined for pos.
 
-        Goes from one run of stored (or of unstored) blocks to the next, not
-        block by block.
+        *aoff* is where the cluster's stored blocks start (in the archive, or
+        in any buffer holding them back to back); appends to *runs* ([source
+        offset, length, dest]) and *zeros* ((dest, length)).  Goes from one
+        run of stored (or of unstored) blocks to the next, not block by block.
         """
         blk, last = a >> _BLOCK_BITS, (b - 1) >> _BLOCK_BITS
         stored = (mask & ((1 << blk) - 1)).bit_count()  # blocks stored before blk

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..archive import Archive
 from ..errors import TruncatedError
 from ..format import BLOCK_SIZE, CLUSTER_SIZE
 from ..index import MASK, MASK_BITS, OFFSET_SHIFT
@@ -108,17 +109,9 @@ def _write_cluster(data, at: int, mask: int, target, cluster: int, write, advanc
     limit = min(CLUSTER_SIZE, size - base)  # the last cluster may be cut by the device size
     if mask == _FULL:
         write(fd, data[at : at + limit], base)
-    else:
-        blk = 0
-        while mask >> blk:
-            if not (mask >> blk) & 1:
-                blk += 1
-                continue
-            first = blk
-            while (mask >> blk) & 1:
-                blk += 1
-            lo, hi = first * BLOCK_SIZE, min(blk * BLOCK_SIZE, limit)
-            if lo < hi:
-                write(fd, data[at : at + hi - lo], base + lo)
-            at += (blk - first) * BLOCK_SIZE
+    else:  # the block layout is the reader's: runs of stored blocks, holes skipped
+        runs: list[list[int]] = []
+        Archive.plan_partial(0, at, mask, 0, limit, runs, [])
+        for src, length, dest in runs:
+            write(fd, data[src : src + length], base + dest)
     advance(limit)
