@@ -22,7 +22,13 @@ import zstandard
 
 from vmafs.errors import CorruptStreamError, IndexCacheError, SourceError
 from vmafs.source import open_source
-from vmafs.source.zstd import ZstdSource, parse_frame_header, window_descriptor_for
+from vmafs.source.zstd import (
+    ZstdSource,
+    parse_frame_header,
+    put_resume_prefix,
+    resume_prefix_size,
+    window_descriptor_for,
+)
 from vmafs.source.zstd_seekable import SeekableZstdWriter, SeekTable
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -154,6 +160,22 @@ def test_frame_header_fields():
 
 
 # --- seekable format ---------------------------------------------------------------
+
+
+@needs_zstd
+@pytest.mark.parametrize("keep", [0, 1, 128 << 10, (128 << 10) + 1, 2 << 20])
+def test_resume_prefix_is_a_valid_frame_start(tmp_path, keep):
+    # The window as raw blocks after a synthetic frame header: closed with an
+    # empty last block, it is a whole frame that the zstd CLI decodes to the
+    # window itself (so the layout is zstd's, not just python-zstandard's).
+    window = random.Random(keep).randbytes(keep)
+    buf = bytearray(resume_prefix_size(keep) + 2)
+    end = put_resume_prefix(buf, 2, window_descriptor_for(2 << 20), memoryview(window))
+    assert end == len(buf) and buf[:2] == bytes(2)
+    path = tmp_path / "prefix.zst"
+    path.write_bytes(bytes(buf[2:]) + (1).to_bytes(3, "little"))  # last block, raw, empty
+    out = subprocess.run(["zstd", "-d", "-c", str(path)], capture_output=True, check=True)
+    assert out.stdout == window
 
 
 @needs_zstd

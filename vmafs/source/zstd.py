@@ -13,15 +13,16 @@ One class, :class:`ZstdSource`, serves every zstd layout by what it finds:
   boundary the decoder's state is the window of recent output plus entropy
   tables and three repeat offsets.  A block that defines its own tables and
   whose offsets reach only into the window can be decoded by a fresh decoder
-  given a *synthetic frame* (a frame header with the original window size, no
-  checksum, no content size, then the original blocks from that boundary on)
-  and the preceding output as a raw-content dictionary.  Whether a boundary
+  given a *synthetic frame*: a frame header with the original window size (no
+  checksum, no content size), the preceding output as raw blocks, then the
+  original blocks from that boundary on (:func:`put_resume_prefix`; the
+  same as giving the window as a raw-content dictionary).  Whether a boundary
   qualifies cannot be read off its header (repeat offsets live inside the
   compressed sequences), so each candidate is **tested during the scan**: a
   worker thread decodes one window's worth of output from it and compares
   that with the bytes the scan just produced.  The same test finds how little
   of the window suffices (zstd refuses an offset before the start of the
-  dictionary; zeroed bytes that a match copies change the output), so a
+  frame; zeroed bytes that a match copies change the output), so a
   checkpoint keeps a short tail with its unused incompressible parts zeroed,
   compressed.  Candidates that fail are dropped; the next boundary is tried.
 
@@ -44,6 +45,7 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import mmap
 import os
@@ -242,10 +244,33 @@ def _synthetic_header(window_descriptor: int) -> bytes:
     return ZSTD_MAGIC_BYTES + bytes((0, window_descriptor))
 
 
-def _decompressor(window: bytes | None = None) -> zstandard.ZstdDecompressor:
-    if window:
-        d = zstandard.ZstdCompressionDict(window, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-        return zstandard.ZstdDecompressor(dict_data=d, max_window_size=MAX_WINDOW)
+def resume_prefix_size(keep: int) -> int:
+    """Bytes of :func:`put_resume_prefix` output for a window of *keep* bytes."""
+    return 6 + keep + 3 * -(-keep // BLOCK_SIZE_MAX)
+
+
+def put_resume_prefix(buf: bytearray, at: int, window_descriptor: int, window) -> int:
+    """Write the start of a synthetic frame into *buf* at *at*; returns where it ends.
+
+    The frame header (the original window size, no checksum, no content
+    size) is followed by *window* as raw blocks, so the original compressed
+    blocks that follow decode with that window as their history.  This is
+    what a raw-content dictionary gives a decoder, as plain frame data: the
+    decoder starts with no entropy tables and the initial repeat offsets
+    either way, and an offset reaching before the window's start is refused
+    either way.  Its output starts with the window itself.
+    """
+    buf[at : at + 6] = _synthetic_header(window_descriptor)
+    pos, n = at + 6, len(window)
+    for a in range(0, n, BLOCK_SIZE_MAX):
+        b = min(a + BLOCK_SIZE_MAX, n)
+        buf[pos : pos + 3] = ((b - a) << 3 | BLOCK_RAW << 1).to_bytes(3, "little")
+        buf[pos + 3 : pos + 3 + b - a] = window[a:b]
+        pos += 3 + b - a
+    return pos
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
     return zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
 
 
@@ -265,6 +290,77 @@ class _RangeFile:
         data = os.pread(self._fd, n, self.pos)
         self.pos += len(data)
         return data
+
+
+class _Tester:
+    """One test thread's decoder, compressor and buffers, reused from test to test.
+
+    A test used to take fresh memory for everything (a dictionary copy and
+    decoder buffers per attempt, the input, copies of the output): about a
+    thousand page faults and several MiB copied under the interpreter lock
+    per candidate, which the scan's own thread paid for in waits.  Here a
+    test copies the window once per attempt and holds the lock for little
+    else; decoding and compressing release it.
+    """
+
+    _local = threading.local()
+
+    def __init__(self) -> None:
+        self.dctx = _decompressor()
+        self.cctx = zstandard.ZstdCompressor(level=_WINDOW_LEVEL)
+        self.inp = bytearray()
+        self.out = bytearray()
+
+    @classmethod
+    def mine(cls) -> _Tester:
+        """This thread's tester (zstd contexts are not shared between threads)."""
+        t = getattr(cls._local, "tester", None)
+        if t is None:
+            t = cls._local.tester = cls()
+        return t
+
+    def load(self, fd: int, comp: int, comp_len: int, max_keep: int) -> int:
+        """Read the candidate's compressed blocks behind room for a prefix; returns that room."""
+        room = resume_prefix_size(max_keep)
+        if len(self.inp) < room + comp_len:
+            self.inp = bytearray(room + comp_len)
+        got = os.preadv(fd, [memoryview(self.inp)[room : room + comp_len]], comp)
+        if got != comp_len:
+            raise _corrupt("truncated zstd stream (file shorter than at its scan)", comp + got)
+        return room
+
+    def attempt(self, room: int, comp_len: int, wd: int, window, truth) -> bool | None:
+        """Decode with *window* as history; compare the output after it with *truth*.
+
+        True: exact; False: zstd refused (an offset before the window's
+        start); None: wrong bytes, or the data ran out before *truth* did.
+        Compares piece by piece, so a failing attempt usually stops early.
+        """
+        keep, want = len(window), len(truth)
+        start = room - resume_prefix_size(keep)
+        put_resume_prefix(self.inp, start, wd, window)
+        if len(self.out) < max(keep, _CHECK_STEP):
+            self.out = bytearray(max(keep, _CHECK_STEP))
+        out, outv = self.out, memoryview(self.out)
+        reader = self.dctx.stream_reader(
+            memoryview(self.inp)[start : room + comp_len], read_across_frames=False
+        )
+        try:
+            with reader:
+                if keep and reader.readinto(outv[:keep]) != keep:
+                    return None
+                pos = 0
+                while pos < want:
+                    n = min(_CHECK_STEP, want - pos)
+                    if reader.readinto(outv[:n]) != n:
+                        return None
+                    # bytearray.startswith compares with memcmp (a view == view would not)
+                    if not out.startswith(truth[pos : pos + n]):
+                        return None
+                    pos += n
+        except zstandard.ZstdError:
+            return False
+        return True
 
 
 def _test_candidate(
@@ -287,7 +383,7 @@ def _test_candidate(
     ``len(truth)`` the decoder's window is its own output):
 
     - the window is cut to the shortest tail in a ladder for which zstd does
-      not refuse an offset reaching before the dictionary;
+      not refuse an offset reaching before the window;
     - incompressible 64 KiB segments of that tail (byte entropy above 7.5
       bits: already compressed data), which cost the most to store, are
       zeroed when the output does not change.  A changed
@@ -295,47 +391,26 @@ def _test_candidate(
       test proves the zeroed bytes were never used (or were zero).  Segments
       are tested in groups, halving a group that fails (group testing: a
       union of passing groups passes too).
+
+    *window* and *truth* may be views of the scan's reused buffers, left
+    alone until this returns.
     """
-    data = _synthetic_header(wd) + os.pread(fd, comp_len, comp)
-    # *window* and *truth* may be views of the scan's reused buffers, left
-    # alone until this returns; bytes compare with memcmp, views item by item.
-    truth = bytes(truth)
-    want = len(truth)
+    tester = _Tester.mine()
+    room = tester.load(fd, comp, comp_len, len(window))
 
-    def attempt(dictionary: bytes) -> bool | None:
-        """True: exact; False: zstd refused (offset before the dictionary); None: wrong bytes.
-
-        Compares piece by piece, so a failing attempt usually stops early.
-        """
-        # decompressobj, not stream_reader: the latter drops buffered output
-        # when its input ends inside a frame, as *data* does.  The output is
-        # bounded: *data* ends one block after *truth*'s end.
-        dobj = _decompressor(dictionary).decompressobj(write_size=_CHECK_STEP)
-        pos = 0
-        try:
-            for i in range(0, len(data), _CHECK_STEP // 4):
-                got = dobj.decompress(data[i : i + _CHECK_STEP // 4])
-                n = min(len(got), want - pos)
-                # bytes against bytes (memcmp); a memoryview compares item by item
-                if (got if n == len(got) else got[:n]) != truth[pos : pos + n]:
-                    return None
-                pos += n
-                if pos >= want:
-                    return True
-        except zstandard.ZstdError:
-            return False
-        return None  # the data ran out before *truth* did
+    def attempt(win) -> bool | None:
+        return tester.attempt(room, comp_len, wd, win, truth)
 
     ladder = [n for n in _TRIM_LADDER if n < len(window)] + [len(window)]
     for keep in ladder:
-        ok = attempt(window[-keep:])
+        ok = attempt(window[len(window) - keep :])
         if ok is None:
             return None  # wrong bytes: repeat offsets or tables from before the boundary
         if ok:
             break
     else:
         return None
-    tail = bytearray(window[-keep:])
+    tail = window[len(window) - keep :]
     costly = []
     for a in range(0, keep if mask else 0, _SEGMENT):
         n = min(_SEGMENT, keep - a)
@@ -347,6 +422,8 @@ def _test_candidate(
             costly.append((a, n))
     if sum(n for _, n in costly) < _MASK_MIN_BYTES:
         costly = []
+    if costly:
+        tail = bytearray(tail)  # masked below: a copy, not the scan's buffer
     trials = [_MASK_TRIALS]
 
     def maskable(group: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -356,7 +433,7 @@ def _test_candidate(
         saved = [bytes(tail[a : a + n]) for a, n in group]
         for a, n in group:
             tail[a : a + n] = bytes(n)
-        ok = attempt(bytes(tail))
+        ok = attempt(tail)
         for (a, n), old in zip(group, saved, strict=True):
             tail[a : a + n] = old
         if ok:
@@ -368,8 +445,7 @@ def _test_candidate(
 
     for a, n in maskable(costly):
         tail[a : a + n] = bytes(n)
-    blob = zstandard.ZstdCompressor(level=_WINDOW_LEVEL).compress(bytes(tail))
-    return keep, blob
+    return keep, tester.cctx.compress(tail)
 
 
 class _Candidate:
@@ -543,7 +619,7 @@ class ZstdSource:
         self.size: int | None = None
         self.needs_scan = True
         self._set_frames([], [], [], [], [], [])
-        self._set_checkpoints([], [], [], [], b"")
+        self._set_checkpoints([], [], [], [])
         #: Statistics of the last scan (candidates tested/rejected, checkpoints kept).
         self.scan_stats: dict[str, int] = {}
         head = os.pread(self._fd, 4, 0)
@@ -566,12 +642,17 @@ class ZstdSource:
         self._f_flags = np.asarray(flags, dtype=np.uint8)  # bit 0: content checksum
         self._f_dec_list = self._f_dec.tolist()
 
-    def _set_checkpoints(self, dec, comp, frame, boff, blob: bytes) -> None:
+    def _set_checkpoints(self, dec, comp, frame, windows: list) -> None:
+        """Adopt checkpoint arrays and their compressed windows, one bytes-like per checkpoint.
+
+        The windows stay separate (the scan's own blobs, or views of a loaded
+        side index): joined, they would be copied into fresh memory at the end
+        of every first scan; only :meth:`checkpoint_state` joins them.
+        """
         self._c_dec = np.asarray(dec, dtype=np.uint64)
         self._c_comp = np.asarray(comp, dtype=np.uint64)
         self._c_frame = np.asarray(frame, dtype=np.uint32)
-        self._c_boff = np.asarray(boff if len(boff) else [0], dtype=np.uint64)
-        self._blob = bytes(blob)
+        self._windows = windows
         self._c_dec_list = self._c_dec.tolist()
         self._c_bad = [False] * len(self._c_dec_list)
         self._framed_cp = set(self._c_frame.tolist())
@@ -663,9 +744,7 @@ class ZstdSource:
             raise _corrupt("no zstd frame in the file", 0, 0)
         with self._lock:
             self._set_frames(*frames)
-            self._set_checkpoints(
-                st.cp_dec, st.cp_comp, st.cp_frame, st.cp_boff, b"".join(st.blobs)
-            )
+            self._set_checkpoints(st.cp_dec, st.cp_comp, st.cp_frame, st.blobs)
             self._cache.clear()
             self._cached = 0
             self._cursors.clear()
@@ -709,9 +788,7 @@ class ZstdSource:
         st.cp_dec.append(c.dec)
         st.cp_comp.append(c.comp)
         st.cp_frame.append(fidx)
-        st.cp_boff.append(st.blob_len)
         st.blobs.append(blob)
-        st.blob_len += len(blob)
         cost = len(blob) + 28  # + the four array entries
         st.cp_bytes += cost
         st.last_cost = cost
@@ -742,8 +819,10 @@ class ZstdSource:
             "cp_dec": self._c_dec,
             "cp_comp": self._c_comp,
             "cp_frame": self._c_frame,
-            "cp_boff": self._c_boff[: len(self._c_dec)],
-            "cp_windows": np.frombuffer(self._blob, dtype=np.uint8),
+            "cp_boff": np.cumsum([0] + [len(w) for w in self._windows[:-1]], dtype=np.uint64)
+            if self._windows
+            else np.zeros(0, dtype=np.uint64),
+            "cp_windows": np.frombuffer(b"".join(self._windows), dtype=np.uint8),
         }
 
     def load_checkpoint_state(self, state: dict[str, np.ndarray]) -> None:
@@ -797,7 +876,10 @@ class ZstdSource:
             raise IndexCacheError(f"zstd index state does not fit {self.path}: {problem}")
         with self._lock:
             self._set_frames(*f, wd, flags)
-            self._set_checkpoints(cdec, ccomp, cframe, cboff, blob)
+            bounds = [*cboff.tolist(), len(blob)]
+            view = memoryview(blob)
+            windows = [view[a:b] for a, b in itertools.pairwise(bounds)]
+            self._set_checkpoints(cdec, ccomp, cframe, windows)
             self._cache.clear()
             self._cached = 0
             self._cursors.clear()
@@ -939,20 +1021,19 @@ class ZstdSource:
                 src, read_size=_READ_CHUNK, read_across_frames=False
             )
             return _Cursor(fi, entry, reader, -1)
-        boff = int(self._c_boff[j])
-        bend = int(self._c_boff[j + 1]) if j + 1 < len(self._c_dec_list) else len(self._blob)
         try:
-            window = zstandard.ZstdDecompressor().decompress(self._blob[boff:bend])
+            window = zstandard.ZstdDecompressor().decompress(self._windows[j])
         except zstandard.ZstdError as e:
             raise IndexCacheError(f"checkpoint window {j} of {self.path} is corrupt ({e})") from e
         comp_end = fcomp + fcsize - (4 if int(self._f_flags[fi]) & 1 else 0)
-        src = _RangeFile(
-            self._fd, int(self._c_comp[j]), comp_end, _synthetic_header(int(self._f_wd[fi]))
-        )
-        reader = _decompressor(window).stream_reader(
-            src, read_size=_READ_CHUNK, read_across_frames=False
-        )
-        return _Cursor(fi, entry, reader, j)
+        # The scan tested this very construction: the window decodes first, then the blocks.
+        prefix = bytearray(resume_prefix_size(len(window)))
+        put_resume_prefix(prefix, 0, int(self._f_wd[fi]), window)
+        src = _RangeFile(self._fd, int(self._c_comp[j]), comp_end, bytes(prefix))
+        reader = _decompressor().stream_reader(src, read_size=_READ_CHUNK, read_across_frames=False)
+        cur = _Cursor(fi, entry - len(window), reader, j)
+        cur.start = entry
+        return cur
 
     def header_reader(self) -> _HeadReader:
         """A reader for walkers that want a few bytes here and there (extent headers).
@@ -1331,10 +1412,8 @@ class _ScanState:
         self.cp_dec: list[int] = []
         self.cp_comp: list[int] = []
         self.cp_frame: list[int] = []
-        self.cp_boff: list[int] = []
         self.blobs: list[bytes] = []
         self.spare: list[tuple[bytearray, bytearray]] = []  # candidate buffers to reuse
-        self.blob_len = 0
         self.cp_bytes = 0
         self.last_cost = 0
         self.stats = {
