@@ -742,7 +742,7 @@ def test_stdout_streaming(tmp_path):
 
 
 def test_zst_target_is_seekable_with_frames_at_extent_boundaries(tmp_path):
-    from vmafs.source.zstd_seekable import SeekTable
+    from vmafs.source.zstd_seekable import FRAME_LIMIT, SeekTable
 
     data = make_disk(100 * CLUSTER_SIZE, 11)
     items = [(1, o, c) for o, c in clusters(data)]
@@ -762,10 +762,22 @@ def test_zst_target_is_seekable_with_frames_at_extent_boundaries(tmp_path):
     table = SeekTable.from_tail(lambda off, n: raw[off : off + n], len(raw))
     assert table is not None and len(table) > 1
     header, extents = walk_extents(got)
-    boundaries, pos = {header.header_size}, header.header_size
+    spans, pos = [], header.header_size
     for e in extents:
-        pos += EXTENT_HEADER_SIZE + e.block_count * 4096
-        boundaries.add(pos)
+        end = pos + EXTENT_HEADER_SIZE + e.block_count * 4096
+        spans.append((pos, end))
+        pos = end
     sizes = table.decompressed_sizes
     starts = {sum(sizes[:i]) for i in range(1, len(sizes))}
-    assert starts <= boundaries
+    # Frames start at extents; an extent over the frame limit starts one and
+    # is cut between its 4 KiB blocks (a full one, 3.7 MiB, into two frames).
+    assert any(b - a > FRAME_LIMIT for a, b in spans)
+    cut = {header.header_size}
+    for a, b in spans:
+        cut.add(b)
+        inner = {x for x in starts if a < x < b}
+        if b - a > FRAME_LIMIT:
+            assert a in starts and inner, (a, b)
+            assert all((x - a - EXTENT_HEADER_SIZE) % 4096 == 0 for x in inner)
+        cut |= inner
+    assert starts <= cut

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import itertools
 import os
 import random
 import shutil
@@ -221,7 +222,12 @@ def expected_frames(units: list[int], target: int, limit: int) -> list[int]:
         if cur and (cur >= target or cur + u > limit):
             frames.append(cur)
             cur = 0
-        cur += u
+        k = -(-u // limit)  # a unit over the limit: k near-equal pieces, 4 KiB multiples
+        ends = [u % 4096 + 4096 * (u // 4096 * i // k) for i in range(1, k + 1)]
+        for a, b in zip([0, *ends], ends[:-1], strict=False):
+            frames.append(cur + b - a)
+            cur = 0
+        cur += u - (ends[-2] if k > 1 else 0)
     return [*frames, cur] if cur else frames
 
 
@@ -258,8 +264,14 @@ def test_seekable_writer_groups_units_into_frames(tmp_path, pieces):
     table = SeekTable.from_tail(lambda o, n: raw[o : o + n], len(raw))
     want = expected_frames(units, target, limit)
     assert table.decompressed_sizes == want
-    assert len(want) > 10 and max(want) > limit  # some full extents stand alone
-    assert all(d <= limit or d in units for d in want)
+    assert len(want) > 10 and max(want) <= limit + 8192
+    # a frame ends inside a unit only to cut one over the limit (which starts
+    # a frame), a multiple of 4 KiB before the unit's end (VMA blocks stay whole)
+    starts = set(itertools.accumulate(want, initial=0))
+    for a, b in itertools.pairwise(itertools.accumulate(units, initial=0)):
+        inner = [x for x in starts if a < x < b]
+        assert (b - a > limit) == bool(inner) == (bool(inner) and a in starts)
+        assert all((b - x) % 4096 == 0 for x in inner)
     out = subprocess.run(["zstd", "-d", "-c", str(path)], check=True, capture_output=True).stdout
     assert out == data
     src = ZstdSource(str(path))

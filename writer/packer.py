@@ -748,8 +748,9 @@ class ArchiveOutput:
     receives the header and then whole extents only; in seekable mode each
     write is one unit of the writer, which groups consecutive extents into
     frames (``FRAME_TARGET``/``FRAME_LIMIT`` in zstd_seekable, shared with
-    ``vmafs recompress``; ``frame_bytes`` overrides the target), so every
-    frame starts at an extent boundary.
+    ``vmafs recompress``; ``frame_bytes`` overrides the target), so a
+    frame starts at an extent boundary, or between the 4 KiB blocks of an
+    extent too big for one frame.
     ``compress`` overrides the choice: ``"zstd"``, ``None``/``False`` (plain),
     ``True`` (by suffix).
 
@@ -864,7 +865,7 @@ class ArchiveOutput:
                 return
             self._write_all(memoryview(data).cast("B"))
         else:
-            self._zw.write(data)  # seekable: one unit, copied; frames end between units
+            self._zw.write(data)  # seekable: one unit, copied (see SeekableZstdWriter.unit)
 
     def _end_frame(self) -> None:
         self._zw.end_frame()

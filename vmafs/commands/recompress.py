@@ -8,8 +8,8 @@ once, front to back.  Every byte goes to two consumers:
   good-looking seekable one;
 - :class:`_Framer`, which finds the VMA extent boundaries and hands the
   stream to :class:`~vmafs.source.zstd_seekable.SeekableZstdWriter` one
-  extent at a time, so that its frames hold whole extents (the header rides
-  in the first frame).  Frame sizes are the writer's
+  extent at a time, so that its frames start at extents (the header rides
+  in the first frame; a full extent is cut in two).  Frame sizes are the writer's
   (:data:`~vmafs.source.zstd_seekable.FRAME_TARGET`, ``FRAME_LIMIT``), the
   same as for the VMA writer's own ``.vma.zst`` output.
 
@@ -49,8 +49,8 @@ HELP = "rewrite an archive as seekable zstd (frames aligned to extents)"
 DESCRIPTION = """\
 Read IN (a plain .vma or a .vma.zst/.gz/.lzo, e.g. straight from vzdump),
 check its VMA structure as `vmafs verify` does, and write OUT as zstd in
-the seekable format: independent frames of whole VMA extents (1-4 MiB
-each; a full extent is about 3.7 MiB) plus a seek table.  `zstd -d OUT`
+the seekable format: independent frames of 1-2 MiB that start at VMA
+extents (a full extent, about 3.7 MiB, is cut in two) plus a seek table.  `zstd -d OUT`
 yields the plain archive byte for byte, so Proxmox restores it as usual;
 vmafs mounts it with random access and needs no side index.
 

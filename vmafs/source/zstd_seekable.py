@@ -22,6 +22,7 @@ and the reader (:mod:`vmafs.source.zstd`) both go through it.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -113,16 +114,32 @@ class SeekTable:
 
 
 #: Frame sizes (uncompressed).  A frame holds whole units (for a VMA
-#: archive: the header, then whole extents, so every frame starts at an
-#: extent boundary).  It ends at the first unit boundary at or after
-#: FRAME_TARGET bytes, and earlier when the next unit would take it past
-#: FRAME_LIMIT (a unit bigger than that gets a frame of its own).  A random
-#: read decompresses one whole frame (~1 ms of CPU per MiB), so these bound a
-#: read's cost: a full Proxmox extent (512 B + 59 x 64 KiB, ~3.7 MiB) is the
-#: usual frame, runs of small extents are grouped to at least 1 MiB.
-#: Measured in docs/compression.md ("Seekable output").
+#: archive: the header, then whole extents) or part of one big unit.
+#: It ends at the first unit boundary at or after FRAME_TARGET bytes, and
+#: earlier when the next unit would take it past FRAME_LIMIT.  A unit bigger
+#: than FRAME_LIMIT is cut into as few near-equal frames as keep each about
+#: that size (cuts at a multiple of 4 KiB from the unit's end, so a VMA
+#: extent's 4 KiB blocks are never split).  A random read decompresses one
+#: whole frame, so these bound a read's cost: a full Proxmox extent (512 B +
+#: 59 x 64 KiB, ~3.7 MiB) becomes two frames of ~1.8 MiB, runs of small
+#: extents are grouped to at least 1 MiB.  Measured in docs/compression.md
+#: ("Seekable output").
 FRAME_TARGET = 1 << 20
-FRAME_LIMIT = 4 << 20
+FRAME_LIMIT = 2 << 20
+_CUT_ALIGN = 4096
+
+
+def split_points(size: int, limit: int) -> list[int]:
+    """Where a unit of *size* bytes is cut (offsets inside it) so no piece is much over *limit*.
+
+    ``ceil(size / limit)`` pieces of near-equal size; every piece but the
+    first is a multiple of 4 KiB, the first also takes ``size % 4096``.
+    """
+    k = -(-size // limit)
+    if k <= 1:
+        return []
+    head, blocks = size % _CUT_ALIGN, size // _CUT_ALIGN
+    return [head + _CUT_ALIGN * (blocks * i // k) for i in range(1, k)]
 
 
 class SeekableZstdWriter:
@@ -132,9 +149,10 @@ class SeekableZstdWriter:
 
     - :meth:`write` (one unit) or :meth:`unit` + :meth:`feed` (a unit handed
       over in pieces): the writer groups units into frames by
-      :data:`FRAME_TARGET` / :data:`FRAME_LIMIT` and never cuts inside one.
+      :data:`FRAME_TARGET` / :data:`FRAME_LIMIT`; a frame ends only between
+      units, or inside a unit bigger than the limit (:func:`split_points`).
       The VMA writer and ``vmafs recompress`` pass the header and each
-      extent as units, so frames start at extent boundaries;
+      extent as units, so a frame starts at an extent or inside a full one;
     - :meth:`write_frame`: *data* becomes one frame, as it is.
 
     :meth:`close` ends the last frame and appends the seek table; it does not
@@ -158,6 +176,8 @@ class SeekableZstdWriter:
         self._target = frame_target
         self._limit = max(frame_limit, frame_target)
         self._buf = bytearray()  # the frame being assembled (whole units so far)
+        self._cuts: deque[int] = deque()  # where frames end inside the current unit
+        self._in_unit = 0  # bytes of the current unit fed so far
         self._csizes: list[int] = []
         self._dsizes: list[int] = []
         self._sums: list[int] = []
@@ -168,7 +188,8 @@ class SeekableZstdWriter:
         self.size = 0
 
     def unit(self, size: int) -> None:
-        """The next *size* bytes fed belong together: no frame ends inside them.
+        """The next *size* bytes fed belong together: a frame ends inside them only to
+        cut a unit bigger than FRAME_LIMIT.
 
         Ends the current frame here if it holds FRAME_TARGET bytes or more,
         or if *size* more would take it past FRAME_LIMIT.
@@ -176,12 +197,23 @@ class SeekableZstdWriter:
         n = len(self._buf)
         if n and (n >= self._target or n + size > self._limit):
             self.end_frame()
+        self._cuts = deque(split_points(size, self._limit))
+        self._in_unit = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes of the current unit (see :meth:`unit`)."""
         if self._closed:
             raise ValueError("feed() on a closed SeekableZstdWriter")
-        self._buf += data
+        view = memoryview(data)
+        cuts = self._cuts
+        while cuts and self._in_unit + len(view) >= cuts[0]:
+            k = cuts.popleft() - self._in_unit
+            self._buf += view[:k]
+            self._in_unit += k
+            view = view[k:]
+            self.end_frame()
+        self._buf += view
+        self._in_unit += len(view)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append *data* as one unit (``unit(len(data))`` then ``feed(data)``)."""
