@@ -338,6 +338,44 @@ def test_clean_up_timeout_names_what_is_left(require_qemu, tmp_path, monkeypatch
     assert leftovers(out) == []
 
 
+def test_nbd_server_failing_mid_backup_aborts_and_cleans_up_qemu(
+    require_qemu, tmp_path, monkeypatch
+):
+    """The NBD server dying while it serves (say EMFILE in accept) takes the abort
+    path: a BackupError naming it, the job cancelled, our node deleted, no file."""
+    src = random_raw(tmp_path / "src.raw", 16 * MiB, seed=27)
+    out = tmp_path / "out"
+    out.mkdir()
+    serve = wb.NbdServer.serve
+
+    with vm(require_qemu.qemu_system, tmp_path, {"drive-scsi0": (src, "raw")}) as machine:
+
+        async def failing_serve(self, task_status=trio.TASK_STATUS_IGNORED):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve, self)
+                task_status.started()
+                await trio.to_thread.run_sync(machine.wait_job_running)
+                raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(wb.NbdServer, "serve", failing_serve)
+
+        async def main():
+            qmp = await QmpConnection.open(str(machine.qmp_path))
+            try:
+                disks = await resolve_disks(qmp, [parse_drive_spec("drive-scsi0")])
+                output = ArchiveOutput(str(out / "t.vma"))
+                with pytest.raises(wb.BackupError) as info:
+                    await backup(qmp, disks, output, speed=MiB)
+                return info.value
+            finally:
+                await qmp.aclose()
+
+        err = trio.run(main)
+        assert "the NBD server failed" in str(err) and "Too many open files" in str(err)
+        assert machine.our_jobs() == [] and machine.our_nodes() == []
+    assert leftovers(out) == []
+
+
 # --- 4. QMP peers that are not QEMU -------------------------------------------------------
 
 GREETING = (

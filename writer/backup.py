@@ -40,6 +40,7 @@ import signal
 import socket
 import tempfile
 import time
+import types
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -492,7 +493,7 @@ async def _backup_in(
         server = NbdServer(sock_path, exports)
         failure: BaseException | None = None
         async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve)
+            await nursery.start(_serve, server, abort)
             try:
                 with trio.CancelScope() as scope:
                     abort.scope = scope
@@ -526,6 +527,27 @@ async def _backup_in(
         err = BackupError(abort.cause)
         raise err from (exc or failure)
     await trio.to_thread.run_sync(output.commit)
+
+
+async def _serve(server: NbdServer, abort: _Abort, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run *server*.  A failure before it listens is raised (nothing has started
+    in QEMU yet); once it serves, a failure (say EMFILE in accept) aborts the
+    backup like any other, so the jobs are cancelled and the target nodes
+    deleted, instead of cancelling the task that would clean up in QEMU."""
+    serving = False
+
+    def started(value=None) -> None:
+        nonlocal serving
+        serving = True
+        task_status.started(value)
+
+    try:
+        await server.serve(task_status=types.SimpleNamespace(started=started))
+    except Exception as e:  # noqa: BLE001 - becomes the backup's error, see _backup_in
+        if not serving:
+            raise
+        cause = unwrap_group(e)  # serve's own nursery wraps it
+        abort(f"the NBD server failed: {cause}", cause)
 
 
 _STALE_TARGET = re.compile(r"vmafs-[0-9a-f]{6}-t[0-9]+")
