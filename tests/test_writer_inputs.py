@@ -405,3 +405,31 @@ def test_late_signals_stay_ignored_after_commit():
     late._handle(signal.SIGINT, None)
     late._handle(signal.SIGTERM, None)  # would kill this process if not ignored
     assert seen == [signal.SIGINT]
+
+
+def test_signal_before_the_guard_listens_is_reported_once_it_does():
+    """SIGTERM inside trio before the SignalGuard's receiver exists: kept, and
+    ready() - which waits for the receiver - reports it; nothing was created."""
+    import trio
+
+    from writer.backup import BackupInterrupted, SignalGuard
+    from writer.cli import _LateSignals
+
+    saved = {s: signal.getsignal(s) for s in _LateSignals.SIGNALS}
+    late, guard = _LateSignals(), SignalGuard()
+    order = []
+
+    async def main():
+        os.kill(os.getpid(), signal.SIGTERM)  # before main's first await: no receiver yet
+        order.append(guard.listening.is_set())
+        await late.ready()
+        order.append("not reached")
+
+    try:
+        with pytest.raises(BackupInterrupted) as info:
+            trio.run(late.run, guard, main)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert order == [False] and guard.listening.is_set()
+    assert info.value.signum == signal.SIGTERM and "nothing written" in str(info.value)

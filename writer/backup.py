@@ -232,6 +232,8 @@ class SignalGuard:
         self.signum: int | None = None
         self.delegate: Callable[[int], None] | None = None
         self._scope: trio.CancelScope | None = None
+        #: set once the guard's signal receiver is installed (inside :meth:`run`)
+        self.listening = trio.Event()
 
     async def run(self, fn, *args, **kwargs):
         error: Exception | None = None
@@ -253,6 +255,7 @@ class SignalGuard:
 
     async def _watch(self) -> None:
         with trio.open_signal_receiver(*SIGNALS) as signals:
+            self.listening.set()
             async for signum in signals:
                 if self.delegate is not None:
                     self.delegate(signum)

@@ -361,8 +361,10 @@ class _LateSignals:
         #: dispositions inside trio.run (SIGINT: trio's KeyboardInterrupt handler)
         self._inside: dict[int, object] = {}
         self._in_trio = False
+        self._guard: SignalGuard | None = None
 
     async def run(self, guard: SignalGuard, main):
+        self._guard = guard
         for signum in self.SIGNALS:
             self._inside[signum] = signal.signal(signum, self._handle)
         self._in_trio = True
@@ -372,11 +374,8 @@ class _LateSignals:
             self._in_trio = False
 
     async def ready(self) -> None:
-        """Let the guard start listening, then raise for a signal that came before."""
-        for _ in range(100):  # the guard's watcher runs within a checkpoint or two
-            if signal.getsignal(signal.SIGTERM) != self._handle:
-                break
-            await trio.lowlevel.checkpoint()
+        """Wait until the guard listens, then raise for a signal that came before."""
+        await self._guard.listening.wait()
         if self.pending is not None:
             name = signal.Signals(self.pending).name
             raise BackupInterrupted(f"interrupted by {name}; nothing written", self.pending)
