@@ -277,7 +277,7 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 class _RangeFile:
     """A read-only file-like view of [start, end) of a descriptor, with optional prefix bytes."""
 
-    def __init__(self, fd: int, start: int, end: int, prefix: bytes = b"") -> None:
+    def __init__(self, fd: int, start: int, end: int, prefix: bytes | bytearray = b"") -> None:
         self._fd, self.pos, self.end, self._prefix = fd, start, end, prefix
 
     def read(self, n: int = -1) -> bytes:
@@ -567,9 +567,11 @@ class _Cursor:
 
     __slots__ = ("frame", "pos", "reader", "checkpoint", "start")
 
-    def __init__(self, frame: int, pos: int, reader, checkpoint: int) -> None:
+    def __init__(
+        self, frame: int, pos: int, reader, checkpoint: int, start: int | None = None
+    ) -> None:
         self.frame, self.pos, self.reader, self.checkpoint = frame, pos, reader, checkpoint
-        self.start = pos
+        self.start = pos if start is None else start  # where its real output begins
 
     def read(self, start: int, end: int, scratch: bytearray) -> bytes:
         skip = start - self.pos
@@ -1029,11 +1031,9 @@ class ZstdSource:
         # The scan tested this very construction: the window decodes first, then the blocks.
         prefix = bytearray(resume_prefix_size(len(window)))
         put_resume_prefix(prefix, 0, int(self._f_wd[fi]), window)
-        src = _RangeFile(self._fd, int(self._c_comp[j]), comp_end, bytes(prefix))
+        src = _RangeFile(self._fd, int(self._c_comp[j]), comp_end, prefix)
         reader = _decompressor().stream_reader(src, read_size=_READ_CHUNK, read_across_frames=False)
-        cur = _Cursor(fi, entry - len(window), reader, j)
-        cur.start = entry
-        return cur
+        return _Cursor(fi, entry - len(window), reader, j, start=entry)
 
     def header_reader(self) -> _HeadReader:
         """A reader for walkers that want a few bytes here and there (extent headers).
