@@ -157,6 +157,32 @@ class Archive:
         if run_at >= 0:
             yield run_at * CLUSTER_SIZE, size - run_at * CLUSTER_SIZE
 
+    def next_data(self, dev_id: int, offset: int) -> int | None:
+        """lseek(SEEK_DATA) on the device: the first data byte at or after *offset*.
+
+        *offset* must lie inside the device.  Holes are whole clusters that
+        store no block (cluster granularity: a cluster with one stored block
+        is all data); a cluster an incomplete archive lacks counts as data.
+        None if only holes follow.
+        """
+        dm = self.index.maps[dev_id]
+        cluster = dm.next_cluster(offset >> _CLUSTER_BITS, hole=False)
+        if cluster is None:
+            return None
+        return max(offset, cluster << _CLUSTER_BITS)
+
+    def next_hole(self, dev_id: int, offset: int) -> int:
+        """lseek(SEEK_HOLE) on the device: the first hole byte at or after *offset*.
+
+        *offset* must lie inside the device; holes as in :meth:`next_data`.
+        The device size (the implicit hole at the end) if none.
+        """
+        dm = self.index.maps[dev_id]
+        cluster = dm.next_cluster(offset >> _CLUSTER_BITS, hole=True)
+        if cluster is None:
+            return dm.device.size
+        return min(max(offset, cluster << _CLUSTER_BITS), dm.device.size)
+
     # -- reading --
 
     def read(self, dev_id: int, offset: int, size: int) -> bytes:

@@ -75,6 +75,12 @@ CACHE_TIMEOUT = 86400.0
 DEFAULT_DIRECT_IO = False
 DEFAULT_THREADED = False
 
+#: Whether this pyfuse3 passes lseek(SEEK_DATA/SEEK_HOLE) to the filesystem.
+#: Stock pyfuse3 (3.5) has no such handler, so the kernel sees every disk as
+#: all data and `qemu-img convert` reads the holes too; scripts/setup builds
+#: pyfuse3 with contrib/pyfuse3/lseek.patch, which adds it.
+SEEK_HOLE_SUPPORTED: bool = hasattr(pyfuse3.Operations, "lseek")
+
 
 class _ErrorLog:
     """Log failed reads, at most *burst* lines per *window* seconds.
@@ -306,6 +312,28 @@ class VmaFS(pyfuse3.Operations):
         else:
             got = self.archive.readinto(entry.dev_id, off, buf)
         return buf if got == n else buf[:got]
+
+    @_guard
+    async def lseek(self, fh: FileHandleT, off: int, whence: int) -> int:
+        # SEEK_DATA/SEEK_HOLE from the offset map, so `qemu-img convert`,
+        # `cp --sparse` and the like skip the holes instead of reading them
+        # (the kernel sends nothing else).  Called only by a pyfuse3 that has
+        # the handler (see SEEK_HOLE_SUPPORTED).
+        entry = self.entries.get(InodeT(fh))
+        if entry is None:
+            raise FUSEError(errno.EBADF)
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise FUSEError(errno.EINVAL)
+        if not 0 <= off < entry.size:
+            raise FUSEError(errno.ENXIO)
+        if entry.dev_id is None:
+            return off if whence == os.SEEK_DATA else entry.size
+        if whence == os.SEEK_HOLE:
+            return self.archive.next_hole(entry.dev_id, off)
+        found = self.archive.next_data(entry.dev_id, off)
+        if found is None:
+            raise FUSEError(errno.ENXIO)
+        return found
 
     async def release(self, fh: FileHandleT) -> None:
         pass

@@ -134,6 +134,30 @@ class DeviceMap:
             int(np.count_nonzero(masks[i : i + _CHUNK])) for i in range(0, masks.size, _CHUNK)
         )
 
+    def next_cluster(self, cluster: int, *, hole: bool) -> int | None:
+        """The first cluster at or after *cluster* that is a hole (*hole*) or holds data.
+
+        A hole is a cluster written with no stored block (it reads as zeros);
+        every other cluster counts as data, including one an incomplete
+        archive never wrote (reading it fails, so it must not be skipped as
+        zeros).  None if there is no such cluster.  The search steps forward
+        in growing chunks: its cost follows the distance to the answer, and
+        its temporaries stay small on any disk size.
+        """
+        packed, masks = self.packed, self.masks
+        step = 256
+        while cluster < packed.size:
+            end = min(cluster + step, packed.size)
+            is_hole = masks[cluster:end] == 0
+            is_hole &= packed[cluster:end] != 0
+            if not hole:
+                np.logical_not(is_hole, out=is_hole)
+            i = int(is_hole.argmax())
+            if is_hole[i]:
+                return cluster + i
+            cluster, step = end, min(step * 4, _CHUNK)
+        return None
+
     def first_missing(self) -> int | None:
         # argmin finds the first 0 without a temporary per-cluster array
         # (flatnonzero needed 8 bytes per missing cluster: 13 GB for 100 TiB).

@@ -550,6 +550,7 @@ class _SideIndexSaver:
 
 
 def _log_start(archive_path: str, mp: str, opts: MountOptions, ops) -> None:
+    from .fs import SEEK_HOLE_SUPPORTED  # noqa: PLC0415 - needs pyfuse3
     from .names import rename_messages  # noqa: PLC0415
 
     log.info("serving %s (%d files) on %s", archive_path, len(ops.entries), mp)
@@ -557,6 +558,11 @@ def _log_start(archive_path: str, mp: str, opts: MountOptions, ops) -> None:
         log.warning("%s", msg)
     for item in opts.ignored:
         log.debug("ignored mount option %r", item)
+    if not SEEK_HOLE_SUPPORTED:
+        log.info(
+            "this pyfuse3 has no lseek handler: SEEK_DATA/SEEK_HOLE show every disk as "
+            "all data, so copies read the holes too (contrib/pyfuse3/README.md)"
+        )
     missing = sum(ops.archive.missing_clusters(e.dev_id) for e in ops.entries.values() if e.dev_id)
     if missing:
         log.warning("incomplete archive: %d clusters missing, reads of them give EIO", missing)
