@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Build pyfuse3 3.5.0 with lseek.patch and install it into a Python environment.
+#
+#   bash contrib/pyfuse3/install.sh [PYTHON]          (default: python3)
+#   bash contrib/pyfuse3/install.sh --check [PYTHON]  exit 0 if PYTHON already has it
+#
+# The sdist comes from PyPI and is checked against a pinned SHA-256 before it is
+# unpacked. Needs what any pyfuse3 build needs (libfuse3-dev, pkg-config, a C
+# compiler, the Python headers; pip fetches Cython into the build environment)
+# plus patch(1). The result reports version 3.5.0+vmafs.lseek1, which satisfies
+# vmafs's "pyfuse3>=3.3", so a later `pip install vmafs` keeps it.
+#
+# Exit status: 0 when the installed pyfuse3 has Operations.lseek, non-zero
+# otherwise (with pip's last lines on stderr).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CHECK=0
+if [[ "${1:-}" == --check ]]; then
+    CHECK=1
+    shift
+fi
+PY=${1:-python3}
+VERSION=3.5.0
+SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
+# Raise the number with every change to lseek.patch, so --check asks for a rebuild.
+LOCAL_VERSION="$VERSION+vmafs.lseek1"
+
+installed() { # true if PY has this build of pyfuse3 and it has the handler
+    "$PY" - "$LOCAL_VERSION" <<'PYEOF' 2>/dev/null
+import sys
+from importlib.metadata import version
+
+import pyfuse3
+
+sys.exit(version("pyfuse3") != sys.argv[1] or not hasattr(pyfuse3.Operations, "lseek"))
+PYEOF
+}
+
+if ((CHECK)); then
+    installed
+    exit
+fi
+
+die() {
+    echo "pyfuse3-lseek: error: $*" >&2
+    exit 1
+}
+
+command -v patch >/dev/null || die "patch(1) is not installed (Debian package patch)"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/pyfuse3-lseek.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+
+"$PY" -m pip download --no-deps --no-binary :all: -d "$WORK" "pyfuse3==$VERSION" \
+    >"$WORK/pip.log" 2>&1 ||
+    { tail -n 20 "$WORK/pip.log" >&2; die "could not download the pyfuse3 $VERSION sdist"; }
+SDIST="$WORK/pyfuse3-$VERSION.tar.gz"
+[[ -f "$SDIST" ]] || die "pip did not leave $SDIST"
+echo "$SHA256  $SDIST" | sha256sum --check --quiet - ||
+    die "$SDIST does not have the pinned SHA-256 $SHA256"
+
+tar -xzf "$SDIST" -C "$WORK"
+patch --quiet -p1 -d "$WORK/pyfuse3-$VERSION" <"$HERE/lseek.patch" ||
+    die "lseek.patch does not apply to pyfuse3 $VERSION"
+
+# setuptools_scm would take the version from PKG-INFO; mark the build as patched.
+SETUPTOOLS_SCM_PRETEND_VERSION="$LOCAL_VERSION" \
+    "$PY" -m pip install "$WORK/pyfuse3-$VERSION" >"$WORK/pip.log" 2>&1 ||
+    { tail -n 40 "$WORK/pip.log" >&2; die "building pyfuse3 $LOCAL_VERSION failed"; }
+
+installed || die "pyfuse3 $LOCAL_VERSION was installed but does not import with Operations.lseek"
+echo "pyfuse3-lseek: installed pyfuse3 $LOCAL_VERSION into $("$PY" -c 'import sys; print(sys.prefix)')"
