@@ -175,3 +175,20 @@ def test_qemu_img_map_sees_the_holes(mnt, tmp_path, require_lseek, require_qemu)
         else:
             data.append((r["start"], r["length"]))
     assert data == expected
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_mount_log_says_when_pyfuse3_lacks_lseek(supported, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import vmafs.fs
+    from vmafs.fs import VmaFS
+    from vmafs.mount import MountOptions, _log_start
+
+    archive = build_archive({"drive-scsi0": sparse_disk(CLUSTER_SIZE, 1)}).write(tmp_path / "a.vma")
+    monkeypatch.setattr(vmafs.fs, "SEEK_HOLE_SUPPORTED", supported)
+    with Archive.open(archive) as a, caplog.at_level(logging.INFO, logger="vmafs.mount"):
+        _log_start(str(archive), "/mnt", MountOptions(), VmaFS(a))
+    said = [r.getMessage() for r in caplog.records if "lseek" in r.getMessage()]
+    assert len(said) == (0 if supported else 1)
+    assert all("contrib/pyfuse3" in m for m in said)
