@@ -895,8 +895,34 @@ def fig_latency(ctx: Ctx) -> list[Row]:
         tgt = os.path.join(ctx.work, "latency-target.raw")
         with open(tgt, "wb") as f:
             f.truncate(size)
+        return _qemu_job(qmp, drive, speed, {"driver": "file", "filename": tgt}, tgt)
+
+    def nbdkit_job(qmp: str, drive: str, speed: int):
+        # The reference for what NBD itself costs: the same job into a C NBD
+        # server that stores nothing (QEMU's NBD client, a socket, replies).
+        sock = os.path.join(ctx.work, "latency-nbdkit.sock")
+        if os.path.exists(sock):
+            os.unlink(sock)
+        nbd = subprocess.Popen(
+            [need("nbdkit"), "-f", "-U", sock, "memory", str(size)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            while not os.path.exists(sock):
+                if nbd.poll() is not None:
+                    raise RuntimeError("nbdkit exited")
+                time.sleep(0.01)
+            node = {"driver": "nbd", "server": {"type": "unix", "path": sock}}
+            return _qemu_job(qmp, drive, speed, node, None, nbd)
+        except BaseException:
+            nbd.kill()
+            nbd.wait()
+            raise
+
+    def _qemu_job(qmp, drive, speed, node, tgt, server=None):
         q = _Qmp(qmp)
-        q.cmd("blockdev-add", {"node-name": "tgt", "driver": "file", "filename": tgt})
+        q.cmd("blockdev-add", {"node-name": "tgt", **node})
         # No copy offload (copy_file_range between two local files): an NBD
         # target cannot have it, and with it this job failed with EBADF in 3
         # of 4 runs here.
@@ -919,7 +945,11 @@ def fig_latency(ctx: Ctx) -> list[Row]:
                     raise RuntimeError(ev["data"]["error"])
             finally:
                 q.close()
-                os.unlink(tgt)
+                if tgt is not None:
+                    os.unlink(tgt)
+                if server is not None:  # QEMU keeps the connection open until it stops
+                    server.kill()
+                    server.wait()
 
         return finish
 
@@ -929,10 +959,13 @@ def fig_latency(ctx: Ctx) -> list[Row]:
     # Alternated rounds, samples pooled: one round's p99 is its second-slowest
     # write, and the baseline's alone swung from 5.5 to 19.3 ms between runs.
     rounds = 3 if ctx.sizes.label == "full" else 1
-    results: dict[str, list] = {"vmafs": [], "raw": []}
+    results: dict[str, list] = {"vmafs": [], "raw": [], "nbdkit": []}
     retried = []
+    jobs = [("vmafs", vmafs_job), ("raw", raw_job)]
+    if shutil.which("nbdkit"):
+        jobs.append(("nbdkit", nbdkit_job))
     for _ in range(rounds):
-        for name, fn in (("vmafs", vmafs_job), ("raw", raw_job)):
+        for name, fn in jobs:
             for attempt in (1, 2):
                 shutil.copyfile(base, scratch)
                 try:
@@ -940,7 +973,7 @@ def fig_latency(ctx: Ctx) -> list[Row]:
                     break
                 except RuntimeError as e:
                     if attempt == 2:
-                        raise
+                        raise RuntimeError(f"the {name} job failed twice: {e}") from e
                     retried.append(f"{name} job failed once ({e}) and was run again")
     os.unlink(scratch)
     if os.path.exists(out):
@@ -950,6 +983,16 @@ def fig_latency(ctx: Ctx) -> list[Row]:
         return sorted(x for r in runs for x in r[0]), sum(r[1] for r in runs)
 
     (vl, va), (rl, ra) = pooled(results["vmafs"]), pooled(results["raw"])
+    if results["nbdkit"]:
+        nl, _ = pooled(results["nbdkit"])
+        n99 = percentile(nl, 0.99)
+        nbd_note = (
+            f"; the same job into `nbdkit memory` over NBD (a C server that stores nothing: "
+            f"what QEMU's NBD path costs): p50 {fmt_s(percentile(nl, 0.5))}, p99 "
+            f"{fmt_s(n99)}; vmafs p99 = {_ratio(percentile(vl, 0.99), n99)} of it"
+        )
+    else:
+        nbd_note = "; no nbdkit on PATH, so no NBD reference"
     vextra = results["vmafs"][-1][2]
     per_round = ", ".join(
         f"{fmt_s(percentile(v[0], 0.99))}/{fmt_s(percentile(r[0], 0.99))}"
@@ -970,7 +1013,7 @@ def fig_latency(ctx: Ctx) -> list[Row]:
             "each write timed as one QMP human-monitor-command round trip on a second "
             "monitor; 'ahead' = writes to clusters past the job's offset at that moment; "
             f"{rounds} alternated rounds, samples pooled (p99 per round, vmafs/raw: "
-            f"{per_round})" + "".join(f"; {r}" for r in retried),
+            f"{per_round})" + nbd_note + "".join(f"; {r}" for r in retried),
         )
     ]
 
