@@ -163,7 +163,14 @@ class Vm:
             argv += ["-chardev", f"socket,id=qmp{i},path={path},server=on,wait=off"]
             argv += ["-mon", f"chardev=qmp{i},mode=control"]
         for drive_id, (image, fmt) in drives.items():
-            argv += ["-drive", f"if=none,id={drive_id},file={image},format={fmt},cache=unsafe"]
+            # auto-read-only=off: with no guest device holding write permission,
+            # QEMU would open the image read-only and reopen it read-write when a
+            # job or qemu-io needs that, replacing the fd under reads in flight
+            # (the job then fails with EBADF, as seen in the bench).
+            argv += [
+                "-drive",
+                f"if=none,id={drive_id},file={image},format={fmt},cache=unsafe,auto-read-only=off",
+            ]
         # qemu-io (HMP) prints its results on QEMU's stdout, not into the reply
         self.stdout_path = tmp / "vm-stdout.log"
         with open(self.stdout_path, "wb") as log:

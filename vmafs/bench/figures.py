@@ -803,7 +803,11 @@ def _write_latency(
             "-display",
             "none",
             "-drive",
-            f"file={image},format=raw,if=none,id=drive0",
+            # auto-read-only=off: no guest device holds write permission, so QEMU
+            # would open the image read-only and reopen it read-write once the job
+            # or qemu-io needs that, replacing the fd under reads in flight; the
+            # job then failed with EBADF (or a read error) in ~1 of 10 rounds.
+            f"file={image},format=raw,if=none,id=drive0,auto-read-only=off",
             "-qmp",
             f"unix:{q1},server=on,wait=off",
             "-qmp",
