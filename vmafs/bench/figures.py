@@ -987,13 +987,14 @@ def fig_latency(ctx: Ctx) -> list[Row]:
         return sorted(x for r in runs for x in r[0]), sum(r[1] for r in runs)
 
     (vl, va), (rl, ra) = pooled(results["vmafs"]), pooled(results["raw"])
+    v99, r99 = percentile(vl, 0.99), percentile(rl, 0.99)
     if results["nbdkit"]:
         nl, _ = pooled(results["nbdkit"])
         n99 = percentile(nl, 0.99)
         nbd_note = (
             f"; the same job into `nbdkit memory` over NBD (a C server that stores nothing: "
             f"what QEMU's NBD path costs): p50 {fmt_s(percentile(nl, 0.5))}, p99 "
-            f"{fmt_s(n99)}; vmafs p99 = {_ratio(percentile(vl, 0.99), n99)} of it"
+            f"{fmt_s(n99)}; vmafs p99 = {_ratio(v99, n99)} of it"
         )
     else:
         nbd_note = "; no nbdkit on PATH, so no NBD reference"
@@ -1002,7 +1003,6 @@ def fig_latency(ctx: Ctx) -> list[Row]:
         f"{fmt_s(percentile(v[0], 0.99))}/{fmt_s(percentile(r[0], 0.99))}"
         for v, r in zip(results["vmafs"], results["raw"], strict=True)
     )
-    v99, r99 = percentile(vl, 0.99), percentile(rl, 0.99)
     ctx.facts["latency_vmafs_summary"] = vextra
     return [
         Row(
