@@ -629,6 +629,23 @@ def _stop(p: subprocess.Popen | None) -> None:
             p.wait()
 
 
+def _nbdkit_memory(sock: str, size: int) -> tuple[subprocess.Popen, dict]:
+    """Start ``nbdkit memory`` of *size* bytes on unix socket *sock*; returns it
+    and the QEMU blockdev options of an nbd node that connects to it."""
+    if os.path.exists(sock):
+        os.unlink(sock)
+    nbd = subprocess.Popen(
+        [need("nbdkit"), "-f", "-U", sock, "memory", str(size)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    while not os.path.exists(sock):
+        if nbd.poll() is not None:
+            raise RuntimeError("nbdkit exited")
+        time.sleep(0.01)
+    return nbd, {"driver": "nbd", "server": {"type": "unix", "path": sock}}
+
+
 def _qsd_backup(work: str, image: str, size: int, target: str) -> tuple[float, float]:
     """blockdev-backup of *image* by a fresh qemu-storage-daemon into *target*.
 
@@ -645,16 +662,7 @@ def _qsd_backup(work: str, image: str, size: int, target: str) -> tuple[float, f
     t_start = time.perf_counter()
     try:
         if target == "nbdkit":
-            nbdkit = subprocess.Popen(
-                [need("nbdkit"), "-f", "-U", nbd_sock, "memory", str(size)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            while not os.path.exists(nbd_sock):
-                if nbdkit.poll() is not None:
-                    raise RuntimeError("nbdkit exited")
-                time.sleep(0.01)
-            node = {"driver": "nbd", "server": {"type": "unix", "path": nbd_sock}}
+            nbdkit, node = _nbdkit_memory(nbd_sock, size)
         else:
             with open(out, "wb") as f:
                 f.truncate(size)
@@ -904,20 +912,8 @@ def fig_latency(ctx: Ctx) -> list[Row]:
     def nbdkit_job(qmp: str, drive: str, speed: int):
         # The reference for what NBD itself costs: the same job into a C NBD
         # server that stores nothing (QEMU's NBD client, a socket, replies).
-        sock = os.path.join(ctx.work, "latency-nbdkit.sock")
-        if os.path.exists(sock):
-            os.unlink(sock)
-        nbd = subprocess.Popen(
-            [need("nbdkit"), "-f", "-U", sock, "memory", str(size)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        nbd, node = _nbdkit_memory(os.path.join(ctx.work, "latency-nbdkit.sock"), size)
         try:
-            while not os.path.exists(sock):
-                if nbd.poll() is not None:
-                    raise RuntimeError("nbdkit exited")
-                time.sleep(0.01)
-            node = {"driver": "nbd", "server": {"type": "unix", "path": sock}}
             return _qemu_job(qmp, drive, speed, node, None, nbd)
         except BaseException:
             nbd.kill()
