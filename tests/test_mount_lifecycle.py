@@ -222,6 +222,58 @@ def test_umount_while_loop_device_attached(fixtures_dir, mnt, require_fuse, requ
         assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.loop
+@pytest.mark.parametrize("suffix", [".zst", ".gz"])
+def test_umount_waits_until_the_archive_is_released(
+    fixtures_dir, tmp_path, mnt, suffix, require_fuse, require_loop
+):
+    """Right after a first mount of a compressed archive (the process writes the side
+    index once the mount is up), 'vmafs umount' returns only once the process has
+    exited: the ext4 filesystem the archive lives on unmounts at once, not 'busy'."""
+    image, store = tmp_path / "store.img", tmp_path / "store"
+    store.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", image], check=True, timeout=GUARD)
+    subprocess.run(["mount", "-o", "loop", image, store], check=True, timeout=GUARD)
+    try:
+        archive = store / f"ext4-guest.vma{suffix}"
+        archive.write_bytes((fixtures_dir / archive.name).read_bytes())
+        env = {"VMAFS_CACHE_DIR": str(store / "cache")}  # the side index goes there too
+        proc = subprocess.run(
+            vmafs_cmd("mount", archive, mnt),
+            capture_output=True,
+            text=True,
+            timeout=GUARD,
+            env={**os.environ, **env},
+        )
+        assert proc.returncode == 0, proc.stderr
+        proc = run_vmafs("umount", mnt)
+        assert (proc.returncode, proc.stderr) == (0, "")
+        assert not holders(archive)  # at once, no waiting
+        done = subprocess.run(["umount", store], capture_output=True, text=True, timeout=GUARD)
+        assert done.returncode == 0, done.stderr
+        assert not is_mounted(store)
+    finally:
+        cleanup(tmp_path / "none", mnt)
+        unmount(store, fuse=False)
+
+
+def test_umount_timeout_names_the_process(two_disks, mnt, require_fuse):
+    """A process that does not exit after the unmount: the error gives its pid."""
+    with mounted(two_disks, mnt):
+        (pid,) = holders(two_disks)
+        os.kill(pid, signal.SIGSTOP)  # it cannot see the unmount, let alone exit
+        try:
+            proc = run_vmafs("umount", "--timeout", "0.5", mnt)
+            assert proc.returncode == 1
+            err = _one_line_error(proc)
+            assert f"pid {pid}" in err and f"kill {pid}" in err
+            assert not is_mounted(mnt)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+
 # --- options ------------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 
+from . import running
 from .checks import check_logfile, check_mountpoint, open_archive
 from .daemon import DaemonError, Ready, daemonize
 from .errors import MountError
@@ -59,9 +60,16 @@ def mount(
             archive, uid=opts.uid, gid=opts.gid, direct_io=opts.direct_io, threaded=opts.threads
         )
         options = fuse_options(opts, archive_path)
+        held: list[int] = []
 
         def run(ready: Ready) -> int:
             """Serve until unmounted; the side index is written once the mount is up."""
+            try:
+                # Held until this process exits: 'vmafs umount' waits for that.
+                held.append(running.hold(mp))
+            except MountError as e:
+                ready(str(e))
+                return 1
             _log_start(archive_path, mp, opts, ops)
             saver = _SideIndexSaver(saves)
 
@@ -93,6 +101,8 @@ def mount(
         return 0
     finally:
         archive.close()
+        for fd in held:  # after the archive: the lock says "the archive is released"
+            os.close(fd)
 
 
 @contextlib.contextmanager
