@@ -6,6 +6,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -145,6 +146,93 @@ def test_foreground_signal_unmounts_cleanly(two_disks, mnt, sig, require_fuse):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        cleanup(two_disks, mnt)
+
+
+def _wait_for_log(path: Path, text: str, what: str) -> str:
+    wait_until(lambda: path.exists() and text in path.read_text(errors="replace"), 20, what)
+    return path.read_text(errors="replace")
+
+
+def test_sighup_keeps_the_mount_and_a_rotated_log_is_reopened(
+    two_disks, mnt, tmp_path, require_fuse
+):
+    log = tmp_path / "vmafs.log"
+    with mounted(two_disks, mnt, f"logfile={log}"):
+        (pid,) = holders(two_disks)
+        log.rename(tmp_path / "vmafs.log.1")  # what logrotate does first
+        os.kill(pid, signal.SIGHUP)
+        text = _wait_for_log(log, "SIGHUP", "the SIGHUP line in the new log file")
+        assert "stays mounted" in text
+        assert is_mounted(mnt)
+        assert os.stat(mnt / "disk-drive-scsi1.raw").st_size == 3149824
+        assert holders(two_disks) == {pid}
+
+
+def test_sigusr1_dumps_the_stacks_into_the_log(two_disks, mnt, tmp_path, require_fuse):
+    log = tmp_path / "vmafs.log"
+    with mounted(two_disks, mnt, f"logfile={log}"):
+        (pid,) = holders(two_disks)
+        os.kill(pid, signal.SIGUSR1)
+        text = _wait_for_log(log, "SIGUSR1 stack dump", "the stack dump")
+        assert "serve.py" in text  # the main thread waits in the trio loop's module
+        assert is_mounted(mnt)
+        assert sha256_file(mnt / "qemu-server.conf")
+
+
+def test_debug_option_turns_on_libfuse_tracing(two_disks, mnt, tmp_path, require_fuse):
+    log = tmp_path / "vmafs.log"
+    with mounted(two_disks, mnt, "debug", f"logfile={log}"):
+        os.stat(mnt / "qemu-server.conf")
+        # libfuse's own trace (stderr of the detached process goes to the log file)
+        text = _wait_for_log(log, "opcode: LOOKUP", "libfuse's request trace")
+        assert "DEBUG" in text  # and vmafs's debug messages
+    proc = subprocess.Popen(
+        vmafs_cmd("mount", "-f", "-o", "debug", two_disks, mnt),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: is_mounted(mnt) or proc.poll() is not None, 30, "the mount")
+        os.stat(mnt / "qemu-server.conf")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=GUARD)
+        assert "opcode: LOOKUP" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        cleanup(two_disks, mnt)
+
+
+# A SIGTERM between pyfuse3.init (the kernel mount exists) and the loop's
+# signal handlers: simulated by sending it from inside pyfuse3.init.
+_EARLY_SIGNAL = """
+import os, signal, sys
+import pyfuse3
+real_init = pyfuse3.init
+def init(*args):
+    real_init(*args)
+    os.kill(os.getpid(), signal.SIGTERM)
+pyfuse3.init = init
+from vmafs.cli import main
+sys.exit(main(["mount", "-f", sys.argv[1], sys.argv[2]]))
+"""
+
+
+def test_signal_right_after_the_kernel_mount_leaves_no_dead_mount(two_disks, mnt, require_fuse):
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _EARLY_SIGNAL, str(two_disks), str(mnt)],
+            capture_output=True,
+            text=True,
+            timeout=GUARD,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "SIGTERM" in proc.stderr and "unmounted" in proc.stderr
+        assert not is_mounted(mnt)
+    finally:
         cleanup(two_disks, mnt)
 
 

@@ -26,6 +26,8 @@ options (-o, comma-separated, may repeat):
                     network storage read by several programs at once
   logfile=PATH      log here instead of syslog when detached
   nonempty          mount over a directory that is not empty (hides its files)
+  debug             log debug messages and libfuse's trace of every request
+                    (to stderr with -f, else into the log file)
 mount(8)'s generic options (defaults, noauto, user, nofail, _netdev, x-*, ...)
 are accepted and ignored. See vmafs(1) and docs/mount.md."""
 

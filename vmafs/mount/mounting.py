@@ -9,6 +9,7 @@ import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
 import threading
 
@@ -16,7 +17,7 @@ from . import running
 from .checks import check_logfile, check_mountpoint, open_archive
 from .daemon import DaemonError, Ready, daemonize
 from .errors import MountError
-from .logs import setup_logging
+from .logs import default_logfile, dump_stacks_on, setup_logging
 from .options import MountOptions, fuse_options
 from .serve import serve
 
@@ -42,6 +43,7 @@ def mount(
     from ..source import import_container  # noqa: PLC0415
 
     mp = check_mountpoint(mountpoint, nonempty=opts.nonempty)
+    verbose = verbose or opts.debug
     if opts.logfile and not foreground:
         opts.logfile = check_logfile(opts.logfile)
     archive_path = os.path.abspath(archive_path)
@@ -71,6 +73,7 @@ def mount(
                 ready(str(e))
                 return 1
             _log_start(archive_path, mp, opts, ops)
+            dump_stacks_on(signal.SIGUSR1)
             saver = _SideIndexSaver(saves)
 
             def on_ready(error: str | None) -> None:
@@ -95,6 +98,8 @@ def mount(
                 run,
                 what=f"the filesystem process for {mp}",
                 setup=lambda: setup_logging(opts, detached=True, verbose=verbose),
+                # libfuse's debug output goes to stderr: into the log file, not /dev/null
+                stderr_path=(opts.logfile or default_logfile()) if opts.debug else None,
             )
         except DaemonError as e:
             raise MountError(str(e)) from None

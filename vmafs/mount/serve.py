@@ -11,6 +11,26 @@ log = logging.getLogger("vmafs.mount")
 
 READY_TIMEOUT = 60.0  # seconds the filesystem process may take to answer its first stat
 
+#: Signals that unmount and end the process.  SIGHUP does not: a daemon has
+#: no terminal to lose, and log rotators send it by habit (it is logged).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+CAUGHT_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
+
+
+class _EarlySignals:
+    """Records the signals that arrive before the trio loop listens for them.
+
+    Installed before ``pyfuse3.init``: from then on a SIGTERM with its
+    default action would kill the process and leave a dead mount
+    (ENOTCONN) behind.  The loop acts on what was recorded once it listens.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+
+    def __call__(self, signum: int, _frame) -> None:
+        self.received.append(signum)
+
 
 def serve(
     ops,
@@ -29,26 +49,32 @@ def serve(
     import pyfuse3  # noqa: PLC0415
     import trio  # noqa: PLC0415
 
+    early = _EarlySignals()
+    previous = {sig: signal.signal(sig, early) for sig in CAUGHT_SIGNALS}
     try:
-        pyfuse3.init(ops, mountpoint, options)
-    except RuntimeError as e:
-        on_ready(f"cannot mount on {mountpoint}: {e}")
-        if "mount" in str(e):
-            # The session exists but is not mounted: free it.  (After a failed
-            # fuse_session_new there is no session, and close() would crash.)
-            pyfuse3.close(unmount=False)
-        return 1
-    status = 1
-    try:
-        status = trio.run(_main_loop, mountpoint, on_ready, readahead_kb)
-    except BaseException as e:
-        log.exception("filesystem loop failed")
-        on_ready(f"filesystem failed: {e}")
-        raise
+        try:
+            pyfuse3.init(ops, mountpoint, options)
+        except RuntimeError as e:
+            on_ready(f"cannot mount on {mountpoint}: {e}")
+            if "mount" in str(e):
+                # The session exists but is not mounted: free it.  (After a failed
+                # fuse_session_new there is no session, and close() would crash.)
+                pyfuse3.close(unmount=False)
+            return 1
+        status = 1
+        try:
+            status = trio.run(_main_loop, mountpoint, on_ready, readahead_kb, early)
+        except BaseException as e:
+            log.exception("filesystem loop failed")
+            on_ready(f"filesystem failed: {e}")
+            raise
+        finally:
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", mountpoint)
+        return status
     finally:
-        pyfuse3.close(unmount=True)
-        log.info("unmounted %s", mountpoint)
-    return status
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def set_readahead(st_dev: int, kib: int) -> None:
@@ -68,7 +94,10 @@ def set_readahead(st_dev: int, kib: int) -> None:
 
 
 async def _main_loop(
-    mountpoint: str, on_ready: Callable[[str | None], None], readahead_kb: int = 0
+    mountpoint: str,
+    on_ready: Callable[[str | None], None],
+    readahead_kb: int = 0,
+    early: _EarlySignals | None = None,
 ) -> int:
     import pyfuse3  # noqa: PLC0415
     import trio  # noqa: PLC0415
@@ -81,12 +110,23 @@ async def _main_loop(
         finally:
             cancel.cancel()
 
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum not in STOP_SIGNALS:
+            log.info(
+                "%s: ignored, %s stays mounted (unmount with 'vmafs umount')", name, mountpoint
+            )
+            return
+        log.info("%s: unmounting %s", name, mountpoint)
+        result["signal"] = name
+        pyfuse3.terminate()
+
     async def watch_signals() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        with trio.open_signal_receiver(*CAUGHT_SIGNALS) as sigs:
+            for signum in early.received if early else ():  # before trio listened
+                on_signal(signum)
             async for signum in sigs:
-                log.info("%s: unmounting %s", signal.Signals(signum).name, mountpoint)
-                result["signal"] = signal.Signals(signum).name
-                pyfuse3.terminate()
+                on_signal(signum)
 
     async def wait_ready() -> None:
         with trio.move_on_after(READY_TIMEOUT):
