@@ -79,8 +79,13 @@ class Archive:
         allow_incomplete: bool = False,
         progress: ProgressFn | None = None,
         use_sidecar: bool = True,
+        index_beside: bool = False,
     ) -> Archive:
         """Open and index *path* (plain or compressed, chosen by magic).
+
+        A compressed archive that must be read through once saves what that
+        taught (:mod:`vmafs.sidecar`) in the cache directory, or beside the
+        archive with *index_beside*.
 
         A VmaError raised here names *path* once (:meth:`VmaError.name_archive`).
         """
@@ -89,7 +94,9 @@ class Archive:
             source = open_source(path)
             try:
                 if source.needs_scan:
-                    header, index = _open_scanned(source, allow_incomplete, progress, use_sidecar)
+                    header, index = _open_scanned(
+                        source, allow_incomplete, progress, use_sidecar, index_beside
+                    )
                 else:
                     # A source may offer a cheaper reader for the header walk (seekable
                     # zstd: decode each frame only as far as its extent headers).
@@ -362,8 +369,14 @@ class Archive:
             blk = stop
 
 
-def _open_scanned(source: Source, allow_incomplete: bool, progress, use_sidecar: bool):
-    """Index a source that must be decompressed once, reusing a saved side index."""
+def _open_scanned(
+    source: Source, allow_incomplete: bool, progress, use_sidecar: bool, index_beside: bool = False
+):
+    """Index a source that must be decompressed once, reusing a saved side index.
+
+    A new side index goes into the cache directory, or beside the archive
+    with *index_beside*.
+    """
     from . import sidecar  # noqa: PLC0415 - only compressed archives need it
 
     if use_sidecar:
@@ -372,5 +385,5 @@ def _open_scanned(source: Source, allow_incomplete: bool, progress, use_sidecar:
             return loaded
     header, index = _index_by_scan(source, allow_incomplete, progress)
     if use_sidecar:
-        sidecar.save(source, header, index)
+        sidecar.save(source, header, index, beside=index_beside)
     return header, index

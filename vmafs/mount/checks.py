@@ -85,8 +85,11 @@ def check_logfile(path: str) -> str:
     return path
 
 
-def open_archive(path: str, allow_incomplete: bool):
-    """Open *path*; an incomplete archive's error says how to mount it anyway."""
+def open_archive(path: str, allow_incomplete: bool, index_beside: bool = False):
+    """Open *path*; an incomplete archive's error says how to mount it anyway.
+
+    A side index made by this open goes beside the archive with *index_beside*.
+    """
     from ..archive import Archive  # noqa: PLC0415 - keep `vmafs -h` light
     from ..commands.progress import Progress, want_progress  # noqa: PLC0415
 
@@ -94,7 +97,9 @@ def open_archive(path: str, allow_incomplete: bool):
         # A compressed archive is decompressed once to index it: show how far
         # that got when stderr is a terminal (nothing otherwise).
         with Progress("indexing", enabled=want_progress(None)) as bar:
-            return Archive.open(path, allow_incomplete=allow_incomplete, progress=bar)
+            return Archive.open(
+                path, allow_incomplete=allow_incomplete, progress=bar, index_beside=index_beside
+            )
     except IncompleteArchiveError as e:
         raise IncompleteArchiveError(
             f"{e.message}; mount with -o allow_incomplete to serve the missing clusters as EIO",

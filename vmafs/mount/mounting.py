@@ -54,7 +54,7 @@ def mount(
     # mount is up (_SideIndexSaver), not before the mount is ready.
     import_container(archive_path)
     with _importing_meanwhile("vmafs.fs"), deferred_saves() as saves:
-        archive = open_archive(archive_path, opts.allow_incomplete)
+        archive = open_archive(archive_path, opts.allow_incomplete, opts.index_beside)
     try:
         from ..fs import VmaFS  # noqa: PLC0415 - needs pyfuse3
 
