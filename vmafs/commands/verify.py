@@ -14,7 +14,14 @@ import sys
 
 from .. import names
 from ..cli import writing_stdout
-from ..errors import HeaderError, VmaError
+from ..errors import (
+    ConsistencyError,
+    CorruptStreamError,
+    FormatError,
+    HeaderError,
+    VmaError,
+    read_anyway_hint,
+)
 from ..format import CLUSTER_SIZE
 from ._common import add_progress_options, open_archive, printable
 from .list import proxmox_lines
@@ -132,10 +139,21 @@ def check_stream(archive, bar: Progress) -> None:
 
 
 def _failed(path: str, e: VmaError) -> VmaError:
-    """The one-line verify failure: path, message with its location, error class."""
+    """The one-line verify failure: path, message with its location, what to do next."""
     text = str(e)
     text = text.removeprefix(f"{path}: ")  # source errors already name the file
-    return VmaError(f"{path}: verify failed: {text} [{type(e).__name__}]")
+    hint = _next_step(e)
+    return VmaError(f"{path}: verify failed: {text}" + (f"; {hint}" if hint else ""))
+
+
+def _next_step(e: VmaError) -> str:
+    """What the user can do about *e* (empty when the message says it already)."""
+    hint = read_anyway_hint(e, "mount -o allow_incomplete or extract --allow-incomplete")
+    if hint:
+        return hint
+    if isinstance(e, CorruptStreamError | FormatError | ConsistencyError):
+        return "the archive is damaged: restore from another copy of this backup"
+    return ""
 
 
 def check_names(archive) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 
-from ..errors import IncompleteArchiveError
+from ..errors import VmaError, read_anyway_hint
 from .errors import MountError
 
 
@@ -100,10 +100,10 @@ def open_archive(path: str, allow_incomplete: bool, index_beside: bool = False):
             return Archive.open(
                 path, allow_incomplete=allow_incomplete, progress=bar, index_beside=index_beside
             )
-    except IncompleteArchiveError as e:
-        raise IncompleteArchiveError(
-            f"{e.message}; mount with -o allow_incomplete to serve the missing clusters as EIO",
-            offset=e.offset,
-            dev_id=e.dev_id,
-            cluster=e.cluster,
+    except VmaError as e:
+        hint = "" if allow_incomplete else read_anyway_hint(e, "mount -o allow_incomplete")
+        if not hint:
+            raise
+        raise type(e)(
+            f"{e.message}; {hint}", offset=e.offset, dev_id=e.dev_id, cluster=e.cluster
         ) from None
