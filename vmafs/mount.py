@@ -231,7 +231,7 @@ def check_logfile(path: str) -> str:
 def open_archive(path: str, allow_incomplete: bool):
     """Open *path*; an incomplete archive's error says how to mount it anyway."""
     from .archive import Archive  # noqa: PLC0415 - keep `vmafs -h` light
-    from .commands.progress import Progress, want_progress  # noqa: PLC0415
+    from .common.progress import Progress, want_progress  # noqa: PLC0415
 
     try:
         # A compressed archive is decompressed once to index it: show how far
@@ -311,6 +311,8 @@ async def _main_loop(
     import pyfuse3  # noqa: PLC0415
     import trio  # noqa: PLC0415
 
+    from .common.signals import receive as receive_signals  # noqa: PLC0415
+
     result: dict = {"status": 0, "ready": False, "signal": None}
 
     async def fs_loop(cancel: trio.CancelScope) -> None:
@@ -319,12 +321,10 @@ async def _main_loop(
         finally:
             cancel.cancel()
 
-    async def watch_signals() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-            async for signum in sigs:
-                log.info("%s: unmounting %s", signal.Signals(signum).name, mountpoint)
-                result["signal"] = signal.Signals(signum).name
-                pyfuse3.terminate()
+    def unmount_on(signum: int) -> None:
+        log.info("%s: unmounting %s", signal.Signals(signum).name, mountpoint)
+        result["signal"] = signal.Signals(signum).name
+        pyfuse3.terminate()
 
     async def wait_ready() -> None:
         with trio.move_on_after(READY_TIMEOUT):
@@ -350,7 +350,7 @@ async def _main_loop(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fs_loop, nursery.cancel_scope)
-        nursery.start_soon(watch_signals)
+        nursery.start_soon(receive_signals, unmount_on)
         nursery.start_soon(wait_ready)
     if not result["ready"]:
         if result["signal"]:
@@ -449,7 +449,7 @@ def mount(
     anything found before the filesystem process detaches.
     """
     from .archive import Archive  # noqa: PLC0415, F401 - here, not in the thread below
-    from .commands.progress import Progress  # noqa: PLC0415, F401 - ditto
+    from .common.progress import Progress  # noqa: PLC0415, F401 - ditto
     from .sidecar import deferred_saves  # noqa: PLC0415
     from .source import import_container  # noqa: PLC0415
 
@@ -785,7 +785,7 @@ def mount_helper_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.namespace:
         return _fail(prog, "-N (mount namespaces) is not supported", 2)
-    from .cli import stderr_logging  # noqa: PLC0415 - light; the CLI imports this module
+    from .common.console import stderr_logging  # noqa: PLC0415 - light
 
     try:
         with stderr_logging(prog):
