@@ -42,7 +42,7 @@ def stderr_logging(prog: str = PROG, debug: bool = False):
     recover from through :mod:`logging`; without a handler Python's
     last-resort handler would print the bare message.  The handler goes on
     the root logger and is removed afterwards.  ``vmafs mount`` replaces it
-    with its own once it knows where to log (``vmafs.mount._setup_logging``
+    with its own once it knows where to log (``vmafs.mount.logs.setup_logging``
     removes every root handler); a handler that is gone by then is left alone.
     """
     root = logging.getLogger()
