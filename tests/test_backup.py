@@ -347,7 +347,8 @@ def test_unknown_drive_and_existing_target(require_qemu, tmp_path):
             text=True,
             timeout=60,
         )
-        assert proc.returncode == 1 and "exists" in one_line_error(proc.stderr)
+        assert proc.returncode == 1 and "already exists" in one_line_error(proc.stderr)
+        assert "(-f replaces it)" in proc.stderr
         assert out.read_bytes() == b"precious"
         assert machine.our_nodes() == []
 

@@ -81,6 +81,17 @@ def test_wheel_installs_writer_under_vmafs_only(tmp_path):
     )
     cli_file, top_level_writer = out.splitlines()
     assert Path(cli_file) == target / "vmafs" / "writer" / "cli.py"
+    # The console scripts run from the install, writer commands included.
+    env = dict(os.environ, PYTHONPATH=str(target))
+    for script, args, expect in (
+        ("vmafs", ["create", "--help"], "usage: vmafs create"),
+        ("mount.vmafs", ["-h"], "mount.vmafs"),
+    ):
+        proc = subprocess.run(
+            [target / "bin" / script, *args], cwd=elsewhere, env=env, capture_output=True,
+            text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0 and expect in proc.stdout, proc.stdout + proc.stderr
     # (The venv running the tests may have an editable install of an older
     # layout with a top-level writer: only the wheel's own files count.)
     assert not top_level_writer.startswith(str(target)), top_level_writer

@@ -215,7 +215,11 @@ def read_configs(paths: list[str]) -> list[tuple[str, bytes]]:
 
 def check_output(target: str, *, overwrite: bool) -> None:
     """Refuse an unusable ARCHIVE before anything else starts (see AtomicOutput.check)."""
-    AtomicOutput.check(target, overwrite=overwrite)
+    try:
+        AtomicOutput.check(target, overwrite=overwrite)
+    except FileExistsError as e:
+        e.strerror = f"{e.strerror} (-f replaces it)"
+        raise
 
 
 def _summary(result: BackupResult, target: str) -> str:
