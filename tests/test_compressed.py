@@ -116,7 +116,7 @@ def test_import_container_imports_only_the_module_the_magic_asks_for(tmp_path):
     )
     expect = {  # beyond vmafs.source.plain, which the package always imports
         "two-disks.vma": [],
-        "two-disks.vma.zst": ["vmafs.source.zstd", "vmafs.source.zstd_seekable"],
+        "two-disks.vma.zst": ["vmafs.source.zstd"],
         "two-disks.vma.gz": ["vmafs.source.gzip"],
     }
     for name, modules in expect.items():
@@ -574,8 +574,9 @@ def _extent_starts(plain: bytes) -> set[int]:
     "name", ["ext4-guest.vma", "ext4-guest.vma.gz", "ext4-guest.vma.lzo", "ext4-guest.vma.zst"]
 )
 def test_recompress_round_trips_through_zstd_d(tmp_path, name):
-    from vmafs.commands.recompress import recompress
-    from vmafs.source.zstd_seekable import SeekTable
+    from vmafs.writer.recompress import recompress
+
+    from vmafs.zstd_seekable import SeekTable
 
     src = copy_fixture(tmp_path, name)
     out = str(tmp_path / "out.vma.zst")
@@ -600,9 +601,9 @@ def test_recompress_framer_any_chunking(tmp_path):
     import io
 
     import zstandard
+    from vmafs.writer.recompress import _Framer
 
-    from vmafs.commands.recompress import _Framer
-    from vmafs.source.zstd_seekable import SeekableZstdWriter, SeekTable
+    from vmafs.zstd_seekable import SeekableZstdWriter, SeekTable
 
     plain = _plain("two-disks.vma")
     starts = sorted(_extent_starts(plain))
@@ -630,7 +631,7 @@ def test_recompress_framer_any_chunking(tmp_path):
 
 
 def test_recompressed_output_opens_without_side_index(tmp_path):
-    from vmafs.commands.recompress import recompress
+    from vmafs.writer.recompress import recompress
 
     src = copy_fixture(tmp_path, "two-disks.vma.gz")
     out = str(tmp_path / "two-disks.vma.zst")
@@ -648,10 +649,10 @@ def test_seekable_archive_is_indexed_without_whole_frame_decodes(tmp_path, monke
     # (small extents of a sparse stretch are grouped).  Reads afterwards decode
     # whole frames, verify them, and return the disk.
     from test_cli_support import build
+    from vmafs.writer.recompress import recompress
 
     import vmafs.source.zstd as vz
-    from vmafs.commands.recompress import recompress
-    from vmafs.source.zstd_seekable import SeekTable
+    from vmafs.zstd_seekable import SeekTable
 
     rnd = random.Random(9)
     sparse = bytearray(8 << 20)
@@ -710,7 +711,7 @@ def test_seekable_archive_is_indexed_without_whole_frame_decodes(tmp_path, monke
 
 
 def test_recompress_refuses_to_overwrite_and_cleans_up(tmp_path):
-    from vmafs.commands.recompress import recompress
+    from vmafs.writer.recompress import recompress
 
     src = copy_fixture(tmp_path, "two-disks.vma")
     out = tmp_path / "exists.vma.zst"
@@ -823,7 +824,7 @@ def test_mount_compressed_reads_back_equal_to_manifest(tmp_path, require_fuse, k
     pytest.importorskip("vmafs.mount", reason="vmafs mount has not landed yet")
     name = "ext4-guest.vma"
     if kind == "recompressed":
-        from vmafs.commands.recompress import recompress
+        from vmafs.writer.recompress import recompress
 
         archive = str(tmp_path / "seekable.vma.zst")
         recompress(copy_fixture(tmp_path, name + ".gz"), archive)

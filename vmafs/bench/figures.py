@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from vmafs.writer.storage_daemon import raw_image_nodes, start_storage_daemon
+
 from . import datasets as ds
 from .util import (
     READAHEAD,
@@ -600,25 +602,6 @@ class _Qmp:
         self.q.close()
 
 
-def _qsd(sock: str, image: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            need("qemu-storage-daemon"),
-            "--chardev",
-            f"socket,id=m,path={sock},server=on,wait=off",
-            "--monitor",
-            "chardev=m",
-            "--blockdev",
-            f"driver=file,filename={image},node-name=f0,read-only=on",
-            "--blockdev",
-            "driver=raw,file=f0,node-name=src,read-only=on",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
 def _stop(p: subprocess.Popen | None) -> None:
     if p is not None and p.poll() is None:
         p.terminate()
@@ -667,7 +650,7 @@ def _qsd_backup(work: str, image: str, size: int, target: str) -> tuple[float, f
             with open(out, "wb") as f:
                 f.truncate(size)
             node = {"driver": "file", "filename": out}
-        qsd = _qsd(sock, image)
+        qsd = start_storage_daemon(sock, raw_image_nodes(image), binary=need("qemu-storage-daemon"))
         q = _Qmp(sock)
         try:
             q.cmd("blockdev-add", {"node-name": "tgt", **node})

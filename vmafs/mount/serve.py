@@ -73,6 +73,8 @@ async def _main_loop(
     import pyfuse3  # noqa: PLC0415
     import trio  # noqa: PLC0415
 
+    from ..common.signals import receive as receive_signals  # noqa: PLC0415
+
     result: dict = {"status": 0, "ready": False, "signal": None}
 
     async def fs_loop(cancel: trio.CancelScope) -> None:
@@ -81,12 +83,10 @@ async def _main_loop(
         finally:
             cancel.cancel()
 
-    async def watch_signals() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-            async for signum in sigs:
-                log.info("%s: unmounting %s", signal.Signals(signum).name, mountpoint)
-                result["signal"] = signal.Signals(signum).name
-                pyfuse3.terminate()
+    def unmount_on(signum: int) -> None:
+        log.info("%s: unmounting %s", signal.Signals(signum).name, mountpoint)
+        result["signal"] = signal.Signals(signum).name
+        pyfuse3.terminate()
 
     async def wait_ready() -> None:
         with trio.move_on_after(READY_TIMEOUT):
@@ -112,7 +112,7 @@ async def _main_loop(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fs_loop, nursery.cancel_scope)
-        nursery.start_soon(watch_signals)
+        nursery.start_soon(receive_signals, unmount_on)
         nursery.start_soon(wait_ready)
     if not result["ready"]:
         if result["signal"]:
