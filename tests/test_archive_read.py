@@ -220,13 +220,28 @@ def archives(draw) -> Built:
     )
 
 
-@settings(
-    max_examples=300,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+_PROPERTY = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+}
+
+
+@settings(max_examples=40, **_PROPERTY)
 @given(built=archives(), data=st.data())
 def test_property_random_reads_equal_source(built, data):
+    """A sample of the property, for the quick suite (about 1/8 of the thorough run)."""
+    random_reads_equal_source(built, data)
+
+
+@pytest.mark.slow
+@settings(max_examples=300, **_PROPERTY)
+@given(built=archives(), data=st.data())
+def test_property_random_reads_equal_source_thorough(built, data):
+    random_reads_equal_source(built, data)
+
+
+def random_reads_equal_source(built: Built, data) -> None:
+    """Every read of every device of *built*, opened and stream-indexed, equals its disks."""
     with tempfile.TemporaryDirectory() as tmp:
         path = built.write(os.path.join(tmp, "p.vma"))
         with Archive.open(path) as a:
