@@ -135,7 +135,7 @@ def test_import_container_imports_only_the_module_the_magic_asks_for(tmp_path):
         always = ("vmafs.source.plain", "vmafs.source.base")
         got = [m for m in json.loads(r.stdout) if m not in always]
         assert got == modules, name
-    from vmafs.source import import_container  # noqa: PLC0415
+    from vmafs.source import import_container
 
     with pytest.raises(SourceError, match="cannot open"):
         import_container(tmp_path / "missing.vma")

@@ -149,7 +149,7 @@ def test_unmount_clears_a_fuse_mount_whose_process_died(require_fuse, tmp_path):
 
 def test_ci_runs_the_readme_test_command():
     """README's two set-up commands exist, and .ci/run runs exactly the test one."""
-    from pathlib import Path  # noqa: PLC0415
+    from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
     readme = (repo / "README.md").read_text()

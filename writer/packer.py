@@ -712,7 +712,7 @@ class Packer:
 
     def export(self, name: str) -> Export:
         """An NBD :class:`writer.nbd.Export` that feeds device ``name`` into this packer."""
-        from .nbd import Export
+        from .nbd import Export  # noqa: PLC0415 - only `vmafs backup` serves NBD
 
         dev_id = self.dev_ids[name]
 
@@ -807,7 +807,7 @@ class ArchiveOutput:
             self.temp_path = None
             if sys.stdout is None:  # fd 1 was closed when Python started
                 raise WriterError("cannot stream the archive to stdout: stdout is closed")
-            self._f = open(sys.stdout.fileno(), "wb", closefd=False)  # noqa: SIM115
+            self._f = open(sys.stdout.fileno(), "wb", closefd=False)
         else:
             self.path = os.path.abspath(target)
             directory, base = os.path.split(self.path)
@@ -846,9 +846,9 @@ class ArchiveOutput:
 
     def _open_zstd(self) -> None:
         try:
-            from vmafs.source.zstd_seekable import SeekableZstdWriter
+            from vmafs.source.zstd_seekable import SeekableZstdWriter  # noqa: PLC0415 - zstd output only
         except ImportError:
-            import zstandard
+            import zstandard  # noqa: PLC0415 - zstd output only
 
             log.info("seekable zstd writer not available; writing one plain zstd frame")
             self._zw = zstandard.ZstdCompressor(threads=-1).stream_writer(self._f, closefd=False)
@@ -924,7 +924,7 @@ class ArchiveOutput:
             if self._seekable:
                 self._end_frame()
             else:
-                import zstandard
+                import zstandard  # noqa: PLC0415 - loaded by _open_zstd already
 
                 self._zw.flush(zstandard.FLUSH_BLOCK)
         self._f.flush()

@@ -169,7 +169,7 @@ class GzipSource(BlockSource):
             last = z.pread(1, self.size - 1) if self.size else b""
             if len(last) != min(1, self.size) or z.pread(1, self.size):
                 raise ValueError("helper's seek points do not span the stream")
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - zran has its own types; any: rebuild
             z.close()
             log.info("%s: seek points from helper unusable (%s); building in-process", self.path, e)
             return None
