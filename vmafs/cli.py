@@ -274,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         # A dependency imported lazily by a command (pyfuse3, zstandard, ...).
         return _fail(f"{e} (a dependency of this command is not installed)", debug)
-    except Exception as e:  # a bug: still one line unless debugging
+    except Exception as e:  # noqa: BLE001 - a bug: still one line unless debugging
         if debug:
             traceback.print_exc()
             return 1
