@@ -48,6 +48,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("verify",), "vmafs.commands.verify", "register"),
     (("extract",), "vmafs.commands.extract", "register"),
     (("index",), "vmafs.commands.index", "register"),
+    (("volumes",), "vmafs.commands.volumes", "register"),
     (("recompress",), "vmafs.writer.recompress", "register"),
     (("mount", "umount"), "vmafs.mount", "register"),
     (("backup",), "vmafs.writer.cli", "register_backup"),
