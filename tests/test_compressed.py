@@ -114,9 +114,13 @@ def test_import_container_imports_only_the_module_the_magic_asks_for(tmp_path):
         "import_container(sys.argv[1])\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('vmafs.source.'))))\n"
     )
-    expect = {  # beyond vmafs.source.plain, which the package always imports
+    zstd = ["checkpoint", "frame", "reads", "scan", "source", "state"]
+    expect = {  # beyond vmafs.source.plain and .base, which the package always imports
         "two-disks.vma": [],
-        "two-disks.vma.zst": ["vmafs.source.zstd"],
+        "two-disks.vma.zst": [
+            "vmafs.source.zstd",
+            *(f"vmafs.source.zstd.{m}" for m in zstd),
+        ],
         "two-disks.vma.gz": ["vmafs.source.gzip"],
     }
     for name, modules in expect.items():
@@ -127,9 +131,10 @@ def test_import_container_imports_only_the_module_the_magic_asks_for(tmp_path):
             timeout=60,
         )
         assert r.returncode == 0, r.stderr
-        got = [m for m in json.loads(r.stdout) if m != "vmafs.source.plain"]
+        always = ("vmafs.source.plain", "vmafs.source.base")
+        got = [m for m in json.loads(r.stdout) if m not in always]
         assert got == modules, name
-    from vmafs.source import import_container  # noqa: PLC0415
+    from vmafs.source import import_container
 
     with pytest.raises(SourceError, match="cannot open"):
         import_container(tmp_path / "missing.vma")
@@ -651,7 +656,7 @@ def test_seekable_archive_is_indexed_without_whole_frame_decodes(tmp_path, monke
     from test_cli_support import build
     from vmafs.writer.recompress import recompress
 
-    import vmafs.source.zstd as vz
+    from vmafs.source.zstd.reads import FrameReader
     from vmafs.zstd_seekable import SeekTable
 
     rnd = random.Random(9)
@@ -669,7 +674,7 @@ def test_seekable_archive_is_indexed_without_whole_frame_decodes(tmp_path, monke
     assert per_frame.max() > 2 and (per_frame == 1).sum() >= 3  # grouped and single extents
 
     decodes, read = [], [0]
-    real_decode, real_pread = vz.ZstdSource._decode_frame, os.pread
+    real_decode, real_pread = FrameReader.decode_frame, os.pread
 
     def decode(self, fi):
         decodes.append(fi)
@@ -680,7 +685,7 @@ def test_seekable_archive_is_indexed_without_whole_frame_decodes(tmp_path, monke
         read[0] += len(data)
         return data
 
-    monkeypatch.setattr(vz.ZstdSource, "_decode_frame", decode)
+    monkeypatch.setattr(FrameReader, "decode_frame", decode)
     monkeypatch.setattr(os, "pread", pread)
     a = open_guarded(out)
     monkeypatch.setattr(os, "pread", real_pread)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import FIXTURES_DIR
 
-import vmafs.source.gzip  # noqa: F401 - registers the gzip magic
+import vmafs.source.gzip  # registers the gzip magic
 import vmafs.source.lzo  # noqa: F401 - registers the lzop magic
 from vmafs import sidecar
 from vmafs.archive import Archive

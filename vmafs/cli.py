@@ -48,6 +48,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("verify",), "vmafs.commands.verify", "register"),
     (("extract",), "vmafs.commands.extract", "register"),
     (("index",), "vmafs.commands.index", "register"),
+    (("volumes",), "vmafs.commands.volumes", "register"),
     (("recompress",), "vmafs.writer.recompress", "register"),
     (("mount", "umount"), "vmafs.mount", "register"),
     (("backup",), "vmafs.writer.cli", "register_backup"),
@@ -274,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         # A dependency imported lazily by a command (pyfuse3, zstandard, ...).
         return _fail(f"{e} (a dependency of this command is not installed)", debug)
-    except Exception as e:  # a bug: still one line unless debugging
+    except Exception as e:  # noqa: BLE001 - a bug: still one line unless debugging
         if debug:
             traceback.print_exc()
             return 1

@@ -293,7 +293,7 @@ def _watched(export: Export, abort: _Abort) -> Export:
             abort.inflight.add(request)
             try:
                 await call(*args)
-            except Exception as e:  # noqa: BLE001 - the backup is over; see above
+            except Exception as e:  # the backup is over; see above
                 abort(f"{e}", e)
                 if abort.closed:  # after the commit point nothing is dropped silently
                     raise
@@ -502,7 +502,7 @@ async def _serve(server: NbdServer, abort: _Abort, task_status=trio.TASK_STATUS_
 
     try:
         await server.serve(task_status=types.SimpleNamespace(started=started))
-    except Exception as e:  # noqa: BLE001 - becomes the backup's error, see _backup_in
+    except Exception as e:  # becomes the backup's error, see _backup_in
         if not serving:
             raise
         cause = unwrap_group(e)  # serve's own nursery wraps it

@@ -259,8 +259,8 @@ def _recompress(
 def _stream(source, on_chunk, progress) -> int:
     """Every byte of the VMA stream to *on_chunk*, in order; returns its length."""
     if source.needs_scan:
-        # A one-pass decompressor that skips building random-access checkpoints, if offered.
-        getattr(source, "stream", source.scan)(on_chunk, progress)
+        # One pass that skips building random-access checkpoints where a source can.
+        source.stream(on_chunk, progress)
         return source.size
     total = source.size
     pos = 0

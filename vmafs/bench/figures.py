@@ -523,7 +523,7 @@ def _extract_timed(archive: str, xdir: str) -> float:
 
 
 def fig_convert(ctx: Ctx) -> list[Row]:
-    from vmafs.fs import SEEK_HOLE_SUPPORTED  # noqa: PLC0415 - imports pyfuse3
+    from vmafs.fs import SEEK_HOLE_SUPPORTED
 
     need("qemu-img")
     archive = ctx.get("archive")
@@ -1037,7 +1037,8 @@ def fig_size(ctx: Ctx) -> list[Row]:
 def fig_zstd(ctx: Ctx) -> list[Row]:
     from vmafs import sidecar
     from vmafs.index import StreamIndexer
-    from vmafs.source import zstd
+
+    from . import zstd_source
 
     need("zstd")
     archive = ctx.get("archive")
@@ -1045,7 +1046,7 @@ def fig_zstd(ctx: Ctx) -> list[Row]:
     indexer = StreamIndexer()
     warm(zpath)
     reads = 300 if ctx.sizes.label == "quick" else 1000
-    b = zstd.benchmark(zpath, reads=reads, on_chunk=indexer.feed)
+    b = zstd_source.benchmark(zpath, reads=reads, on_chunk=indexer.feed)
     ctx.facts["zstd_benchmark"] = b
 
     # a real first mount (no side index) vs zstd -d, both with the file warm,
@@ -1070,7 +1071,7 @@ def fig_zstd(ctx: Ctx) -> list[Row]:
     with vmafs_mount(zpath, mnt) as second:
         lat, t = _pread_lat(_mounted_disk(mnt), offsets)
     seek = ctx.get("seekable")
-    bs = zstd.benchmark(seek, reads=reads)
+    bs = zstd_source.benchmark(seek, reads=reads)
     with vmafs_mount(seek, mnt):
         slat, st = _pread_lat(_mounted_disk(mnt), offsets)
     ctx.facts["zstd_seekable_benchmark"] = bs

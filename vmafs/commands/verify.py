@@ -167,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
             check_names(archive)
         except VmaError as e:
             raise _failed(path, e) from e
-        if not args.data and getattr(archive.source, "header_reader", None):
+        # A stream indexed from its extent headers alone (seekable zstd) has not
+        # been decoded in full yet; one that was scanned has (and --data reads it).
+        if not args.data and not archive.stream_checked:
             with Progress("decompressing", archive.source.size, enabled=show) as bar:
                 try:
                     check_stream(archive, bar)
