@@ -67,8 +67,10 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            # "from pkg import sub" imports the submodule when there is one
-            targets = [f"{mod}.{a.name}" for a in node.names] + [mod]
+            # "from pkg import sub" imports the submodule when there is one (and
+            # needs nothing of pkg's __init__); any other name comes from pkg
+            subs = [f"{mod}.{a.name}" for a in node.names]
+            targets = [t if t in known else mod for t in subs]
         else:
             continue
         for target in targets:

@@ -40,7 +40,7 @@ def test_checkout_maps_vmafs_writer_to_its_own_writer_folder():
 @pytest.mark.slow
 def test_wheel_installs_writer_under_vmafs_only(tmp_path):
     # Build from a copy: building writes build/ and *.egg-info beside the sources.
-    # pip builds in an isolated environment, as `pip install .` does.
+    # Without build isolation (the venv's setuptools and wheel): no download.
     src = tmp_path / "src"
     src.mkdir()
     for name in ("vmafs", "writer"):
@@ -49,7 +49,8 @@ def test_wheel_installs_writer_under_vmafs_only(tmp_path):
         shutil.copy(REPO / name, src / name)
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(src)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(wheels), str(src)],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     (wheel,) = wheels.glob("vmafs-*.whl")
