@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES_DIR, unmount, vmafs_cmd
 from guestdisks import Disk, Seg, lvm_pvs, mkfs, require_tools, vg_text
+from test_mount_seek import _model, _seek, require_lseek  # noqa: F401 (a fixture)
 from test_mount_support import GUARD, mounted
 from vmafactory import build_archive
 
@@ -239,41 +240,23 @@ def test_reads_across_segment_edges(gpt_lvm):
         assert r.read(12 * MiB, 10) == b"" and r.read(-1, 10) == b""
 
 
-def expected_extents(content: bytes, segments, size: int) -> list[tuple[int, int]]:
-    """Data ranges of a volume as the archive sees them: drive clusters with a non-zero byte."""
-    out: list[list[int]] = []
-    for seg in segments:
+def volume_holes(content: bytes, volume) -> list[bool]:
+    """Per 64 KiB cluster of the volume: a hole iff its drive cluster is all zeros
+    (the archive stores nothing for it).  Segments here start on cluster boundaries."""
+    holes = []
+    for seg in volume.segments:
+        assert seg.disk_offset % CLUSTER_SIZE == 0 and seg.start % CLUSTER_SIZE == 0
         for off in range(0, seg.length, CLUSTER_SIZE):
             d = seg.disk_offset + off
-            c = d // CLUSTER_SIZE * CLUSTER_SIZE
-            if any(content[c : c + CLUSTER_SIZE]):
-                start = seg.start + off
-                if out and out[-1][1] == start:
-                    out[-1][1] = min(start + CLUSTER_SIZE, size)
-                else:
-                    out.append([start, min(start + CLUSTER_SIZE, size)])
-    return [tuple(x) for x in out]
-
-
-def seek_extents(fd: int, size: int) -> list[tuple[int, int]]:
-    out, pos = [], 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
-            break
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        out.append((start, end))
-        pos = end
-    return out
+            holes.append(not any(content[d : d + CLUSTER_SIZE]))
+    return holes
 
 
 @pytest.mark.fuse
 @pytest.mark.loop
-def test_volume_files_in_the_mount(gpt_lvm, tmp_path, require_fuse, require_loop):
+@pytest.mark.usefixtures("require_lseek")
+def test_volume_files_in_the_mount(gpt_lvm, tmp_path, require_loop):
     """Volume files: sizes, bytes, SEEK_DATA/SEEK_HOLE, and `mount -o loop,ro` of an ext4 LV."""
-    from vmafs.fs import SEEK_HOLE_SUPPORTED
-
     archive, _, content, expect_bytes, root_files = gpt_lvm
     mnt = tmp_path / "mnt"
     guest = tmp_path / "guest"
@@ -289,16 +272,21 @@ def test_volume_files_in_the_mount(gpt_lvm, tmp_path, require_fuse, require_loop
             path = mnt / "volumes" / name
             assert os.stat(path).st_size == len(data)
             assert sha256(path.read_bytes()) == sha256(data), name
-        if SEEK_HOLE_SUPPORTED:
-            for name in ("drive-scsi0/pve/root", "drive-scsi0/p1"):
-                v = volumes[name]
-                fd = os.open(mnt / "volumes" / name, os.O_RDONLY)
-                try:
-                    got = seek_extents(fd, v.size)
-                finally:
-                    os.close(fd)
-                assert got == expected_extents(content, v.segments, v.size), name
-                assert 0 < sum(b - a for a, b in got) < v.size
+        for name in ("drive-scsi0/pve/root", "drive-scsi0/p1"):
+            v = volumes[name]
+            holes = volume_holes(content, v)
+            assert any(holes) and not all(holes)
+            fd = os.open(mnt / "volumes" / name, os.O_RDONLY)
+            try:
+                for c in range(len(holes) + 1):
+                    for off in (c * CLUSTER_SIZE - 1, c * CLUSTER_SIZE, c * CLUSTER_SIZE + 1):
+                        if off < 0:
+                            continue
+                        for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+                            want = _model(holes, v.size, off, whence)
+                            assert _seek(fd, off, whence) == want, (name, off, whence)
+            finally:
+                os.close(fd)
         try:
             subprocess.run(
                 ["mount", "-o", "loop,ro,noload", base / "pve" / "root", guest],
