@@ -409,3 +409,26 @@ def test_volumes_command_reports_a_bad_drive_and_lists_the_good(tmp_path):
     assert proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("vmafs: error: drive-scsi1: GPT entry array CRC32 does not match")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.fuse
+def test_mount_shows_a_bad_drive_empty_and_logs_why(tmp_path, require_fuse):
+    from test_mount_support import mounted
+
+    good = gpt([(2048, 4095, LINUX)])
+    bad = mbr([(0x05, 2048, 8192)])
+    ebr(bad, 2048, (2048, 100), (0, 8192))  # a chain that loops
+    path = build_archive({"drive-scsi0": bytes(good), "drive-scsi1": bytes(bad)}).write(
+        tmp_path / "two.vma"
+    )
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    logfile = tmp_path / "mount.log"
+    with mounted(path, mnt, f"logfile={logfile}"):
+        assert (mnt / "volumes" / "drive-scsi1").is_dir()
+        assert list((mnt / "volumes" / "drive-scsi1").iterdir()) == []
+        assert [p.name for p in (mnt / "volumes" / "drive-scsi0").iterdir()] == ["p1"]
+        assert (mnt / "volumes" / "drive-scsi0" / "p1").read_bytes() == bytes(good[MiB : 2 * MiB])
+    log = logfile.read_text()
+    assert "volumes of drive-scsi1 not shown: drive-scsi1: extended partition chain loops" in log
+    assert log.count("not shown") == 1
