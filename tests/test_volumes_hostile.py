@@ -513,3 +513,20 @@ def test_random_damage_in_filesystem_superblocks(tmp_path):
         for disk in mutations(10 + k, base, spots, 40):
             for v in scan(tmp_path, disk):
                 assert v.name == DRIVE and v.kind == "disk"
+
+
+def test_ntfs_label_attribute_cut_short(tmp_path):
+    """A $VOLUME_NAME attribute too short for its own header, at the end of MFT record 3:
+    the label is None, nothing is read past the record."""
+    d = bytearray(MiB)
+    put(d, 0, b"\xeb\x52\x90NTFS    " + struct.pack("<HB", 512, 1))
+    put(d, 0x30, struct.pack("<Q", 8))  # MFT at cluster 8
+    put(d, 0x40, struct.pack("<b", -10))  # records of 2**10 bytes
+    put(d, 510, b"\x55\xaa")
+    rec = 8 * 512 + 3 * 1024
+    put(d, rec, b"FILE" + struct.pack("<HH", 48, 3))
+    put(d, rec + 0x14, struct.pack("<H", 56))
+    put(d, rec + 56, struct.pack("<II", 0x10, 1008 - 56))  # a filler attribute
+    put(d, rec + 1008, struct.pack("<II", 0x60, 16))  # $VOLUME_NAME, 16 bytes only
+    (v,) = scan(tmp_path, bytes(d))
+    assert (v.name, v.fstype, v.label) == (DRIVE, "ntfs", None)
