@@ -112,10 +112,12 @@ def gpt(
     last: int | None = None,
     damage_header: bool = False,
     damage_entries: bool = False,
+    sector: int = SECTOR,
 ) -> bytearray:
-    """A GPT with *parts* = [(first LBA, last LBA, type uuid)], CRCs valid unless damaged."""
-    d = mbr([(0xEE, 1, size // SECTOR - 1)], size)
-    sectors = size // SECTOR
+    """A GPT with *parts* = [(first LBA, last LBA, type uuid)], CRCs valid unless damaged,
+    for *sector*-byte sectors."""
+    sectors = size // sector
+    d = mbr([(0xEE, 1, sectors - 1)], size)
     last = sectors - 34 if last is None else last
     table = bytearray(count * esize if count * esize <= 1 << 20 else 0)
     for i, (a, b, t) in enumerate(parts):
@@ -127,9 +129,9 @@ def gpt(
     )  # fmt: skip
     crc = zlib.crc32(hdr) ^ (1 if damage_header else 0)
     hdr = hdr[:16] + struct.pack("<I", crc) + hdr[20:]
-    put(d, SECTOR, hdr)
-    if elba * SECTOR + len(table) <= size:
-        put(d, elba * SECTOR, table)
+    put(d, sector, hdr)
+    if elba * sector + len(table) <= size:
+        put(d, elba * sector, table)
     return d
 
 
@@ -229,6 +231,12 @@ def test_crafted_good_layouts_are_read(tmp_path):
     assert (a.name, a.size) == ("drive-scsi0/vg0/a", 3 * MiB)
     pe0 = MiB + MiB  # partition start + pe_start
     assert a.segments == (Segment(0, pe0 + 5 * MiB, 2 * MiB), Segment(2 * MiB, pe0, MiB))
+
+
+def test_gpt_with_4096_byte_sectors(tmp_path):
+    g = gpt([(256, 511, LINUX)], sector=4096, first=6, last=2040)
+    (v,) = scan(tmp_path, bytes(g))
+    assert (v.name, v.segments[0].disk_offset, v.size) == ("drive-scsi0/p1", MiB, MiB)
 
 
 # --- partition tables ---------------------------------------------------------------
