@@ -341,14 +341,18 @@ def build_sparse_vma(
     seed: int = 3,
     slots: int = 0,
     order: str = "live",
+    runs: int = 0,
+    full: bool = False,
 ) -> dict:
     """Write a VMA archive of one *disk_size* disk with ~*data_bytes* of data spread over it.
 
     Every cluster appears exactly once, in *order* ``live`` (:func:`live_order`)
     or ``shuffled`` (a random permutation: the index builder's worst case);
-    data clusters are full or partly stored (random masks), the rest are
-    all-zero slots (metadata only).  Extent headers are built as one numpy
-    array; each gets its md5.  Returns facts about it.
+    data clusters are full or partly stored (random masks; all full with
+    *full*), the rest are all-zero slots (metadata only).  With *runs*, the
+    data lies in that many runs of clusters (a used part of a disk) instead
+    of at random clusters, so most extents are either full of data or empty.
+    Extent headers are built as one numpy array; each gets its md5.  Returns facts about it.
     """
     slots = slots or PROXMOX_SLOTS_PER_EXTENT
     assert 1 <= slots <= SLOTS_PER_EXTENT
@@ -360,9 +364,16 @@ def build_sparse_vma(
     else:
         order = live_order(n, rng).astype(np.uint64)
     masks = np.zeros(n, dtype=np.uint64)
-    data_clusters = rng.choice(n, size=k, replace=False)
+    if runs:  # one run at a random place in each of *runs* equal slices of the disk
+        span = n // runs
+        per = min(span, k // runs)
+        starts = np.arange(runs) * span + rng.integers(0, span - per + 1, runs)
+        data_clusters = (starts[:, None] + np.arange(per)).ravel()
+        k = data_clusters.size
+    else:
+        data_clusters = rng.choice(n, size=k, replace=False)
     m = np.full(k, 0xFFFF, dtype=np.uint64)
-    partial = rng.random(k) < 0.25
+    partial = rng.random(k) < (0 if full else 0.25)
     m[partial] = rng.integers(1, 0xFFFF, int(partial.sum()), dtype=np.uint64)
     masks[data_clusters] = m
     dev_id = np.uint64(1)
@@ -414,22 +425,29 @@ def build_sparse_vma(
     return {"clusters": n, "extents": e, "data_clusters": k, "stored_bytes": stored}
 
 
-def sparse_archive(work: str, sizes: Sizes, order: str = "live") -> tuple[str, dict]:
-    """The index-scale archive of *sizes* in cluster *order*, and its facts."""
-    path = os.path.join(work, f"sparse-{order}.vma")
+def direct_archive(work: str, name: str, disk: int, data: int, **opts) -> tuple[str, dict]:
+    """:func:`build_sparse_vma` of *disk*/*data* bytes (and *opts*) as *name*, cached;
+    returns its path and its facts."""
+    path = os.path.join(work, name)
     facts_path = path + ".json"
     if not os.path.exists(facts_path):
         _forget(path)
 
     def make(tmp: str) -> None:
-        facts = build_sparse_vma(tmp, sizes.sparse_disk, sizes.sparse_data, order=order)
+        facts = build_sparse_vma(tmp, disk, data, **opts)
         with open(facts_path, "w") as f:
             json.dump(facts, f)
 
-    params = {"disk": sizes.sparse_disk, "data": sizes.sparse_data, "order": order, "v": 2}
-    build_once(path, params, make)
+    build_once(path, {"disk": disk, "data": data, **opts, "v": 2}, make)
     with open(facts_path) as f:
         return path, json.load(f)
+
+
+def sparse_archive(work: str, sizes: Sizes, order: str = "live") -> tuple[str, dict]:
+    """The index-scale archive of *sizes* in cluster *order*, and its facts."""
+    return direct_archive(
+        work, f"sparse-{order}.vma", sizes.sparse_disk, sizes.sparse_data, order=order
+    )
 
 
 def describe(sizes: Sizes) -> dict:

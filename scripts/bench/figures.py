@@ -13,6 +13,7 @@ from collections.abc import Callable
 from .ctx import Ctx, Row
 from .datapath_figures import fig_datapath
 from .read_figures import fig_convert, fig_index, fig_restore, fig_seq
+from .slow_figures import fig_coldmount
 from .write_figures import fig_latency, fig_size, fig_writer
 from .zstd_figures import fig_zstd
 
@@ -26,4 +27,5 @@ FIGURES: dict[str, Callable[[Ctx], list[Row]]] = {
     "latency": fig_latency,
     "size": fig_size,
     "zstd": fig_zstd,
+    "coldmount": fig_coldmount,
 }

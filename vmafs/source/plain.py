@@ -44,6 +44,17 @@ class PlainSource:
         """Read into *buf* without an intermediate bytes object; returns the count."""
         return os.preadv(self._fd, [buf], offset)
 
+    def checkpoint_state(self) -> bytes:
+        """Nothing: a plain archive is read where it lies.  Its side index holds
+        only the offset map (:mod:`vmafs.sidecar`), which spares slow storage
+        the walk over every extent header."""
+        return b""
+
+    def load_checkpoint_state(self, state: bytes) -> None:
+        """Accept the (empty) state of :meth:`checkpoint_state`."""
+        if state != b"":
+            raise ValueError("a plain archive has no checkpoints")
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
