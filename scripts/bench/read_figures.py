@@ -39,6 +39,49 @@ def _read_guest_file(disk: str, gmnt: str) -> str:
         return ds.sha256_file(os.path.join(gmnt, ds.RESTORE_FILE))
 
 
+#: the start of `vmafs mount` as a ladder of commands, each doing one more phase
+_LADDER = [
+    ("interpreter", "pass"),
+    ("vmafs CLI", "import vmafs.cli"),
+    ("numpy + the reader", "import vmafs.cli, vmafs.mount, vmafs.archive"),
+    ("pyfuse3 + trio", "import vmafs.cli, vmafs.mount, vmafs.archive, vmafs.fs"),
+    (
+        "open the archive",
+        "import sys, vmafs.cli, vmafs.mount, vmafs.fs\n"
+        "from vmafs.archive import Archive\nArchive.open(sys.argv[1]).close()",
+    ),
+]
+
+
+def start_phases(archive: str, mnt: str, cold: bool, reps: int = 3) -> list[tuple[str, float]]:
+    """What each phase of a `vmafs mount` start adds: (phase, seconds), the medians of
+    *reps* runs of each rung of :data:`_LADDER` and of the whole mount, differenced.
+    *cold*: the page cache dropped before each run (the .pyc files read from disk)."""
+    totals = []
+    rungs = [[sys.executable, "-c", code, archive] for _, code in _LADDER]
+    for cmd in [*rungs, None]:
+        samples = []
+        for _ in range(reps):
+            if cold:
+                drop_caches()
+            if cmd is None:
+                with vmafs_mount(archive, mnt) as t:
+                    samples.append(t)
+            else:
+                samples.append(timed(cmd)[0])
+        totals.append(statistics.median(samples))
+    names = [name for name, _ in _LADDER] + ["mount until ready (fork, libfuse, first stat)"]
+    return [
+        (n, t - (totals[i - 1] if i else 0.0))
+        for i, (n, t) in enumerate(zip(names, totals, strict=True))
+    ]
+
+
+def _phases_str(phases: list[tuple[str, float]]) -> str:
+    total = sum(t for _, t in phases)
+    return f"{fmt_s(total)} = " + " + ".join(f"{n} {fmt_s(t)}" for n, t in phases)
+
+
 def fig_restore(ctx: Ctx) -> list[Row]:
     archive = ctx.get("archive")
     want = ds.sha256_file(os.path.join(ctx.get("files"), ds.RESTORE_FILE))
@@ -59,10 +102,10 @@ def fig_restore(ctx: Ctx) -> list[Row]:
     vm = sorted(times)[len(times) // 2]
     ph = phases[times.index(vm)]
 
-    # what a cold page cache costs the interpreter alone: vmafs mount's imports
-    drop_caches()
-    imports = timed([sys.executable, "-c", "import vmafs.mount, vmafs.fs, vmafs.archive"])[0]
-    imports_warm = timed([sys.executable, "-c", "import vmafs.mount, vmafs.fs, vmafs.archive"])[0]
+    # the mount's start, phase by phase, with the page cache cold and warm
+    cold = start_phases(archive, mnt, cold=True, reps=1 if ctx.sizes.label == "quick" else 3)
+    warm_ = start_phases(archive, mnt, cold=False)
+    ctx.facts["restore_phases"] = {"cold": cold, "warm": warm_}
 
     drop_caches()
     out = os.path.join(ctx.work, "restore-extract")
@@ -79,8 +122,9 @@ def fig_restore(ctx: Ctx) -> list[Row]:
     note = (
         f"vmafs median of {len(times)} ({', '.join(fmt_s(t) for t in times)}); of the median: "
         f"`vmafs mount` {fmt_s(ph[0])}, losetup + ext4 mount {fmt_s(ph[1])}, file read + "
-        f"loop/ext4 teardown {fmt_s(ph[2])}; Python start + imports of the mount's modules: "
-        f"{fmt_s(imports)} after drop_caches, {fmt_s(imports_warm)} warm"
+        f"loop/ext4 teardown {fmt_s(ph[2])}; `vmafs mount` start by phase (medians of "
+        f"separate runs, each rung one more phase), after drop_caches: {_phases_str(cold)}; "
+        f"warm: {_phases_str(warm_)}"
     )
     if shutil.which("vma") is None:
         note += "; no Proxmox `vma` binary on PATH, so no `vma extract` baseline"
