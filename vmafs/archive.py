@@ -61,8 +61,10 @@ class Archive:
     """A VMA archive opened for random reads of its devices.
 
     ``open`` validates the whole archive structure (every extent header,
-    every cluster exactly once); afterwards reads never fail on structure,
-    only on I/O or, with ``allow_incomplete``, on clusters that are missing.
+    every cluster exactly once), or takes the offset map from a side index
+    that was made that way and still matches the archive (:mod:`.sidecar`);
+    afterwards reads never fail on structure, only on I/O or, with
+    ``allow_incomplete``, on clusters that are missing.
     """
 
     def __init__(self, path: str, source: Source, header: Header, index: ArchiveIndex) -> None:
