@@ -35,7 +35,7 @@ def mnt(tmp_path):
 
 @pytest.fixture
 def require_lseek(require_fuse):
-    from vmafs.fs import SEEK_HOLE_SUPPORTED
+    from vmafs.fs import SEEK_HOLE_SUPPORTED  # imports pyfuse3
 
     if not SEEK_HOLE_SUPPORTED:
         _unavailable("pyfuse3 without the lseek handler (run scripts/setup: contrib/pyfuse3)")
@@ -183,7 +183,8 @@ def test_mount_log_says_when_pyfuse3_lacks_lseek(supported, tmp_path, monkeypatc
 
     import vmafs.fs
     from vmafs.fs import VmaFS
-    from vmafs.mount import MountOptions, _log_start
+    from vmafs.mount import MountOptions
+    from vmafs.mount.mounting import _log_start
 
     archive = build_archive({"drive-scsi0": sparse_disk(CLUSTER_SIZE, 1)}).write(tmp_path / "a.vma")
     monkeypatch.setattr(vmafs.fs, "SEEK_HOLE_SUPPORTED", supported)

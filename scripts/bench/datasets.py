@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from vmafs.writer.storage_daemon import raw_image_nodes, start_storage_daemon, stop_storage_daemon
 
 from vmafs.format import (
     BLOCK_SIZE,
@@ -44,8 +45,7 @@ from vmafs.format import (
     Header,
 )
 
-from .qemu import qsd, stop
-from .util import VMAFS, run, wait_for_path
+from .util import VMAFS, run
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -228,16 +228,15 @@ LAST_BACKUP_STDERR: list[str] = []
 def write_archive_backup(image: str, out: str, options: list[str] = ()) -> None:
     """``vmafs backup`` of *image* (as drive-scsi0) from a qemu-storage-daemon we own."""
     sock = out + ".qmp.sock"
-    daemon = qsd(sock, image)
+    qsd = start_storage_daemon(sock, raw_image_nodes(image))
     try:
-        wait_for_path(sock, daemon)
         p = run(
             [*VMAFS, "backup", "--qmp", sock, "-o", out, "-f", "--no-progress", *options]
             + ["src=drive-scsi0"]
         )
         LAST_BACKUP_STDERR[:] = p.stderr.decode(errors="replace").strip().splitlines()
     finally:
-        stop(daemon)
+        stop_storage_daemon(qsd)
         if os.path.exists(sock):
             os.unlink(sock)
 

@@ -1,14 +1,13 @@
 """The QEMU-side processes the bench drives, and its QMP through the writer's client.
 
-- :func:`qsd`: a qemu-storage-daemon exporting one raw image read-only as
-  node ``src`` (the one start-up the writer figures and the data sets use);
 - :func:`qemu_vm`: a QEMU with no machine, one drive and two QMP monitors
   (the write-latency figure: one for the backup, one for guest writes);
 - :func:`nbdkit_memory`: ``nbdkit memory`` on a Unix socket (a C NBD server
   that stores nothing);
 - :func:`backup_job`, :func:`job_completed`: a QEMU ``blockdev-backup`` into
-  a blockdev node, over a :class:`~writer.qmp.QmpConnection` (trio);
-- :func:`qsd_backup`: a whole baseline backup of an image, timed.
+  a blockdev node, over a :class:`~vmafs.writer.qmp.QmpConnection` (trio);
+- :func:`qsd_backup`: a whole baseline backup of an image by a
+  qemu-storage-daemon (started by :mod:`vmafs.writer.storage_daemon`), timed.
 """
 
 from __future__ import annotations
@@ -18,32 +17,10 @@ import subprocess
 import time
 
 import trio
-
-from writer.qmp import QmpConnection
+from vmafs.writer.qmp import QmpConnection
+from vmafs.writer.storage_daemon import raw_image_nodes, start_storage_daemon
 
 from .util import need, wait_for_path
-
-
-def qsd(sock: str, image: str) -> subprocess.Popen:
-    """qemu-storage-daemon with *image* as read-only node ``src``, QMP on *sock*."""
-    if os.path.exists(sock):
-        os.unlink(sock)
-    return subprocess.Popen(
-        [
-            need("qemu-storage-daemon"),
-            "--chardev",
-            f"socket,id=m,path={sock},server=on,wait=off",
-            "--monitor",
-            "chardev=m",
-            "--blockdev",
-            f"driver=file,filename={image},node-name=f0,read-only=on",
-            "--blockdev",
-            "driver=raw,file=f0,node-name=src,read-only=on",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 def qemu_vm(image: str, qmp_socks: tuple[str, ...]) -> subprocess.Popen:
@@ -153,8 +130,9 @@ def qsd_backup(work: str, image: str, size: int, target: str) -> tuple[float, fl
             with open(out, "wb") as f:
                 f.truncate(size)
             node = {"driver": "file", "filename": out}
-        daemon = qsd(sock, image)
-        wait_for_path(sock, daemon)
+        daemon = start_storage_daemon(
+            sock, raw_image_nodes(image), binary=need("qemu-storage-daemon")
+        )
         t_job = trio.run(job)
         if target == "raw":
             fd = os.open(out, os.O_RDONLY)

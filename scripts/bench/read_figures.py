@@ -353,7 +353,7 @@ def _extract_timed(archive: str, xdir: str) -> float:
 
 
 def fig_convert(ctx: Ctx) -> list[Row]:
-    from vmafs.fs import SEEK_HOLE_SUPPORTED  # noqa: PLC0415 - imports pyfuse3
+    from vmafs.fs import SEEK_HOLE_SUPPORTED
 
     need("qemu-img")
     archive = ctx.get("archive")

@@ -12,8 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import trio
-
-from writer.qmp import QemuError, QmpConnection
+from vmafs.writer.qmp import QemuError, QmpConnection
 
 from . import datasets as ds
 from .ctx import Ctx, Row, ratio

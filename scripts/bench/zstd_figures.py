@@ -8,6 +8,7 @@ import os
 import statistics
 import subprocess
 
+from . import zstd_source
 from .ctx import Ctx, Row, mounted_disk, ratio
 from .reads import pread_lat, random_offsets
 from .util import fmt_s, need, percentile, timed, vmafs_mount, warm
@@ -18,7 +19,6 @@ from .util import fmt_s, need, percentile, timed, vmafs_mount, warm
 def fig_zstd(ctx: Ctx) -> list[Row]:
     from vmafs import sidecar
     from vmafs.index import StreamIndexer
-    from vmafs.source import zstd
 
     need("zstd")
     archive = ctx.get("archive")
@@ -26,7 +26,7 @@ def fig_zstd(ctx: Ctx) -> list[Row]:
     indexer = StreamIndexer()
     warm(zpath)
     reads = 300 if ctx.sizes.label == "quick" else 1000
-    b = zstd.benchmark(zpath, reads=reads, on_chunk=indexer.feed)
+    b = zstd_source.benchmark(zpath, reads=reads, on_chunk=indexer.feed)
     ctx.facts["zstd_benchmark"] = b
 
     # a real first mount (no side index) vs zstd -d, both with the file warm,
@@ -51,7 +51,7 @@ def fig_zstd(ctx: Ctx) -> list[Row]:
     with vmafs_mount(zpath, mnt) as second:
         lat, t = pread_lat(mounted_disk(mnt), offsets)
     seek = ctx.get("seekable")
-    bs = zstd.benchmark(seek, reads=reads)
+    bs = zstd_source.benchmark(seek, reads=reads)
     with vmafs_mount(seek, mnt):
         slat, st = pread_lat(mounted_disk(mnt), offsets)
     ctx.facts["zstd_seekable_benchmark"] = bs

@@ -14,11 +14,10 @@ import os
 
 from .. import sidecar
 from ..archive import has_plain_side_index, walk_headers
+from ..common.progress import Progress, add_progress_options, human_bytes, want_progress
 from ..errors import naming_archive
 from ..index import StreamIndexer
 from ..source import open_source
-from ._common import add_progress_options
-from .progress import Progress, human_bytes, want_progress
 
 HELP = "build the side index of an archive ahead of time"
 
