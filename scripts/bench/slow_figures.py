@@ -108,29 +108,27 @@ def fig_coldmount(ctx: Ctx) -> list[Row]:
         f"archive on ext4 on a loop device throttled to {IOPS} IOPS and {BPS >> 20} MiB/s "
         f"(cgroup v1 blkio) for the measured process, page cache dropped before each"
     )
-    return [
-        Row(
-            f"cold first `vmafs mount`, no side index, {big['bytes'] / 1e9:.2f} GB archive "
-            f"({big['extents']:,} extents) on slow storage",
-            "`cat ARCHIVE >/dev/null` on the same device",
-            fmt_s(big["cat"]),
-            fmt_s(big["first"]),
-            f"{big['first'] / big['cat']:.3f}x",
-            "<= 0.1x",
-            big["first"] <= 0.1 * big["cat"],
-            f"{where}; {per_size}{growth}",
-        ),
-        Row(
-            "cold first `vmafs mount` with the side index `vmafs index` saved (the vzdump "
-            "hook), same archive",
-            "`cat ARCHIVE >/dev/null` on the same device",
-            fmt_s(big["cat"]),
-            fmt_s(big["indexed"]),
-            f"{big['indexed'] / big['cat']:.3f}x",
-            "<= 0.1x",
-            big["indexed"] <= 0.1 * big["cat"],
+    what = f"{big['bytes'] / 1e9:.2f} GB archive ({big['extents']:,} extents) on slow storage"
+    cases = [
+        ("first", "no side index", f"{where}; {per_size}{growth}"),
+        (
+            "indexed",
+            "with the side index `vmafs index` saved (the vzdump hook)",
             "the side index in a cache directory on unthrottled storage (VMAFS_CACHE_DIR)",
         ),
+    ]
+    return [
+        Row(
+            f"cold first `vmafs mount`, {how}, {what}",
+            "`cat ARCHIVE >/dev/null` on the same device",
+            fmt_s(big["cat"]),
+            fmt_s(big[key]),
+            f"{big[key] / big['cat']:.3f}x",
+            "<= 0.1x",
+            big[key] <= 0.1 * big["cat"],
+            note,
+        )
+        for key, how, note in cases
     ]
 
 
