@@ -31,7 +31,7 @@ ALL = [*FIGURES, *TUNING]
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python scripts/bench", description=__doc__.split("\n")[2])
-    p.add_argument("--quick", action="store_true", help="small data sets (~2 minutes)")
+    p.add_argument("--quick", action="store_true", help="small data sets (~3 minutes)")
     p.add_argument(
         "--out",
         help="markdown file to write ('-': none; default: docs/benchmarks.md for a full run "
