@@ -32,8 +32,8 @@ FORMAT_LAYER = ("vmafs.format", "vmafs.zstd_seekable")
 SHARED = (*FORMAT_LAYER, "vmafs.errors", "vmafs.names", "vmafs.common", "vmafs.nbd")
 #: Writer modules allowed more, and what (see the module docs).
 WRITER_READS = {"vmafs.writer.recompress": ("vmafs.source", "vmafs.index")}
-#: Not the read path: the writer, the shared layers, the CLI's table, the bench.
-NOT_READ_PATH = ("vmafs.writer", *SHARED, "vmafs.cli", "vmafs.__main__", "vmafs.bench")
+#: Not the read path: the writer, the shared layers, the CLI's table.
+NOT_READ_PATH = ("vmafs.writer", *SHARED, "vmafs.cli", "vmafs.__main__")
 
 
 def _within(module: str, prefixes) -> bool:
