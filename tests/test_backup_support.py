@@ -295,6 +295,30 @@ def one_line_error(stderr: str) -> str:
     return lines[0]
 
 
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str = "2m", *, options: str = ""):
+    """A tmpfs of *size* mounted on *path* (made here) for a disk-full case; unmounted after.
+
+    Skips on a dev box that cannot mount, fails under CI=true.
+    """
+    import pytest  # noqa: PLC0415 - this module is also imported outside pytest runs
+    from conftest import in_ci  # noqa: PLC0415
+
+    path.mkdir()
+    opts = f"size={size}" + (f",{options}" if options else "")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        (pytest.fail if in_ci() else pytest.skip)(
+            f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}"
+        )
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
 def wait_for_pid_exit(pid: int) -> None:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
