@@ -72,7 +72,15 @@ def graph(machine: Vm, devs=("vd0",)) -> tuple:
 def device_write(machine: Vm, dev: str, pattern: int, offset: int, length: int = 4096) -> float:
     """A guest write through device *dev*'s own path; returns how long it took."""
     t0 = time.monotonic()
-    machine.hmp(f'qemu-io -d {dev}/virtio-backend "write -P {pattern:#x} {offset} {length}"')
+    machine.mon.settimeout(WRITE_BOUND)  # a write stuck on the writer fails the test
+    try:
+        machine.hmp(f'qemu-io -d {dev}/virtio-backend "write -P {pattern:#x} {offset} {length}"')
+    except TimeoutError:
+        raise AssertionError(
+            f"a guest write at {offset} waited more than {WRITE_BOUND} s"
+        ) from None
+    finally:
+        machine.mon.settimeout(None)
     return time.monotonic() - t0
 
 
@@ -222,6 +230,12 @@ def test_two_drives_of_a_running_vm(require_qemu, tmp_path):
     out = tmp_path / "two.vma"
     with pc(require_qemu, tmp_path, {"vd0": a, "vd1": b}, running=True) as machine:
         assert machine.cmd("query-status")["running"]
+        # SeaBIOS negotiates virtio features without a write cache shortly after
+        # start, which turns the drives' writeback off: let it, before comparing
+        deadline = time.monotonic() + TIMEOUT
+        while any(b["inserted"]["cache"]["writeback"] for b in machine.cmd("query-block")):
+            assert time.monotonic() < deadline, "the firmware never set up the disks"
+            time.sleep(0.05)
         before = graph(machine, ("vd0", "vd1"))
         rc, _, err = finish(
             start_backup("--qmp", machine.qmp_path, "-o", out, "--fleecing", fleece, "vd0", "vd1")

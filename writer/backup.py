@@ -148,9 +148,14 @@ async def resolve_disks(qmp: QmpConnection, specs: Sequence[DriveSpec]) -> list[
     id=``), a guest device id (qdev id or ``/machine/peripheral/<id>/...``),
     a node name.  The size is the node's ``virtual-size``, which is what the
     backup job copies (the NBD export must have exactly this size).
+
+    Fleecing filters a killed vmafs left in front of guest devices are taken
+    out first (:func:`writer.fleecing.reap_stale_fleecing`): until then the
+    drive would resolve to the dead run's filter instead of the guest's node.
     """
     if not specs:
         raise BackupError("no drives given")
+    await reap_stale_fleecing(qmp)
     blocks = await qmp.execute("query-block")
     nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
     disks: list[SourceDisk] = []
@@ -309,6 +314,8 @@ class _Abort:
     #: cancelled by the third signal: stop waiting for QEMU in :func:`_cleanup`
     #: (may be cancelled before the clean-up enters it)
     cleanup_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    #: the same for taking the fleecing filters out (a scope serves one ``with``)
+    unfleece_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     def __call__(self, cause: str, exc: BaseException | None = None) -> None:
         if self.closed:
@@ -506,6 +513,7 @@ def _on_signal(abort: _Abort, signum: int) -> None:
             )
         else:
             abort.cleanup_scope.cancel()
+            abort.unfleece_scope.cancel()
 
 
 async def _watch_lost(qmp: QmpConnection, abort: _Abort) -> None:
@@ -648,7 +656,7 @@ async def _unfleece(qmp: QmpConnection, fleece: Fleecing | None, abort: _Abort) 
     if fleece is None or qmp.lost.is_set():
         return
     left: list[str] | None = None
-    with abort.cleanup_scope, trio.move_on_after(CANCEL_TIMEOUT):
+    with abort.unfleece_scope, trio.move_on_after(CANCEL_TIMEOUT):
         try:
             left = await fleece.teardown()
         except QemuError as e:
@@ -678,7 +686,6 @@ async def _run_jobs(
 ) -> None:
     """Set up fleecing, blockdev-add the targets, start the transaction, wait for
     every job's end."""
-    await reap_stale_fleecing(qmp)
     await reap_stale_targets(qmp)
     sources = [d.node for d in disks]
     if fleece is not None:
