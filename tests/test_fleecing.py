@@ -160,6 +160,11 @@ def test_bad_cbw_timeout_is_a_usage_error(tmp_path, value):
     assert proc.returncode == 2 and "bad timeout" in proc.stderr, proc.stderr
 
 
+def test_fleecing_options_without_fleecing_are_refused(tmp_path):
+    assert "add --fleecing DIR" in _refused(tmp_path, "--cbw-timeout", "3")
+    assert "add --fleecing DIR" in _refused(tmp_path, "--fleecing-reserve", "1G")
+
+
 def test_drive_without_a_guest_device_is_refused(require_qemu, tmp_path):
     src = random_raw(tmp_path / "src.raw", 1 * MiB, seed=40)
     fleece = tmp_path / "fleece"
@@ -365,3 +370,22 @@ def test_fleecing_dir_full_drops_the_snapshot_not_the_guest_write(require_qemu, 
     assert failed == [] and ok == 32
     assert_landed(src, offsets, 0x77)
     assert leftovers(tmp_path) == []
+
+
+def test_qemu_killed_leaves_no_fleecing_image(require_qemu, tmp_path):
+    src = random_raw(tmp_path / "src.raw", 8 * MiB, seed=47)
+    fleece = tmp_path / "fleece"
+    fleece.mkdir()
+    with pc(require_qemu, tmp_path, {"vd0": src}) as machine:
+        proc = start_backup(
+            "--qmp", machine.qmp_path, "-o", tmp_path / "k.vma", "--speed", "1M",
+            "--fleecing", fleece, "vd0",
+        )  # fmt: skip
+        try:
+            machine.wait_job_running(min_offset=1)
+            assert len(fleece_dirs(fleece)) == 1
+            machine.kill()
+        finally:
+            rc, _, err = finish(proc)
+    assert rc == 1 and "QEMU went away" in one_line_error(err)
+    assert fleece_dirs(fleece) == [] and leftovers(tmp_path) == []

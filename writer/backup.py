@@ -653,7 +653,12 @@ async def _listening(path: str) -> bool:
 
 async def _unfleece(qmp: QmpConnection, fleece: Fleecing | None, abort: _Abort) -> None:
     """Tear the fleecing down (bounded like the rest of the clean-up); name what stays."""
-    if fleece is None or qmp.lost.is_set():
+    if fleece is None:
+        return
+    if qmp.lost.is_set():
+        # QEMU is gone (or at least its monitor): nothing to put back, and the
+        # images are garbage.  (A QEMU that lives on keeps its open fds.)
+        fleece.discard()
         return
     left: list[str] | None = None
     with abort.unfleece_scope, trio.move_on_after(CANCEL_TIMEOUT):

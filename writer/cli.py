@@ -225,7 +225,6 @@ def register_backup(subparsers) -> None:
     p.add_argument(
         "--cbw-timeout",
         type=parse_seconds,
-        default=DEFAULT_CBW_TIMEOUT,
         metavar="SECONDS",
         help="with --fleecing: the longest a guest write waits for its copy into the "
         "fleecing image; a slower copy drops the snapshot and fails the backup, not the "
@@ -234,7 +233,6 @@ def register_backup(subparsers) -> None:
     p.add_argument(
         "--fleecing-reserve",
         type=parse_size,
-        default=DEFAULT_RESERVE,
         metavar="SIZE",
         help="with --fleecing: refuse to start unless DIR has this much free space "
         f"(K/M/G/T suffixes; default {DEFAULT_RESERVE >> 30}G)",
@@ -335,9 +333,18 @@ def run_backup(args: argparse.Namespace) -> int:
     fleecing = None
     if args.fleecing is not None:
         fleecing = FleecingOptions(
-            os.path.abspath(args.fleecing), args.cbw_timeout, args.fleecing_reserve
+            os.path.abspath(args.fleecing),
+            DEFAULT_CBW_TIMEOUT if args.cbw_timeout is None else args.cbw_timeout,
+            DEFAULT_RESERVE if args.fleecing_reserve is None else args.fleecing_reserve,
         )
         check_directory(fleecing)
+    else:
+        for option, value in (
+            ("--cbw-timeout", args.cbw_timeout),
+            ("--fleecing-reserve", args.fleecing_reserve),
+        ):
+            if value is not None:
+                raise BackupError(f"{option} applies only to fleecing: add --fleecing DIR")
     bar = Progress("backup", enabled=want_progress(args.progress))
     guard = SignalGuard()
     late = _LateSignals()

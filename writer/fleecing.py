@@ -273,6 +273,14 @@ class Fleecing:
 
     # -- tear-down --
 
+    def discard(self) -> None:
+        """Remove the run's directory and images without asking QEMU (it is gone)."""
+        self.image_bytes()
+        if self._lock is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            os.close(self._lock)
+            self._lock = None
+
     async def teardown(self) -> list[str]:
         """Undo :meth:`setup` (any part of it); returns what could not be undone."""
         self.image_bytes()
