@@ -15,6 +15,7 @@ bound, and with a stopped writer forever.
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -198,7 +199,7 @@ def test_point_in_time_and_the_graph_restored(require_qemu, tmp_path):
     with pc(require_qemu, tmp_path, {"vd0": src}) as machine:
         before = graph(machine)
         proc = start_backup(
-            "--qmp", machine.qmp_path, "-o", out, "-v", "--speed", "4M",
+            "--qmp", machine.qmp_path, "-o", out, "-v", "--progress", "--speed", "4M",
             "--fleecing", fleece, "--cbw-timeout", str(CBW_TIMEOUT), "vd0",
         )  # fmt: skip
         try:
@@ -216,6 +217,11 @@ def test_point_in_time_and_the_graph_restored(require_qemu, tmp_path):
         assert graph(machine) == before
         assert machine.our_nodes() == []
     assert "fleecing images peaked at" in err
+    # the progress line shows the images' size: metadata at first, then 16 clusters more
+    sizes = re.findall(r"fleecing ([0-9.]+) KiB|fleecing ([0-9.]+) MiB", err)
+    assert sizes, err
+    peak = re.search(r"fleecing images peaked at ([0-9.]+) (KiB|MiB)", err)
+    assert float(peak[1]) * (1024 if peak[2] == "MiB" else 1) >= 16 * 64, err
     ok, failed = write_results(machine)
     assert failed == [] and ok == 16
     assert_landed(src, offsets, 0xAB)

@@ -50,7 +50,7 @@ import trio
 from vmafs.commands.progress import human_bytes
 from vmafs.errors import BackupError, WriterError
 
-from .fleecing import Fleecing, FleecingDisk, FleecingOptions, reap_stale_fleecing
+from .fleecing import Fleecing, FleecingOptions, reap_stale_fleecing
 from .nbd import MAX_SOCKET_PATH, Export, NbdServer
 from .packer import ArchiveOutput, Packer
 from .qmp import QemuError, QmpConnection
@@ -418,7 +418,7 @@ async def backup(
     """
     if fleecing is not None:
         try:
-            Fleecing.refuse_unattached([_fleecing_disk(d) for d in disks])
+            Fleecing.refuse_unattached(disks)
         except BaseException:
             output.abort()
             raise
@@ -521,18 +521,10 @@ async def _watch_lost(qmp: QmpConnection, abort: _Abort) -> None:
     abort(f"QEMU went away: {qmp.lost_reason}")
 
 
-def _fleecing_disk(d: SourceDisk) -> FleecingDisk:
-    return FleecingDisk(d.label, d.node, d.size, d.qdev)
-
-
 async def _backup_in(
     qmp, disks, output, configs, names, sock_path, abort, result, *, speed, progress, fleecing, note
 ) -> None:
-    fleece = (
-        Fleecing(qmp, [_fleecing_disk(d) for d in disks], fleecing, names.tag)
-        if fleecing is not None
-        else None
-    )
+    fleece = Fleecing(qmp, disks, fleecing, names.tag) if fleecing is not None else None
     async with Packer(output, [(d.devname, d.size) for d in disks], configs) as packer:
         exports = {d.devname: _watched(packer.export(d.devname), abort) for d in disks}
         server = NbdServer(sock_path, exports)

@@ -48,6 +48,7 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import trio
 
@@ -147,11 +148,12 @@ class FleecedDrive:
     access_node: str
 
 
-@dataclass(frozen=True)
-class FleecingDisk:
-    """What :func:`writer.backup.resolve_disks` found, as far as fleecing needs it."""
+class Disk(Protocol):
+    """What fleecing needs of a :class:`writer.backup.SourceDisk`."""
 
-    label: str
+    @property
+    def label(self) -> str: ...
+
     node: str
     size: int
     qdev: str
@@ -167,7 +169,7 @@ class Fleecing:
     """
 
     def __init__(
-        self, qmp: QmpConnection, disks: Sequence[FleecingDisk], opts: FleecingOptions, tag: str
+        self, qmp: QmpConnection, disks: Sequence[Disk], opts: FleecingOptions, tag: str
     ) -> None:
         self.qmp = qmp
         self.opts = opts
@@ -190,7 +192,7 @@ class Fleecing:
         self.peak = 0
 
     @staticmethod
-    def refuse_unattached(disks: Sequence[FleecingDisk]) -> None:
+    def refuse_unattached(disks: Sequence[Disk]) -> None:
         """One line for a drive that has no guest device to re-point."""
         for d in disks:
             if not d.qdev:
