@@ -314,8 +314,10 @@ class _Abort:
     #: cancelled by the third signal: stop waiting for QEMU in :func:`_cleanup`
     #: (may be cancelled before the clean-up enters it)
     cleanup_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    #: the same for taking the fleecing filters out (a scope serves one ``with``)
-    unfleece_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    #: the scope of the fleecing tear-down under way (see :func:`_unfleece`)
+    unfleece_scope: trio.CancelScope | None = None
+    #: the third signal came: stop waiting for QEMU in every clean-up still to come
+    cleanup_stopped: bool = False
 
     def __call__(self, cause: str, exc: BaseException | None = None) -> None:
         if self.closed:
@@ -512,8 +514,10 @@ def _on_signal(abort: _Abort, signum: int) -> None:
                 CANCEL_TIMEOUT,
             )
         else:
+            abort.cleanup_stopped = True
             abort.cleanup_scope.cancel()
-            abort.unfleece_scope.cancel()
+            if abort.unfleece_scope is not None:
+                abort.unfleece_scope.cancel()
 
 
 async def _watch_lost(qmp: QmpConnection, abort: _Abort) -> None:
@@ -653,11 +657,16 @@ async def _unfleece(qmp: QmpConnection, fleece: Fleecing | None, abort: _Abort) 
         fleece.discard()
         return
     left: list[str] | None = None
-    with abort.unfleece_scope, trio.move_on_after(CANCEL_TIMEOUT):
+    # a fresh scope per call: a signal during the success path's tear-down
+    # turns it into an abort, which tears down (what is left) once more
+    with trio.CancelScope() as abort.unfleece_scope, trio.move_on_after(CANCEL_TIMEOUT):
+        if abort.cleanup_stopped:
+            abort.unfleece_scope.cancel()
         try:
             left = await fleece.teardown()
         except QemuError as e:
             log.warning("removing the fleecing filters failed: %s", e)
+    abort.unfleece_scope = None
     if left is None or left:
         log.warning(
             "fleecing filter(s) or image(s) may be left in front of the guest's disks "

@@ -1104,7 +1104,11 @@ def fig_fleecing(ctx: Ctx) -> list[Row]:
             "64 KiB cluster (a cluster's first overwrite copies the whole cluster); "
             f"push mode on the same VM: {value('push')}, "
             f"{_ratio(p99['push'], p99['none'])} of no backup (the push-vs-raw-file target "
-            "is the latency row's)",
+            "is the latency row's); p99 per round, fleecing/push/none: "
+            + ", ".join(
+                "/".join(fmt_s(percentile(r[0], 0.99)) for r in rnd)
+                for rnd in zip(*(results[k] for k in ("fleecing", "push", "none")), strict=True)
+            ),
         )
     ]
 
