@@ -72,7 +72,9 @@ log = logging.getLogger("writer.fleecing")
 #: image.  The image is on a local disk, so a copy normally takes milliseconds;
 #: a copy slower than this means the local disk is in trouble, and the
 #: guest's write must not share that fate: the snapshot is dropped instead.
-DEFAULT_CBW_TIMEOUT = 30
+#: Well below the 30 s after which a Linux guest's SCSI layer gives up on a
+#: command (and resets the disk).
+DEFAULT_CBW_TIMEOUT = 10
 #: free space DIR must have when the backup starts (bytes)
 DEFAULT_RESERVE = 1 << 30
 #: name of the run's private directory inside DIR
