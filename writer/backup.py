@@ -18,6 +18,11 @@ their sizes.  :func:`backup` then, inside one trio run:
    ``query-block-jobs``), ``blockdev-del``\\ s the targets (QEMU flushes and
    disconnects), finishes the packer and commits the output (fsync, rename).
 
+With fleecing (:mod:`writer.fleecing`) step 3 is preceded by putting a
+copy-before-write filter with a local fleecing image in front of each guest
+disk, the jobs read ``snapshot-access`` nodes instead of the disks, and the
+filters come out again after step 5 (or on the abort path).
+
 Any failure - QEMU refusing a command, a job ending with an error or being
 cancelled, the packer failing (e.g. ``ENOSPC``), SIGINT/SIGTERM/SIGHUP, QEMU going
 away - aborts: the jobs are cancelled, the target nodes deleted, the temp file
