@@ -20,7 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import vmafs_cmd
+import pytest
+from conftest import in_ci, vmafs_cmd
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from vmafs.archive import Archive
@@ -301,9 +302,6 @@ def small_tmpfs(path: Path, size: str = "2m", *, options: str = ""):
 
     Skips on a dev box that cannot mount, fails under CI=true.
     """
-    import pytest  # noqa: PLC0415 - this module is also imported outside pytest runs
-    from conftest import in_ci  # noqa: PLC0415
-
     path.mkdir()
     opts = f"size={size}" + (f",{options}" if options else "")
     mounted = subprocess.run(

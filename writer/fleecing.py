@@ -52,7 +52,7 @@ from typing import Protocol
 
 import trio
 
-from vmafs.commands.progress import human_bytes
+from vmafs.common.progress import human_bytes
 from vmafs.errors import BackupError
 
 from .qmp import QemuError, QmpConnection
