@@ -370,30 +370,27 @@ async def undo(qmp: QmpConnection, drives: Sequence[FleecedDrive]) -> list[str]:
 
 # --- what a killed vmafs left -----------------------------------------------------------
 
-_FILTER = re.compile(r"vmafs-([0-9a-f]{6})-c[0-9]+")
+#: a run's fleecing image node: the first thing a run adds to QEMU, the last it removes
+_IMAGE = re.compile(r"vmafs-([0-9a-f]{6})-f[0-9]+")
 
 
 async def reap_stale_fleecing(qmp: QmpConnection) -> list[str]:
     """Undo the fleecing of runs whose vmafs is gone (SIGKILL, OOM, a crash).
 
-    A run is dead when its directory's lock can be taken.  Its jobs are
-    cancelled first (a dead run's job may still be reading the snapshot),
-    then :func:`undo` puts the devices back and deletes nodes and files.
-    Returns the filter nodes taken out.
+    A run is found by its image nodes (it may have died before adding its
+    filters) and is dead when its directory's lock can be taken.  Its jobs
+    are cancelled first (a dead run's job may still be reading the
+    snapshot), then :func:`undo` puts the devices back and deletes nodes and
+    files.  Returns the filter nodes of the runs undone.
     """
     nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
-    by_name = {n["node-name"]: n for n in nodes}
+    runs: dict[str, str] = {}  # tag -> the run's directory
+    for node in nodes:
+        m = _IMAGE.fullmatch(node.get("node-name", ""))
+        if m and node.get("drv") == "qcow2":
+            runs[m.group(1)] = os.path.dirname((node.get("image") or {}).get("filename", ""))
     reaped: list[str] = []
-    tags = sorted(
-        {m.group(1) for n in by_name if (m := _FILTER.fullmatch(n))},
-    )
-    for tag in tags:
-        images = [
-            (by_name[n].get("image") or {}).get("filename", "")
-            for n in by_name
-            if re.fullmatch(rf"vmafs-{tag}-f[0-9]+", n)
-        ]
-        run_dir = os.path.dirname(images[0]) if images and images[0] else ""
+    for tag, run_dir in sorted(runs.items()):
         drives = _read_state(run_dir)
         if drives is None or not _dead(run_dir):
             continue
