@@ -14,7 +14,7 @@ from .ctx import Ctx, Row
 from .datapath_figures import fig_datapath
 from .read_figures import fig_convert, fig_index, fig_restore, fig_seq
 from .slow_figures import fig_coldmount
-from .write_figures import fig_latency, fig_size, fig_writer
+from .write_figures import fig_fleecing, fig_latency, fig_size, fig_writer
 from .zstd_figures import fig_zstd
 
 FIGURES: dict[str, Callable[[Ctx], list[Row]]] = {
@@ -25,6 +25,7 @@ FIGURES: dict[str, Callable[[Ctx], list[Row]]] = {
     "convert": fig_convert,
     "writer": fig_writer,
     "latency": fig_latency,
+    "fleecing": fig_fleecing,
     "size": fig_size,
     "zstd": fig_zstd,
     "coldmount": fig_coldmount,

@@ -23,8 +23,15 @@ from vmafs.writer.storage_daemon import raw_image_nodes, start_storage_daemon
 from .util import need, wait_for_path
 
 
-def qemu_vm(image: str, qmp_socks: tuple[str, ...]) -> subprocess.Popen:
-    """QEMU (``-machine none``) with *image* as drive ``drive0``, one QMP monitor per socket."""
+def qemu_vm(
+    image: str, qmp_socks: tuple[str, ...], *, guest_device: bool = False
+) -> subprocess.Popen:
+    """QEMU (``-machine none``) with *image* as drive ``drive0``, one QMP monitor per socket.
+
+    With *guest_device* it is a paused PC whose ``drive0`` is used by a
+    virtio-blk-pci device ``vd0`` (writes can then take the guest's path,
+    ``qemu-io -d vd0/virtio-backend``, as a fleecing filter needs).
+    """
     for p in qmp_socks:
         if os.path.exists(p):
             os.unlink(p)
@@ -32,8 +39,11 @@ def qemu_vm(image: str, qmp_socks: tuple[str, ...]) -> subprocess.Popen:
     return subprocess.Popen(
         [
             need("qemu-system-x86_64"),
-            "-machine",
-            "none",
+            *(
+                ("-machine", "pc", "-S", "-device", "virtio-blk-pci,drive=drive0,id=vd0")
+                if guest_device
+                else ("-machine", "none")
+            ),
             "-nodefaults",
             "-display",
             "none",

@@ -3,6 +3,7 @@ backup, the archive's size."""
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import re
@@ -119,45 +120,61 @@ JobStarter = Callable[[str, str, int], Awaitable[Callable[[], Awaitable[object]]
 
 
 async def _write_latency(
-    ctx: Ctx, image: str, start_job: JobStarter, speed: int, writes: int
+    ctx: Ctx,
+    image: str,
+    start_job: JobStarter | None,
+    speed: int,
+    writes: int,
+    *,
+    guest_device: bool = False,
 ) -> tuple[list[float], int, object]:
     """Run a QEMU (-machine none) with *image*; start a backup with *start_job*;
     time 4 KiB HMP qemu-io writes to not-yet-copied clusters on a second QMP monitor.
-    Returns (sorted latencies, writes that were ahead of the job, the job's result)."""
+    Returns (sorted latencies, writes that were ahead of the job, the job's result).
+
+    With *guest_device* the writes take a virtio-blk device's path (see
+    :func:`qemu_vm`).  Without *start_job* no backup runs: the same writes at
+    the same pace, the baseline.
+    """
     size = os.path.getsize(image)
+    write = "qemu-io -d vd0/virtio-backend" if guest_device else "qemu-io drive0"
     q1 = os.path.join(ctx.work, "vm-qmp1.sock")
     q2 = os.path.join(ctx.work, "vm-qmp2.sock")
-    vm = qemu_vm(image, (q1, q2))
+    vm = qemu_vm(image, (q1, q2), guest_device=guest_device)
     try:
         wait_for_path(q2, vm)
         wait_for_path(q1, vm)
         async with await QmpConnection.open(q2, name="bench-mon") as mon:
-            finish = await start_job(q1, "drive0", speed)
-            with trio.fail_after(30):
-                while not (jobs := await mon.execute("query-block-jobs")):
-                    await trio.sleep(0.01)
-            job_id = jobs[0]["device"]
+            finish = job_id = None
+            if start_job is not None:
+                finish = await start_job(q1, "drive0", speed)
+                with trio.fail_after(30):
+                    while not (jobs := await mon.execute("query-block-jobs")):
+                        await trio.sleep(0.01)
+                job_id = jobs[0]["device"]
             rnd = random.Random(9)
             clusters = size // 65536
             targets = rnd.sample(range(clusters // 2, clusters), writes)
             lat, ahead = [], 0
             gap = 0.5 * size / speed / writes  # writes spread over half the job's time
             for c in targets:
-                jobs = await mon.execute("query-block-jobs")
+                jobs = await mon.execute("query-block-jobs") if job_id else []
                 done = jobs[0]["offset"] if jobs else size
                 off = c * 65536 + rnd.randrange(16) * 4096
                 ahead += off > done
                 t0 = time.perf_counter()
-                r = await mon.hmp(f'qemu-io drive0 "write -P 0x5a {off} 4k"')
+                r = await mon.hmp(f'{write} "write -P 0x5a {off} 4k"')
                 lat.append(time.perf_counter() - t0)
                 if r and "error" in r.lower():
                     raise RuntimeError(f"qemu-io: {r.strip()}")
                 await trio.sleep(gap)
-            try:
-                await mon.execute("block-job-set-speed", {"device": job_id, "speed": 0})
-            except QemuError:
-                pass  # already finished
-            result = await finish()
+            result = None
+            if job_id is not None:
+                try:
+                    await mon.execute("block-job-set-speed", {"device": job_id, "speed": 0})
+                except QemuError:
+                    pass  # already finished
+                result = await finish()
         lat.sort()
         return lat, ahead, result
     finally:
@@ -167,20 +184,14 @@ async def _write_latency(
                 os.unlink(p)
 
 
-def fig_latency(ctx: Ctx) -> list[Row]:
-    need("qemu-system-x86_64")
-    base = ctx.get("ldisk")
-    size = ctx.sizes.latency_disk
-    duration = 12.0 if ctx.sizes.label == "full" else 6.0
-    speed = int(size / duration)
-    writes = 150 if ctx.sizes.label == "full" else 60
-    scratch = os.path.join(ctx.work, "latency-scratch.img")
-    out = os.path.join(ctx.work, "latency-out.vma")
+def _vmafs_backup_job(out: str, extra: tuple[str, ...] = ()) -> JobStarter:
+    """A ``start_job`` for :func:`_write_latency`: ``vmafs backup -v [extra]`` into
+    *out*; its result is the summary line."""
 
-    async def vmafs_job(qmp: str, drive: str, speed: int):
+    async def start(qmp: str, drive: str, speed: int):
         proc = subprocess.Popen(
             [*VMAFS, "backup", "--qmp", qmp, "-o", out, "-f", "--no-progress", "-v"]
-            + ["--speed", str(speed), drive],
+            + ["--speed", str(speed), *extra, drive],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -192,6 +203,24 @@ def fig_latency(ctx: Ctx) -> list[Row]:
             return err.decode(errors="replace").strip().splitlines()[-1:]
 
         return finish
+
+    return start
+
+
+def _latency_setup(ctx: Ctx) -> tuple[str, int, int, int]:
+    """The latency figures' disk, its size, the job speed and writes per round."""
+    size = ctx.sizes.latency_disk
+    duration = 12.0 if ctx.sizes.label == "full" else 6.0
+    writes = 150 if ctx.sizes.label == "full" else 60
+    return ctx.get("ldisk"), size, int(size / duration), writes
+
+
+def fig_latency(ctx: Ctx) -> list[Row]:
+    need("qemu-system-x86_64")
+    base, size, speed, writes = _latency_setup(ctx)
+    scratch = os.path.join(ctx.work, "latency-scratch.img")
+    out = os.path.join(ctx.work, "latency-out.vma")
+    vmafs_job = _vmafs_backup_job(out)
 
     async def raw_job(qmp: str, drive: str, speed: int):
         tgt = os.path.join(ctx.work, "latency-target.raw")
@@ -289,6 +318,79 @@ def fig_latency(ctx: Ctx) -> list[Row]:
             "monitor; 'ahead' = writes to clusters past the job's offset at that moment; "
             f"{rounds} alternated rounds, samples pooled (p99 per round, vmafs/raw: "
             f"{per_round})" + nbd_note + "".join(f"; {r}" for r in retried),
+        )
+    ]
+
+
+# --- fleecing: guest write latency with the writer out of the guest's path ---------------
+
+
+_PEAK = re.compile(r"fleecing images peaked at ([0-9.]+ [KMGT]?i?B)")
+
+
+def fig_fleecing(ctx: Ctx) -> list[Row]:
+    """Issue 16: guest 4 KiB write p99 during a throttled backup - fleecing, push
+    mode, and no backup at all - on a PC whose virtio disk the writes go through."""
+    need("qemu-system-x86_64")
+    base, size, speed, writes = _latency_setup(ctx)
+    scratch = os.path.join(ctx.work, "fleecing-scratch.img")
+    out = os.path.join(ctx.work, "fleecing-out.vma")
+    fleece = os.path.join(ctx.work, "fleecing")
+    os.makedirs(fleece, exist_ok=True)
+    cases: list[tuple[str, JobStarter | None]] = [
+        ("fleecing", _vmafs_backup_job(out, ("--fleecing", fleece))),
+        ("push", _vmafs_backup_job(out)),
+        ("none", None),
+    ]
+    rounds = 3 if ctx.sizes.label == "full" else 1
+    results: dict[str, list] = {name: [] for name, _ in cases}
+    for _ in range(rounds):  # alternated, pooled, as in fig_latency
+        for name, job in cases:
+            shutil.copyfile(base, scratch)
+            results[name].append(
+                trio.run(
+                    functools.partial(
+                        _write_latency, ctx, scratch, job, speed, writes, guest_device=True
+                    )
+                )
+            )
+            if os.path.exists(out):
+                os.unlink(out)
+    os.unlink(scratch)
+    pooled = {k: sorted(x for r in v for x in r[0]) for k, v in results.items()}
+    p99 = {k: percentile(v, 0.99) for k, v in pooled.items()}
+    p50 = {k: percentile(v, 0.5) for k, v in pooled.items()}
+    peaks = [
+        m.group(1) for r in results["fleecing"] for m in [_PEAK.search(" ".join(r[2] or []))] if m
+    ]
+    ctx.facts["fleecing_p99"] = {k: round(v * 1e3, 2) for k, v in p99.items()}
+    label = (
+        f"guest 4 KiB write latency through a virtio-blk device during a throttled backup "
+        f"({size >> 20} MiB disk, {speed >> 20} MiB/s, {rounds} x {writes} writes)"
+    )
+
+    def value(k: str) -> str:
+        return f"p50 {fmt_s(p50[k])}, p99 {fmt_s(p99[k])}"
+
+    return [
+        Row(
+            label + ": fleecing",
+            "the same writes with no backup running",
+            value("none"),
+            value("fleecing"),
+            ratio(p99["fleecing"], p99["none"]),
+            "p99 <= 1.5x",
+            p99["fleecing"] <= 1.5 * p99["none"],
+            f"fleecing images peaked at {', '.join(peaks) or '?'} per round for "
+            f"{writes} x 4 KiB = {writes * 4} KiB written by the guest, each write in its own "
+            "64 KiB cluster (a cluster's first overwrite copies the whole cluster); "
+            f"push mode on the same VM: {value('push')}, "
+            f"{ratio(p99['push'], p99['none'])} of no backup (the push-vs-raw-file target "
+            "is the latency row's); p99 per round, fleecing/push/none: "
+            + ", ".join(
+                "/".join(fmt_s(percentile(r[0], 0.99)) for r in rnd)
+                for rnd in zip(*(results[k] for k in ("fleecing", "push", "none")), strict=True)
+            ),
         )
     ]
 
