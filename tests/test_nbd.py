@@ -156,8 +156,9 @@ def test_handshake_list_info_go_and_unsupported_options(tmp_path):
             if rtype == nbd.NBD_REP_ACK:
                 break
             assert rtype == nbd.NBD_REP_SERVER
-            names.append(data[4:].decode())
-        assert names == ["drive-scsi0", "drive-efidisk0"]
+            (nlen,) = struct.unpack(">I", data[:4])  # then the name, then its description
+            names.append((data[4 : 4 + nlen].decode(), data[4 + nlen :].decode()))
+        assert names == [("drive-scsi0", "test export"), ("drive-efidisk0", "test export")]
         for opt in (8, 5, 9, 10, 11, 1234):  # STRUCTURED_REPLY, STARTTLS, META_CONTEXT, ...
             await c.option(opt, b"\0" * 8)
             assert (await c.opt_reply())[1] == nbd.NBD_REP_ERR_UNSUP
