@@ -45,6 +45,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from .daemon import Ready, daemonize, detach_stdio, setup_logging
 from .errors import IncompleteArchiveError, VmaError
 
 log = logging.getLogger("vmafs.mount")
@@ -363,76 +364,7 @@ async def _main_loop(
 
 
 def _setup_logging(opts: MountOptions, *, detached: bool, verbose: bool) -> None:
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    handler: logging.Handler | None = None
-    if detached and opts.logfile is None and os.path.exists("/dev/log"):
-        # only a detached mount needs it; importing it costs ~15 ms of every start
-        from logging.handlers import SysLogHandler  # noqa: PLC0415
-
-        try:
-            handler = SysLogHandler("/dev/log", facility=SysLogHandler.LOG_DAEMON)
-            handler.setFormatter(_Formatter("vmafs[%(process)d]: %(message)s"))
-        except OSError:
-            handler = None
-    if handler is None and detached:
-        path = opts.logfile or _default_logfile()
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        handler = logging.FileHandler(path)
-        handler.setFormatter(
-            _Formatter("%(asctime)s vmafs[%(process)d] %(levelname)s: %(message)s")
-        )
-    if handler is None:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_Formatter("vmafs: %(levelname)s: %(message)s"))
-    root.addHandler(handler)
-
-
-class _Formatter(logging.Formatter):
-    """Log lines that any handler can encode.
-
-    A path that is not valid UTF-8 reaches Python as surrogate escapes, which
-    the syslog and file handlers refuse to encode (they print a "Logging
-    error" traceback instead): such bytes are written as \\xNN.
-    """
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def _default_logfile() -> str:
-    if os.getuid() == 0:
-        return "/var/log/vmafs.log"
-    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return os.path.join(state, "vmafs", "mount.log")
-
-
-class _Pipe:
-    """The child's side of the readiness pipe: say one thing, once."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def __call__(self, error: str | None) -> None:
-        if self.fd < 0:
-            return
-        msg = b"OK\n" if error is None else b"ERR " + " ".join(error.split()).encode() + b"\n"
-        try:
-            os.write(self.fd, msg)
-            os.close(self.fd)
-        except OSError:
-            pass
-        self.fd = -1
-
-
-def _detach_stdio() -> None:
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
+    setup_logging(opts.logfile, detached=detached, verbose=verbose, default_name="mount.log")
 
 
 def mount(
@@ -569,55 +501,37 @@ def _log_start(archive_path: str, mp: str, opts: MountOptions, ops) -> None:
 
 
 def _daemonize(archive_path, mp, opts, ops, options, verbose, saves=()) -> int:
-    r, w = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        os.close(r)
-        status = 1
-        tell = _Pipe(w)
-        logging_ready = False
+    def child(tell: Ready) -> int:
         try:
-            os.setsid()
-            if os.fork():  # the session leader exits; the daemon can never get a tty
-                os._exit(0)
-            os.chdir("/")
             _setup_logging(opts, detached=True, verbose=verbose)
-            logging_ready = True
+        except BaseException as e:  # the one line through the pipe is all the user sees
+            tell(f"filesystem process failed: {e}")
+            return 1
+        try:
             _log_start(archive_path, mp, opts, ops)
-
             saver = _SideIndexSaver(saves)
 
             def on_ready(error: str | None) -> None:
                 tell(error)
                 if error is None:
-                    _detach_stdio()  # libfuse's own mount errors still reach the terminal
+                    detach_stdio()  # libfuse's own mount errors still reach the terminal
                     saver.start()
 
             try:
-                status = serve(ops, mp, options, on_ready, opts.readahead)
+                return serve(ops, mp, options, on_ready, opts.readahead)
             finally:
                 saver.join()  # before os._exit, which would cut the write short
-        except BaseException as e:
-            if logging_ready:  # else the one line through the pipe is all the user sees
-                log.exception("filesystem process failed")
-            tell(f"filesystem process failed: {e}")
-        finally:
-            logging.shutdown()
-            os._exit(status)
-    os.close(w)
-    chunks = []
-    while chunk := os.read(r, 4096):
-        chunks.append(chunk)
-    os.close(r)
-    os.waitpid(pid, 0)
-    reply = b"".join(chunks).decode(errors="replace").strip()
-    if reply == "OK":
-        return 0
-    if reply.startswith("ERR "):
-        raise MountError(reply[4:])
-    raise MountError(f"the filesystem process for {mp} died before the mount was ready")
+        except BaseException:
+            log.exception("filesystem process failed")
+            raise
+
+    daemonize(
+        child,
+        MountError,
+        f"the filesystem process for {mp} died before the mount was ready",
+        "filesystem process",
+    )
+    return 0
 
 
 # --- unmounting ----------------------------------------------------------------------------
