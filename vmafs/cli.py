@@ -43,6 +43,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("index",), "vmafs.commands.index", "register"),
     (("recompress",), "vmafs.commands.recompress", "register"),
     (("mount", "umount"), "vmafs.mount", "register"),
+    (("serve",), "vmafs.commands.serve", "register"),
     (("backup",), "writer.cli", "register_backup"),
     (("create",), "writer.cli", "register_create"),
 ]

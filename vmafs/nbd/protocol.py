@@ -9,6 +9,9 @@ from __future__ import annotations
 import errno
 import struct
 
+#: IANA's port for NBD over TCP
+NBD_DEFAULT_PORT = 10809
+
 # --- handshake -------------------------------------------------------------------------
 
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
