@@ -580,6 +580,9 @@ class _Conn:
             return None
         if length == 0:
             return errno.EINVAL, f"{name} of length 0"
+        if cmd == p.NBD_CMD_READ and length > self.server.max_block:
+            err = errno.EOVERFLOW if self.structured else errno.EINVAL
+            return err, f"READ of {length} bytes exceeds max block {self.server.max_block}"
         if offset + length > export.size:
             err = errno.ENOSPC if cmd in _WRITING else errno.EINVAL
             return err, f"{name} [{offset}, {offset + length}) beyond the end ({export.size})"
@@ -588,9 +591,6 @@ class _Conn:
             offset % align or (length % align and offset + length != export.size)
         ):
             return errno.EINVAL, f"{name} at {offset}+{length} not aligned to {align} bytes"
-        if cmd == p.NBD_CMD_READ and length > self.server.max_block:
-            err = errno.EOVERFLOW if self.structured else errno.EINVAL
-            return err, f"READ of {length} bytes exceeds max block {self.server.max_block}"
         return None
 
     async def execute(self, cmd, flags, cookie, offset, length, payload) -> bool:
