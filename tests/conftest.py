@@ -317,9 +317,49 @@ def require_qemu() -> SimpleNamespace:
     return SimpleNamespace(**found)
 
 
+@pytest.fixture(scope="session")
+def require_nbd_tools() -> SimpleNamespace:
+    """libnbd's clients: nbdinfo and nbdcopy (Debian libnbd-bin), each runnable.
+
+    Returns a namespace with their paths: ``.nbdinfo``, ``.nbdcopy``.
+    """
+    found = {}
+    for name in ("nbdinfo", "nbdcopy"):
+        path = shutil.which(name)
+        if path is None:
+            _unavailable(f"NBD clients: {name} is not on PATH (Debian package libnbd-bin)")
+        try:
+            proc = subprocess.run(
+                [path, "--version"], capture_output=True, text=True, timeout=PROBE_TIMEOUT
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            _unavailable(f"NBD clients: {name} --version failed: {e}")
+        if proc.returncode != 0:
+            _unavailable(f"NBD clients: {name} --version exited {proc.returncode}")
+        found[name] = path
+    return SimpleNamespace(**found)
+
+
+@pytest.fixture(scope="session")
+def require_openssl() -> str:
+    """openssl(1), to make the x509 certificates of TLS tests. Returns its path."""
+    path = shutil.which("openssl")
+    if path is None:
+        _unavailable("TLS: openssl is not on PATH (Debian package openssl)")
+    proc = subprocess.run([path, "version"], capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+    if proc.returncode != 0:
+        _unavailable(f"TLS: openssl version exited {proc.returncode}")
+    return path
+
+
 # --- hooks ------------------------------------------------------------------------------
 
-_PROBE_MARKERS = {"require_fuse": "fuse", "require_loop": "loop", "require_qemu": "qemu"}
+_PROBE_MARKERS = {
+    "require_fuse": "fuse",
+    "require_loop": "loop",
+    "require_qemu": "qemu",
+    "require_nbd_tools": "nbd",
+}
 
 
 def pytest_collection_modifyitems(config, items):

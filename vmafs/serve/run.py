@@ -66,10 +66,13 @@ def load_tls(cfg: ServeConfig) -> ssl.SSLContext | None:
         return None
     if not (cfg.tls_cert and cfg.tls_key):
         raise ServeError("TLS needs both --tls-cert and --tls-key (PEM files)")
+    for option, path in (("--tls-cert", cfg.tls_cert), ("--tls-key", cfg.tls_key)) + (
+        (("--tls-ca", cfg.tls_ca),) if cfg.tls_ca else ()
+    ):
+        if not os.path.isfile(path):
+            raise ServeError(f"{option} {path}: no such file (a PEM file is expected)")
     try:
         return tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
-    except FileNotFoundError as e:
-        raise ServeError(f"TLS: {e.filename}: no such file") from None
     except (ssl.SSLError, OSError) as e:
         files = ", ".join(f for f in (cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if f)
         raise ServeError(f"TLS: cannot load {files}: {e}") from None
