@@ -137,18 +137,20 @@ def _write_pidfile(path: str) -> None:
 async def _run(server: NbdServer, cfg: ServeConfig, on_ready: Ready) -> int:
     """Serve until SIGTERM/SIGINT/SIGHUP; ready once the socket accepts."""
     stopped_by: list[str] = []
-    async with trio.open_nursery() as nursery:
-        try:
-            await nursery.start(server.serve)
-        except OSError as e:
-            where = server.socket_path or f"{server.tcp[0]}:{server.tcp[1]}"
-            on_ready(f"cannot listen on {where}: {e.strerror or e}")
-            return 1
-        if cfg.pidfile:
-            _write_pidfile(cfg.pidfile)
-        log.info("serving %s: %s", cfg.archive, " ".join(uris(server, list(server.exports))))
-        on_ready(None)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+    # The receiver is in place before anyone hears "ready": a signal sent right
+    # after must still stop the server cleanly (socket and pidfile removed).
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(server.serve)
+            except OSError as e:
+                where = server.socket_path or f"{server.tcp[0]}:{server.tcp[1]}"
+                on_ready(f"cannot listen on {where}: {e.strerror or e}")
+                return 1
+            if cfg.pidfile:
+                _write_pidfile(cfg.pidfile)
+            log.info("serving %s: %s", cfg.archive, " ".join(uris(server, list(server.exports))))
+            on_ready(None)
             async for signum in sigs:
                 stopped_by.append(signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
