@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import trio
 
 from ..archive import Archive
-from ..daemon import Ready, daemonize, detach_stdio, setup_logging
+from ..mount.daemon import DaemonError, Ready, daemonize
+from ..mount.logs import setup_process_logging
 from ..nbd.protocol import NBD_DEFAULT_PORT as DEFAULT_PORT
 from ..nbd.server import MAX_SOCKET_PATH, NbdServer, tls_context
 from .export import exports_for
@@ -184,7 +185,7 @@ def serve(cfg: ServeConfig, archive: Archive) -> list[str]:
     announced = uris(server, names)
 
     if cfg.foreground:
-        setup_logging(cfg.logfile, detached=False, verbose=cfg.verbose)
+        setup_process_logging(cfg.logfile, detached=False, verbose=cfg.verbose)
         errors: list[str] = []
 
         def on_ready(error: str | None) -> None:
@@ -198,20 +199,14 @@ def serve(cfg: ServeConfig, archive: Archive) -> list[str]:
             raise ServeError(errors[0])
         return announced
 
-    def child(tell: Ready) -> int:
-        setup_logging(cfg.logfile, detached=True, verbose=cfg.verbose, default_name="serve.log")
+    def setup() -> None:
+        setup_process_logging(cfg.logfile, detached=True, verbose=cfg.verbose, name="serve.log")
 
-        def on_ready(error: str | None) -> None:
-            tell(error)
-            if error is None:
-                detach_stdio()
-
-        try:
-            return trio.run(_run, server, cfg, on_ready)
-        except BaseException:
-            log.exception("NBD server failed")
-            raise
-
-    daemonize(child, ServeError, "the NBD server process died before it was ready", "NBD server")
+    try:
+        daemonize(
+            lambda ready: trio.run(_run, server, cfg, ready), what="the NBD server", setup=setup
+        )
+    except DaemonError as e:
+        raise ServeError(str(e)) from None
     print("\n".join(announced), flush=True)
     return announced
