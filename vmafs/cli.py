@@ -46,6 +46,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("serve",), "vmafs.commands.serve", "register"),
     (("backup",), "vmafs.writer.cli", "register_backup"),
     (("create",), "vmafs.writer.cli", "register_create"),
+    (("restore",), "vmafs.writer.restore", "register"),
 ]
 
 PROG = "vmafs"
@@ -266,7 +267,7 @@ def stderr_logging(prog: str = PROG, debug: bool = False):
 
 #: Commands that configure logging themselves (``vmafs.writer.cli._setup_logging``
 #: sets up the root logger only when it has no handler yet).
-OWN_LOGGING = frozenset({"backup", "create"})
+OWN_LOGGING = frozenset({"backup", "create", "restore"})
 
 
 class StdoutError(OSError):
