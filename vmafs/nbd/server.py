@@ -178,6 +178,11 @@ class Export:
     async def cache(self, offset: int, length: int) -> None:
         """Prefetch [offset, offset+length) (the default: nothing to do)."""
 
+    def runs_inline(self, cmd: int, length: int) -> bool:
+        """True when the request is so cheap that the connection's reader runs it
+        itself instead of starting a task (the next request waits for it)."""
+        return False
+
     def error_for(self, exc: BaseException) -> tuple[int, bool]:
         """(errno, expected) for an exception from a method; unexpected ones log a traceback."""
         if isinstance(exc, NbdCommandError):
@@ -206,22 +211,33 @@ class _Transport:
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.sock = sock
         self.tls: trio.SSLStream | None = None
-        self._pending = b""  # TLS plaintext received beyond what was asked for
+        #: bytes received beyond what was asked for (TLS records; buffered requests)
+        self._pending = memoryview(b"")
+        #: read ahead of small receives (the transmission phase: request headers
+        #: arrive back to back, one syscall fetches many of them)
+        self.buffered = False
         self.lock = trio.Lock()
 
     async def recv_into(self, view: memoryview) -> None:
         got = 0
         while got < len(view):
-            if self.tls is None:
-                n = await self.sock.recv_into(view[got:])
-            else:
+            if not self._pending:
+                want = len(view) - got
+                if self.tls is not None:
+                    self._pending = memoryview(await self.tls.receive_some(1 << 20))
+                elif self.buffered and want < 4096:
+                    self._pending = memoryview(await self.sock.recv(65536))
+                else:
+                    n = await self.sock.recv_into(view[got:])
+                    if n == 0:
+                        raise _EOF(clean=got == 0)
+                    got += n
+                    continue
                 if not self._pending:
-                    self._pending = await self.tls.receive_some(1 << 20)
-                n = min(len(self._pending), len(view) - got)
-                view[got : got + n] = self._pending[:n]
-                self._pending = self._pending[n:]
-            if n == 0:
-                raise _EOF(clean=got == 0)
+                    raise _EOF(clean=got == 0)
+            n = min(len(self._pending), len(view) - got)
+            view[got : got + n] = self._pending[:n]
+            self._pending = self._pending[n:]
             got += n
 
     async def recv(self, n: int) -> bytearray:
@@ -232,17 +248,28 @@ class _Transport:
 
     async def send(self, *parts: bytes | bytearray | memoryview) -> None:
         """Send *parts* back to back; concurrent callers never interleave."""
-        async with self.lock:
+        try:
+            self.lock.acquire_nowait()  # no scheduler round when nobody else sends
+        except trio.WouldBlock:
+            await self.lock.acquire()
+        try:
             if self.tls is not None:
                 await self.tls.send_all(b"".join(parts))
                 return
             views = [memoryview(x).cast("B") for x in parts if len(x)]
+            raw = self.sock._sock  # noqa: SLF001 - trio's wrapper costs a scheduler round
             while views:
-                n = await self.sock.sendmsg(views[:64])
+                try:
+                    # most replies fit the socket buffer: send without yielding
+                    n = raw.sendmsg(views[:64])
+                except BlockingIOError:
+                    n = await self.sock.sendmsg(views[:64])
                 while n and n >= len(views[0]):
                     n -= len(views.pop(0))
                 if n:
                     views[0] = views[0][n:]
+        finally:
+            self.lock.release()
 
     async def start_tls(self, context: ssl.SSLContext) -> None:
         self.tls = trio.SSLStream(trio.SocketStream(self.sock), context, server_side=True)
@@ -520,6 +547,8 @@ class _Conn:
         srv = self.server
         limit = trio.Semaphore(srv.max_in_flight)
         head = bytearray(p.REQUEST.size)
+        self.io.buffered = True
+        inline = 0
         while True:
             await limit.acquire()
             await self.io.recv_into(memoryview(head))
@@ -537,9 +566,14 @@ class _Conn:
                 payload = memoryview(buf)[:length]
                 await self.io.recv_into(payload)
             received = time.perf_counter()
-            nursery.start_soon(
-                self.handle, limit, cmd, flags, cookie, offset, length, payload, buf, received
-            )
+            args = (limit, cmd, flags, cookie, offset, length, payload, buf, received)
+            if self.export.runs_inline(cmd, length):
+                await self.handle(*args)  # cheaper than a task; replies stay in order
+                inline += 1
+                if inline % 16 == 0:
+                    await trio.lowlevel.checkpoint()  # other clients get their turn
+            else:
+                nursery.start_soon(self.handle, *args)
 
     async def handle(
         self, limit, cmd, flags, cookie, offset, length, payload, buf, received

@@ -9,8 +9,8 @@ import trio
 
 from ..archive import Archive
 from ..errors import VmaError
-from ..format import Device
-from ..nbd.protocol import NBD_STATE_HOLE, NBD_STATE_ZERO
+from ..format import CLUSTER_SIZE, Device
+from ..nbd.protocol import NBD_CMD_READ, NBD_STATE_HOLE, NBD_STATE_ZERO
 from ..nbd.server import Export, ReadChunk
 
 #: extents per BLOCK_STATUS reply at most (a client asks again from where it stopped)
@@ -19,8 +19,11 @@ MAX_EXTENTS = 4096
 CACHE_STEP = 4 * 1024 * 1024
 #: archive reads running in worker threads at once, all clients together
 READ_THREADS = 8
+#: reads up to this size of a plain archive run in the event loop, not a thread
+INLINE_READ = 256 * 1024
 
 _HOLE = NBD_STATE_HOLE | NBD_STATE_ZERO
+_CLUSTER_BITS = CLUSTER_SIZE.bit_length() - 1
 
 
 def export_names(device: Device) -> tuple[str, str | None]:
@@ -55,13 +58,21 @@ class ArchiveExport(Export):
             f"{device.name} of {os.path.basename(archive.path)} ({device.size} bytes, read-only)"
         )
         self.limiter = limiter or trio.CapacityLimiter(READ_THREADS)
+        #: small reads of an uncompressed archive are a pread: done in the trio loop
+        #: (a thread hand-off costs more than the read), anything else in a thread
+        self.inline = type(archive.source).__name__ == "PlainSource"
 
     async def _in_thread(self, fn: Callable, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
     # -- what the server calls --
 
+    def runs_inline(self, cmd: int, length: int) -> bool:
+        return self.inline and cmd == NBD_CMD_READ and length <= INLINE_READ
+
     async def read(self, offset: int, length: int) -> list[ReadChunk]:
+        if self.runs_inline(NBD_CMD_READ, length):
+            return self.read_chunks(offset, length)
         return await self._in_thread(self.read_chunks, offset, length)
 
     async def block_status(self, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
@@ -83,6 +94,10 @@ class ArchiveExport(Export):
         """(start, stop, is_hole) runs of [offset, offset+length), holes as the mount's lseek."""
         a, dev = self.archive, self.dev_id
         end = offset + length
+        if offset >> _CLUSTER_BITS == (end - 1) >> _CLUSTER_BITS:
+            # holes are whole clusters: one cluster is all hole or all data
+            yield offset, end, a.next_data(dev, offset) != offset
+            return
         pos = offset
         count = 0
         while pos < end and (limit is None or count < limit):
