@@ -226,6 +226,16 @@ def test_reads_and_block_status_match_the_offset_map(tmp_path, kind):
         run(a, tmp_path, body)
 
 
+@pytest.mark.parametrize("name", ["two-disks.vma", "zero-disk.vma", "unaligned.vma"])
+def test_is_hole_agrees_with_next_data_everywhere(tmp_path, name):
+    """The O(1) test small reads use is the lseek rule, cluster by cluster."""
+    shutil.copy(FIXTURES_DIR / name, tmp_path / name)
+    with Archive.open(tmp_path / name) as a:
+        for dev in a.devices:
+            for off in range(0, dev.size, CLUSTER_SIZE // 2):
+                assert a.is_hole(dev.dev_id, off) == (a.next_data(dev.dev_id, off) != off), off
+
+
 def test_simple_replies_read_holes_as_zeros(archive, tmp_path):
     async def body(server, path):
         c = await simple(path, "scsi0")

@@ -1152,3 +1152,12 @@ FIGURES: dict[str, Callable[[Ctx], list[Row]]] = {
     "size": fig_size,
     "zstd": fig_zstd,
 }
+
+
+def _register_serve() -> None:
+    from .serve import fig_serve  # noqa: PLC0415 - imports this module
+
+    FIGURES["serve"] = fig_serve
+
+
+_register_serve()

@@ -96,7 +96,7 @@ class ArchiveExport(Export):
         end = offset + length
         if offset >> _CLUSTER_BITS == (end - 1) >> _CLUSTER_BITS:
             # holes are whole clusters: one cluster is all hole or all data
-            yield offset, end, a.next_data(dev, offset) != offset
+            yield offset, end, a.is_hole(dev, offset)
             return
         pos = offset
         count = 0
