@@ -41,12 +41,12 @@ from dataclasses import dataclass
 import trio
 
 from vmafs.archive import Archive
-from vmafs.commands.progress import Progress, human_bytes
+from vmafs.common.progress import Progress, add_progress_options, human_bytes, want_progress
+from vmafs.common.signals import unwrap_group
 from vmafs.errors import BackupError
 from vmafs.serve import exports_for
 from vmafs.serve.run import open_server, uris
 
-from .backup import unwrap_group
 from .qmp import QemuError, QmpConnection
 
 log = logging.getLogger("vmafs.restore")
@@ -304,9 +304,6 @@ class _Signals:
 
 
 def run_restore(args) -> int:
-    from vmafs.commands._common import open_archive  # noqa: PLC0415
-    from vmafs.commands.progress import want_progress  # noqa: PLC0415
-
     from .qmp import parse_address  # noqa: PLC0415
 
     if args.live and not args.qmp:
@@ -324,7 +321,8 @@ def run_restore(args) -> int:
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL + 1)
     if not args.verbose:  # refusals and lost connections: the one error line says what matters
         logging.getLogger("vmafs.serve").setLevel(logging.ERROR)
-    archive = open_archive(args.archive, args)
+    with Progress("indexing", enabled=want_progress(args.progress)) as indexing:
+        archive = Archive.open(args.archive, progress=indexing)
     try:
         targets = resolve_targets(archive, args.targets, args.live)
         sock_dir = None
@@ -424,8 +422,6 @@ def _target(text: str):
 
 
 def register(subparsers) -> None:
-    from vmafs.commands._common import add_progress_options  # noqa: PLC0415
-
     from .cli import parse_rate  # noqa: PLC0415
 
     p = subparsers.add_parser("restore", help=HELP, description=DESCRIPTION, epilog=EPILOG)

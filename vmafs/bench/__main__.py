@@ -22,9 +22,11 @@ import traceback
 from . import datasets as ds
 from .figures import FIGURES, Ctx, Row
 from .report import machine, row_notes, table
+from .serve import fig_serve
 from .tuning import TUNING
 from .util import use_this_checkout
 
+FIGURES = {**FIGURES, "serve": fig_serve}  # issue 14's, in their own module
 ALL = [*FIGURES, *TUNING]
 
 

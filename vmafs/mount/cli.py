@@ -9,6 +9,7 @@ import sys
 from .errors import MountError, UsageError
 from .mounting import mount
 from .options import DEFAULT_READAHEAD_KB, parse_options
+from .running import EXIT_TIMEOUT
 from .umount import umount
 
 MOUNT_OPTIONS_HELP = f"""\
@@ -25,6 +26,8 @@ options (-o, comma-separated, may repeat):
                     network storage read by several programs at once
   logfile=PATH      log here instead of syslog when detached
   nonempty          mount over a directory that is not empty (hides its files)
+  debug             log debug messages and libfuse's trace of every request
+                    (to stderr with -f, else into the log file)
 mount(8)'s generic options (defaults, noauto, user, nofail, _netdev, x-*, ...)
 are accepted and ignored. See vmafs(1) and docs/mount.md."""
 
@@ -56,10 +59,22 @@ def register(subparsers) -> None:
     u = subparsers.add_parser(
         "umount",
         help="unmount a vmafs mount",
-        description="Unmount MOUNTPOINT (same as 'fusermount3 -u MOUNTPOINT').",
+        description="Unmount MOUNTPOINT and wait until its filesystem process has exited\n"
+        "and closed the archive (unlike 'fusermount3 -u MOUNTPOINT', which returns\n"
+        "at once): the archive's own filesystem can be unmounted right after.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     u.add_argument("mountpoint")
-    u.add_argument("-z", "--lazy", action="store_true", help="detach now, clean up when unused")
+    u.add_argument(
+        "-z", "--lazy", action="store_true", help="detach now, clean up when unused; no waiting"
+    )
+    u.add_argument(
+        "--timeout",
+        type=float,
+        default=EXIT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"wait at most this long for the process to exit (default {EXIT_TIMEOUT:.0f})",
+    )
     u.set_defaults(func=run_umount)
 
 
@@ -91,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_umount(args: argparse.Namespace) -> int:
     try:
-        umount(args.mountpoint, lazy=args.lazy)
+        umount(args.mountpoint, lazy=args.lazy, timeout=args.timeout)
     except MountError as e:
         return fail("vmafs", str(e))
     return 0

@@ -16,11 +16,12 @@ def setup_logging(opts: MountOptions, *, detached: bool, verbose: bool) -> None:
 def setup_process_logging(
     logfile: str | None, *, detached: bool, verbose: bool, name: str = "mount.log"
 ) -> None:
-    """Replace the root logger's handlers (``vmafs mount`` and ``vmafs serve``).
+    """Send the root logger's records where this process logs (``vmafs mount``, ``vmafs serve``).
 
     Detached: *logfile* if given, else syslog through /dev/log, else
     :func:`default_logfile` (*name* in the state directory).  In the
-    foreground: stderr.
+    foreground: stderr.  A log file is watched: when logrotate moves it away,
+    the next record reopens the path (no SIGHUP needed, none is sent).
     """
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -39,7 +40,9 @@ def setup_process_logging(
     if handler is None and detached:
         path = logfile or default_logfile(name)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        handler = logging.FileHandler(path)
+        from logging.handlers import WatchedFileHandler  # noqa: PLC0415 - as above
+
+        handler = WatchedFileHandler(path)
         handler.setFormatter(
             _Formatter("%(asctime)s vmafs[%(process)d] %(levelname)s: %(message)s")
         )
@@ -47,6 +50,35 @@ def setup_process_logging(
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_Formatter("vmafs: %(levelname)s: %(message)s"))
     root.addHandler(handler)
+
+
+def dump_stacks_on(signum: int) -> None:
+    """On *signum*, write the stack of every thread to the log, one record per line.
+
+    :mod:`faulthandler` writes from the signal handler in C, so the dump
+    happens even while the trio loop is stuck; it writes into a pipe whose
+    lines a thread forwards to the log (syslog, file or stderr alike).
+    """
+    import faulthandler  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    r, w = os.pipe()
+    writer = os.fdopen(w, "w")
+    _dump_files.append(writer)  # faulthandler keeps only the fd: the file must live
+    faulthandler.register(signum, file=writer, all_threads=True)
+    name = signal.Signals(signum).name
+
+    def forward() -> None:
+        with os.fdopen(r, errors="replace") as lines:
+            for line in lines:
+                log.warning("%s stack dump: %s", name, line.rstrip())
+
+    threading.Thread(target=forward, name="vmafs-stack-dump", daemon=True).start()
+
+
+_dump_files: list = []
+log = logging.getLogger("vmafs.mount")
 
 
 class _Formatter(logging.Formatter):

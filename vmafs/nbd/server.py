@@ -66,7 +66,7 @@ from dataclasses import dataclass
 
 import trio
 
-from . import protocol as p
+import vmafs.nbd.protocol as p
 
 __all__ = ["Export", "NbdCommandError", "NbdServer", "ReadChunk", "MAX_SOCKET_PATH"]
 
@@ -257,7 +257,7 @@ class _Transport:
                 await self.tls.send_all(b"".join(parts))
                 return
             views = [memoryview(x).cast("B") for x in parts if len(x)]
-            raw = self.sock._sock  # noqa: SLF001 - trio's wrapper costs a scheduler round
+            raw = self.sock._sock
             while views:
                 try:
                     # most replies fit the socket buffer: send without yielding
@@ -651,7 +651,7 @@ class _Conn:
                 await export.flush()
             elif cmd == p.NBD_CMD_CACHE:
                 await export.cache(offset, length)
-        except Exception as exc:  # noqa: BLE001 - every data-end failure becomes an NBD error
+        except Exception as exc:
             err, expected = export.error_for(exc)
             name = p.COMMAND_NAMES[cmd]
             if expected:
