@@ -296,25 +296,15 @@ def require_qemu() -> SimpleNamespace:
     Returns a namespace with their paths: ``.qemu_img``, ``.qemu_system``,
     ``.qemu_storage_daemon``.
     """
-    found = {}
-    for attr, name in (
-        ("qemu_img", "qemu-img"),
-        ("qemu_system", "qemu-system-x86_64"),
-        ("qemu_storage_daemon", "qemu-storage-daemon"),
-    ):
-        path = shutil.which(name)
-        if path is None:
-            _unavailable(f"QEMU: {name} is not on PATH (Debian qemu-utils/qemu-system-x86)")
-        try:
-            proc = subprocess.run(
-                [path, "--version"], capture_output=True, text=True, timeout=PROBE_TIMEOUT
-            )
-        except (OSError, subprocess.TimeoutExpired) as e:
-            _unavailable(f"QEMU: {name} --version failed: {e}")
-        if proc.returncode != 0:
-            _unavailable(f"QEMU: {name} --version exited {proc.returncode}: {proc.stderr.strip()}")
-        found[attr] = path
-    return SimpleNamespace(**found)
+    return _runnable(
+        "QEMU",
+        "Debian qemu-utils/qemu-system-x86",
+        {
+            "qemu_img": "qemu-img",
+            "qemu_system": "qemu-system-x86_64",
+            "qemu_storage_daemon": "qemu-storage-daemon",
+        },
+    )
 
 
 @pytest.fixture(scope="session")
@@ -323,20 +313,29 @@ def require_nbd_tools() -> SimpleNamespace:
 
     Returns a namespace with their paths: ``.nbdinfo``, ``.nbdcopy``.
     """
+    return _runnable(
+        "NBD clients", "Debian package libnbd-bin", {"nbdinfo": "nbdinfo", "nbdcopy": "nbdcopy"}
+    )
+
+
+def _runnable(what: str, package: str, tools: dict[str, str]) -> SimpleNamespace:
+    """{attribute: command} found on PATH and answering ``--version``, else unavailable."""
     found = {}
-    for name in ("nbdinfo", "nbdcopy"):
+    for attr, name in tools.items():
         path = shutil.which(name)
         if path is None:
-            _unavailable(f"NBD clients: {name} is not on PATH (Debian package libnbd-bin)")
+            _unavailable(f"{what}: {name} is not on PATH ({package})")
         try:
             proc = subprocess.run(
                 [path, "--version"], capture_output=True, text=True, timeout=PROBE_TIMEOUT
             )
         except (OSError, subprocess.TimeoutExpired) as e:
-            _unavailable(f"NBD clients: {name} --version failed: {e}")
+            _unavailable(f"{what}: {name} --version failed: {e}")
         if proc.returncode != 0:
-            _unavailable(f"NBD clients: {name} --version exited {proc.returncode}")
-        found[name] = path
+            _unavailable(
+                f"{what}: {name} --version exited {proc.returncode}: {proc.stderr.strip()}"
+            )
+        found[attr] = path
     return SimpleNamespace(**found)
 
 

@@ -91,6 +91,21 @@ def served(archive: Path, tmp: Path, *extra: str):
         server.stop()
 
 
+def offset_map(archive, dev_id: int) -> list[tuple[int, int, bool]]:
+    """(start, stop, is_hole) of a whole disk from an open Archive's stored ranges
+    (``allocated_ranges``: the offset map's masks, not the lseek functions)."""
+    size = archive.device(dev_id).size
+    out, pos = [], 0
+    for off, n in archive.allocated_ranges(dev_id):
+        if off > pos:
+            out.append((pos, off, True))
+        out.append((off, off + n, False))
+        pos = off + n
+    if pos < size:
+        out.append((pos, size, True))
+    return out
+
+
 def qemu_map(qemu_img: str, uri: str) -> list[tuple[int, int, bool]]:
     """(start, stop, is_zero_hole) extents of ``qemu-img map``, neighbours of a kind merged."""
     out = subprocess.run(

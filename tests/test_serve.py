@@ -23,25 +23,18 @@ from serve_support import (
     qemu_map,
     served,
 )
+from serve_support import (
+    offset_map as archive_map,
+)
 from test_backup_support import one_line_error, vm
 
 from vmafs.archive import Archive
 from vmafs.nbd.server import MAX_SOCKET_PATH
 
 
-def offset_map(archive: Path, dev_id: int) -> list[tuple[int, int, bool]]:
-    """(start, stop, is_hole) of a disk from the archive's stored ranges."""
-    with Archive.open(archive) as a:
-        size = a.device(dev_id).size
-        out, pos = [], 0
-        for off, n in a.allocated_ranges(dev_id):
-            if off > pos:
-                out.append((pos, off, True))
-            out.append((off, off + n, False))
-            pos = off + n
-        if pos < size:
-            out.append((pos, size, True))
-    return out
+def offset_map(path: Path, dev_id: int) -> list[tuple[int, int, bool]]:
+    with Archive.open(path) as a:
+        return archive_map(a, dev_id)
 
 
 @pytest.mark.qemu

@@ -12,6 +12,7 @@ import pytest
 import trio
 from conftest import FIXTURES_DIR
 from nbd_client import Client
+from serve_support import offset_map
 
 from vmafs.archive import Archive
 from vmafs.format import CLUSTER_SIZE
@@ -27,8 +28,9 @@ def archive(tmp_path):
         yield a
 
 
-async def with_server(archive, tmp_path, body, **kw):
-    server = open_server(archive, socket=str(tmp_path / "s.sock"))
+async def with_server(archive, tmp_path, body, threads=False, **kw):
+    server = open_server(archive, socket=str(tmp_path / "s.sock"), threads=threads)
+    assert all(e.inline != threads for e in server.exports.values())
     for key, value in kw.items():
         setattr(server, key, value)
     with trio.fail_after(120):  # a hang is a failure, not a timing assertion
@@ -39,8 +41,8 @@ async def with_server(archive, tmp_path, body, **kw):
     return server
 
 
-def run(archive, tmp_path, body, **kw):
-    return trio.run(lambda: with_server(archive, tmp_path, body, **kw))
+def run(archive, tmp_path, body, threads=False, **kw):
+    return trio.run(lambda: with_server(archive, tmp_path, body, threads, **kw))
 
 
 async def structured(path: str, name: str = "drive-scsi0", contexts=("base:allocation",)):
@@ -90,20 +92,6 @@ async def block_status(c: Client, offset: int, length: int, flags: int = 0):
     (ctx,) = struct.unpack(">I", payload[:4])
     assert ctx == 1
     return [struct.unpack(">II", payload[i : i + 8]) for i in range(4, len(payload), 8)]
-
-
-def expected_extents(archive: Archive, dev_id: int) -> list[tuple[int, int, bool]]:
-    """(start, stop, is_hole) of a whole disk, from the offset map's stored ranges."""
-    size = archive.device(dev_id).size
-    out, pos = [], 0
-    for off, n in archive.allocated_ranges(dev_id):
-        if off > pos:
-            out.append((pos, off, True))
-        out.append((off, off + n, False))
-        pos = off + n
-    if pos < size:
-        out.append((pos, size, True))
-    return out
 
 
 def merged(extents):
@@ -194,7 +182,7 @@ def test_reads_and_block_status_match_the_offset_map(tmp_path, kind):
 
         async def body(server, path):
             for dev in a.devices:
-                want = expected_extents(a, dev.dev_id)
+                want = offset_map(a, dev.dev_id)
                 assert any(h for _, _, h in want) and any(not h for _, _, h in want)
                 c = await structured(path, dev.name)
                 got, pos = [], 0
@@ -289,7 +277,8 @@ def test_refused_requests_keep_the_connection(archive, tmp_path):
     run(archive, tmp_path, body)
 
 
-def test_many_clients_at_once(archive, tmp_path):
+@pytest.mark.parametrize("threads", [False, True], ids=["inline", "threads"])
+def test_many_clients_at_once(archive, tmp_path, threads):
     want = {d.dev_id: archive.read(d.dev_id, 0, d.size) for d in archive.devices}
 
     async def reader(path, i, results):
@@ -311,7 +300,7 @@ def test_many_clients_at_once(archive, tmp_path):
                 n.start_soon(reader, path, i, results)
         assert results == dict.fromkeys(range(24), True)
 
-    run(archive, tmp_path, body)
+    run(archive, tmp_path, body, threads)
 
 
 # --- hostile clients -------------------------------------------------------------------------

@@ -10,8 +10,9 @@ import argparse
 import os
 import sys
 
+from ..common.progress import add_progress_options
 from ..nbd.protocol import NBD_DEFAULT_PORT as DEFAULT_PORT
-from ._common import add_progress_options, open_archive
+from ._common import open_archive
 
 HELP = "serve every disk of an archive as a read-only NBD export (qemu-img, nbdcopy, QEMU)"
 
@@ -80,6 +81,12 @@ def register(subparsers) -> None:
         action="store_true",
         help="serve an interrupted backup; reads of its missing clusters fail with EIO",
     )
+    p.add_argument(
+        "--threads",
+        action="store_true",
+        help="read an uncompressed archive in worker threads too: for archives on slow or "
+        "network storage (by default its small reads run in the event loop)",
+    )
     p.add_argument("--logfile", metavar="PATH", help="log here instead of syslog when detached")
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection")
     add_progress_options(p)
@@ -104,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         tls_ca=args.tls_ca,
         logfile=args.logfile,
         verbose=args.verbose,
+        threads=args.threads,
     )
     archive = open_archive(args.archive, args, allow_incomplete=args.allow_incomplete)
     try:

@@ -48,7 +48,12 @@ class ArchiveExport(Export):
     can_multi_conn = True
 
     def __init__(
-        self, archive: Archive, dev_id: int, limiter: trio.CapacityLimiter | None = None
+        self,
+        archive: Archive,
+        dev_id: int,
+        limiter: trio.CapacityLimiter | None = None,
+        *,
+        threads: bool = False,
     ) -> None:
         self.archive = archive
         self.dev_id = dev_id
@@ -59,8 +64,9 @@ class ArchiveExport(Export):
         )
         self.limiter = limiter or trio.CapacityLimiter(READ_THREADS)
         #: small reads of an uncompressed archive are a pread: done in the trio loop
-        #: (a thread hand-off costs more than the read), anything else in a thread
-        self.inline = type(archive.source).__name__ == "PlainSource"
+        #: (a thread hand-off costs more than a cached read, as in the mount), anything
+        #: else in a thread; *threads* (slow or network storage) sends all to threads
+        self.inline = not threads and getattr(archive.source, "kind", "") == "plain"
 
     async def _in_thread(self, fn: Callable, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -142,7 +148,7 @@ class ArchiveExport(Export):
 
 
 def exports_for(
-    archive: Archive, limiter: trio.CapacityLimiter | None = None
+    archive: Archive, limiter: trio.CapacityLimiter | None = None, *, threads: bool = False
 ) -> tuple[dict[str, ArchiveExport], dict[str, str]]:
     """({export name: export} for every disk, {alias: export name}).
 
@@ -156,7 +162,7 @@ def exports_for(
         if dev.is_vmstate:
             continue
         name, alias = export_names(dev)
-        exports[name] = ArchiveExport(archive, dev.dev_id, limiter)
+        exports[name] = ArchiveExport(archive, dev.dev_id, limiter, threads=threads)
         if alias is not None:
             aliases[alias] = name
     for alias in [a for a in aliases if a in exports]:

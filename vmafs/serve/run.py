@@ -49,6 +49,7 @@ class ServeConfig:
     tls_ca: str | None = None
     logfile: str | None = None
     verbose: bool = False
+    threads: bool = False
 
 
 def default_socket(archive: str) -> str:
@@ -101,9 +102,10 @@ def open_server(
     socket: str | None = None,
     tcp: tuple[str, int] | None = None,
     tls: ssl.SSLContext | None = None,
+    threads: bool = False,
 ) -> NbdServer:
     """An :class:`NbdServer` for every disk of *archive* (not started)."""
-    exports, aliases = exports_for(archive)
+    exports, aliases = exports_for(archive, threads=threads)
     if not exports:
         raise ServeError(f"{archive.path}: the archive holds no disk to serve")
     return NbdServer(
@@ -173,10 +175,12 @@ def serve(cfg: ServeConfig, archive: Archive) -> list[str]:
     """
     tls = load_tls(cfg)
     if cfg.bind is not None:
-        server = open_server(archive, tcp=(cfg.bind, cfg.port), tls=tls)
+        server = open_server(archive, tcp=(cfg.bind, cfg.port), tls=tls, threads=cfg.threads)
         server.port = cfg.port
     else:
-        server = open_server(archive, socket=_check_socket_path(cfg.socket), tls=tls)
+        server = open_server(
+            archive, socket=_check_socket_path(cfg.socket), tls=tls, threads=cfg.threads
+        )
     if cfg.pidfile:
         cfg.pidfile = os.path.abspath(cfg.pidfile)
     if cfg.logfile:
