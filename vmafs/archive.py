@@ -219,6 +219,11 @@ class Archive:
             return dm.device.size
         return min(max(offset, cluster << _CLUSTER_BITS), dm.device.size)
 
+    def is_hole(self, dev_id: int, offset: int) -> bool:
+        """Whether the byte at *offset* (inside the device) lies in a hole, as
+        :meth:`next_data`/:meth:`next_hole` see holes, without a search."""
+        return self.index.maps[dev_id].is_hole(offset >> _CLUSTER_BITS)
+
     def stored_clusters(self, dev_ids: list[int]) -> StoredClusters:
         """Every cluster of the devices *dev_ids* that stores data, in archive order.
 
