@@ -184,3 +184,26 @@ class WriteRangeError(WriterError):
 
 class BackupError(WriterError):
     """QEMU, the NBD transport or the backup job failed."""
+
+
+# --- files inside guest filesystems ----------------------------------------------
+
+
+class GuestError(VmaError):
+    """Reading inside a guest filesystem failed (the message names volume and path).
+
+    *errno_* is the errno the guest filesystem gave (ENOENT, ENOTDIR, ...)
+    when there is one, so callers can tell a missing file from a broken disk.
+    """
+
+    def __init__(self, message: str, *, errno_: int | None = None) -> None:
+        self.errno = errno_
+        super().__init__(message)
+
+
+class EngineUnavailableError(GuestError):
+    """The engine asked for cannot run here (libguestfs missing, not root, no kernel)."""
+
+
+class GuestMountError(GuestError):
+    """Setting up or taking down a guest filesystem's mount failed."""
