@@ -237,6 +237,8 @@ class VolumeNotFoundError(VolumeError):
 
 class UnsupportedVolumeError(VolumeError):
     """The volume exists but vmafs cannot read it (striped, thin, raid, snapshot LVs)."""
+
+
 # --- files inside guest filesystems ----------------------------------------------
 
 

@@ -79,9 +79,15 @@ class Worker:
         for i in range(0, len(names), BATCH):
             batch = names[i : i + BATCH]
             stats = [_stat(s) for s in self.g.lstatnslist(path, batch)]
-            links = [n for n, s in zip(batch, stats) if (s["st_mode"] & 0o170000) == 0o120000]
-            targets = dict(zip(links, self.g.readlinklist(path, links))) if links else {}
-            for name, s in zip(batch, stats):
+            links = [
+                n
+                for n, s in zip(batch, stats, strict=True)
+                if (s["st_mode"] & 0o170000) == 0o120000
+            ]
+            targets = (
+                dict(zip(links, self.g.readlinklist(path, links), strict=True)) if links else {}
+            )
+            for name, s in zip(batch, stats, strict=True):
                 out.append([name, s, targets.get(name)])
         return out
 

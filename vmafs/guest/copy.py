@@ -134,8 +134,7 @@ class _Copier:
         except FileNotFoundError:
             return
         raise GuestError(
-            f"{os.path.join(where, name)} exists; use --force to overwrite "
-            "(or choose another DEST)"
+            f"{os.path.join(where, name)} exists; use --force to overwrite (or choose another DEST)"
         )
 
     def _clear(self, dir_fd: int, name: str, where: str, *, keep_dir: bool) -> bool:
@@ -149,9 +148,7 @@ class _Copier:
         if st.S_ISDIR(s.st_mode):
             if keep_dir:
                 return True
-            raise GuestError(
-                f"{os.path.join(where, name)} is a directory: not replaced by a file"
-            )
+            raise GuestError(f"{os.path.join(where, name)} is a directory: not replaced by a file")
         os.unlink(name, dir_fd=dir_fd)
         return False
 
