@@ -41,6 +41,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("verify",), "vmafs.commands.verify", "register"),
     (("extract",), "vmafs.commands.extract", "register"),
     (("index",), "vmafs.commands.index", "register"),
+    (("volumes",), "vmafs.commands.volumes", "register"),
     (("recompress",), "vmafs.commands.recompress", "register"),
     (("ls",), "vmafs.commands.ls", "register"),
     (("cat",), "vmafs.commands.cat", "register"),

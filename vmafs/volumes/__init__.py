@@ -20,6 +20,14 @@ label probes), scan (the order of the questions).
 
 from .model import Segment, Volume
 from .reader import VolumeReader
-from .scan import find_volume, scan_drive, scan_volumes
+from .scan import find_drive, find_volume, scan_drive, scan_volumes
 
-__all__ = ["Segment", "Volume", "VolumeReader", "find_volume", "scan_drive", "scan_volumes"]
+__all__ = [
+    "Segment",
+    "Volume",
+    "VolumeReader",
+    "find_drive",
+    "find_volume",
+    "scan_drive",
+    "scan_volumes",
+]

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import bisect
 
+import numpy as np
+
 from ..errors import UnsupportedVolumeError, VolumeError
+from ..format import BLOCK_SIZE, CLUSTER_SIZE
 from .model import Segment, Volume
+
+#: Set bits of every 16-bit cluster mask (one per stored 4 KiB block).
+_BITS = np.array([bin(i).count("1") for i in range(1 << 16)], dtype=np.uint8)
 
 
 def whole_drive(archive, dev_id: int) -> Volume:
@@ -123,3 +129,18 @@ class VolumeReader:
                 return seg.start + found - seg.disk_offset
             i += 1
         return self.size
+
+    def stored_bytes(self) -> int:
+        """Bytes of the volume the archive stores (4 KiB blocks with data), for ``du``.
+
+        Counted per 64 KiB cluster of the drive; a cluster a segment shares
+        with its neighbour at an unaligned edge counts whole, so the sum
+        may exceed the exact figure by up to two clusters per segment.
+        """
+        masks = self.archive.index.maps[self.dev_id].masks
+        total = 0
+        for seg in self._segments:
+            first = seg.disk_offset // CLUSTER_SIZE
+            last = (seg.disk_offset + seg.length + CLUSTER_SIZE - 1) // CLUSTER_SIZE
+            total += int(_BITS[masks[first:last]].sum(dtype=np.int64))
+        return min(total * BLOCK_SIZE, self.size)

@@ -37,7 +37,7 @@ def scan_volumes(archive, drive: str | None = None) -> list[Volume]:
     """
     disks = [d for d in archive.devices if not d.is_vmstate]
     if drive is not None:
-        dev = _find_drive(disks, drive)
+        dev = find_drive(disks, drive)
         disks = [dev]
     out: list[Volume] = []
     for dev in disks:
@@ -52,7 +52,7 @@ def find_volume(archive, name: str) -> Volume:
     """
     drive, _, rest = name.partition("/")
     disks = [d for d in archive.devices if not d.is_vmstate]
-    dev = _find_drive(disks, drive)
+    dev = find_drive(disks, drive)
     volumes = scan_drive(archive, dev.dev_id)
     full = f"{dev.name}/{rest}" if rest else dev.name
     for v in volumes:
@@ -62,7 +62,8 @@ def find_volume(archive, name: str) -> Volume:
     raise VolumeNotFoundError(f"no volume {name!r}; this drive has: {names}", volume=dev.name)
 
 
-def _find_drive(disks, name: str):
+def find_drive(disks, name: str):
+    """The device of *disks* named *name* (``scsi0``: ``drive-scsi0``); else VolumeNotFoundError."""
     for dev in disks:
         if name in (dev.name, f"drive-{dev.name}") or f"drive-{name}" == dev.name:
             return dev
