@@ -53,11 +53,17 @@ def runtime_dir() -> str:
     return base
 
 
-def volume_file(mountpoint: str, volume) -> str:
-    """The read-only file of *volume* in an archive's mount (see docs/mount.md)."""
-    from ..names import volume_file_path  # noqa: PLC0415 - vmafs.names owns mount names
+def volume_files(archive, volumes) -> dict[str, str]:
+    """Volume name -> the path of its read-only file in the archive's mount, relative
+    to the mount point (``volumes/<drive>/p1``; docs/mount.md)."""
+    from ..names import drive_dir_names, volume_paths  # noqa: PLC0415 - the mount's names
 
-    return os.path.join(mountpoint, volume_file_path(volume))
+    dirs = drive_dir_names(archive)
+    return {
+        name: os.path.join("volumes", dirs[v.dev_id], *volume_paths(volumes)[name])
+        for v in volumes
+        if (name := v.name) in volume_paths(volumes)
+    }
 
 
 class GuestSession:
@@ -71,6 +77,7 @@ class GuestSession:
         self.progress = progress
         self.volumes: list = []
         self.disk_files: dict[str, str] = {}  # drive name -> file name in the mount
+        self.volume_files: dict[str, str] = {}  # volume name -> file path in the mount
         self.workdir: str | None = None
         self.mountpoint: str | None = None
         self._appliance: appliance_mod.Appliance | None = None
@@ -99,6 +106,7 @@ class GuestSession:
 
         with Archive.open(self.archive_path, progress=self.progress) as archive:
             self.volumes = scan_volumes(archive)
+            self.volume_files = volume_files(archive, self.volumes)
             by_dev = {e.dev_id: name for name, e in safe_entry_names(archive).items()}
             for dev in archive.devices:
                 if not dev.is_vmstate:
@@ -143,7 +151,10 @@ class GuestSession:
         os.mkdir(where)
         self._mounts.append(
             kernel.mount_volume(
-                volume_file(self.mountpoint, volume), volume.fstype, where, volume.name
+                os.path.join(self.mountpoint, self.volume_files[volume.name]),
+                volume.fstype,
+                where,
+                volume.name,
             )
         )
         return kernel.KernelFS(where, volume.name)
