@@ -33,6 +33,8 @@ from ..errors import EngineUnavailableError, GuestError
 from .accel import libguestfs_env
 from .entry import Entry, kind_of
 
+#: The interpreter that has libguestfs's binding (Debian's python3-guestfs);
+#: VMAFS_GUESTFS_PYTHON names another one.
 SYSTEM_PYTHON = "/usr/bin/python3"
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "appliance_worker.py")
 INSTALL_HINT = (
@@ -40,15 +42,19 @@ INSTALL_HINT = (
 )
 
 
+def system_python() -> str:
+    return os.environ.get("VMAFS_GUESTFS_PYTHON") or SYSTEM_PYTHON
+
+
 def unavailable_reason() -> str | None:
     """Why the appliance engine cannot run here, with what to do; None when it can."""
-    probe = [SYSTEM_PYTHON, "-I", "-c", "import guestfs"]
+    probe = [system_python(), "-I", "-c", "import guestfs"]
     try:
         ok = subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         ok = False
     if not ok:
-        return f"the appliance engine needs libguestfs for {SYSTEM_PYTHON}: {INSTALL_HINT}"
+        return f"the appliance engine needs libguestfs for {system_python()}: {INSTALL_HINT}"
     kernels = glob.glob("/boot/vmlinuz-*")
     if not kernels:
         return (
@@ -105,7 +111,7 @@ class Appliance:
         require()
         self._log = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
-            [SYSTEM_PYTHON, "-I", WORKER, *drives],
+            [system_python(), "-I", WORKER, *drives],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
