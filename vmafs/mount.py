@@ -714,11 +714,26 @@ def register(subparsers) -> None:
     )
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.add_argument(
+        "--guest",
+        action="store_true",
+        help="also mount every guest filesystem read-only: the archive at MOUNTPOINT/archive, "
+        "each volume at MOUNTPOINT/<volume name> (root; docs/restore.md)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("kernel", "appliance"),
+        default="kernel",
+        help="with --guest: how guest filesystems are mounted (only 'kernel' so far)",
+    )
     p.set_defaults(func=run)
     u = subparsers.add_parser(
         "umount",
         help="unmount a vmafs mount",
-        description="Unmount MOUNTPOINT (same as 'fusermount3 -u MOUNTPOINT').",
+        description="Unmount MOUNTPOINT (same as 'fusermount3 -u MOUNTPOINT'). For a\n"
+        "'mount --guest' tree: every guest filesystem, the archive and the tree, in\n"
+        "that order, also when the mount's process died.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     u.add_argument("mountpoint")
     u.add_argument("-z", "--lazy", action="store_true", help="detach now, clean up when unused")
@@ -731,6 +746,13 @@ def _fail(prog: str, message: str, status: int = 1) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.guest:
+        from .guest.tree import run_mount  # noqa: PLC0415 - only for --guest
+
+        try:
+            return run_mount(args)
+        except UsageError as e:
+            return _fail("vmafs", f"mount: {e}", 2)
     try:
         opts = parse_options(args.options)
         status = mount(
@@ -752,6 +774,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_umount(args: argparse.Namespace) -> int:
+    from .guest.tree import run_umount as umount_guest  # noqa: PLC0415 - light
+
+    status = umount_guest(args)  # a tree made by mount --guest, when one is recorded
+    if status is not None:
+        return status
     try:
         umount(args.mountpoint, lazy=args.lazy)
     except MountError as e:

@@ -92,14 +92,14 @@ def mount_volume(volume_file: str, fstype: str, mountpoint: str, volume: str) ->
     argv = mount_command(fstype, "LOOP", mountpoint, volume)  # refuses unsupported types first
     proc = _run(["losetup", "--find", "--show", "--read-only", volume_file])
     if proc.returncode != 0:
-        raise GuestMountError(f"{volume}: losetup failed: {_line(proc)}")
+        raise GuestMountError(f"{volume}: losetup failed: {first_line(proc)}")
     loop = proc.stdout.strip()
     argv[argv.index("LOOP")] = loop
     proc = _run(argv)
     if proc.returncode != 0:
         _run(["losetup", "--detach", loop])
         raise GuestMountError(
-            f"{volume}: mounting its {fstype} read-only failed: {_line(proc)} "
+            f"{volume}: mounting its {fstype} read-only failed: {first_line(proc)} "
             "(a damaged or unsupported filesystem; --engine appliance may read it)"
         )
     # Deferred detach: the kernel frees the loop device when the mount lets go.
@@ -112,7 +112,7 @@ def unmount(mount: KernelMount, *, lazy: bool = False) -> None:
     proc = _run(["umount", *(["-l"] if lazy else []), mount.mountpoint])
     if proc.returncode != 0 and _is_mounted(mount.mountpoint):
         raise GuestMountError(
-            f"{mount.volume}: cannot unmount {mount.mountpoint}: {_line(proc)} "
+            f"{mount.volume}: cannot unmount {mount.mountpoint}: {first_line(proc)} "
             f"(see 'fuser -vm {mount.mountpoint}')"
         )
 
@@ -144,7 +144,7 @@ def _is_mounted(path: str) -> bool:
     return os.path.realpath(path) in mount_table()
 
 
-def _line(proc: subprocess.CompletedProcess) -> str:
+def first_line(proc: subprocess.CompletedProcess) -> str:
     return " ".join((proc.stderr or proc.stdout).split()) or f"exit status {proc.returncode}"
 
 
