@@ -31,9 +31,9 @@ from test_backup_support import (
 
 from vmafs.archive import Archive
 from vmafs.format import CLUSTER_SIZE
-from writer.backup import default_devname, parse_drive_spec
-from writer.cli import parse_rate
-from writer.create import parse_image_spec
+from vmafs.writer.backup import default_devname, parse_drive_spec
+from vmafs.writer.cli import parse_rate
+from vmafs.writer.create import parse_image_spec
 
 pytestmark = pytest.mark.qemu
 
@@ -372,7 +372,7 @@ def test_qmp_socket_busy_with_another_client(require_qemu, tmp_path):
     """QEMU serves one client per QMP socket; a second one gets no greeting."""
     import trio
 
-    from writer.qmp import QemuError, QmpConnection
+    from vmafs.writer.qmp import QemuError, QmpConnection
 
     src = random_raw(tmp_path / "src.raw", 1 * MiB, seed=14)
     with vm(require_qemu.qemu_system, tmp_path, {"drive-scsi0": (src, "raw")}) as machine:

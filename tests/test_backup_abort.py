@@ -14,8 +14,8 @@ import trio
 import trio.testing
 
 from vmafs.errors import WriterError
-from writer.backup import _Abort, _watched
-from writer.nbd import Export
+from vmafs.writer.backup import _Abort, _watched
+from vmafs.writer.nbd import Export
 
 
 class Inner:

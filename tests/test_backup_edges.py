@@ -36,8 +36,8 @@ from test_backup_support import (
     vm,
 )
 
-import writer.backup as wb
-from writer.backup import (
+import vmafs.writer.backup as wb
+from vmafs.writer.backup import (
     BackupInterrupted,
     SignalGuard,
     _Abort,
@@ -46,8 +46,8 @@ from writer.backup import (
     parse_drive_spec,
     resolve_disks,
 )
-from writer.packer import ArchiveOutput
-from writer.qmp import QemuError, QmpConnection
+from vmafs.writer.packer import ArchiveOutput
+from vmafs.writer.qmp import QemuError, QmpConnection
 
 # --- helpers ------------------------------------------------------------------------------
 

@@ -137,7 +137,7 @@ def test_reader_commands_do_not_import_fuse_or_qemu_stacks():
     code = (
         "import sys; from vmafs.cli import main; "
         f"rc = main(['list', {str(FIXTURES_DIR / 'no-disks.vma')!r}]); "
-        "heavy = [m for m in ('trio', 'pyfuse3', 'qemu', 'writer.cli', 'vmafs.mount') "
+        "heavy = [m for m in ('trio', 'pyfuse3', 'qemu', 'vmafs.writer', 'vmafs.mount') "
         "if m in sys.modules]; "
         "print('HEAVY', heavy, rc)"
     )

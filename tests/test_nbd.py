@@ -16,9 +16,9 @@ import trio
 
 from vmafs.archive import Archive
 from vmafs.format import CLUSTER_SIZE
-from writer import nbd
-from writer.nbd import Export, NbdServer
-from writer.packer import ArchiveOutput, Packer
+from vmafs.writer import nbd
+from vmafs.writer.nbd import Export, NbdServer
+from vmafs.writer.packer import ArchiveOutput, Packer
 
 # --- a minimal client for protocol-level tests ------------------------------------------
 

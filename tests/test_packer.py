@@ -33,7 +33,7 @@ from vmafs.format import (
     ExtentHeader,
     Header,
 )
-from writer.packer import ArchiveOutput, Packer
+from vmafs.writer.packer import ArchiveOutput, Packer
 
 REPO = Path(__file__).resolve().parent.parent
 UUID = bytes(range(16))
@@ -715,7 +715,7 @@ def test_abort_removes_the_temp_file(tmp_path):
 
 STREAM_SCRIPT = """
 import sys, trio
-from writer.packer import ArchiveOutput, Packer
+from vmafs.writer.packer import ArchiveOutput, Packer
 data = bytes(range(256)) * 1024 + bytes(65536 * 2)
 async def main(out):
     async with Packer(out, [("drive-scsi0", len(data))], [("qemu-server.conf", b"x")]) as p:

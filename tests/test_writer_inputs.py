@@ -32,8 +32,8 @@ from test_backup_support import (
 )
 
 from vmafs.errors import WriterError
-from writer.cli import parse_rate
-from writer.packer import ArchiveOutput, Packer
+from vmafs.writer.cli import parse_rate
+from vmafs.writer.packer import ArchiveOutput, Packer
 
 TIMEOUT = 120
 SECRET = b"SECRET host file\n"
@@ -386,7 +386,7 @@ def test_sigterm_at_any_moment_never_exits_0_without_an_archive(require_qemu, tm
 
 def test_late_signals_stay_ignored_after_commit():
     """Unit check of the handler: committed -> ignored; not committed -> the old default."""
-    from writer.cli import _LateSignals
+    from vmafs.writer.cli import _LateSignals
 
     class Out:
         committed = False
@@ -412,8 +412,8 @@ def test_signal_before_the_guard_listens_is_reported_once_it_does():
     ready() - which waits for the receiver - reports it; nothing was created."""
     import trio
 
-    from writer.backup import BackupInterrupted, SignalGuard
-    from writer.cli import _LateSignals
+    from vmafs.writer.backup import BackupInterrupted, SignalGuard
+    from vmafs.writer.cli import _LateSignals
 
     saved = {s: signal.getsignal(s) for s in _LateSignals.SIGNALS}
     late, guard = _LateSignals(), SignalGuard()

@@ -47,8 +47,8 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("cat",), "vmafs.commands.cat", "register"),
     (("get",), "vmafs.commands.get", "register"),
     (("mount", "umount"), "vmafs.mount", "register"),
-    (("backup",), "writer.cli", "register_backup"),
-    (("create",), "writer.cli", "register_create"),
+    (("backup",), "vmafs.writer.cli", "register_backup"),
+    (("create",), "vmafs.writer.cli", "register_create"),
 ]
 
 PROG = "vmafs"
@@ -160,7 +160,7 @@ def _load_commands(debug: bool, only: str | None = None) -> list:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as e:
             missing = e.name or ""
-            if missing.split(".")[0] in ("vmafs", "writer") and not modname.startswith(missing):
+            if missing.split(".")[0] == "vmafs" and not modname.startswith(missing):
                 raise  # one of our modules imports something that is not there: a bug
             # The command module is not installed, or an optional dependency
             # (pyfuse3, qemu.qmp) is missing.
@@ -248,7 +248,7 @@ def stderr_logging(prog: str = PROG, debug: bool = False):
     recover from through :mod:`logging`; without a handler Python's
     last-resort handler would print the bare message.  The handler goes on
     the root logger and is removed afterwards.  ``vmafs mount`` replaces it
-    with its own once it knows where to log (``vmafs.mount._setup_logging``
+    with its own once it knows where to log (``vmafs.mount.logs.setup_logging``
     removes every root handler); a handler that is gone by then is left alone.
     """
     root = logging.getLogger()
@@ -267,7 +267,7 @@ def stderr_logging(prog: str = PROG, debug: bool = False):
             root.setLevel(old_level)
 
 
-#: Commands that configure logging themselves (``writer.cli._setup_logging``
+#: Commands that configure logging themselves (``vmafs.writer.cli._setup_logging``
 #: sets up the root logger only when it has no handler yet).
 OWN_LOGGING = frozenset({"backup", "create"})
 
@@ -362,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit:
         raise
     except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] in ("vmafs", "writer"):
+        if (e.name or "").split(".")[0] == "vmafs":
             raise
         # A dependency imported lazily by a command (pyfuse3, zstandard, ...).
         return _fail(f"{e} (a dependency of this command is not installed)", debug)

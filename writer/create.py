@@ -3,7 +3,7 @@
 Any image QEMU reads (raw, qcow2, vmdk, a block device, a qcow2 with its
 backing chain when its format is given: :func:`_source_node` says why a
 guessed format never follows one) becomes a disk of the archive by the same
-path as a live backup (:mod:`writer.backup`): a qemu-storage-daemon is
+path as a live backup (:mod:`vmafs.writer.backup`): a qemu-storage-daemon is
 started with only a QMP monitor on one end of a socketpair (no socket file,
 no race on a path), each image is added read-only with ``blockdev-add`` (so
 a bad image is a clean QMP error, not daemon stderr to parse), and the

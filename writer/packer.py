@@ -711,7 +711,7 @@ class Packer:
         self._finished = True
 
     def export(self, name: str) -> Export:
-        """An NBD :class:`writer.nbd.Export` that feeds device ``name`` into this packer."""
+        """An NBD :class:`vmafs.writer.nbd.Export` that feeds device ``name`` into this packer."""
         from .nbd import Export
 
         dev_id = self.dev_ids[name]

@@ -1,0 +1,57 @@
+"""Where the mount logs: stderr in the foreground, syslog or a file detached."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from .options import MountOptions
+
+
+def setup_logging(opts: MountOptions, *, detached: bool, verbose: bool) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    handler: logging.Handler | None = None
+    if detached and opts.logfile is None and os.path.exists("/dev/log"):
+        # only a detached mount needs it; importing it costs ~15 ms of every start
+        from logging.handlers import SysLogHandler  # noqa: PLC0415
+
+        try:
+            handler = SysLogHandler("/dev/log", facility=SysLogHandler.LOG_DAEMON)
+            handler.setFormatter(_Formatter("vmafs[%(process)d]: %(message)s"))
+        except OSError:
+            handler = None
+    if handler is None and detached:
+        path = opts.logfile or default_logfile()
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        handler = logging.FileHandler(path)
+        handler.setFormatter(
+            _Formatter("%(asctime)s vmafs[%(process)d] %(levelname)s: %(message)s")
+        )
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_Formatter("vmafs: %(levelname)s: %(message)s"))
+    root.addHandler(handler)
+
+
+class _Formatter(logging.Formatter):
+    """Log lines that any handler can encode.
+
+    A path that is not valid UTF-8 reaches Python as surrogate escapes, which
+    the syslog and file handlers refuse to encode (they print a "Logging
+    error" traceback instead): such bytes are written as \\xNN.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def default_logfile() -> str:
+    if os.getuid() == 0:
+        return "/var/log/vmafs.log"
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(state, "vmafs", "mount.log")
