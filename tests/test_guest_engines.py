@@ -28,30 +28,28 @@ def _session(tmp_path_factory, archive: str, engine: str):
     return GuestSession(str(path), engine)
 
 
+def _sessions(tmp_path_factory, engine: str):
+    """One open session per fixture archive, closed at the end of the module."""
+    sessions = {}
+    try:
+        for archive in ARCHIVES:
+            sessions[archive] = _session(tmp_path_factory, archive, engine).__enter__()
+        yield sessions
+    finally:
+        for s in sessions.values():
+            s.close()
+
+
 @pytest.fixture(scope="module")
 def kernel_sessions(tmp_path_factory, require_fuse, require_loop):
     if os.geteuid() != 0:
         pytest.skip("the kernel engine needs root")
-    sessions = {}
-    try:
-        for archive in ARCHIVES:
-            sessions[archive] = _session(tmp_path_factory, archive, "kernel").__enter__()
-        yield sessions
-    finally:
-        for s in sessions.values():
-            s.close()
+    yield from _sessions(tmp_path_factory, "kernel")
 
 
 @pytest.fixture(scope="module")
 def appliance_sessions(tmp_path_factory, require_fuse, require_guestfs):
-    sessions = {}
-    try:
-        for archive in ARCHIVES:
-            sessions[archive] = _session(tmp_path_factory, archive, "appliance").__enter__()
-        yield sessions
-    finally:
-        for s in sessions.values():
-            s.close()
+    yield from _sessions(tmp_path_factory, "appliance")
 
 
 def _check_volume(session, archive: str, name: str, tmp_path) -> None:

@@ -78,6 +78,7 @@ class GuestSession:
         self.volumes: list = []
         self.disk_files: dict[str, str] = {}  # drive name -> file name in the mount
         self.volume_files: dict[str, str] = {}  # volume name -> file path in the mount
+        self.archive = None
         self.workdir: str | None = None
         self.mountpoint: str | None = None
         self._appliance: appliance_mod.Appliance | None = None
@@ -104,13 +105,15 @@ class GuestSession:
         from ..names import safe_entry_names  # noqa: PLC0415
         from ..volumes import scan_volumes  # noqa: PLC0415
 
-        with Archive.open(self.archive_path, progress=self.progress) as archive:
-            self.volumes = scan_volumes(archive)
-            self.volume_files = volume_files(archive, self.volumes)
-            by_dev = {e.dev_id: name for name, e in safe_entry_names(archive).items()}
-            for dev in archive.devices:
-                if not dev.is_vmstate:
-                    self.disk_files[dev.name] = by_dev[dev.dev_id]
+        # Kept open for find(); the mount below opens its own (from the side
+        # index this open leaves for a compressed archive).
+        self.archive = archive = Archive.open(self.archive_path, progress=self.progress)
+        self.volumes = scan_volumes(archive)
+        self.volume_files = volume_files(archive, self.volumes)
+        by_dev = {e.dev_id: name for name, e in safe_entry_names(archive).items()}
+        for dev in archive.devices:
+            if not dev.is_vmstate:
+                self.disk_files[dev.name] = by_dev[dev.dev_id]
         self.workdir = tempfile.mkdtemp(prefix="vmafs-guest-", dir=runtime_dir())
         mp = os.path.join(self.workdir, "archive")
         os.mkdir(mp)
@@ -123,12 +126,12 @@ class GuestSession:
         self.mountpoint = mp
 
     def find(self, name: str):
-        """The volume called *name* (``scsi0/p1`` means ``drive-scsi0/p1``)."""
-        for v in self.volumes:
-            if name in (v.name, f"drive-{v.name}") or f"drive-{name}" == v.name:
-                return v
-        names = ", ".join(v.name for v in self.volumes) or "none"
-        raise GuestError(f"no volume {name!r} in {self.archive_path} (volumes: {names})")
+        """The volume called *name* (``scsi0/p1`` means ``drive-scsi0/p1``);
+        VolumeNotFoundError lists the names there are."""
+        from ..volumes import find_volume  # noqa: PLC0415
+
+        assert self.archive is not None
+        return find_volume(self.archive, name)
 
     # -- opening a volume ------------------------------------------------------------------
 
@@ -201,6 +204,9 @@ class GuestSession:
             with contextlib.suppress(OSError):
                 os.rmdir(self.workdir)
             self.workdir = None
+        if self.archive is not None:
+            self.archive.close()
+            self.archive = None
         if errors:
             first = errors[0]
             if isinstance(first, (GuestError, OSError)):
