@@ -115,6 +115,7 @@ def test_mount_guest_refuses_a_non_empty_directory(guest_dir, tmp_path):
     assert _leftovers(str(guest_dir)) == []
 
 
+@pytest.mark.slow
 def test_a_failed_mount_guest_takes_down_what_it_made(guest_dir, tmp_path):
     """A volume that fails to mount (a damaged filesystem) leaves nothing behind."""
     path = copy_archive("pve-gpt.vma.zst", tmp_path / "a")
