@@ -76,7 +76,8 @@ def test_cat_follows_symlinks_inside_the_guest(pve, kernel):
 
 
 def test_get_a_tree_then_refuse_then_force(pve, kernel, tmp_path):
-    _vmafs("get", *kernel, pve, "scsi0/pve/data:/", tmp_path)
+    proc = _vmafs("get", "--progress", *kernel, pve, "scsi0/pve/data:/", tmp_path)
+    assert "copying drive-scsi0/pve/data:/" in proc.stderr.decode()  # the bar, when asked
     data = next(v for v in volumes("pve-gpt.vma.zst") if v["name"].endswith("data"))
     assert tree_of_dir(tmp_path) == expected(data)
     err = _error_line(
