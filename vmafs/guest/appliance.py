@@ -21,9 +21,11 @@ refuses when libguestfs does not see it.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -177,7 +179,9 @@ class Appliance:
                 proc.stdin.close()
                 proc.wait(timeout=60)
             except (OSError, subprocess.TimeoutExpired):
-                proc.kill()
+                # the worker's session holds libguestfs's QEMU too: end them together
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         for stream in (proc.stdin, proc.stdout):
             if stream is not None and not stream.closed:
