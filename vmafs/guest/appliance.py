@@ -116,12 +116,19 @@ class Appliance:
             [system_python(), "-I", WORKER, *drives],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=self._log,
+            # LIBGUESTFS_DEBUG=1: libguestfs's own log straight to our stderr
+            stderr=None if os.environ.get("LIBGUESTFS_DEBUG") else self._log,
             env=libguestfs_env(),
             start_new_session=True,  # a Ctrl-C reaches us; we shut the appliance down
         )
         try:
             launch = self._answer("launch")
+        except GuestError as e:
+            self.close()
+            raise GuestError(
+                f"{e} (run with LIBGUESTFS_DEBUG=1 to see libguestfs's log; "
+                "or choose --engine kernel)"
+            ) from None
         except BaseException:
             self.close()
             raise
