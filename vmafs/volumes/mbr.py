@@ -82,6 +82,7 @@ def partitions(reader, table: list[MbrEntry], drive: str) -> list[PartitionEntry
 def _logical(reader, ext: MbrEntry, drive: str) -> list[PartitionEntry]:
     out = []
     seen: set[int] = set()
+    visits = 0
     ebr = 0  # offset of the next EBR from the extended partition's start, in sectors
     number = 5
     while True:
@@ -93,7 +94,8 @@ def _logical(reader, ext: MbrEntry, drive: str) -> list[PartitionEntry]:
                 volume=drive,
                 disk_offset=where,
             )
-        if len(seen) >= MAX_LOGICAL:
+        visits += 1  # counted apart from *seen*: the bound must hold on its own
+        if visits > MAX_LOGICAL:
             raise PartitionTableError(
                 f"extended partition chain has more than {MAX_LOGICAL} logical partitions",
                 volume=drive,
