@@ -59,10 +59,11 @@ def volume_files(archive, volumes) -> dict[str, str]:
     from ..names import drive_dir_names, volume_paths  # noqa: PLC0415 - the mount's names
 
     dirs = drive_dir_names(archive)
+    paths = volume_paths(volumes)
     return {
-        name: os.path.join("volumes", dirs[v.dev_id], *volume_paths(volumes)[name])
+        v.name: os.path.join("volumes", dirs[v.dev_id], *paths[v.name])
         for v in volumes
-        if (name := v.name) in volume_paths(volumes)
+        if v.name in paths
     }
 
 
@@ -101,7 +102,7 @@ class GuestSession:
 
     def _start(self) -> None:
         from ..archive import Archive  # noqa: PLC0415 - numpy: not for `vmafs -h`
-        from ..mount import MountOptions, mount  # noqa: PLC0415
+        from ..mount import MountError, MountOptions, mount  # noqa: PLC0415
         from ..names import safe_entry_names  # noqa: PLC0415
         from ..volumes import scan_volumes  # noqa: PLC0415
 
@@ -117,8 +118,6 @@ class GuestSession:
         self.workdir = tempfile.mkdtemp(prefix="vmafs-guest-", dir=runtime_dir())
         mp = os.path.join(self.workdir, "archive")
         os.mkdir(mp)
-        from ..mount import MountError  # noqa: PLC0415
-
         try:
             mount(self.archive_path, mp, MountOptions())
         except MountError as e:
