@@ -124,7 +124,7 @@ class Disk:
         require_tools("sfdisk")
         script = f"label: {label}\n" + "".join(line + "\n" for line in lines)
         run("sfdisk", "-q", "--no-reread", "--no-tell-kernel", self.path, input=script)
-        import json  # noqa: PLC0415
+        import json
 
         table = json.loads(run("sfdisk", "--json", self.path))["partitiontable"]
         out = {}

@@ -28,12 +28,12 @@ from test_backup_support import (
     vm,
     vmafs_verify,
 )
-
-from vmafs.archive import Archive
-from vmafs.format import CLUSTER_SIZE
 from vmafs.writer.backup import default_devname, parse_drive_spec
 from vmafs.writer.cli import parse_rate
 from vmafs.writer.create import parse_image_spec
+
+from vmafs.archive import Archive
+from vmafs.format import CLUSTER_SIZE
 
 pytestmark = pytest.mark.qemu
 
@@ -371,7 +371,6 @@ def test_qmp_over_tcp(require_qemu, tmp_path):
 def test_qmp_socket_busy_with_another_client(require_qemu, tmp_path):
     """QEMU serves one client per QMP socket; a second one gets no greeting."""
     import trio
-
     from vmafs.writer.qmp import QemuError, QmpConnection
 
     src = random_raw(tmp_path / "src.raw", 1 * MiB, seed=14)

@@ -12,10 +12,10 @@ import errno
 
 import trio
 import trio.testing
-
-from vmafs.errors import WriterError
 from vmafs.writer.backup import _Abort, _watched
 from vmafs.writer.nbd import Export
+
+from vmafs.errors import WriterError
 
 
 class Inner:

@@ -154,3 +154,18 @@ def test_render_keeps_the_analysis_block(tmp_path):
     assert "## Machine" in text and "load average at start" in text
     assert "| f | b | 1 | 2 | 3 | t | yes |" in text
     assert "### Section" in text and "hand-written" in text and "trailer" not in text
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="zstd CLI not installed")
+def test_zstd_source_benchmark_reports_the_targets():
+    from conftest import FIXTURES_DIR
+
+    from vmafs.bench.zstd_source import benchmark
+
+    path = str(FIXTURES_DIR / "ext4-guest.vma.zst")
+    r = benchmark(path, reads=20)
+    assert r["size"] == os.path.getsize(FIXTURES_DIR / "ext4-guest.vma")
+    assert r["needed_scan"] == 1 and r["frames"] == 1
+    assert r["index_bytes"] > 0 and r["compressed_bytes"] == os.path.getsize(path)
+    for key in ("scan_ratio", "index_ratio", "read_p99_ms", "scan_cpu_ratio"):
+        assert r[key] >= 0

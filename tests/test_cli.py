@@ -29,7 +29,9 @@ def test_version_imports_no_command():
         "print(sorted(m for m in sys.modules if m.startswith(('vmafs.', 'writer', 'numpy'))))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert proc.stdout.splitlines()[-1] == "['vmafs.cli', 'vmafs.errors']"
+    assert proc.stdout.splitlines()[-1] == (
+        "['vmafs.cli', 'vmafs.common', 'vmafs.common.console', 'vmafs.errors']"
+    )
 
 
 def test_top_level_help_lists_commands():

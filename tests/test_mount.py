@@ -186,7 +186,7 @@ def test_reads_at_odd_offsets_match_archive(shuffled, mnt, mode, require_fuse):
 
 
 def sha256_file_bytes(data: bytes) -> str:
-    import hashlib  # noqa: PLC0415
+    import hashlib
 
     return hashlib.sha256(data).hexdigest()
 
@@ -390,7 +390,7 @@ def test_full_directory_of_256_configs(mnt, tmp_path, require_fuse):
 
 def test_mmap_shared_works_buffered(shuffled, mnt, require_fuse):
     """The default (page cache) read path supports MAP_SHARED mmap; direct_io would not."""
-    import mmap  # noqa: PLC0415
+    import mmap
 
     path, files, _ = shuffled
     with mounted(path, mnt):
@@ -404,7 +404,7 @@ def test_mmap_shared_works_buffered(shuffled, mnt, require_fuse):
 
 def test_failed_reads_are_logged_at_a_bounded_rate(caplog, monkeypatch):
     """A reader hammering a damaged region must not flood syslog: a burst, then a count."""
-    from vmafs import fs  # noqa: PLC0415 - imports pyfuse3
+    from vmafs import fs  # imports pyfuse3
 
     now = [1000.0]
     monkeypatch.setattr(fs.time, "monotonic", lambda: now[0])

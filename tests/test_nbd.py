@@ -13,12 +13,13 @@ import subprocess
 
 import pytest
 import trio
+from vmafs.writer import nbd
+from vmafs.writer.nbd import Export, NbdServer
+from vmafs.writer.output import ArchiveOutput
+from vmafs.writer.packer import Packer
 
 from vmafs.archive import Archive
 from vmafs.format import CLUSTER_SIZE
-from vmafs.writer import nbd
-from vmafs.writer.nbd import Export, NbdServer
-from vmafs.writer.packer import ArchiveOutput, Packer
 
 # --- a minimal client for protocol-level tests ------------------------------------------
 

@@ -17,10 +17,10 @@ def _find_writer_in_checkout() -> None:
     its own writer, not the one the venv was installed from.  Nothing is
     added to sys.path, so no top-level ``writer`` becomes importable.
     """
-    import importlib.abc  # here: nothing of it stays in the vmafs namespace
-    import importlib.util
-    import os
-    import sys
+    import importlib.abc  # noqa: PLC0415 - here, so nothing stays in the vmafs namespace
+    import importlib.util  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import sys  # noqa: PLC0415
 
     here = os.path.dirname(os.path.abspath(__file__))
     checkout = os.path.dirname(here)

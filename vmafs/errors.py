@@ -80,13 +80,18 @@ def _names(message: str, path: str) -> bool:
 
 
 @contextlib.contextmanager
-def naming_archive(path: str | None) -> Iterator[None]:
-    """A VmaError raised inside the block names the archive *path* (once; None: no name)."""
+def naming_archive(path: str | None, *, in_message: bool = True) -> Iterator[None]:
+    """A VmaError raised inside the block names the archive *path* (once; None: no name).
+
+    The one way an error comes to name its archive: sources, the index and
+    the commands never write the path into a message themselves.
+    *in_message* as for :meth:`VmaError.name_archive` (False around reads).
+    """
     try:
         yield
     except VmaError as e:
         if path is not None:
-            e.name_archive(path)
+            e.name_archive(path, in_message=in_message)
         raise
 
 

@@ -47,19 +47,21 @@ from dataclasses import dataclass, field
 
 import trio
 
+from vmafs.common.signals import SignalGuard, unwrap_group
 from vmafs.errors import BackupError, WriterError
 
 from .nbd import MAX_SOCKET_PATH, Export, NbdServer
-from .packer import ArchiveOutput, Packer
+from .output import ArchiveOutput
+from .packer import Packer
 from .qmp import QemuError, QmpConnection
 
 __all__ = [
     "BackupInterrupted",
     "BackupResult",
     "DriveSpec",
-    "SignalGuard",
     "SourceDisk",
     "backup",
+    "signal_guard",
     "default_devname",
     "parse_drive_spec",
     "resolve_disks",
@@ -78,8 +80,6 @@ GRACE_SECONDS = 2.0
 #: leaves the job running against a closed socket, failing guest writes.  A
 #: third signal cuts the wait short (:func:`_on_signal`).
 CANCEL_TIMEOUT = 60.0
-#: signals that abort a backup cleanly; SIGHUP is an ssh session or terminal going away
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 ProgressFn = Callable[[int, int], None]
 
@@ -214,66 +214,22 @@ class BackupInterrupted(BackupError):
         self.signum = signum
 
 
-class SignalGuard:
-    """SIGINT/SIGTERM/SIGHUP for a whole command: ``await SignalGuard().run(fn, ...)``.
+def signal_guard() -> SignalGuard:
+    """The stop-signal guard of ``vmafs backup``/``create`` (see :class:`SignalGuard`).
 
     While :func:`backup` runs (given this guard) a signal aborts the backup
     cleanly: jobs cancelled, nodes deleted, temp file removed, then
     :class:`BackupInterrupted`.  Before or after that phase (connecting,
-    starting a daemon, stopping it) a signal cancels *fn*, whose ``async with``
-    blocks clean up, and ``run`` raises :class:`BackupInterrupted` - unless
-    *fn* had already returned (the archive is committed: success stands).
-    SIGHUP counts: a dropped ssh session must not leave jobs, nodes and a temp
-    file behind.  An exception group of one from *fn* is raised as that one
-    exception (the CLI prints it as one line).
+    starting a daemon, stopping it) a signal cancels the command, whose
+    ``async with`` blocks clean up, and the guard raises
+    :class:`BackupInterrupted` - unless the archive was already committed.
     """
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.delegate: Callable[[int], None] | None = None
-        self._scope: trio.CancelScope | None = None
-        #: set once the guard's signal receiver is installed (inside :meth:`run`)
-        self.listening = trio.Event()
-
-    async def run(self, fn, *args, **kwargs):
-        error: Exception | None = None
-        result = None
-        async with trio.open_nursery() as nursery:
-            with trio.CancelScope() as self._scope:
-                nursery.start_soon(self._watch)
-                try:
-                    result = await fn(*args, **kwargs)
-                except Exception as e:  # noqa: BLE001 - re-raised below, outside the nursery
-                    error = unwrap_group(e)
-            nursery.cancel_scope.cancel()
-        if error is not None:
-            raise error
-        if result is None and self.signum is not None:
-            name = signal.Signals(self.signum).name
-            raise BackupInterrupted(f"interrupted by {name}; backup cancelled", self.signum)
-        return result
-
-    async def _watch(self) -> None:
-        with trio.open_signal_receiver(*SIGNALS) as signals:
-            self.listening.set()
-            async for signum in signals:
-                if self.delegate is not None:
-                    self.delegate(signum)
-                elif self.signum is None:
-                    self.signum = signum
-                    self._scope.cancel()
+    return SignalGuard(lambda signum: interrupted(signum, "backup cancelled"))
 
 
-def unwrap_group(exc: BaseException) -> BaseException:
-    """The one exception inside (nested) exception groups of one, else *exc* itself.
-
-    trio wraps whatever leaves a nursery in an ``ExceptionGroup``; users must
-    see the real error ("AF_UNIX path too long"), not "Exceptions from Trio
-    nursery (1 sub-exception)".
-    """
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
+def interrupted(signum: int, outcome: str) -> BackupInterrupted:
+    """``interrupted by SIGTERM; <outcome>``, carrying the signal for the exit status."""
+    return BackupInterrupted(f"interrupted by {signal.Signals(signum).name}; {outcome}", signum)
 
 
 @dataclass
@@ -337,7 +293,7 @@ def _watched(export: Export, abort: _Abort) -> Export:
             abort.inflight.add(request)
             try:
                 await call(*args)
-            except Exception as e:  # noqa: BLE001 - the backup is over; see above
+            except Exception as e:  # the backup is over; see above
                 abort(f"{e}", e)
                 if abort.closed:  # after the commit point nothing is dropped silently
                     raise
@@ -546,7 +502,7 @@ async def _serve(server: NbdServer, abort: _Abort, task_status=trio.TASK_STATUS_
 
     try:
         await server.serve(task_status=types.SimpleNamespace(started=started))
-    except Exception as e:  # noqa: BLE001 - becomes the backup's error, see _backup_in
+    except Exception as e:  # becomes the backup's error, see _backup_in
         if not serving:
             raise
         cause = unwrap_group(e)  # serve's own nursery wraps it

@@ -6,25 +6,28 @@ import argparse
 import logging
 import math
 import os
-import signal
 import sys
 
 import trio
 
-from vmafs.commands.progress import Progress, human_bytes, want_progress
+from vmafs.common.atomic import AtomicOutput
+from vmafs.common.progress import Progress, add_progress_options, human_bytes, want_progress
+from vmafs.common.signals import LateSignals, SignalGuard
 from vmafs.errors import BackupError
 
 from .backup import (
     BackupInterrupted,
     BackupResult,
     DriveSpec,
-    SignalGuard,
     backup,
+    interrupted,
     parse_drive_spec,
     resolve_disks,
+    signal_guard,
 )
 from .create import ImageSpec, create, parse_image_spec
-from .packer import ArchiveOutput, check_names
+from .output import ArchiveOutput
+from .packer import check_names
 from .qmp import QmpConnection, parse_address
 
 __all__ = ["register_backup", "register_create", "run_backup", "run_create"]
@@ -153,17 +156,7 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-v", "--verbose", action="store_true", help="print a summary line on stderr at the end"
     )
-    group = p.add_mutually_exclusive_group()
-    group.add_argument(
-        "--progress",
-        dest="progress",
-        action="store_true",
-        default=None,
-        help="show a progress bar on stderr (default: only when stderr is a terminal)",
-    )
-    group.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="never show a progress bar"
-    )
+    add_progress_options(p)
 
 
 def register_backup(subparsers) -> None:
@@ -220,14 +213,9 @@ def read_configs(paths: list[str]) -> list[tuple[str, bytes]]:
     return out
 
 
-def check_output(target: str) -> None:
-    """Refuse an unusable ARCHIVE before anything else starts (see ArchiveOutput too)."""
-    if target != "-":
-        return
-    if sys.stdout is None:  # fd 1 was closed when Python started
-        raise BackupError("cannot stream the archive to stdout: stdout is closed")
-    if sys.stdout.isatty():
-        raise BackupError("refusing to write an archive to a terminal (redirect stdout)")
+def check_output(target: str, *, overwrite: bool) -> None:
+    """Refuse an unusable ARCHIVE before anything else starts (see AtomicOutput.check)."""
+    AtomicOutput.check(target, overwrite=overwrite)
 
 
 def _summary(result: BackupResult, target: str) -> str:
@@ -271,12 +259,12 @@ def run_backup(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     configs = read_configs(args.config)
     check_names([d.devname for d in args.drives], [name for name, _ in configs])
-    check_output(args.output)
+    check_output(args.output, overwrite=args.force)
     if args.socket_dir is not None and not os.path.isdir(args.socket_dir):
         raise BackupError(f"--socket-dir {args.socket_dir}: no such directory")
     bar = Progress("backup", enabled=want_progress(args.progress))
-    guard = SignalGuard()
-    late = _LateSignals()
+    guard = signal_guard()
+    late = LateSignals(lambda signum: interrupted(signum, "nothing written"))
 
     async def main() -> BackupResult:
         # The temp file is made inside the guarded run, so a signal at any
@@ -312,10 +300,10 @@ def run_create(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     configs = read_configs(args.config)
     check_names([i.devname for i in args.images], [name for name, _ in configs])
-    check_output(args.archive)
+    check_output(args.archive, overwrite=args.force)
     bar = Progress("create", enabled=want_progress(args.progress))
-    guard = SignalGuard()
-    late = _LateSignals()
+    guard = signal_guard()
+    late = LateSignals(lambda signum: interrupted(signum, "nothing written"))
 
     async def main() -> BackupResult:
         await late.ready()
@@ -327,86 +315,8 @@ def run_create(args: argparse.Namespace) -> int:
     return _run(guard, main, bar, args.verbose, args.archive, late)
 
 
-class _LateSignals:
-    """Signals while the SignalGuard does not listen: nothing lost, nothing wrong.
-
-    The guard's receiver exists only while trio runs the command, and it
-    starts listening only once the command's first await has let it run.
-
-    - Once :attr:`output` is committed a signal changes nothing: vmafs exits 0.
-      (The guard's receiver restores these handlers when it closes; without
-      them a SIGTERM while the daemon was stopped or the interpreter exited
-      killed vmafs with 143 and no message although the archive was complete.)
-    - Inside trio, before the archive is committed, SIGINT goes to trio's
-      handler (it knows where a KeyboardInterrupt is safe) and a signal whose
-      default is to kill is recorded instead: :meth:`ready`, awaited before
-      the output is created, reports it as :class:`BackupInterrupted`; after
-      the command has failed it changes nothing (the status says failure).
-    - Outside trio the dispositions vmafs started with apply again.
-
-    After a successful run the signals are ignored until the process exits
-    (the run_* functions are CLI entry points): any window left would be
-    one for a wrong status.
-    """
-
-    SIGNALS = tuple(
-        getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
-    )
-
-    def __init__(self) -> None:
-        self.output: ArchiveOutput | None = None
-        self.pending: int | None = None
-        #: dispositions before trio.run (restored by nobody: see the class docs)
-        self._outside = {s: signal.getsignal(s) for s in self.SIGNALS}
-        #: dispositions inside trio.run (SIGINT: trio's KeyboardInterrupt handler)
-        self._inside: dict[int, object] = {}
-        self._in_trio = False
-        self._guard: SignalGuard | None = None
-
-    async def run(self, guard: SignalGuard, main):
-        self._guard = guard
-        for signum in self.SIGNALS:
-            self._inside[signum] = signal.signal(signum, self._handle)
-        self._in_trio = True
-        try:
-            return await guard.run(main)
-        finally:
-            self._in_trio = False
-
-    async def ready(self) -> None:
-        """Wait until the guard listens, then raise for a signal that came before."""
-        await self._guard.listening.wait()
-        if self.pending is not None:
-            name = signal.Signals(self.pending).name
-            raise BackupInterrupted(f"interrupted by {name}; nothing written", self.pending)
-
-    def committed(self) -> None:
-        """The archive is complete: ignore these signals from now until the exit.
-
-        SIG_IGN, not a Python handler: the interpreter resets Python handlers
-        to SIG_DFL while it shuts down, and a signal then would still kill.
-        """
-        for signum in self.SIGNALS:
-            signal.signal(signum, signal.SIG_IGN)
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.output is not None and self.output.committed:
-            return  # the archive is complete: success stands
-        previous = (self._inside if self._in_trio else self._outside).get(signum)
-        if callable(previous):
-            previous(signum, frame)
-        elif previous == signal.SIG_IGN:
-            return
-        elif self._in_trio:
-            if self.pending is None:
-                self.pending = signum
-        else:  # SIG_DFL outside trio: die of the signal, as before
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-
-
 def _run(
-    guard: SignalGuard, main, bar: Progress, verbose: bool, target: str, late: _LateSignals
+    guard: SignalGuard, main, bar: Progress, verbose: bool, target: str, late: LateSignals
 ) -> int:
     try:
         with bar:

@@ -502,7 +502,7 @@ class _Conn:
             else:
                 await export.on_zero(offset, length)
             return 0
-        except Exception as exc:  # noqa: BLE001 - every callback failure becomes an NBD error
+        except Exception as exc:  # every callback failure becomes an NBD error
             err = _errno_for(exc)
             if isinstance(exc, NbdCommandError | WriterError | ValueError):
                 log.warning(

@@ -25,8 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import time
 import uuid as uuidlib
 from dataclasses import asdict, dataclass
 
@@ -44,6 +42,7 @@ from vmafs.format import (
     Device,
     Header,
 )
+from vmafs.writer.storage_daemon import raw_image_nodes, start_storage_daemon, stop_storage_daemon
 
 from .util import VMAFS, run
 
@@ -221,37 +220,15 @@ LAST_BACKUP_STDERR: list[str] = []
 def write_archive_backup(image: str, out: str, options: list[str] = ()) -> None:
     """``vmafs backup`` of *image* (as drive-scsi0) from a qemu-storage-daemon we own."""
     sock = out + ".qmp.sock"
-    if os.path.exists(sock):
-        os.unlink(sock)
-    qsd = subprocess.Popen(
-        [
-            "qemu-storage-daemon",
-            "--chardev",
-            f"socket,id=m,path={sock},server=on,wait=off",
-            "--monitor",
-            "chardev=m",
-            "--blockdev",
-            f"driver=file,filename={image},node-name=f0,read-only=on",
-            "--blockdev",
-            "driver=raw,file=f0,node-name=src,read-only=on",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    qsd = start_storage_daemon(sock, raw_image_nodes(image))
     try:
-        for _ in range(500):
-            if os.path.exists(sock):
-                break
-            time.sleep(0.01)
         p = run(
             [*VMAFS, "backup", "--qmp", sock, "-o", out, "-f", "--no-progress", *options]
             + ["src=drive-scsi0"]
         )
         LAST_BACKUP_STDERR[:] = p.stderr.decode(errors="replace").strip().splitlines()
     finally:
-        qsd.terminate()
-        qsd.wait()
+        stop_storage_daemon(qsd)
         if os.path.exists(sock):
             os.unlink(sock)
 

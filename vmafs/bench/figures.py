@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from vmafs.writer.storage_daemon import raw_image_nodes, start_storage_daemon
+
 from . import datasets as ds
 from .util import (
     READAHEAD,
@@ -529,7 +531,7 @@ def _extract_timed(archive: str, xdir: str) -> float:
 
 
 def fig_convert(ctx: Ctx) -> list[Row]:
-    from vmafs.fs import SEEK_HOLE_SUPPORTED  # noqa: PLC0415 - imports pyfuse3
+    from vmafs.fs import SEEK_HOLE_SUPPORTED
 
     need("qemu-img")
     archive = ctx.get("archive")
@@ -608,25 +610,6 @@ class _Qmp:
         self.q.close()
 
 
-def _qsd(sock: str, image: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            need("qemu-storage-daemon"),
-            "--chardev",
-            f"socket,id=m,path={sock},server=on,wait=off",
-            "--monitor",
-            "chardev=m",
-            "--blockdev",
-            f"driver=file,filename={image},node-name=f0,read-only=on",
-            "--blockdev",
-            "driver=raw,file=f0,node-name=src,read-only=on",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
 def _stop(p: subprocess.Popen | None) -> None:
     if p is not None and p.poll() is None:
         p.terminate()
@@ -675,7 +658,7 @@ def _qsd_backup(work: str, image: str, size: int, target: str) -> tuple[float, f
             with open(out, "wb") as f:
                 f.truncate(size)
             node = {"driver": "file", "filename": out}
-        qsd = _qsd(sock, image)
+        qsd = start_storage_daemon(sock, raw_image_nodes(image), binary=need("qemu-storage-daemon"))
         q = _Qmp(sock)
         try:
             q.cmd("blockdev-add", {"node-name": "tgt", **node})
@@ -1062,7 +1045,8 @@ def fig_size(ctx: Ctx) -> list[Row]:
 def fig_zstd(ctx: Ctx) -> list[Row]:
     from vmafs import sidecar
     from vmafs.index import StreamIndexer
-    from vmafs.source import zstd
+
+    from . import zstd_source
 
     need("zstd")
     archive = ctx.get("archive")
@@ -1070,7 +1054,7 @@ def fig_zstd(ctx: Ctx) -> list[Row]:
     indexer = StreamIndexer()
     warm(zpath)
     reads = 300 if ctx.sizes.label == "quick" else 1000
-    b = zstd.benchmark(zpath, reads=reads, on_chunk=indexer.feed)
+    b = zstd_source.benchmark(zpath, reads=reads, on_chunk=indexer.feed)
     ctx.facts["zstd_benchmark"] = b
 
     # a real first mount (no side index) vs zstd -d, both with the file warm,
@@ -1095,7 +1079,7 @@ def fig_zstd(ctx: Ctx) -> list[Row]:
     with vmafs_mount(zpath, mnt) as second:
         lat, t = _pread_lat(_mounted_disk(mnt), offsets)
     seek = ctx.get("seekable")
-    bs = zstd.benchmark(seek, reads=reads)
+    bs = zstd_source.benchmark(seek, reads=reads)
     with vmafs_mount(seek, mnt):
         slat, st = _pread_lat(_mounted_disk(mnt), offsets)
     ctx.facts["zstd_seekable_benchmark"] = bs

@@ -12,11 +12,10 @@ from __future__ import annotations
 import os
 
 from .. import sidecar
+from ..common.progress import Progress, add_progress_options, human_bytes, want_progress
 from ..errors import naming_archive
 from ..index import StreamIndexer
 from ..source import open_source
-from ._common import add_progress_options
-from .progress import Progress, human_bytes, want_progress
 
 HELP = "build the side index of a compressed archive ahead of time"
 

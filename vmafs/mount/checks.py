@@ -88,7 +88,7 @@ def check_logfile(path: str) -> str:
 def open_archive(path: str, allow_incomplete: bool):
     """Open *path*; an incomplete archive's error says how to mount it anyway."""
     from ..archive import Archive  # noqa: PLC0415 - keep `vmafs -h` light
-    from ..commands.progress import Progress, want_progress  # noqa: PLC0415
+    from ..common.progress import Progress, want_progress  # noqa: PLC0415
 
     try:
         # A compressed archive is decompressed once to index it: show how far

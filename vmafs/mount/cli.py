@@ -9,6 +9,7 @@ import sys
 from .errors import MountError, UsageError
 from .mounting import mount
 from .options import DEFAULT_READAHEAD_KB, parse_options
+from .running import EXIT_TIMEOUT
 from .umount import umount
 
 MOUNT_OPTIONS_HELP = f"""\
@@ -25,6 +26,8 @@ options (-o, comma-separated, may repeat):
                     network storage read by several programs at once
   logfile=PATH      log here instead of syslog when detached
   nonempty          mount over a directory that is not empty (hides its files)
+  debug             log debug messages and libfuse's trace of every request
+                    (to stderr with -f, else into the log file)
 mount(8)'s generic options (defaults, noauto, user, nofail, _netdev, x-*, ...)
 are accepted and ignored. See vmafs(1) and docs/mount.md."""
 
@@ -68,13 +71,24 @@ def register(subparsers) -> None:
     u = subparsers.add_parser(
         "umount",
         help="unmount a vmafs mount",
-        description="Unmount MOUNTPOINT (same as 'fusermount3 -u MOUNTPOINT'). For a\n"
+        description="Unmount MOUNTPOINT and wait until its filesystem process has exited\n"
+        "and closed the archive (unlike 'fusermount3 -u MOUNTPOINT', which returns\n"
+        "at once): the archive's own filesystem can be unmounted right after. For a\n"
         "'mount --guest' tree: every guest filesystem, the archive and the tree, in\n"
         "that order, also when the mount's process died.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     u.add_argument("mountpoint")
-    u.add_argument("-z", "--lazy", action="store_true", help="detach now, clean up when unused")
+    u.add_argument(
+        "-z", "--lazy", action="store_true", help="detach now, clean up when unused; no waiting"
+    )
+    u.add_argument(
+        "--timeout",
+        type=float,
+        default=EXIT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"wait at most this long for the process to exit (default {EXIT_TIMEOUT:.0f})",
+    )
     u.set_defaults(func=run_umount)
 
 
@@ -118,7 +132,7 @@ def run_umount(args: argparse.Namespace) -> int:
     if status is not None:
         return status
     try:
-        umount(args.mountpoint, lazy=args.lazy)
+        umount(args.mountpoint, lazy=args.lazy, timeout=args.timeout)
     except MountError as e:
         return fail("vmafs", str(e))
     return 0

@@ -31,13 +31,16 @@ def daemonize(
     *,
     what: str,
     setup: Callable[[], None] | None = None,
+    stderr_path: str | None = None,
 ) -> None:
     """Run ``run(ready)`` in a detached process; return once it reported ready.
 
     In the child, *setup* runs first (set up logging there: stderr is still
     the caller's terminal until ready); then ``run(ready)``, whose return
     value is the child's exit status.  ``ready(None)`` tells the parent all
-    is well and points the child's stdin/stdout/stderr at /dev/null;
+    is well and points the child's stdin/stdout/stderr at /dev/null
+    (with *stderr_path*, stderr appends to that file, from the moment
+    *setup* has run: what C libraries print there is kept);
     ``ready(message)`` makes the parent raise :class:`DaemonError` with it.
     An exception in the child is logged (once *setup* has run) and reported
     as ``{what} failed: ...``.  *what* names the process in messages
@@ -52,7 +55,7 @@ def daemonize(
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         os.close(r)
-        _child(w, run, what, setup)
+        _child(w, run, what, setup, stderr_path)
     os.close(w)
     chunks = []
     while chunk := os.read(r, 4096):
@@ -67,7 +70,9 @@ def daemonize(
     raise DaemonError(f"{what} died before it was ready")
 
 
-def _child(w: int, run: Callable[[Ready], int], what: str, setup) -> None:  # pragma: no cover
+def _child(
+    w: int, run: Callable[[Ready], int], what: str, setup, stderr_path
+) -> None:  # pragma: no cover
     status = 1
     tell = _Pipe(w)
     logging_ready = False
@@ -79,11 +84,13 @@ def _child(w: int, run: Callable[[Ready], int], what: str, setup) -> None:  # pr
         if setup is not None:
             setup()
         logging_ready = True
+        if stderr_path:  # from now on, not only once ready (libfuse's debug trace starts early)
+            _redirect(2, stderr_path)
 
         def ready(error: str | None) -> None:
             tell(error)
             if error is None:
-                detach_stdio()  # start-up errors of libraries still reached the terminal
+                detach_stdio(stderr_path)  # start-up errors of libraries still reached the terminal
 
         status = run(ready)
     except BaseException as e:
@@ -113,9 +120,27 @@ class _Pipe:
         self.fd = -1
 
 
-def detach_stdio() -> None:
-    """Point fds 0, 1 and 2 at /dev/null (nobody reads the terminal any more)."""
+def detach_stdio(stderr_path: str | None = None) -> None:
+    """Point fds 0, 1 and 2 at /dev/null (nobody reads the terminal any more).
+
+    With *stderr_path*, fd 2 appends to that file instead (what C libraries
+    print there, libfuse's debug output, is kept); if it cannot be opened,
+    /dev/null it is.
+    """
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
+    if stderr_path:
+        _redirect(2, stderr_path)
+
+
+def _redirect(fd: int, path: str) -> None:
+    """Point *fd* at *path* (appending); logged and left as it is if that fails."""
+    try:
+        new = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as e:
+        log.warning("cannot open %s for stderr: %s", path, e.strerror)
+        return
+    os.dup2(new, fd)
+    os.close(new)

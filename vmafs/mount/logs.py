@@ -10,6 +10,11 @@ from .options import MountOptions
 
 
 def setup_logging(opts: MountOptions, *, detached: bool, verbose: bool) -> None:
+    """Send the root logger's records where this mount logs (see :mod:`vmafs.mount`).
+
+    A log file is watched: when logrotate moves it away, the next record
+    reopens the path (no SIGHUP needed, none is sent).
+    """
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -27,7 +32,9 @@ def setup_logging(opts: MountOptions, *, detached: bool, verbose: bool) -> None:
     if handler is None and detached:
         path = opts.logfile or default_logfile()
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        handler = logging.FileHandler(path)
+        from logging.handlers import WatchedFileHandler  # noqa: PLC0415 - as above
+
+        handler = WatchedFileHandler(path)
         handler.setFormatter(
             _Formatter("%(asctime)s vmafs[%(process)d] %(levelname)s: %(message)s")
         )
@@ -35,6 +42,35 @@ def setup_logging(opts: MountOptions, *, detached: bool, verbose: bool) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_Formatter("vmafs: %(levelname)s: %(message)s"))
     root.addHandler(handler)
+
+
+def dump_stacks_on(signum: int) -> None:
+    """On *signum*, write the stack of every thread to the log, one record per line.
+
+    :mod:`faulthandler` writes from the signal handler in C, so the dump
+    happens even while the trio loop is stuck; it writes into a pipe whose
+    lines a thread forwards to the log (syslog, file or stderr alike).
+    """
+    import faulthandler  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    r, w = os.pipe()
+    writer = os.fdopen(w, "w")
+    _dump_files.append(writer)  # faulthandler keeps only the fd: the file must live
+    faulthandler.register(signum, file=writer, all_threads=True)
+    name = signal.Signals(signum).name
+
+    def forward() -> None:
+        with os.fdopen(r, errors="replace") as lines:
+            for line in lines:
+                log.warning("%s stack dump: %s", name, line.rstrip())
+
+    threading.Thread(target=forward, name="vmafs-stack-dump", daemon=True).start()
+
+
+_dump_files: list = []
+log = logging.getLogger("vmafs.mount")
 
 
 class _Formatter(logging.Formatter):

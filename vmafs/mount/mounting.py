@@ -9,13 +9,15 @@ import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
 import threading
 
+from . import running
 from .checks import check_logfile, check_mountpoint, open_archive
 from .daemon import DaemonError, Ready, daemonize
 from .errors import MountError
-from .logs import setup_logging
+from .logs import default_logfile, dump_stacks_on, setup_logging
 from .options import MountOptions, fuse_options
 from .serve import serve
 
@@ -36,11 +38,12 @@ def mount(
     anything found before the filesystem process detaches.
     """
     from ..archive import Archive  # noqa: PLC0415, F401 - here, not in the thread below
-    from ..commands.progress import Progress  # noqa: PLC0415, F401 - ditto
+    from ..common.progress import Progress  # noqa: PLC0415, F401 - ditto
     from ..sidecar import deferred_saves  # noqa: PLC0415
     from ..source import import_container  # noqa: PLC0415
 
     mp = check_mountpoint(mountpoint, nonempty=opts.nonempty)
+    verbose = verbose or opts.debug
     if opts.logfile and not foreground:
         opts.logfile = check_logfile(opts.logfile)
     archive_path = os.path.abspath(archive_path)
@@ -59,10 +62,18 @@ def mount(
             archive, uid=opts.uid, gid=opts.gid, direct_io=opts.direct_io, threaded=opts.threads
         )
         options = fuse_options(opts, archive_path)
+        held: list[int] = []
 
         def run(ready: Ready) -> int:
             """Serve until unmounted; the side index is written once the mount is up."""
+            try:
+                # Held until this process exits: 'vmafs umount' waits for that.
+                held.append(running.hold(mp))
+            except MountError as e:
+                ready(str(e))
+                return 1
             _log_start(archive_path, mp, opts, ops)
+            dump_stacks_on(signal.SIGUSR1)
             saver = _SideIndexSaver(saves)
 
             def on_ready(error: str | None) -> None:
@@ -87,12 +98,16 @@ def mount(
                 run,
                 what=f"the filesystem process for {mp}",
                 setup=lambda: setup_logging(opts, detached=True, verbose=verbose),
+                # libfuse's debug output goes to stderr: into the log file, not /dev/null
+                stderr_path=(opts.logfile or default_logfile()) if opts.debug else None,
             )
         except DaemonError as e:
             raise MountError(str(e)) from None
         return 0
     finally:
         archive.close()
+        for fd in held:  # after the archive: the lock says "the archive is released"
+            os.close(fd)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,14 @@ GENERIC_OPTIONS = frozenset(
 
 
 #: The ``-o`` options that take no value (attributes of :class:`MountOptions`).
-FLAG_OPTIONS = ("allow_other", "allow_incomplete", "direct_io", "threads", "nonempty")
+FLAG_OPTIONS = (
+    "allow_other",
+    "allow_incomplete",
+    "direct_io",
+    "threads",
+    "nonempty",
+    "debug",
+)
 
 
 @dataclass
@@ -45,6 +52,7 @@ class MountOptions:
     readahead: int = DEFAULT_READAHEAD_KB
     logfile: str | None = None
     nonempty: bool = False
+    debug: bool = False
     ignored: list[str] = field(default_factory=list)
 
 
@@ -93,6 +101,8 @@ def fuse_options(opts: MountOptions, archive_path: str) -> set[str]:
     """The options handed to libfuse (never ``max_read=``: it breaks pyfuse3's mount)."""
     out = {"ro", "nosuid", "nodev", "default_permissions", "subtype=vmafs"}
     out.add("fsname=" + _fsname(opts.fsname or os.path.abspath(archive_path)))
+    if opts.debug:
+        out.add("debug")  # libfuse prints every request to stderr
     if opts.allow_other:
         out.add("allow_other")  # default_permissions above makes the 0400 modes count
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -10,6 +11,26 @@ from collections.abc import Callable
 log = logging.getLogger("vmafs.mount")
 
 READY_TIMEOUT = 60.0  # seconds the filesystem process may take to answer its first stat
+
+#: Signals that unmount and end the process.  SIGHUP does not: a daemon has
+#: no terminal to lose, and log rotators send it by habit (it is logged).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+CAUGHT_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
+
+
+class _EarlySignals:
+    """Records the signals that arrive before the trio loop listens for them.
+
+    Installed before ``pyfuse3.init``: from then on a SIGTERM with its
+    default action would kill the process and leave a dead mount
+    (ENOTCONN) behind.  The loop acts on what was recorded once it listens.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+
+    def __call__(self, signum: int, _frame) -> None:
+        self.received.append(signum)
 
 
 def serve(
@@ -29,26 +50,32 @@ def serve(
     import pyfuse3  # noqa: PLC0415
     import trio  # noqa: PLC0415
 
+    early = _EarlySignals()
+    previous = {sig: signal.signal(sig, early) for sig in CAUGHT_SIGNALS}
     try:
-        pyfuse3.init(ops, mountpoint, options)
-    except RuntimeError as e:
-        on_ready(f"cannot mount on {mountpoint}: {e}")
-        if "mount" in str(e):
-            # The session exists but is not mounted: free it.  (After a failed
-            # fuse_session_new there is no session, and close() would crash.)
-            pyfuse3.close(unmount=False)
-        return 1
-    status = 1
-    try:
-        status = trio.run(_main_loop, mountpoint, on_ready, readahead_kb)
-    except BaseException as e:
-        log.exception("filesystem loop failed")
-        on_ready(f"filesystem failed: {e}")
-        raise
+        try:
+            pyfuse3.init(ops, mountpoint, options)
+        except RuntimeError as e:
+            on_ready(f"cannot mount on {mountpoint}: {e}")
+            if "mount" in str(e):
+                # The session exists but is not mounted: free it.  (After a failed
+                # fuse_session_new there is no session, and close() would crash.)
+                pyfuse3.close(unmount=False)
+            return 1
+        status = 1
+        try:
+            status = trio.run(_main_loop, mountpoint, on_ready, readahead_kb, early)
+        except BaseException as e:
+            log.exception("filesystem loop failed")
+            on_ready(f"filesystem failed: {e}")
+            raise
+        finally:
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", mountpoint)
+        return status
     finally:
-        pyfuse3.close(unmount=True)
-        log.info("unmounted %s", mountpoint)
-    return status
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def set_readahead(st_dev: int, kib: int) -> None:
@@ -68,10 +95,15 @@ def set_readahead(st_dev: int, kib: int) -> None:
 
 
 async def _main_loop(
-    mountpoint: str, on_ready: Callable[[str | None], None], readahead_kb: int = 0
+    mountpoint: str,
+    on_ready: Callable[[str | None], None],
+    readahead_kb: int = 0,
+    early: _EarlySignals | None = None,
 ) -> int:
     import pyfuse3  # noqa: PLC0415
     import trio  # noqa: PLC0415
+
+    from ..common.signals import receive as receive_signals  # noqa: PLC0415
 
     result: dict = {"status": 0, "ready": False, "signal": None}
 
@@ -81,12 +113,22 @@ async def _main_loop(
         finally:
             cancel.cancel()
 
-    async def watch_signals() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-            async for signum in sigs:
-                log.info("%s: unmounting %s", signal.Signals(signum).name, mountpoint)
-                result["signal"] = signal.Signals(signum).name
-                pyfuse3.terminate()
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum not in STOP_SIGNALS:
+            log.info(
+                "%s: ignored, %s stays mounted (unmount with 'vmafs umount')", name, mountpoint
+            )
+            return
+        log.info("%s: unmounting %s", name, mountpoint)
+        result["signal"] = name
+        pyfuse3.terminate()
+
+    async def replay_early_signals(listening: trio.Event) -> None:
+        # Once the receiver listens nothing more lands in *early*: act on what did.
+        await listening.wait()
+        for signum in early.received if early else ():
+            on_signal(signum)
 
     async def wait_ready() -> None:
         with trio.move_on_after(READY_TIMEOUT):
@@ -112,7 +154,11 @@ async def _main_loop(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fs_loop, nursery.cancel_scope)
-        nursery.start_soon(watch_signals)
+        listening = trio.Event()
+        nursery.start_soon(
+            functools.partial(receive_signals, on_signal, CAUGHT_SIGNALS, listening=listening)
+        )
+        nursery.start_soon(replay_early_signals, listening)
         nursery.start_soon(wait_ready)
     if not result["ready"]:
         if result["signal"]:

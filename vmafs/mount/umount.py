@@ -7,6 +7,7 @@ import subprocess
 
 from .checks import mount_table, mountpoint_path
 from .errors import MountError
+from .running import EXIT_TIMEOUT, wait_released
 
 
 def loop_devices_on(mountpoint: str) -> list[tuple[str, str]]:
@@ -28,8 +29,15 @@ def loop_devices_on(mountpoint: str) -> list[tuple[str, str]]:
     return out
 
 
-def umount(mountpoint: str, *, lazy: bool = False) -> None:
-    """Unmount a vmafs mount with fusermount3; raises MountError (also for other mounts)."""
+def umount(mountpoint: str, *, lazy: bool = False, timeout: float = EXIT_TIMEOUT) -> None:
+    """Unmount a vmafs mount with fusermount3; raises MountError (also for other mounts).
+
+    Returns once the filesystem process has exited, so the archive is
+    closed and its filesystem can be unmounted next; after *timeout*
+    seconds of waiting, raises MountError naming the process.  *lazy*
+    (``-z``) detaches the mount and returns at once: the process serves
+    whoever still uses it.
+    """
     mp = mountpoint_path(mountpoint)
     fstype = mount_table().get(mp)
     if fstype is None:
@@ -42,6 +50,8 @@ def umount(mountpoint: str, *, lazy: bool = False) -> None:
     except FileNotFoundError:
         raise MountError("fusermount3 not found (Debian package fuse3)") from None
     if proc.returncode == 0:
+        if not lazy:
+            wait_released(mp, timeout)
         return
     loops = loop_devices_on(mp)
     if loops:

@@ -3,38 +3,29 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 from ..errors import SourceError
+from .base import SourceBase, open_fd
 
 
-class PlainSource:
+class PlainSource(SourceBase):
     """A plain ``.vma`` file (or block device): no scan, thread-safe preads."""
 
-    needs_scan = False
+    kind = "plain"
+    compressed = False
 
     def __init__(self, path: str) -> None:
         self.path = path
-        try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise SourceError(f"cannot open {path}: {e.strerror}") from e
+        self._fd = open_fd(path)
         # lseek(SEEK_END) also sizes block devices, where st_size is 0.
         try:
             self.size: int | None = os.lseek(self._fd, 0, os.SEEK_END)
         except OSError as e:  # a pipe (open_source refuses those before this)
-            os.close(self._fd)
-            self._fd = -1
+            self.close()
             raise SourceError(
-                f"{path}: cannot seek ({e.strerror}); vmafs needs a regular file or "
+                f"cannot seek ({e.strerror}); vmafs needs a regular file or "
                 "block device: save the stream to a file first"
-            ) from e
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def scan(self, on_chunk: Callable[[int, memoryview], None], progress=None) -> None:
-        raise NotImplementedError("a plain source needs no scan")
+            ).name_archive(path) from e
 
     def pread(self, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size); short only at the end of the file."""
@@ -43,8 +34,3 @@ class PlainSource:
     def pread_into(self, offset: int, buf: memoryview) -> int:
         """Read into *buf* without an intermediate bytes object; returns the count."""
         return os.preadv(self._fd, [buf], offset)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1

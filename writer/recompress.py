@@ -7,42 +7,44 @@ once, front to back.  Every byte goes to two consumers:
   as ``vmafs verify`` does, so a damaged archive is never turned into a
   good-looking seekable one;
 - :class:`_Framer`, which finds the VMA extent boundaries and hands the
-  stream to :class:`~vmafs.source.zstd_seekable.SeekableZstdWriter` one
+  stream to :class:`~vmafs.zstd_seekable.SeekableZstdWriter` one
   extent at a time, so that its frames start at extents (the header rides
   in the first frame; a full extent is cut in two).  Frame sizes are the writer's
-  (:data:`~vmafs.source.zstd_seekable.FRAME_TARGET`, ``FRAME_LIMIT``), the
+  (:data:`~vmafs.zstd_seekable.FRAME_TARGET`, ``FRAME_LIMIT``), the
   same as for the VMA writer's own ``.vma.zst`` output.
 
-The output is written to a hidden temporary file beside ``OUT``
-(``.OUT.XXXXXXXX.tmp``, a fresh name per run, so a file left by a killed run
-never blocks the next one) and linked to ``OUT`` only when the whole input
-checked out; ``OUT`` is never overwritten.  An error, SIGINT, SIGTERM, SIGHUP
-or SIGQUIT removes the temporary file; only SIGKILL or a crash can leave one.
-``OUT`` ``-`` streams to stdout instead (no temporary file; a failure shows
-as the exit status and a stream without seek table).  ``zstd -d OUT`` gives
-back the plain archive byte for byte (what Proxmox's restore pipes), and
-vmafs reads it at random with no side index.
+The output (an :class:`~vmafs.common.atomic.AtomicOutput`) is written to a
+hidden temporary file beside ``OUT`` (``.OUT.XXXXXXXX.tmp``, a fresh name
+per run, so a file left by a killed run never blocks the next one) and
+linked to ``OUT`` only when the whole input checked out; ``OUT`` is never
+overwritten. An error, SIGINT, SIGTERM, SIGHUP or SIGQUIT removes the
+temporary file; only SIGKILL or a crash can leave one. ``OUT`` ``-`` streams
+to stdout instead (no temporary file; a failure shows as the exit status and
+a stream without seek table). ``zstd -d OUT`` gives back the plain archive
+byte for byte (what Proxmox's restore pipes), and vmafs reads it at random
+with no side index.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
-import os
 import signal
 import sys
-import tempfile
 
 import zstandard
 
-from ..errors import WriterError
-from ..format import BLOCK_SIZE, EXTENT_HEADER_SIZE, HEADER_STRUCT_SIZE, Header
-from ..index import StreamIndexer
-from ..source import open_source
-from ..source.zstd_seekable import FRAME_LIMIT, FRAME_TARGET, SeekableZstdWriter
-from ._common import add_progress_options, first_signal_raises
-from .progress import Progress, human_bytes, want_progress
+from vmafs.common.atomic import AtomicOutput
+from vmafs.common.progress import Progress, add_progress_options, human_bytes, want_progress
+from vmafs.common.signals import STOP_SIGNALS, first_signal_raises, signals_deferred
+from vmafs.format import BLOCK_SIZE, EXTENT_HEADER_SIZE, HEADER_STRUCT_SIZE, Header
+
+# The one writer module that reads archives: converting one needs the reader's
+# decompression (open_source) and its structure check (StreamIndexer).
+# tests/test_layering.py allows exactly these two entry points, here only.
+from vmafs.index import StreamIndexer
+from vmafs.source import open_source
+from vmafs.zstd_seekable import FRAME_LIMIT, FRAME_TARGET, SeekableZstdWriter
 
 HELP = "rewrite an archive as seekable zstd (frames aligned to extents)"
 
@@ -84,7 +86,7 @@ MAX_THREADS = 256
 #: What stops a recompression cleanly (the temporary file is removed; exit status
 #: 128 + the signal's number): Ctrl-C, kill's default, the terminal or ssh session
 #: going away, and Ctrl-\ (SIGQUIT).
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+SIGNALS = (*STOP_SIGNALS, signal.SIGQUIT)
 
 
 def _int_in(lo: int, hi: int, what: str):
@@ -188,124 +190,6 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
-@contextlib.contextmanager
-def _signals_deferred():
-    """Hold :data:`SIGNALS` back until the block is done (they are delivered then).
-
-    Around the steps that must not be cut in two: creating the temporary file
-    and remembering its name; linking it to OUT and marking it committed.
-    """
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-class _Output:
-    """Where the seekable stream goes: a hidden temporary file beside OUT, or stdout.
-
-    :meth:`write` is the file object :class:`SeekableZstdWriter` writes to;
-    every OSError on the way to OUT names OUT (as the user wrote it), never the
-    temporary file.  :meth:`discard` is idempotent and never raises.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.stdout = path == "-"
-        self.name = "standard output" if self.stdout else path
-        self.temp: str | None = None
-        self.fd: int | None = None
-        self.size = 0  # bytes written
-        self.committed = False
-
-    def check(self) -> None:
-        """Refuse an OUT that cannot work, before any input is read."""
-        if self.stdout:
-            if os.isatty(1):
-                raise WriterError(
-                    "refusing to write compressed data to a terminal (redirect stdout)"
-                )
-            return
-        path = self.path
-        if os.path.isdir(path):
-            raise IsADirectoryError(errno.EISDIR, "is a directory (OUT is a file to create)", path)
-        if os.path.lexists(path):
-            raise FileExistsError(errno.EEXIST, "refusing to overwrite an existing file", path)
-        parent = os.path.dirname(path) or "."
-        if not os.path.isdir(parent):
-            why = "does not exist" if not os.path.lexists(parent) else "is not a directory"
-            raise FileNotFoundError(errno.ENOENT, f"cannot create it: {parent} {why}", path)
-
-    def open(self) -> None:
-        if self.stdout:
-            self.fd = 1
-            return
-        directory, base = os.path.split(os.path.abspath(self.path))
-        try:
-            with _signals_deferred():  # a signal cannot come between create and remember
-                self.fd, self.temp = tempfile.mkstemp(
-                    prefix=f".{base}.", suffix=".tmp", dir=directory
-                )
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(self.fd, 0o644 & ~umask)
-        except OSError as e:
-            raise self._named(e) from None
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        n = len(view)
-        try:
-            while view:
-                view = view[os.write(self.fd, view) :]
-        except OSError as e:
-            raise self._named(e) from None
-        self.size += n
-        return n
-
-    def commit(self) -> None:
-        """fsync, link the temporary file to OUT, fsync the directory."""
-        if self.stdout:
-            self.committed = True
-            return
-        try:
-            os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = None
-            with _signals_deferred():  # a signal after the link no longer undoes the run
-                os.link(self.temp, self.path)  # fails rather than overwrite a file made meanwhile
-                self.committed = True
-            directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
-        except OSError as e:
-            raise self._named(e) from None
-
-    def discard(self) -> None:
-        """Close and remove the temporary file (the second name of OUT after commit)."""
-        if self.fd is not None and not self.stdout:
-            try:
-                os.close(self.fd)
-            except OSError:
-                pass
-        self.fd = None
-        if self.temp is not None:
-            try:
-                os.unlink(self.temp)
-            except OSError:
-                pass
-            self.temp = None
-
-    def _named(self, e: OSError) -> OSError:
-        """*e* naming OUT (not the temporary file)."""
-        e.filename = self.name
-        e.filename2 = None
-        return e
-
-
 def recompress(
     src_path: str,
     out_path: str,
@@ -317,42 +201,51 @@ def recompress(
     frame_limit: int = FRAME_LIMIT,
 ) -> dict:
     """Write *out_path* (must not exist; ``-``: stdout) as seekable zstd; returns some numbers."""
-    return _recompress(
-        src_path,
-        _Output(out_path),
-        level=level,
-        threads=threads,
-        progress=progress,
-        frame_target=frame_target,
-        frame_limit=frame_limit,
-    )
+    outputs: list[AtomicOutput] = []
+    try:
+        return _recompress(
+            src_path,
+            out_path,
+            outputs,
+            level=level,
+            threads=threads,
+            progress=progress,
+            frame_target=frame_target,
+            frame_limit=frame_limit,
+        )
+    finally:
+        for output in outputs:
+            output.abort()
 
 
-def _recompress(src_path: str, output: _Output, *, level, threads, progress, **frames) -> dict:
+def _recompress(
+    src_path: str, out_path: str, outputs: list[AtomicOutput], *, level, threads, progress, **frames
+) -> dict:
+    """The work of :func:`recompress`; the output, once created, is appended to *outputs*
+    (in the same signal-free step, so the caller can always remove it)."""
     if not MIN_LEVEL <= level <= MAX_LEVEL:
         raise ValueError(f"zstd level {level} is out of range ({MIN_LEVEL} to {MAX_LEVEL})")
     if not 0 <= threads <= MAX_THREADS:
         raise ValueError(f"threads={threads} is out of range (0 to {MAX_THREADS})")
-    output.check()
+    AtomicOutput.check(out_path)  # before any input is read
     source = open_source(src_path)
     try:
-        try:
-            output.open()
-            writer = SeekableZstdWriter(output, level=level, threads=threads, **frames)
-            framer = _Framer(writer)
-            indexer = StreamIndexer()
+        with signals_deferred(SIGNALS):
+            output = AtomicOutput(out_path)
+            outputs.append(output)
+        writer = SeekableZstdWriter(output, level=level, threads=threads, **frames)
+        framer = _Framer(writer)
+        indexer = StreamIndexer()
 
-            def on_chunk(offset: int, chunk) -> None:
-                indexer.feed(offset, chunk)
-                framer.feed(chunk)
+        def on_chunk(offset: int, chunk) -> None:
+            indexer.feed(offset, chunk)
+            framer.feed(chunk)
 
-            size = _stream(source, on_chunk, progress)
-            index = indexer.finish(size)  # raises unless the archive is whole and valid
-            framer.flush()
-            writer.close()
-            output.commit()
-        finally:
-            output.discard()
+        size = _stream(source, on_chunk, progress)
+        index = indexer.finish(size)  # raises unless the archive is whole and valid
+        framer.flush()
+        writer.close()
+        output.commit()
     finally:
         source.close()
     return {
@@ -366,8 +259,8 @@ def _recompress(src_path: str, output: _Output, *, level, threads, progress, **f
 def _stream(source, on_chunk, progress) -> int:
     """Every byte of the VMA stream to *on_chunk*, in order; returns its length."""
     if source.needs_scan:
-        # A one-pass decompressor that skips building random-access checkpoints, if offered.
-        getattr(source, "stream", source.scan)(on_chunk, progress)
+        # One pass that skips building random-access checkpoints where a source can.
+        source.stream(on_chunk, progress)
         return source.size
     total = source.size
     pos = 0
@@ -384,20 +277,28 @@ def _stream(source, on_chunk, progress) -> int:
 
 def run(args) -> int:
     show = want_progress(args.progress)
-    output = _Output(args.output)
+    outputs: list[AtomicOutput] = []
     try:
-        with first_signal_raises(SIGNALS, Interrupted, ignore=lambda: output.committed):
+        with first_signal_raises(
+            SIGNALS, Interrupted, ignore=lambda: any(o.committed for o in outputs)
+        ):
             try:
                 with Progress("recompressing", enabled=show) as bar:
                     r = _recompress(
-                        args.input, output, level=args.level, threads=args.threads, progress=bar
+                        args.input,
+                        args.output,
+                        outputs,
+                        level=args.level,
+                        threads=args.threads,
+                        progress=bar,
                     )
             finally:
-                output.discard()  # again: a signal may have cut the first cleanup short
+                for output in outputs:
+                    output.abort()  # also after a signal cut a cleanup short
     except Interrupted as e:
         what = (
             "the stream on stdout is incomplete"
-            if output.stdout
+            if args.output == "-"
             else f"{args.output} was not created"
         )
         name = signal.Signals(e.signum).name
@@ -406,7 +307,7 @@ def run(args) -> int:
         with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
             sys.stderr.write(f"{newline}vmafs: error: interrupted by {name}; {what}\n")
         return 128 + e.signum
-    if not output.stdout:
+    if args.output != "-":
         print(
             f"{args.output}: {human_bytes(r['compressed'])} in {r['frames']} frames "
             f"({r['extents']} extents, {human_bytes(r['size'])} uncompressed)"

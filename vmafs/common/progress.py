@@ -1,4 +1,4 @@
-"""A one-line progress bar on stderr for long commands (extract, verify, indexing).
+"""A one-line progress bar on stderr for long commands (extract, verify, indexing, backup).
 
 ``Progress`` is a callable ``progress(done, total)``, the shape
 :meth:`vmafs.archive.Archive.open` takes, and also has :meth:`advance` for
@@ -9,6 +9,7 @@ callers never branch on it.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -121,3 +122,21 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def add_progress_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--progress``/``--no-progress`` (``args.progress``: True, False or None).
+
+    :func:`want_progress` turns the value into yes or no.
+    """
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="show a progress bar on stderr (default: only when stderr is a terminal)",
+    )
+    group.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="never show a progress bar"
+    )

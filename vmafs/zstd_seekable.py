@@ -16,7 +16,9 @@ table::
 a reader finds the table from the last 9 bytes without scanning.  This module
 is the only place that knows the table's layout: the writer
 (:class:`SeekableZstdWriter`, used by the VMA writer and ``vmafs recompress``)
-and the reader (:mod:`vmafs.source.zstd`) both go through it.
+and the reader (:mod:`vmafs.source.zstd`) both go through it.  Like
+:mod:`vmafs.format` it belongs to the format layer the two halves share, so it
+imports nothing of the project (tests/test_layering.py).
 """
 
 from __future__ import annotations
