@@ -1147,7 +1147,7 @@ FIGURES: dict[str, Callable[[Ctx], list[Row]]] = {
 
 
 def _guest_figures() -> None:
-    from .guest import fig_get  # noqa: PLC0415 - guest.py imports this module
+    from .guest import fig_get  # here: guest.py imports this module
 
     FIGURES["get"] = fig_get
 

@@ -118,7 +118,7 @@ def main(drives):
     # print goes to stderr (fd 1 is pointed there before they start).
     channel = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    import guestfs
+    import guestfs  # noqa: PLC0415 - exists for the system python only; after fd 1 moved
 
     g = guestfs.GuestFS(python_return_dict=True, close_on_exit=False)
     worker = Worker(g, channel)

@@ -220,5 +220,5 @@ class GuestSession:
 def _collect(errors: list[BaseException]):
     try:
         yield
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - teardown goes on; the first error is raised after
         errors.append(e)
