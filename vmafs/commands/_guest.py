@@ -33,10 +33,10 @@ def opened_volume(args: argparse.Namespace) -> Iterator:
     SIGTERM and SIGHUP unwind like Ctrl-C, so the mounts and the appliance
     are taken down whichever way the command ends (short of SIGKILL).
     """
+    from ..common.progress import Progress, want_progress  # noqa: PLC0415
+    from ..common.signals import first_signal_raises  # noqa: PLC0415
     from ..guest.paths import parse_guest_path  # noqa: PLC0415
     from ..guest.session import GuestSession, default_engine  # noqa: PLC0415
-    from ._common import first_signal_raises  # noqa: PLC0415
-    from .progress import Progress, want_progress  # noqa: PLC0415
 
     target = parse_guest_path(args.target)
     engine = args.engine or default_engine()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import writing_stdout
+from ..common.console import writing_stdout
 from ._guest import add_guest_arguments, opened_volume
 
 HELP = "print a file inside a guest filesystem of an archive"

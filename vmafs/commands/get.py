@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import add_progress_options
+from ..common.progress import add_progress_options
 from ._guest import add_guest_arguments, opened_volume
 
 HELP = "copy a file or a directory tree out of a guest filesystem of an archive"
@@ -45,9 +45,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..common.progress import Progress, want_progress  # noqa: PLC0415
     from ..guest.copy import PROGRESS_FROM, copy_tree  # noqa: PLC0415
     from ..guest.paths import resolve  # noqa: PLC0415
-    from .progress import Progress, want_progress  # noqa: PLC0415
 
     wanted = want_progress(args.progress)
     with opened_volume(args) as (_session, volume, fs, target):

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..cli import writing_stdout
+from ..common.console import writing_stdout
 from ._guest import add_guest_arguments, opened_volume
 
 HELP = "list files inside a guest filesystem of an archive"

@@ -112,7 +112,7 @@ def mount_tree(archive_path: str, directory: str, mount_options) -> GuestTree:
     taken down again before the error is raised.
     """
     from ..archive import Archive  # noqa: PLC0415
-    from ..commands._common import first_signal_raises  # noqa: PLC0415
+    from ..common.signals import first_signal_raises  # noqa: PLC0415
     from ..mount import MountError, check_mountpoint, mount  # noqa: PLC0415
     from ..volumes import scan_volumes  # noqa: PLC0415
     from .session import NOT_FILES, volume_files  # noqa: PLC0415
