@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from .ctx import Ctx, Row
 from .datapath_figures import fig_datapath
+from .guest import fig_get
 from .read_figures import fig_convert, fig_index, fig_restore, fig_seq
 from .slow_figures import fig_coldmount
 from .write_figures import fig_fleecing, fig_latency, fig_size, fig_writer
@@ -29,4 +30,5 @@ FIGURES: dict[str, Callable[[Ctx], list[Row]]] = {
     "size": fig_size,
     "zstd": fig_zstd,
     "coldmount": fig_coldmount,
+    "get": fig_get,
 }

@@ -84,6 +84,22 @@ def _phases_str(rungs: list[tuple[str, float]]) -> str:
     return "; ".join(parts)
 
 
+def extract_and_read(ctx: Ctx, archive: str) -> tuple[float, str]:
+    """The restore baseline: ``vmafs extract``, loop, ext4 ro,noload, read the file.
+
+    Returns (wall seconds, sha256 of the file read); the caller drops caches first.
+    """
+    out = os.path.join(ctx.work, "restore-extract")
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    try:
+        run([*VMAFS, "extract", archive, out])
+        got = _read_guest_file(os.path.join(out, DISK), ctx.mnt("guest"))
+        return time.perf_counter() - t0, got
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def fig_restore(ctx: Ctx) -> list[Row]:
     archive = ctx.get("archive")
     want = ds.sha256_file(os.path.join(ctx.get("files"), ds.RESTORE_FILE))
@@ -110,15 +126,7 @@ def fig_restore(ctx: Ctx) -> list[Row]:
     ctx.facts["restore_phases"] = {"cold": cold, "warm": warm_}
 
     drop_caches()
-    out = os.path.join(ctx.work, "restore-extract")
-    shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    try:
-        run([*VMAFS, "extract", archive, out])
-        got = _read_guest_file(os.path.join(out, DISK), gmnt)
-        base = time.perf_counter() - t0
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+    base, got = extract_and_read(ctx, archive)
     if got != want:
         raise RuntimeError("restored file differs from the original (extract)")
     note = (
