@@ -197,4 +197,9 @@ def test_builder_damage_is_detected(tmp_path):
     flip_bit(b.path, 100)
     assert b.path.read_bytes() != before
     rewrite_header_md5(b.path)
-    assert run_cli("verify", b.path).returncode == 1  # reserved header bytes not zero
+    line = assert_one_line_error(run_cli("verify", b.path))
+    # byte 100 lies in the reserved area (from offset 60): that, not the md5, is the finding
+    assert line.endswith(
+        f"{b.path}: verify failed: reserved header bytes are not zero (archive offset 60) "
+        "[HeaderError]"
+    ), line

@@ -51,7 +51,7 @@ CASES = hostile_cases(BASE)
 TIMEOUT = 30  # seconds: far beyond what any case needs; reaching it means a hang
 
 
-class Hang(Exception):  # noqa: N818 - reads as "the reader hangs"
+class Hang(Exception):
     """The code under test did not answer within TIMEOUT (not a VmaError on purpose)."""
 
 
@@ -147,9 +147,9 @@ def test_stream_walker_agrees(case):
 @pytest.mark.parametrize("fmt", ["zst", "gz"])
 def test_compressed_archives_give_the_same_errors(tmp_path, fmt):
     # The same damaged streams, compressed as vzdump does: the scan path must agree.
-    import gzip  # noqa: PLC0415
+    import gzip
 
-    import zstandard  # noqa: PLC0415
+    import zstandard
 
     for case in CASES:
         if fmt == "zst":

@@ -460,6 +460,11 @@ class CountingSource(PlainSource):
         self.bytes_read += len(data)
         return data
 
+    def pread_into(self, offset: int, buf: memoryview) -> int:
+        n = super().pread_into(offset, buf)
+        self.bytes_read += n
+        return n
+
 
 def test_build_index_reads_headers_not_data(tmp_path):
     # Extents full of data: the walker must seek over it, not read ahead into it
@@ -565,16 +570,19 @@ def test_index_of_1tib_sparse_disk(tmp_path, capsys):
             index = build_index(hdr, src)
             elapsed.append(time.perf_counter() - t0)
         dm = index.maps[1]
-        per_cluster = dm.packed.nbytes / clusters
         assert index.complete and len(dm.packed) == clusters
-        assert per_cluster <= 8, per_cluster
-        # Whatever the builder allocated on the way, the peak stays near the maps themselves.
+        # What the index keeps (measured, not its declared dtype): the memory still
+        # allocated once the build returns, with the index alive, per cluster; and
+        # whatever the builder allocated on the way, the peak stays near the maps.
+        del index, dm
         tracemalloc.start()
         try:
             index = build_index(hdr, src)
-            _, peak = tracemalloc.get_traced_memory()
+            kept, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
+        per_cluster = kept / clusters
+        assert per_cluster <= 8.01, per_cluster
         assert peak <= 8 * clusters + (96 << 20), peak / clusters
         a = Archive(str(path), src, hdr, index)  # reads through the index just built
         for c in data_clusters[:50].tolist():

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import (
@@ -62,9 +64,20 @@ def test_load_manifest_accepts_all_spellings(manifest):
         manifest("no-such-archive.vma")
 
 
-def test_fixtures_dir(fixtures_dir):
-    assert fixtures_dir == FIXTURES_DIR
-    assert (fixtures_dir / "README.md").is_file()
+def test_fixtures_dir_holds_what_its_readme_lists(fixtures_dir):
+    """The fixture points at tests/fixtures, and that holds every archive its README lists.
+
+    Each table row of the README names a fixture; each must be there as a
+    plain .vma with its manifest, and nothing else may be, so that a
+    fixture added or lost shows up here.
+    """
+    assert fixtures_dir.resolve() == (Path(__file__).resolve().parent / "fixtures")
+    listed = set(re.findall(r"^\| ([\w-]+) \|", (fixtures_dir / "README.md").read_text(), re.M))
+    listed.discard("archive")  # the table's heading
+    present = {p.name.removesuffix(".vma") for p in fixtures_dir.glob("*.vma")}
+    assert listed and listed == present, (listed, present)
+    for name in listed:
+        assert (fixtures_dir / f"{name}.vma.json").is_file(), name
 
 
 def test_fuse_probe(require_fuse):
@@ -136,7 +149,7 @@ def test_unmount_clears_a_fuse_mount_whose_process_died(require_fuse, tmp_path):
 
 def test_ci_runs_the_readme_test_command():
     """README's two set-up commands exist, and .ci/run runs exactly the test one."""
-    from pathlib import Path  # noqa: PLC0415
+    from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
     readme = (repo / "README.md").read_text()

@@ -35,7 +35,7 @@ def mnt(tmp_path):
 
 @pytest.fixture
 def require_lseek(require_fuse):
-    from vmafs.fs import SEEK_HOLE_SUPPORTED
+    from vmafs.fs import SEEK_HOLE_SUPPORTED  # imports pyfuse3
 
     if not SEEK_HOLE_SUPPORTED:
         _unavailable("pyfuse3 without the lseek handler (run scripts/setup: contrib/pyfuse3)")

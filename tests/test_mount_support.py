@@ -126,7 +126,7 @@ def run_vmafs_many(argvs) -> list[subprocess.CompletedProcess]:
     For commands that fail before anything detaches; returns one
     CompletedProcess-like result (returncode, stdout, stderr) per command line.
     """
-    import json  # noqa: PLC0415
+    import json
 
     argvs = [[str(a) for a in argv] for argv in argvs]
     proc = subprocess.run(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import FIXTURES_DIR
 
-import vmafs.source.gzip  # noqa: F401 - registers the gzip magic
+import vmafs.source.gzip  # registers the gzip magic
 import vmafs.source.lzo  # noqa: F401 - registers the lzop magic
 from vmafs import sidecar
 from vmafs.archive import Archive
@@ -127,7 +127,8 @@ def test_save_then_load_gives_the_same_index(tmp_path, monkeypatch):
         header = a.header
     assert dest == sidecar.cache_path(p)  # the cache, by default
     assert not os.path.exists(str(p) + ".vmafs-index")  # nothing beside the archive
-    assert not [n for n in os.listdir(tmp_path) if ".tmp." in n]  # temp file renamed away
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # temp file renamed away
+    assert os.stat(dest).st_mode & 0o777 == 0o644
     src = open_source(p)
     try:
         found = sidecar.find(src)

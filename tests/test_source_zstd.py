@@ -30,7 +30,7 @@ from vmafs.source.zstd import (
     resume_prefix_size,
     window_descriptor_for,
 )
-from vmafs.source.zstd_seekable import SeekableZstdWriter, SeekTable
+from vmafs.zstd_seekable import SeekableZstdWriter, SeekTable
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 needs_zstd = pytest.mark.skipif(shutil.which("zstd") is None, reason="zstd CLI not installed")
@@ -340,7 +340,7 @@ def test_single_frame_checkpoints_random_reads(tmp_path, mixed32):
     assert src.checkpoints >= 2, src.scan_stats
     assert src.scan_stats["candidates"] >= src.checkpoints
     check_random_reads(src, mixed32)
-    assert not any(src._c_bad)
+    assert not any(src._reads.bad)
 
     # checkpoint_state round trip: a second source needs no scan and reads the same
     state = src.checkpoint_state()
@@ -444,7 +444,7 @@ def test_records_only_no_checkpoint_but_correct(tmp_path):
         other = ZstdSource(path, cache_bytes=1 << 20)
         other.load_checkpoint_state(state)
         assert other.pread(dec, len(data) - dec) == data[dec:], dec
-        assert not any(other._c_bad)
+        assert not any(other._reads.bad)
         other.close()
     check_random_reads(src, data, n=40)
     src.close()
@@ -517,7 +517,7 @@ def scan_io(request, monkeypatch) -> str:
         def refuse(*args, **kwargs):
             raise OSError(errno.ENODEV, "No such device")
 
-        monkeypatch.setattr("vmafs.source.zstd.mmap.mmap", refuse)
+        monkeypatch.setattr("vmafs.source.zstd.scan.mmap.mmap", refuse)
     return request.param
 
 
@@ -573,7 +573,7 @@ def test_header_reader_decodes_only_what_is_asked(tmp_path, monkeypatch):
     # Frames cut anywhere (not at any structure): reads at random offsets give
     # the stream's bytes, at least min(size, 64 KiB, rest) of them, crossing
     # frames when needed, without a whole-frame decode or touching the cache.
-    import vmafs.source.zstd as vz
+    from vmafs.source.zstd.reads import HEAD_CHUNK, FrameReader
 
     data = mixed_data(6 << 20, seed=11)
     rnd = random.Random(4)
@@ -584,7 +584,7 @@ def test_header_reader_decodes_only_what_is_asked(tmp_path, monkeypatch):
             w.write_frame(data[a:b])
     src = ZstdSource(str(path))
     whole = []
-    monkeypatch.setattr(ZstdSource, "_decode_frame", lambda self, fi: whole.append(fi))
+    monkeypatch.setattr(FrameReader, "decode_frame", lambda self, fi: whole.append(fi))
     reader = src.header_reader()
     assert reader.size == len(data)
     offsets = sorted(rnd.randrange(len(data)) for _ in range(200))
@@ -592,7 +592,7 @@ def test_header_reader_decodes_only_what_is_asked(tmp_path, monkeypatch):
     for off in offsets + offsets[::7]:  # forward, then backwards in a frame
         size = rnd.choice((1, 512, 4096, 1 << 20))
         got = reader.pread(off, size)
-        assert len(got) >= min(size, vz._HEAD_CHUNK, len(data) - off)
+        assert len(got) >= min(size, HEAD_CHUNK, len(data) - off)
         assert got == data[off : off + len(got)]
     assert reader.pread(len(data), 512) == b"" and reader.pread(len(data) + 9, 1) == b""
     assert whole == [] and len(src._cache) == 0
@@ -741,18 +741,6 @@ def test_file_truncated_under_an_open_source(tmp_path):
 
 
 @needs_zstd
-def test_benchmark_reports_the_targets():
-    from vmafs.source.zstd import benchmark
-
-    path = os.path.join(FIXTURES, "ext4-guest.vma.zst")
-    r = benchmark(path, reads=20)
-    assert r["size"] == os.path.getsize(os.path.join(FIXTURES, "ext4-guest.vma"))
-    assert r["needed_scan"] == 1 and r["frames"] == 1
-    for key in ("scan_ratio", "index_ratio", "read_p99_ms", "scan_cpu_ratio"):
-        assert r[key] >= 0
-
-
-@needs_zstd
 def test_single_frame_from_multithreaded_zstd(tmp_path, mixed32):
     # vzdump runs zstd --threads=N: still one frame, blocks from several jobs
     path = zstd_cli(tmp_path, "mt", mixed32, "--threads=2")
@@ -768,10 +756,10 @@ def test_masked_windows_still_read_right(tmp_path, monkeypatch):
     # Force window masking (normally only under index-budget pressure): the
     # incompressible segments no match copies from are stored as zeros, and
     # every read through such a checkpoint must still be exact.
-    import vmafs.source.zstd as zmod
+    from vmafs.source.zstd import checkpoint, scan
 
-    monkeypatch.setattr(zmod, "_MASK_WHEN_BUDGET_USED", -1.0)
-    monkeypatch.setattr(zmod, "_TRIM_LADDER", ())  # keep whole windows: random runs inside
+    monkeypatch.setattr(scan, "_MASK_WHEN_BUDGET_USED", -1.0)
+    monkeypatch.setattr(checkpoint, "_TRIM_LADDER", ())  # keep whole windows: random runs inside
     # runs of random bytes (never matched) between runs of text (matched locally)
     rnd = random.Random(21)
     data = b"".join(

@@ -750,7 +750,7 @@ def zero_extent_headers(
     Built with numpy (one md5 per header is the only Python loop), so the
     ~290,000 extents of a 1 TiB zero disk take about a second.
     """
-    import numpy as np  # noqa: PLC0415 - only the big-archive tests need it
+    import numpy as np  # only the big-archive tests need it
 
     cl = np.asarray(clusters, dtype=np.uint64)
     n = -(-len(cl) // slots)

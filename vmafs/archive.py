@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from .format import (
     Header,
 )
 from .index import MASK, MASK_BITS, OFFSET_SHIFT, ArchiveIndex, StreamIndexer, build_index
-from .source import Source, open_source
+from .source import Reader, Source, open_source
 
 ProgressFn = Callable[[int, int], None]
 
@@ -36,9 +37,9 @@ _ZEROS = memoryview(bytes(1 << 20))  # holes are copied from here (calloc'ed: no
 _RUNS_CHUNK = 1 << 20  # clusters per step of allocated_ranges (bounds its temporaries)
 
 
-def read_header(source: Source) -> Header:
+def read_header(source: Reader) -> Header:
     """Read and validate the archive header through *source* (errors name its path)."""
-    with naming_archive(getattr(source, "path", None)):
+    with naming_archive(source.path):
         head = source.pread(0, HEADER_STRUCT_SIZE)
         size = Header.peek_size(head)
         while len(head) < size:  # a header reader may return less than asked
@@ -56,20 +57,51 @@ def _index_by_scan(source: Source, allow_incomplete: bool, progress) -> tuple[He
     return indexer.header, index
 
 
+@dataclass(frozen=True)
+class StoredClusters:
+    """Clusters that store data, sorted by where their data lies in the archive.
+
+    Four arrays of one entry per cluster: the archive offset of its first
+    stored block, its block mask (bit i: block i stored; the stored blocks
+    lie back to back from that offset), its device and its cluster number.
+    """
+
+    offset: np.ndarray  # uint64
+    mask: np.ndarray  # uint32
+    dev_id: np.ndarray  # uint16
+    cluster: np.ndarray  # uint64
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+
 class Archive:
     """A VMA archive opened for random reads of its devices.
 
     ``open`` validates the whole archive structure (every extent header,
-    every cluster exactly once); afterwards reads never fail on structure,
-    only on I/O or, with ``allow_incomplete``, on clusters that are missing.
+    every cluster exactly once), or takes the offset map from a side index
+    that was made that way and still matches the archive (:mod:`.sidecar`);
+    afterwards reads never fail on structure, only on I/O or, with
+    ``allow_incomplete``, on clusters that are missing.
     """
 
-    def __init__(self, path: str, source: Source, header: Header, index: ArchiveIndex) -> None:
+    def __init__(
+        self,
+        path: str,
+        source: Source,
+        header: Header,
+        index: ArchiveIndex,
+        *,
+        stream_checked: bool | None = None,
+    ) -> None:
         self.path = path
         self.source = source
         self.header = header
         self.index = index
-        self._pread_into = getattr(source, "pread_into", None)
+        #: True when opening decoded the whole compressed stream (every checksum of the
+        #: container checked), or there is no container; default: the latter.
+        self.stream_checked = not source.compressed if stream_checked is None else stream_checked
+        self._pread_into = source.pread_into  # bound once: the read fast paths call it
 
     @classmethod
     def open(
@@ -93,23 +125,20 @@ class Archive:
         with naming_archive(path):
             source = open_source(path)
             try:
+                scanned = False
                 if source.needs_scan:
-                    header, index = _open_scanned(
+                    header, index, scanned = _open_scanned(
                         source, allow_incomplete, progress, use_sidecar, index_beside
                     )
                 else:
-                    # A source may offer a cheaper reader for the header walk (seekable
-                    # zstd: decode each frame only as far as its extent headers).
-                    header_reader = getattr(source, "header_reader", None)
-                    walker = header_reader() if header_reader is not None else source
-                    header = read_header(walker)
-                    index = build_index(
-                        header, walker, allow_incomplete=allow_incomplete, progress=progress
-                    )
+                    loaded = None
+                    if use_sidecar and has_plain_side_index(source):
+                        loaded = _load_side_index(source, allow_incomplete)
+                    header, index = loaded or walk_headers(source, allow_incomplete, progress)
             except BaseException:
                 source.close()
                 raise
-        return cls(path, source, header, index)
+        return cls(path, source, header, index, stream_checked=scanned or not source.compressed)
 
     def close(self) -> None:
         self.source.close()
@@ -121,6 +150,11 @@ class Archive:
         self.close()
 
     # -- what is in it --
+
+    @property
+    def compressed(self) -> bool:
+        """True for a compressed stream: reading it out of archive order costs decoding."""
+        return self.source.compressed
 
     @property
     def devices(self) -> list[Device]:
@@ -190,7 +224,48 @@ class Archive:
             return dm.device.size
         return min(max(offset, cluster << _CLUSTER_BITS), dm.device.size)
 
+    def is_hole(self, dev_id: int, offset: int) -> bool:
+        """Whether the byte at *offset* (inside the device) lies in a hole, as
+        :meth:`next_data`/:meth:`next_hole` see holes, without a search."""
+        return self.index.maps[dev_id].is_hole(offset >> _CLUSTER_BITS)
+
+    def stored_clusters(self, dev_ids: list[int]) -> StoredClusters:
+        """Every cluster of the devices *dev_ids* that stores data, in archive order.
+
+        For readers that go through the archive front to back (``extract`` of
+        a compressed archive); :meth:`read_stream` fetches the data and
+        :meth:`plan_partial` places the blocks of a partly stored cluster.
+        """
+        parts = [self.index.maps[dev_id].stored() for dev_id in dev_ids]
+        if not parts:
+            empty = np.zeros(0, dtype=np.uint64)
+            return StoredClusters(empty, empty.astype(np.uint32), empty.astype(np.uint16), empty)
+        offset = np.concatenate([p[1] for p in parts])
+        order = np.argsort(offset, kind="stable")
+        dev = np.concatenate(
+            [np.full(len(p[0]), d, dtype=np.uint16) for d, p in zip(dev_ids, parts, strict=True)]
+        )
+        return StoredClusters(
+            offset[order],
+            np.concatenate([p[2] for p in parts])[order],
+            dev[order],
+            np.concatenate([p[0] for p in parts])[order],
+        )
+
     # -- reading --
+
+    def read_stream(self, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of the VMA stream itself (not of a device).
+
+        TruncatedError when the stream ends before.  Thread-safe.
+        """
+        data = self.source.pread(offset, size)
+        if len(data) != size:
+            raise TruncatedError(
+                f"archive ends early: {size} bytes expected at {offset}",
+                offset=offset + len(data),
+            )
+        return data
 
     def read(self, dev_id: int, offset: int, size: int) -> bytes:
         """Device bytes [offset, offset+size), clipped at the device end.
@@ -263,9 +338,6 @@ class Archive:
         return data
 
     def _read_run(self, out: memoryview, aoff: int, length: int, dest: int) -> None:
-        if self._pread_into is None:
-            out[dest : dest + length] = self._pread(aoff, length)
-            return
         got = self._pread_into(aoff, out[dest : dest + length])
         if got != length:
             raise TruncatedError("archive shrank while it was being read", offset=aoff + got)
@@ -369,21 +441,51 @@ class Archive:
             blk = stop
 
 
+def has_plain_side_index(source: Source) -> bool:
+    """True for a plain archive: its optional side index holds the offset map, which
+    ``vmafs index`` (the vzdump hook) saves so that a mount on storage that seeks
+    reads one file instead of every extent header (one seek per ~3.8 MB)."""
+    return source.kind == "plain"
+
+
+def walk_headers(source: Source, allow_incomplete: bool, progress) -> tuple[Header, ArchiveIndex]:
+    """Header and offset map of a random-access *source* by walking its extent headers."""
+    # A source may offer a cheaper reader for the header walk (seekable
+    # zstd: decode each frame only as far as its extent headers).
+    walker = source.header_reader()
+    header = read_header(walker)
+    return header, build_index(header, walker, allow_incomplete=allow_incomplete, progress=progress)
+
+
+def _load_side_index(source: Source, allow_incomplete: bool):
+    """(header, index) from a valid side index of a plain archive, or None.
+
+    Only looked for, never written here: for a plain archive the walk is
+    cheap where storage does not seek, so the side index is made on purpose
+    (``vmafs index``), not beside every archive that is opened.
+    """
+    from . import sidecar  # noqa: PLC0415 - only opens that look for one import it
+
+    return sidecar.load(source, allow_incomplete=allow_incomplete)
+
+
 def _open_scanned(
     source: Source, allow_incomplete: bool, progress, use_sidecar: bool, index_beside: bool = False
-):
+) -> tuple[Header, ArchiveIndex, bool]:
     """Index a source that must be decompressed once, reusing a saved side index.
 
     A new side index goes into the cache directory, or beside the archive
     with *index_beside*.
+
+    Returns (header, index, scanned): scanned is False when the side index served.
     """
     from . import sidecar  # noqa: PLC0415 - only compressed archives need it
 
     if use_sidecar:
         loaded = sidecar.load(source, allow_incomplete=allow_incomplete)
         if loaded is not None:
-            return loaded
+            return *loaded, False
     header, index = _index_by_scan(source, allow_incomplete, progress)
     if use_sidecar:
         sidecar.save(source, header, index, beside=index_beside)
-    return header, index
+    return header, index, True

@@ -110,6 +110,19 @@ class DeviceMap:
         """Archive offsets as a NEW uint64 array (8 bytes/cluster): for tests and tools."""
         return (self.packed >> np.uint64(MASK_BITS)) << np.uint64(OFFSET_SHIFT)
 
+    def stored(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(cluster numbers, archive offsets, block masks) of the clusters that store data.
+
+        uint64, uint64 and uint32 arrays, in cluster order; the offsets are
+        those of each cluster's first stored block.
+        """
+        packed = self.packed
+        clusters = np.flatnonzero(packed & np.uint64(MASK))
+        entries = packed[clusters]
+        offsets = (entries >> np.uint64(MASK_BITS)) << np.uint64(OFFSET_SHIFT)
+        masks = (entries & np.uint64(MASK)).astype(np.uint32)
+        return clusters.astype(np.uint64), offsets, masks
+
     @property
     def missing(self) -> int:
         if self._missing is None:
@@ -157,6 +170,11 @@ class DeviceMap:
                 return cluster + i
             cluster, step = end, min(step * 4, _CHUNK)
         return None
+
+    def is_hole(self, cluster: int) -> bool:
+        """Whether *cluster* is a hole, by the rule of :meth:`next_cluster`, in O(1)."""
+        entry = self.packed.item(cluster)
+        return entry != 0 and entry & MASK == 0
 
     def first_missing(self) -> int | None:
         # argmin finds the first 0 without a temporary per-cluster array
@@ -595,15 +613,12 @@ def build_index(
     stops = _no_stops
     # One buffer for every read (a fresh MiB per read costs page faults too);
     # whatever the core keeps of a window it copies before the next read.
-    pread_into = getattr(source, "pread_into", None)
-    window = memoryview(bytearray(_READ_AHEAD)) if pread_into is not None else None
+    pread_into = source.pread_into
+    window = memoryview(bytearray(_READ_AHEAD))
     while pos < end:
         rel = pos - buf_at
         if rel < 0 or rel + EXTENT_HEADER_SIZE > len(buf):
-            if window is not None:
-                buf = window[: pread_into(pos, window[:want])]
-            else:
-                buf = source.pread(pos, want)
+            buf = window[: pread_into(pos, window[:want])]
             buf_at, rel = pos, 0
             stops = _zero_extent_stops(buf)
         # How many records from here are data-less extent headers in a row.

@@ -56,16 +56,20 @@ import logging
 import os
 import stat
 import struct
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .common.atomic import AtomicOutput
 from .errors import IndexCacheError, VmaError
 from .format import BLOCK_SIZE, Header
 from .index import MASK, MASK_BITS, OFFSET_SHIFT, ArchiveIndex
 from .sidecar_cache import SUFFIX, cache_dir, evict, touch
+
+if TYPE_CHECKING:
+    from .source import Source
 
 log = logging.getLogger(__name__)
 
@@ -104,30 +108,19 @@ def candidate_paths(archive: str, directory: str | None = None, beside: bool = T
 # -- identity --
 
 
-def identity(source) -> dict:
+def identity(source: Source) -> dict:
     """Size, mtime and edge hashes of the compressed file behind *source*."""
-    fd = source.fileno() if hasattr(source, "fileno") else None
-    own = fd is None
-    if own:
-        fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        size = st.st_size
-        head = os.pread(fd, EDGE, 0)
-        tail = os.pread(fd, EDGE, max(0, size - EDGE))
-    finally:
-        if own:
-            os.close(fd)
+    fd = source.fileno()
+    st = os.fstat(fd)
+    size = st.st_size
+    head = os.pread(fd, EDGE, 0)
+    tail = os.pread(fd, EDGE, max(0, size - EDGE))
     return {
         "size": size,
         "mtime_ns": st.st_mtime_ns,
         "head_sha256": hashlib.sha256(head).hexdigest(),
         "tail_sha256": hashlib.sha256(tail).hexdigest(),
     }
-
-
-def _kind(source) -> str:
-    return getattr(source, "kind", None) or type(source).__name__
 
 
 # -- write --
@@ -194,34 +187,12 @@ def _write_atomic(dest: str, blob: bytes) -> None:
 
     Whatever *dest* was (an old side index, a FIFO, a symbolic link to a
     device) is replaced, never written into; the temporary file is created
-    exclusively (``mkstemp``: O_EXCL, no symbolic link followed).
+    exclusively (``mkstemp``: O_EXCL, no symbolic link followed).  Mode 0644
+    whatever the umask: every user who can read the archive may use it.
     """
-    fd, tmp = tempfile.mkstemp(
-        prefix=os.path.basename(dest) + ".tmp.", dir=os.path.dirname(dest) or "."
-    )
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-        fsync_dir(os.path.dirname(dest) or ".")  # the rename itself survives a crash
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def fsync_dir(path: str) -> None:
-    """fsync the directory *path*, so a file just created or renamed in it is durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with AtomicOutput(dest, overwrite=True, mode=0o644) as out:
+        out.write(blob)
+        out.commit()
 
 
 _deferral = threading.local()
@@ -287,12 +258,12 @@ def _save(source, header, index, ident, *, directory, beside, strict) -> str | N
         ident = dict(ident, uuid=header.uuid.hex(), path=os.path.abspath(source.path))
         blob = dumps(
             ident,
-            _kind(source),
+            source.kind,
             source.pread(0, header.header_size),
             source.checkpoint_state(),
             index.to_arrays(),
         )
-    except (OSError, VmaError, AttributeError, TypeError) as e:
+    except (OSError, VmaError, TypeError) as e:
         if strict:
             raise IndexCacheError(f"cannot build a side index for {source.path}: {e}") from e
         log.warning("%s: no side index saved: %s", source.path, e)
@@ -481,7 +452,7 @@ def _file_kind(mode: int) -> str:
 
 def _adopt(source, blob: bytes, allow_incomplete: bool):
     meta, arrays = loads(blob)
-    kind = _kind(source)
+    kind = source.kind
     if meta.get("source") != kind:
         raise IndexCacheError(f"made for a {meta.get('source')} source, this is {kind}")
     saved, now = meta.get("identity", {}), identity(source)
@@ -524,11 +495,9 @@ def _adopt(source, blob: bytes, allow_incomplete: bool):
     return header, index
 
 
-def _owner(source) -> int:
+def _owner(source: Source) -> int:
     try:
-        if hasattr(source, "fileno"):
-            return os.fstat(source.fileno()).st_uid
-        return os.stat(source.path).st_uid
+        return os.fstat(source.fileno()).st_uid
     except OSError:
         return -1
 

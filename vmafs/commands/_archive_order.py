@@ -18,49 +18,21 @@ from collections.abc import Callable
 import numpy as np
 
 from ..archive import Archive
-from ..errors import TruncatedError
-from ..format import BLOCK_SIZE, CLUSTER_SIZE
-from ..index import MASK, MASK_BITS, OFFSET_SHIFT
-from ..source.plain import PlainSource
+from ..format import BLOCK_SIZE, CLUSTER_SIZE, FULL_MASK
 
-#: Archive bytes read at a time (one pread of the source).
+#: Archive bytes read at a time (one read of the stream).
 CHUNK = 16 << 20
-_FULL = (1 << (CLUSTER_SIZE // BLOCK_SIZE)) - 1
 
 WriteFn = Callable[[int, memoryview, int], object]  # (fd, data, file offset)
 
 
-def prefers_archive_order(archive) -> bool:
+def prefers_archive_order(archive: Archive) -> bool:
     """True when reading *archive* out of order costs decompression (any compressed input)."""
-    return not isinstance(archive.source, PlainSource)
-
-
-def _stored_clusters(archive, dev_ids: list[int]) -> tuple[np.ndarray, ...]:
-    """(archive offset, mask, dev_id, cluster) of every cluster with data, by archive offset."""
-    offs, masks, devs, clusters = [], [], [], []
-    for dev_id in dev_ids:
-        packed = archive.index.maps[dev_id].packed
-        idx = np.flatnonzero(packed & np.uint64(MASK))
-        entries = packed[idx]
-        offs.append((entries >> np.uint64(MASK_BITS)) << np.uint64(OFFSET_SHIFT))
-        masks.append((entries & np.uint64(MASK)).astype(np.uint32))
-        devs.append(np.full(len(idx), dev_id, dtype=np.uint16))
-        clusters.append(idx.astype(np.uint64))
-    if not offs:
-        empty = np.zeros(0, dtype=np.uint64)
-        return empty, empty.astype(np.uint32), empty.astype(np.uint16), empty
-    off = np.concatenate(offs)
-    order = np.argsort(off, kind="stable")
-    return (
-        off[order],
-        np.concatenate(masks)[order],
-        np.concatenate(devs)[order],
-        np.concatenate(clusters)[order],
-    )
+    return archive.compressed
 
 
 def write_in_archive_order(
-    archive,
+    archive: Archive,
     targets: dict[int, tuple[int, int]],
     write: WriteFn,
     advance: Callable[[int], object],
@@ -73,7 +45,8 @@ def write_in_archive_order(
     *advance(n)* is told the device bytes covered, cluster by cluster, as
     ``allocated_ranges`` counts them.
     """
-    off, masks, devs, clusters = _stored_clusters(archive, sorted(targets))
+    stored = archive.stored_clusters(sorted(targets))
+    off, masks, devs, clusters = stored.offset, stored.mask, stored.dev_id, stored.cluster
     nblocks = np.bitwise_count(masks).astype(np.uint64)
     ends = off + nblocks * np.uint64(BLOCK_SIZE)
     n = len(off)
@@ -84,12 +57,7 @@ def write_in_archive_order(
         # is sorted too: the clusters' data are disjoint ranges of the archive.)
         j = max(i + 1, int(np.searchsorted(ends, start + CHUNK, side="right")))
         stop = int(ends[j - 1])
-        data = memoryview(archive.source.pread(start, stop - start))
-        if len(data) != stop - start:
-            raise TruncatedError(
-                f"archive ends early: cluster data expected up to {stop}",
-                offset=start + len(data),
-            )
+        data = memoryview(archive.read_stream(start, stop - start))
         for k in range(i, j):
             _write_cluster(
                 data,
@@ -107,7 +75,7 @@ def _write_cluster(data, at: int, mask: int, target, cluster: int, write, advanc
     fd, size = target
     base = cluster * CLUSTER_SIZE
     limit = min(CLUSTER_SIZE, size - base)  # the last cluster may be cut by the device size
-    if mask == _FULL:
+    if mask == FULL_MASK:
         write(fd, data[at : at + limit], base)
     else:  # the block layout is the reader's: runs of stored blocks, holes skipped
         runs: list[list[int]] = []

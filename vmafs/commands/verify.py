@@ -13,7 +13,8 @@ import argparse
 import sys
 
 from .. import names
-from ..cli import writing_stdout
+from ..common.console import writing_stdout
+from ..common.progress import Progress, add_progress_options, human_bytes, want_progress
 from ..errors import (
     ConsistencyError,
     CorruptStreamError,
@@ -23,9 +24,8 @@ from ..errors import (
     read_anyway_hint,
 )
 from ..format import CLUSTER_SIZE
-from ._common import add_progress_options, open_archive, printable
+from ._common import open_archive, printable
 from .list import proxmox_lines
-from .progress import Progress, human_bytes, want_progress
 
 HELP = "check an archive for damage; exit status 0 only when it is intact"
 
@@ -185,7 +185,9 @@ def run(args: argparse.Namespace) -> int:
             check_names(archive)
         except VmaError as e:
             raise _failed(path, e) from e
-        if not args.data and getattr(archive.source, "header_reader", None):
+        # A stream indexed from its extent headers alone (seekable zstd) has not
+        # been decoded in full yet; one that was scanned has (and --data reads it).
+        if not args.data and not archive.stream_checked:
             with Progress("decompressing", archive.source.size, enabled=show) as bar:
                 try:
                     check_stream(archive, bar)

@@ -91,7 +91,7 @@ def open_archive(path: str, allow_incomplete: bool, index_beside: bool = False):
     A side index made by this open goes beside the archive with *index_beside*.
     """
     from ..archive import Archive  # noqa: PLC0415 - keep `vmafs -h` light
-    from ..commands.progress import Progress, want_progress  # noqa: PLC0415
+    from ..common.progress import Progress, want_progress  # noqa: PLC0415
 
     try:
         # A compressed archive is decompressed once to index it: show how far

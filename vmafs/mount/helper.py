@@ -39,7 +39,7 @@ def mount_helper_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.namespace:
         return fail(prog, "-N (mount namespaces) is not supported", 2)
-    from ..cli import stderr_logging  # noqa: PLC0415 - light; the CLI imports this package
+    from ..common.console import stderr_logging  # noqa: PLC0415 - light
 
     try:
         with stderr_logging(prog):

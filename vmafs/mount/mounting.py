@@ -38,7 +38,7 @@ def mount(
     anything found before the filesystem process detaches.
     """
     from ..archive import Archive  # noqa: PLC0415, F401 - here, not in the thread below
-    from ..commands.progress import Progress  # noqa: PLC0415, F401 - ditto
+    from ..common.progress import Progress  # noqa: PLC0415, F401 - ditto
     from ..sidecar import deferred_saves  # noqa: PLC0415
     from ..source import import_container  # noqa: PLC0415
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -102,6 +103,8 @@ async def _main_loop(
     import pyfuse3  # noqa: PLC0415
     import trio  # noqa: PLC0415
 
+    from ..common.signals import receive as receive_signals  # noqa: PLC0415
+
     result: dict = {"status": 0, "ready": False, "signal": None}
 
     async def fs_loop(cancel: trio.CancelScope) -> None:
@@ -121,12 +124,11 @@ async def _main_loop(
         result["signal"] = name
         pyfuse3.terminate()
 
-    async def watch_signals() -> None:
-        with trio.open_signal_receiver(*CAUGHT_SIGNALS) as sigs:
-            for signum in early.received if early else ():  # before trio listened
-                on_signal(signum)
-            async for signum in sigs:
-                on_signal(signum)
+    async def replay_early_signals(listening: trio.Event) -> None:
+        # Once the receiver listens nothing more lands in *early*: act on what did.
+        await listening.wait()
+        for signum in early.received if early else ():
+            on_signal(signum)
 
     async def wait_ready() -> None:
         with trio.move_on_after(READY_TIMEOUT):
@@ -152,7 +154,11 @@ async def _main_loop(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fs_loop, nursery.cancel_scope)
-        nursery.start_soon(watch_signals)
+        listening = trio.Event()
+        nursery.start_soon(
+            functools.partial(receive_signals, on_signal, CAUGHT_SIGNALS, listening=listening)
+        )
+        nursery.start_soon(replay_early_signals, listening)
         nursery.start_soon(wait_ready)
     if not result["ready"]:
         if result["signal"]:

@@ -12,35 +12,78 @@ import importlib
 import os
 import stat
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import SourceError, naming_archive
 from ..format import VMA_MAGIC
 from .plain import PlainSource
 
+if TYPE_CHECKING:
+    import numpy as np
+
 ProgressFn = Callable[[int, int], None]
+ChunkFn = Callable[[int, memoryview], None]
 
 
-class Source(Protocol):
-    """What the index builder and the filesystem need from an input."""
+class Reader(Protocol):
+    """What the header and extent-header walk reads through: a source or its header_reader()."""
 
     path: str
     #: Length of the uncompressed VMA stream; None until a scan knows it.
     size: int | None
+
+    def pread(self, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of the stream; short only at its end; thread-safe.
+
+        A header reader may return less (at least 512 bytes unless at the end).
+        """
+
+    def pread_into(self, offset: int, buf: memoryview) -> int:
+        """As :meth:`pread`, into *buf*; returns the count."""
+
+
+class Source(Reader, Protocol):
+    """What the index builder, the side index and the filesystem need from an input.
+
+    Every container implements all of it (:class:`~vmafs.source.base.SourceBase`
+    has the defaults of the members a container may have no use for), so no
+    caller probes for a member.
+    """
+
+    #: The container's name, as side indexes record it ("plain", "gzip", ...).
+    kind: str
+    #: True for a compressed stream: reading it out of order costs decoding.
+    compressed: bool
     #: True when :meth:`scan` must run (or saved state be loaded) before ``pread``.
     needs_scan: bool
 
-    def scan(
-        self, on_chunk: Callable[[int, memoryview], None], progress: ProgressFn | None = None
-    ) -> None:
+    def fileno(self) -> int:
+        """The descriptor of the archive file (the side index's identity checks use it)."""
+
+    def header_reader(self) -> Reader:
+        """A reader for the extent-header walk: the source itself, or a cheaper one.
+
+        A cheaper one (seekable zstd: each frame decoded only as far as its
+        headers) never touches the read cache; reading through it does not
+        check the container's data in full.
+        """
+
+    def scan(self, on_chunk: ChunkFn, progress: ProgressFn | None = None) -> None:
         """One sequential pass over the stream, handing every byte to *on_chunk* in order.
 
         *on_chunk(offset, view)* must copy what it keeps: the view may be of a
-        buffer that the source reuses once the call returns.
+        buffer that the source reuses once the call returns.  Afterwards
+        ``needs_scan`` is False.  A source read at random has no scan (SourceError).
         """
 
-    def pread(self, offset: int, size: int) -> bytes:
-        """Bytes [offset, offset+size) of the stream; short only at its end; thread-safe."""
+    def stream(self, on_chunk: ChunkFn, progress: ProgressFn | None = None) -> None:
+        """As :meth:`scan` for a one-shot consumer: may skip what random reads need."""
+
+    def checkpoint_state(self) -> dict[str, np.ndarray]:
+        """What a later open needs to skip the scan, for the side index (after a scan)."""
+
+    def load_checkpoint_state(self, state: dict[str, np.ndarray]) -> None:
+        """Adopt :meth:`checkpoint_state` output; IndexCacheError when it does not fit."""
 
     def close(self) -> None: ...
 

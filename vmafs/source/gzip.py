@@ -39,7 +39,6 @@ import subprocess
 import sys
 import threading
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -49,8 +48,9 @@ import zstandard
 if TYPE_CHECKING:
     from indexed_gzip.indexed_gzip import _IndexedGzipFile
 
-from ..errors import CorruptStreamError, IndexCacheError, SourceError
+from ..errors import CorruptStreamError, IndexCacheError, SourceError, naming_archive
 from . import register
+from .base import BlockCache, BlockSource, check_trailing
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -85,37 +85,27 @@ sys.stdout.buffer.flush()
 """
 
 
-class GzipSource:
+class GzipSource(BlockSource):
     """A gzip-compressed VMA stream with zran seek points.
 
     ``pread`` is thread-safe: it serialises on one zran handle.  (zran holds
     the GIL while it inflates, so more handles would not read in parallel
-    and would each hold a copy of every seek point's window.)
+    and would each hold a copy of every seek point's window.)  Its blocks
+    are the spans between seek points.
     """
 
-    needs_scan = True
     kind = "gzip"
 
     def __init__(self, path: str, *, spacing: int = DEFAULT_SPACING) -> None:
-        self.path = path
-        self.size: int | None = None
+        super().__init__(path, BlockCache(max_blocks=_CACHE_UNITS))
         self.spacing = spacing
-        try:
-            self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
-        except OSError as e:
-            raise SourceError(f"cannot open {path}: {e.strerror}") from e
-        self.compressed_size = os.fstat(self._file.fileno()).st_size
         self._zran: _IndexedGzipFile | None = None
-        self._bounds = np.zeros(1, dtype=np.int64)  # read units: spans between seek points
-        self._cache: OrderedDict[int, bytes] = OrderedDict()  # unit start -> its bytes
-        self._lock = threading.Lock()
-
-    def fileno(self) -> int:
-        return self._file.fileno()
+        self._bounds = np.zeros(1, dtype=np.int64)  # blocks: spans between seek points
+        self._lock = threading.Lock()  # the zran handle's
 
     # -- the scan --
 
-    def scan(self, on_chunk: Callable[[int, memoryview], None], progress: ProgressFn | None = None):
+    def _scan(self, on_chunk: Callable[[int, memoryview], None], progress: ProgressFn | None):
         """Inflate the whole file once for *on_chunk*, and build the seek points.
 
         On a large file with a spare CPU the seek points are built by a child
@@ -137,7 +127,7 @@ class GzipSource:
 
         try:
             self.size = _inflate_all(
-                self._file, csize, on_chunk, progress, total, (_HELPER_AFTER, start_helper)
+                self._fd, csize, on_chunk, progress, total, (_HELPER_AFTER, start_helper)
             )
             start_helper()
         except BaseException:
@@ -153,7 +143,7 @@ class GzipSource:
             progress(total, total)
 
     def _start_child(self) -> subprocess.Popen | None:
-        fd = self._file.fileno()
+        fd = self._fd
         try:
             return subprocess.Popen(
                 [sys.executable, "-c", _CHILD, str(fd), str(self.spacing)],
@@ -179,7 +169,7 @@ class GzipSource:
             last = z.pread(1, self.size - 1) if self.size else b""
             if len(last) != min(1, self.size) or z.pread(1, self.size):
                 raise ValueError("helper's seek points do not span the stream")
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - zran has its own types; any: rebuild
             z.close()
             log.info("%s: seek points from helper unusable (%s); building in-process", self.path, e)
             return None
@@ -193,7 +183,8 @@ class GzipSource:
         For one-shot consumers (``vmafs recompress``); the source stays unreadable.
         """
         c = self.compressed_size
-        self.size = _inflate_all(self._file, c, on_chunk, progress, c)
+        with naming_archive(self.path):
+            self.size = _inflate_all(self._fd, c, on_chunk, progress, c)
 
     def _build_points(self, progress: ProgressFn | None, total: int) -> _IndexedGzipFile:
         """Pass 2 in this process: zran inflates once more, leaving seek points."""
@@ -209,8 +200,7 @@ class GzipSource:
         except Exception as e:  # zran reports everything as its own exception types
             z.close()
             raise CorruptStreamError(
-                f"{self.path}: gzip seek points could not be built ({e}); "
-                "did the file change during the scan?"
+                f"gzip seek points could not be built ({e}); did the file change during the scan?"
             ) from e
         return z
 
@@ -219,7 +209,7 @@ class GzipSource:
         # which every vmafs command would pay for gzip support it does not use.
         from indexed_gzip.indexed_gzip import _IndexedGzipFile  # noqa: PLC0415
 
-        fobj = os.fdopen(os.dup(self._file.fileno()), "rb")
+        fobj = os.fdopen(os.dup(self._fd), "rb")
         return _IndexedGzipFile(
             fileobj=fobj,
             spacing=self.spacing,
@@ -232,7 +222,7 @@ class GzipSource:
     def checkpoint_state(self) -> dict[str, np.ndarray]:
         """The seek points and stream length, for the side index."""
         if self._zran is None:
-            raise SourceError(f"{self.path}: no seek points yet (scan first)")
+            raise SourceError("gzip: no seek points yet (scan first)")
         buf = io.BytesIO()
         with self._lock:
             self._zran.export_index(fileobj=buf)
@@ -262,38 +252,20 @@ class GzipSource:
         self.size, self.spacing = size, spacing
         self._set_zran(z)
 
-    # -- reading --
+    # -- reading: blocks are the spans between seek points --
 
-    def pread(self, offset: int, size: int) -> bytes:
-        """Bytes [offset, offset+size) of the uncompressed stream; short only at its end.
+    def _locate(self, pos: int) -> tuple[int, int]:
+        i = int(np.searchsorted(self._bounds, pos, side="right")) - 1
+        return i, int(self._bounds[i])
 
-        Works in *units*, the spans between consecutive seek points: a unit is
-        inflated whole (zran starts there anyway) and the last few are cached,
-        so sequential small reads (FUSE asks 128 KiB at a time) inflate each
-        byte once instead of re-inflating from the seek point every time.
-        """
-        if self._zran is None:
-            raise SourceError(f"{self.path}: gzip source read before its scan")
-        end = min(offset + size, self.size)
-        if offset >= end:
-            return b""
-        parts = []
-        pos = offset
-        while pos < end:
-            ustart, data = self._unit(pos)
-            parts.append(data[pos - ustart : end - ustart])
-            pos = ustart + len(data)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _unit(self, pos: int) -> tuple[int, bytes]:
-        bounds = self._bounds
-        i = int(np.searchsorted(bounds, pos, side="right")) - 1
-        ustart, uend = int(bounds[i]), int(bounds[i + 1])
+    def _decode(self, i: int, ustart: int) -> bytes:
+        """Inflate span *i* whole: zran starts at its seek point anyway."""
+        uend = int(self._bounds[i + 1])
         with self._lock:
-            data = self._cache.get(ustart)
+            # A reader that waited here for the same span finds it decoded.
+            data = self._cache.peek(i)
             if data is not None:
-                self._cache.move_to_end(ustart)
-                return ustart, data
+                return data
             try:
                 data = self._zran.pread(uend - ustart, ustart)
                 while len(data) < uend - ustart:
@@ -303,19 +275,14 @@ class GzipSource:
                     data += more
             except Exception as e:
                 raise CorruptStreamError(
-                    f"{self.path}: gzip read at stream offset {ustart} failed: {e}",
-                    offset=ustart,
+                    f"gzip read at stream offset {ustart} failed: {e}", offset=ustart
                 ) from e
-            if len(data) < uend - ustart:
-                raise CorruptStreamError(
-                    f"{self.path}: gzip stream ended before its scanned length {self.size}; "
-                    "did the file change?",
-                    offset=ustart + len(data),
-                )
-            self._cache[ustart] = data
-            while len(self._cache) > _CACHE_UNITS:
-                self._cache.popitem(last=False)
-        return ustart, data
+        if len(data) < uend - ustart:
+            raise CorruptStreamError(
+                f"gzip stream ended before its scanned length {self.size}; did the file change?",
+                offset=ustart + len(data),
+            )
+        return data
 
     def _set_zran(self, z: _IndexedGzipFile | None) -> None:
         """Adopt zran handle *z* (closing the previous one) and derive the read units."""
@@ -335,13 +302,13 @@ class GzipSource:
 
     def close(self) -> None:
         self._set_zran(None)
-        self._file.close()
+        super().close()
 
 
 def _inflate_all(
-    file, csize: int, on_chunk, progress: ProgressFn | None, total: int, when=None
+    fd: int, csize: int, on_chunk, progress: ProgressFn | None, total: int, when=None
 ) -> int:
-    """Inflate every member of the gzip *file*; returns the uncompressed length.
+    """Inflate every member of the gzip file *fd*; returns the uncompressed length.
 
     *when*, if given, is ``(n, callback)``: callback() runs once, after n
     uncompressed bytes have been handed to *on_chunk*.
@@ -349,7 +316,6 @@ def _inflate_all(
     Raises CorruptStreamError (offset = compressed file offset) on bad data,
     a failed CRC/length check, truncation or trailing garbage.
     """
-    fd, name = file.fileno(), file.name
     out_pos = 0
     base = 0  # compressed offset of the first byte of `pending`
     pending = b""
@@ -369,7 +335,14 @@ def _inflate_all(
             if len(pending) < 2 and not eof:
                 continue
             if not pending.startswith(GZIP_MAGIC):
-                _check_trailing(fd, base, csize, name, out_pos)
+                check_trailing(
+                    fd,
+                    base,
+                    csize,
+                    after="the last member",
+                    container="a gzip member",
+                    uoff=out_pos,
+                )
                 break
             d = zlib.decompressobj(31)
             member_at = base
@@ -387,7 +360,7 @@ def _inflate_all(
                 out = d.decompress(d.unconsumed_tail, _OUT_MAX)
         except zlib.error as e:
             raise CorruptStreamError(
-                f"{name}: gzip data corrupt ({e}) in the member starting at compressed offset "
+                f"gzip data corrupt ({e}) in the member starting at compressed offset "
                 f"{member_at}, within compressed bytes {base}..{base + len(pending)}, "
                 f"after {out_pos} uncompressed bytes",
                 offset=out_pos,
@@ -406,7 +379,7 @@ def _inflate_all(
             progress(base, total)
     if d is not None:
         raise CorruptStreamError(
-            f"{name}: gzip stream truncated: the member starting at compressed offset {member_at} "
+            f"gzip stream truncated: the member starting at compressed offset {member_at} "
             f"ends without its trailer at compressed offset {base}, "
             f"after {out_pos} uncompressed bytes",
             offset=out_pos,
@@ -414,24 +387,6 @@ def _inflate_all(
     if progress is not None:
         progress(csize, total)
     return out_pos
-
-
-def _check_trailing(fd: int, at: int, csize: int, name: str, out_pos: int) -> None:
-    """Bytes after the last member: zeros are tolerated (as ``gzip -d`` does), else an error."""
-    pos = at
-    while pos < csize:
-        data = os.pread(fd, _READ, pos)
-        if not data:
-            return
-        if data.count(0) != len(data):
-            bad = pos + next(i for i, b in enumerate(data) if b)
-            raise CorruptStreamError(
-                f"{name}: gzip stream: {csize - at} bytes after the last member are not "
-                f"a gzip member (they start at compressed offset {at}, "
-                f"first non-zero byte at {bad})",
-                offset=out_pos,
-            )
-        pos += len(data)
 
 
 register(GZIP_MAGIC, GzipSource)

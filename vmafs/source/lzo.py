@@ -22,9 +22,7 @@ stream, as ``lzop -d`` does.
 from __future__ import annotations
 
 import os
-import threading
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable
 
 import lzo
@@ -32,6 +30,7 @@ import numpy as np
 
 from ..errors import CorruptStreamError, IndexCacheError, SourceError
 from . import register
+from .base import BlockCache, BlockSource, check_trailing
 
 LZOP_MAGIC = b"\x89LZO\x00\r\n\x1a\n"
 
@@ -167,40 +166,20 @@ def _parse_header(r: _Reader) -> int:
     return flags
 
 
-class LzoSource:
+class LzoSource(BlockSource):
     """An lzop-compressed VMA stream; random access by block table."""
 
-    needs_scan = True
     kind = "lzo"
 
     def __init__(self, path: str) -> None:
-        self.path = path
-        self.size: int | None = None
-        try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise SourceError(f"cannot open {path}: {e.strerror}") from e
-        self.compressed_size = os.fstat(self._fd).st_size
+        super().__init__(path, BlockCache(max_blocks=_CACHE_BLOCKS))
         self._table: dict[str, np.ndarray] | None = None
         self._starts: np.ndarray | None = None  # uncompressed offset of each block
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def fileno(self) -> int:
-        return self._fd
 
     # -- the scan --
 
-    def scan(self, on_chunk: Callable[[int, memoryview], None], progress: ProgressFn | None = None):
-        """Walk every block once: check it, feed it to *on_chunk*, record where it lives."""
-        try:
-            self._scan(on_chunk, progress)
-        except SourceError as e:  # name the file: the message has only offsets
-            e.message = f"{self.path}: {e.message}"
-            e.args = (e._render(),)
-            raise
-
     def _scan(self, on_chunk, progress) -> None:
+        """Walk every block once: check it, feed it to *on_chunk*, record where it lives."""
         r = _Reader(self._fd, self.compressed_size)
         cols: dict[str, list[int]] = {k: [] for k in _COLUMNS}
         out_pos = 0
@@ -242,7 +221,14 @@ class LzoSource:
             rest_at = r.offset
             head = r.read(min(len(LZOP_MAGIC), self.compressed_size - rest_at), "trailing data")
             if head != LZOP_MAGIC:
-                _check_trailing(self._fd, rest_at, self.compressed_size, out_pos)
+                check_trailing(
+                    self._fd,
+                    rest_at,
+                    self.compressed_size,
+                    after="the end-of-stream marker",
+                    container="an lzop file",
+                    uoff=out_pos,
+                )
                 break
             r.i -= len(LZOP_MAGIC)  # let _parse_header see the magic
         table = {k: np.array(v, dtype=_COLUMNS[k]) for k, v in cols.items()}
@@ -251,18 +237,17 @@ class LzoSource:
             progress(self.compressed_size, self.compressed_size)
 
     def _adopt(self, table: dict[str, np.ndarray], size: int) -> None:
-        with self._lock:
-            self._table = table
-            self._starts = table["uoff"]
-            self._cache.clear()
-            self.size = size
-            self.needs_scan = False  # as zstd: False once reads can be served
+        self._table = table
+        self._starts = table["uoff"]
+        self._cache.clear()
+        self.size = size
+        self.needs_scan = False  # as zstd: False once reads can be served
 
     # -- persistence (vmafs.sidecar) --
 
     def checkpoint_state(self) -> dict[str, np.ndarray]:
         if self._table is None:
-            raise SourceError(f"{self.path}: no block table yet (scan first)")
+            raise SourceError("lzop: no block table yet (scan first)")
         state = dict(self._table)
         state["meta"] = np.array([self.size, self.compressed_size], dtype=np.int64)
         return state
@@ -286,53 +271,23 @@ class LzoSource:
             raise IndexCacheError("lzop block table does not fit the file")
         self._adopt(table, size)
 
-    # -- reading --
+    # -- reading: blocks are the lzop blocks --
 
-    def _block(self, i: int) -> bytes:
-        with self._lock:
-            data = self._cache.get(i)
-            if data is not None:
-                self._cache.move_to_end(i)
-                return data
+    def _locate(self, pos: int) -> tuple[int, int]:
+        i = int(np.searchsorted(self._starts, pos, side="right")) - 1
+        return i, int(self._starts[i])
+
+    def _decode(self, i: int, start: int) -> bytes:
         t = self._table
         coff, clen, ulen = int(t["coff"][i]), int(t["clen"][i]), int(t["ulen"][i])
         sums = [int(t[k][i]) for k in ("d_adler", "d_crc", "c_adler", "c_crc")]
         raw = os.pread(self._fd, clen, coff)
         if len(raw) != clen:
             raise CorruptStreamError(
-                f"{self.path}: lzop block data at compressed offset {coff} cut short "
-                "(file shrank?)",
-                offset=int(t["uoff"][i]),
+                f"lzop block data at compressed offset {coff} cut short (file shrank?)",
+                offset=start,
             )
-        data = _decode(raw, ulen, int(t["flags"][i]), sums, coff, int(t["uoff"][i]))
-        with self._lock:
-            self._cache[i] = data
-            while len(self._cache) > _CACHE_BLOCKS:
-                self._cache.popitem(last=False)
-        return data
-
-    def pread(self, offset: int, size: int) -> bytes:
-        """Bytes [offset, offset+size) of the uncompressed stream; short only at its end."""
-        if self._table is None:
-            raise SourceError(f"{self.path}: lzop source read before its scan")
-        end = min(offset + size, self.size)
-        if offset >= end:
-            return b""
-        i = int(np.searchsorted(self._starts, offset, side="right")) - 1
-        parts = []
-        pos = offset
-        while pos < end:
-            block = self._block(i)
-            start = int(self._starts[i])
-            parts.append(block[pos - start : end - start])
-            pos = start + len(block)
-            i += 1
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        return _decode(raw, ulen, int(t["flags"][i]), sums, coff, start)
 
 
 # Block table columns and their dtypes (also the side index layout).
@@ -386,22 +341,6 @@ def _decode(data: bytes, dst_len: int, flags: int, sums, data_at: int, uoff: int
     if flags & F_CRC32_D and zlib.crc32(out) != d_crc:
         raise CorruptStreamError(f"{where}: crc32 of uncompressed data mismatch", offset=uoff)
     return out
-
-
-def _check_trailing(fd: int, at: int, csize: int, uoff: int) -> None:
-    """Bytes after the end-of-stream marker: zeros are tolerated, anything else is an error."""
-    pos = at
-    while pos < csize:
-        data = os.pread(fd, _READ, pos)
-        if not data:
-            return
-        if data.count(0) != len(data):
-            raise CorruptStreamError(
-                f"lzop stream: {csize - at} bytes after the end-of-stream marker "
-                f"(at compressed offset {at}) are not an lzop file",
-                offset=uoff,
-            )
-        pos += len(data)
 
 
 register(LZOP_MAGIC, LzoSource)

@@ -3,38 +3,31 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
-from ..errors import SourceError
+import numpy as np
+
+from ..errors import IndexCacheError, SourceError
+from .base import SourceBase, open_fd
 
 
-class PlainSource:
+class PlainSource(SourceBase):
     """A plain ``.vma`` file (or block device): no scan, thread-safe preads."""
 
-    needs_scan = False
+    kind = "plain"
+    compressed = False
 
     def __init__(self, path: str) -> None:
         self.path = path
-        try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise SourceError(f"cannot open {path}: {e.strerror}") from e
+        self._fd = open_fd(path)
         # lseek(SEEK_END) also sizes block devices, where st_size is 0.
         try:
             self.size: int | None = os.lseek(self._fd, 0, os.SEEK_END)
         except OSError as e:  # a pipe (open_source refuses those before this)
-            os.close(self._fd)
-            self._fd = -1
+            self.close()
             raise SourceError(
-                f"{path}: cannot seek ({e.strerror}); vmafs needs a regular file or "
+                f"cannot seek ({e.strerror}); vmafs needs a regular file or "
                 "block device: save the stream to a file first"
-            ) from e
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def scan(self, on_chunk: Callable[[int, memoryview], None], progress=None) -> None:
-        raise NotImplementedError("a plain source needs no scan")
+            ).name_archive(path) from e
 
     def pread(self, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size); short only at the end of the file."""
@@ -44,7 +37,13 @@ class PlainSource:
         """Read into *buf* without an intermediate bytes object; returns the count."""
         return os.preadv(self._fd, [buf], offset)
 
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+    def checkpoint_state(self) -> dict[str, np.ndarray]:
+        """Nothing: a plain archive is read where it lies.  Its side index holds
+        only the offset map (:mod:`vmafs.sidecar`), which spares storage that
+        seeks the walk over every extent header."""
+        return {}
+
+    def load_checkpoint_state(self, state: dict[str, np.ndarray]) -> None:
+        """Accept the (empty) state of :meth:`checkpoint_state`."""
+        if state:
+            raise IndexCacheError("a plain archive's side index holds no checkpoints")
