@@ -7,11 +7,12 @@ buffer sized by the field would fail with MemoryError (a traceback, or an
 
 from __future__ import annotations
 
+import os
 import resource
 import subprocess
 import zlib
 
-from conftest import vmafs_cmd
+from conftest import FIXTURES_DIR, vmafs_cmd
 
 from vmafs.source.lzo import F_H_EXTRA_FIELD, LZOP_MAGIC
 
@@ -51,3 +52,33 @@ def test_lzop_extra_field_length_is_capped(tmp_path):
         assert proc.stderr.count("\n") == 1, proc.stderr
         assert "extra field of 4294967280 bytes" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and "MemoryError" not in proc.stderr
+
+
+def _long_window_zstd(path, window_log: int) -> None:
+    """A one-frame .vma.zst whose header asks for a 2**window_log window (zstd --long)."""
+    import zstandard
+
+    params = zstandard.ZstdCompressionParameters.from_level(
+        3, window_log=window_log, enable_ldm=True, write_content_size=False
+    )
+    cctx = zstandard.ZstdCompressor(compression_params=params)
+    with open(path, "wb") as out, cctx.stream_writer(out) as w:
+        w.write((FIXTURES_DIR / "two-disks.vma").read_bytes())
+
+
+def test_zstd_window_above_the_limit_is_refused_with_the_way_to_raise_it(tmp_path):
+    path = tmp_path / "long.vma.zst"
+    _long_window_zstd(path, 31)
+    proc = run_under_1gib("list", "--json", path)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "needs a 2048 MiB window" in proc.stderr, proc.stderr
+    assert "VMAFS_ZSTD_MAX_WINDOW_MIB=2048" in proc.stderr, proc.stderr
+    # Raised as the message says, it reads (no memory limit here: it needs the window).
+    raised = subprocess.run(
+        vmafs_cmd("list", path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "VMAFS_ZSTD_MAX_WINDOW_MIB": "2048"},
+    )
+    assert raised.returncode == 0 and "DEV: dev_id=1" in raised.stdout, raised.stderr
