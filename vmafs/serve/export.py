@@ -19,6 +19,9 @@ MAX_EXTENTS = 1024
 CACHE_STEP = 4 * 1024 * 1024
 #: archive reads running in worker threads at once, all clients together
 READ_THREADS = 8
+#: reads up to this size are served by the connection's reader itself (their
+#: reply fits a Unix socket's buffer: sending it never waits for the client)
+INLINE_REPLY = 128 * 1024
 
 _HOLE = NBD_STATE_HOLE | NBD_STATE_ZERO
 _CLUSTER_BITS = CLUSTER_SIZE.bit_length() - 1
@@ -75,7 +78,11 @@ class ArchiveExport(Export):
         # Block status reads only the in-memory index.  Under load a hop to a
         # worker thread and back costs more than either (qemu-img convert asks
         # both for every chunk it copies).
-        return cmd == NBD_CMD_BLOCK_STATUS or (self.inline and cmd == NBD_CMD_READ)
+        # A larger read gets a task of its own (still no thread): while its
+        # reply drains into the socket, the next requests are read and served.
+        return cmd == NBD_CMD_BLOCK_STATUS or (
+            self.inline and cmd == NBD_CMD_READ and length <= INLINE_REPLY
+        )
 
     async def read(self, offset: int, length: int) -> list[ReadChunk]:
         if self.inline:
