@@ -351,6 +351,22 @@ def require_openssl() -> str:
     return path
 
 
+def require_guestfs() -> str:
+    """libguestfs for the appliance engine: python3-guestfs for /usr/bin/python3 and a
+    kernel under /boot (test set-up: scripts/setup's test dependencies).
+
+    Cheap on purpose: the tests' module-scoped sessions launch the appliance
+    themselves (one launch each, ~15 s without KVM), and a launch that fails
+    there fails those tests.  Returns the system Python's path.
+    """
+    from vmafs.guest.appliance import system_python, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        _unavailable(f"libguestfs: {reason}")
+    return system_python()
+
+
 # --- hooks ------------------------------------------------------------------------------
 
 _PROBE_MARKERS = {
@@ -358,6 +374,7 @@ _PROBE_MARKERS = {
     "require_loop": "loop",
     "require_qemu": "qemu",
     "require_nbd_tools": "nbd",
+    "require_guestfs": "guestfs",
 }
 
 

@@ -37,8 +37,8 @@ WRITER_READS = {
     "vmafs.writer.recompress": ("vmafs.source", "vmafs.index"),
     "vmafs.writer.restore": ("vmafs.archive", "vmafs.serve"),
 }
-#: Not the read path: the writer, the shared layers, the CLI's table, the bench.
-NOT_READ_PATH = ("vmafs.writer", *SHARED, "vmafs.cli", "vmafs.__main__", "vmafs.bench")
+#: Not the read path: the writer, the shared layers, the CLI's table.
+NOT_READ_PATH = ("vmafs.writer", *SHARED, "vmafs.cli", "vmafs.__main__")
 
 
 def _within(module: str, prefixes) -> bool:
@@ -72,8 +72,10 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            # "from pkg import sub" imports the submodule when there is one
-            targets = [f"{mod}.{a.name}" for a in node.names] + [mod]
+            # "from pkg import sub" imports the submodule when there is one (and
+            # needs nothing of pkg's __init__); any other name comes from pkg
+            subs = [f"{mod}.{a.name}" for a in node.names]
+            targets = [t if t in known else mod for t in subs]
         else:
             continue
         for target in targets:
