@@ -54,7 +54,7 @@ def _arrays(a: Archive) -> dict:
 def test_index_command_saves_the_offset_map_of_a_plain_archive(plain, capsys):
     assert main(["index", "--no-progress", plain]) == 0
     assert "written" in capsys.readouterr().out
-    assert os.path.isfile(plain + sidecar.SUFFIX)
+    assert os.path.isfile(sidecar.cache_path(plain))  # into the cache, not beside
     assert main(["index", plain]) == 0
     assert "up to date" in capsys.readouterr().out
     with Archive.open(plain) as a, Archive.open(plain, use_sidecar=False) as b:
@@ -95,7 +95,7 @@ def test_opening_a_plain_archive_never_writes_a_side_index(plain, tmp_path, monk
 
 def test_the_side_index_of_a_plain_archive_is_its_offset_map_alone(plain):
     assert main(["index", "--no-progress", plain]) == 0
-    with open(plain + sidecar.SUFFIX, "rb") as f:
+    with open(sidecar.cache_path(plain), "rb") as f:
         meta, arrays = sidecar.loads(f.read())
     assert meta["source"] == "plain"
     assert [k for k in arrays if k.startswith("state/")] == []

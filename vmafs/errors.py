@@ -279,7 +279,11 @@ def read_anyway_hint(e: VmaError, option: str) -> str:
     clusters read as errors).  A compressed stream cut short cannot be
     indexed; its decompressed front can, and then *option* applies to that.
     """
-    if isinstance(e, IncompleteArchiveError | TruncatedError):
+    if isinstance(e, IncompleteArchiveError) or (
+        # cut inside the archive header itself: there is nothing to read
+        isinstance(e, TruncatedError)
+        and ("extent header" in e.message or "header" not in e.message)
+    ):
         return f"{option} reads what is there (missing clusters read as errors)"
     if isinstance(e, CorruptStreamError) and "truncated" in e.message:
         # the sources' messages: "truncated zstd stream", "gzip/lzop stream truncated"
