@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING
 
-from ..errors import CorruptStreamError, IndexCacheError, SourceError, naming_archive
+from ..errors import CorruptStreamError, IndexCacheError, SourceError, VmaError, naming_archive
 
 ProgressFn = Callable[[int, int], None]
 ChunkFn = Callable[[int, memoryview], None]
@@ -174,6 +174,9 @@ class BlockSource(SourceBase):
         self._fd = open_fd(path)
         self.compressed_size = os.fstat(self._fd).st_size
         self._cache = cache
+        #: (start, bytes) of the block the last read ended in: the next read of a
+        #: sequential reader (FUSE asks 128 KiB at a time) usually lies in it too.
+        self._last: tuple[int, bytes] = (0, b"")
 
     def _locate(self, pos: int) -> tuple[Hashable, int]:
         """(cache key, stream offset where it starts) of the block holding byte *pos*."""
@@ -182,6 +185,11 @@ class BlockSource(SourceBase):
     def _decode(self, key: Hashable, start: int) -> bytes:
         """The decoded bytes of block *key*, which starts at stream offset *start*."""
         raise NotImplementedError
+
+    def _forget_blocks(self) -> None:
+        """Drop every decoded block (the block layout changed, or the source closes)."""
+        self._last = (0, b"")
+        self._cache.clear()
 
     def scan(self, on_chunk: ChunkFn, progress: ProgressFn | None = None) -> None:
         """Decode the whole stream once, in order, handing it to *on_chunk*.
@@ -199,37 +207,40 @@ class BlockSource(SourceBase):
         """Bytes [offset, offset+size) of the decoded stream; short only at its end.
 
         A VmaError (corrupt data, or a file changed since its scan) names the
-        file in front of its message (:func:`~vmafs.errors.naming_archive`).
+        file in front of its message (as :func:`~vmafs.errors.naming_archive`
+        with ``in_message=False``; a plain try here, since a read that hits
+        the cache costs a few microseconds and a context manager as much again).
         """
         if offset < 0:
             raise ValueError("negative offset")
-        with naming_archive(self.path, in_message=False):
+        try:
             if self.needs_scan:
                 raise SourceError(f"{self.kind} stream read before its scan")
             end = min(offset + size, self.size)
             parts = []
             pos = offset
             while pos < end:
-                start, data = self._block(pos)
+                start, data = self._last
+                if not start <= pos < start + len(data):
+                    key, start = self._locate(pos)
+                    data = self._cache.get(key)
+                    if data is None:
+                        data = self._decode(key, start)
+                        self._cache.put(key, data)
+                    self._last = (start, data)
                 a = pos - start
                 b = min(len(data), end - start)
                 parts.append(data[a:b] if (a or b != len(data)) else data)
                 pos = start + b
+        except VmaError as e:
+            e.name_archive(self.path, in_message=False)
+            raise
         if len(parts) == 1:
             return parts[0]
         return b"".join(parts)  # b"" at or past the end
 
-    def _block(self, pos: int) -> tuple[int, bytes]:
-        """(start, bytes) of the block holding *pos*, from the cache or freshly decoded."""
-        key, start = self._locate(pos)
-        data = self._cache.get(key)
-        if data is None:
-            data = self._decode(key, start)
-            self._cache.put(key, data)
-        return start, data
-
     def close(self) -> None:
-        self._cache.clear()
+        self._forget_blocks()
         super().close()
 
 
