@@ -295,7 +295,7 @@ _CONTAINER_MODULES = ("zstandard", "indexed_gzip", "lzo", "vmafs.source.")
     "suffix, modules, libraries",
     [
         ("", set(), set()),
-        (".zst", {"zstd", "zstd_seekable"}, {"zstandard"}),
+        (".zst", {"zstd"}, {"zstandard"}),
         (".gz", {"gzip"}, {"indexed_gzip", "zstandard"}),  # zstd packs its saved windows
         (".lzo", {"lzo"}, {"lzo"}),
     ],

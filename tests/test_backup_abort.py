@@ -12,10 +12,10 @@ import errno
 
 import trio
 import trio.testing
+from vmafs.writer.backup import _Abort, _watched
+from vmafs.writer.nbd import Export
 
 from vmafs.errors import WriterError
-from writer.backup import _Abort, _watched
-from writer.nbd import Export
 
 
 class Inner:

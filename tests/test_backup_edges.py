@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import vmafs.writer.backup as wb
 from conftest import vmafs_cmd
 from test_backup_support import (
     TIMEOUT,
@@ -35,19 +36,17 @@ from test_backup_support import (
     start_backup,
     vm,
 )
-
-import writer.backup as wb
-from writer.backup import (
+from vmafs.writer.backup import (
     BackupInterrupted,
-    SignalGuard,
     _Abort,
     _on_signal,
     backup,
     parse_drive_spec,
     resolve_disks,
+    signal_guard,
 )
-from writer.packer import ArchiveOutput
-from writer.qmp import QemuError, QmpConnection
+from vmafs.writer.output import ArchiveOutput
+from vmafs.writer.qmp import QemuError, QmpConnection
 
 # --- helpers ------------------------------------------------------------------------------
 
@@ -177,13 +176,13 @@ def test_signal_guard_unwraps_a_group_of_one():
         raise ExceptionGroup("from a nursery", [ExceptionGroup("inner", [OSError(5, "boom")])])
 
     with pytest.raises(OSError, match="boom"):
-        trio.run(SignalGuard().run, fn)
+        trio.run(signal_guard().run, fn)
 
     async def two():
         raise ExceptionGroup("two", [OSError(5, "a"), ValueError("b")])
 
     with pytest.raises(ExceptionGroup):  # more than one cause: nothing to choose
-        trio.run(SignalGuard().run, two)
+        trio.run(signal_guard().run, two)
 
 
 # --- 2. SIGHUP ----------------------------------------------------------------------------
@@ -252,6 +251,7 @@ def test_more_signals_during_the_abort():
         assert not abort.cleanup_scope.cancel_called
         _on_signal(abort, signal.SIGTERM)
         assert abort.cleanup_scope.cancel_called
+        assert abort.cleanup_stopped
         assert abort.signum == signal.SIGINT  # the first signal is the exit status
 
     trio.run(main)
@@ -313,7 +313,7 @@ def test_clean_up_timeout_names_what_is_left(require_qemu, tmp_path, monkeypatch
             qmp = await QmpConnection.open(str(machine.qmp_path))
             try:
                 disks = await resolve_disks(qmp, [parse_drive_spec("drive-scsi0")])
-                guard = SignalGuard()
+                guard = signal_guard()
                 output = ArchiveOutput(str(out / "t.vma"))
 
                 async def interrupt():

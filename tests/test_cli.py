@@ -29,7 +29,9 @@ def test_version_imports_no_command():
         "print(sorted(m for m in sys.modules if m.startswith(('vmafs.', 'writer', 'numpy'))))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert proc.stdout.splitlines()[-1] == "['vmafs.cli', 'vmafs.errors']"
+    assert proc.stdout.splitlines()[-1] == (
+        "['vmafs.cli', 'vmafs.common', 'vmafs.common.console', 'vmafs.errors']"
+    )
 
 
 def test_top_level_help_lists_commands():
@@ -137,7 +139,7 @@ def test_reader_commands_do_not_import_fuse_or_qemu_stacks():
     code = (
         "import sys; from vmafs.cli import main; "
         f"rc = main(['list', {str(FIXTURES_DIR / 'no-disks.vma')!r}]); "
-        "heavy = [m for m in ('trio', 'pyfuse3', 'qemu', 'writer.cli', 'vmafs.mount') "
+        "heavy = [m for m in ('trio', 'pyfuse3', 'qemu', 'vmafs.writer', 'vmafs.mount') "
         "if m in sys.modules]; "
         "print('HEAVY', heavy, rc)"
     )

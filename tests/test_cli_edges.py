@@ -201,7 +201,7 @@ def test_library_warning_is_a_vmafs_warning_line(tmp_path):
 
 
 def test_error_records_are_one_error_line(capsys):
-    from vmafs.cli import stderr_logging
+    from vmafs.common.console import stderr_logging
 
     root = logging.getLogger()
     before = list(root.handlers), root.level

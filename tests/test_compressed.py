@@ -120,7 +120,6 @@ def test_import_container_imports_only_the_module_the_magic_asks_for(tmp_path):
         "two-disks.vma.zst": [
             "vmafs.source.zstd",
             *(f"vmafs.source.zstd.{m}" for m in zstd),
-            "vmafs.source.zstd_seekable",
         ],
         "two-disks.vma.gz": ["vmafs.source.gzip"],
     }
@@ -580,8 +579,9 @@ def _extent_starts(plain: bytes) -> set[int]:
     "name", ["ext4-guest.vma", "ext4-guest.vma.gz", "ext4-guest.vma.lzo", "ext4-guest.vma.zst"]
 )
 def test_recompress_round_trips_through_zstd_d(tmp_path, name):
-    from vmafs.commands.recompress import recompress
-    from vmafs.source.zstd_seekable import SeekTable
+    from vmafs.writer.recompress import recompress
+
+    from vmafs.zstd_seekable import SeekTable
 
     src = copy_fixture(tmp_path, name)
     out = str(tmp_path / "out.vma.zst")
@@ -606,9 +606,9 @@ def test_recompress_framer_any_chunking(tmp_path):
     import io
 
     import zstandard
+    from vmafs.writer.recompress import _Framer
 
-    from vmafs.commands.recompress import _Framer
-    from vmafs.source.zstd_seekable import SeekableZstdWriter, SeekTable
+    from vmafs.zstd_seekable import SeekableZstdWriter, SeekTable
 
     plain = _plain("two-disks.vma")
     starts = sorted(_extent_starts(plain))
@@ -636,7 +636,7 @@ def test_recompress_framer_any_chunking(tmp_path):
 
 
 def test_recompressed_output_opens_without_side_index(tmp_path):
-    from vmafs.commands.recompress import recompress
+    from vmafs.writer.recompress import recompress
 
     src = copy_fixture(tmp_path, "two-disks.vma.gz")
     out = str(tmp_path / "two-disks.vma.zst")
@@ -654,10 +654,10 @@ def test_seekable_archive_is_indexed_without_whole_frame_decodes(tmp_path, monke
     # (small extents of a sparse stretch are grouped).  Reads afterwards decode
     # whole frames, verify them, and return the disk.
     from test_cli_support import build
+    from vmafs.writer.recompress import recompress
 
-    from vmafs.commands.recompress import recompress
     from vmafs.source.zstd.reads import FrameReader
-    from vmafs.source.zstd_seekable import SeekTable
+    from vmafs.zstd_seekable import SeekTable
 
     rnd = random.Random(9)
     sparse = bytearray(8 << 20)
@@ -716,7 +716,7 @@ def test_seekable_archive_is_indexed_without_whole_frame_decodes(tmp_path, monke
 
 
 def test_recompress_refuses_to_overwrite_and_cleans_up(tmp_path):
-    from vmafs.commands.recompress import recompress
+    from vmafs.writer.recompress import recompress
 
     src = copy_fixture(tmp_path, "two-disks.vma")
     out = tmp_path / "exists.vma.zst"
@@ -756,8 +756,10 @@ def test_index_command(tmp_path, capsys):
     cache = tmp_path / "elsewhere"
     assert main(["index", "--cache-dir", str(cache), path]) == 0
     assert os.path.isfile(sidecar.cache_path(path, str(cache)))
-    plain = copy_fixture(tmp_path, "two-disks.vma")
-    assert main(["index", plain]) == 0
+    seekable = tmp_path / "s.vma.zst"
+    assert main(["recompress", "--no-progress", path, str(seekable)]) == 0
+    capsys.readouterr()
+    assert main(["index", str(seekable)]) == 0
     assert "nothing to do" in capsys.readouterr().out
     cut = tmp_path / "cut.vma.gz"
     cut.write_bytes(open(path, "rb").read()[:-100])
@@ -829,7 +831,7 @@ def test_mount_compressed_reads_back_equal_to_manifest(tmp_path, require_fuse, k
     pytest.importorskip("vmafs.mount", reason="vmafs mount has not landed yet")
     name = "ext4-guest.vma"
     if kind == "recompressed":
-        from vmafs.commands.recompress import recompress
+        from vmafs.writer.recompress import recompress
 
         archive = str(tmp_path / "seekable.vma.zst")
         recompress(copy_fixture(tmp_path, name + ".gz"), archive)

@@ -26,7 +26,7 @@ from vmafactory import HOSTILE_CONFIG_NAMES, build_archive, missing_cluster, spa
 
 from vmafs.archive import Archive
 from vmafs.format import CLUSTER_SIZE
-from vmafs.names import safe_entry_names, unsafe_reason
+from vmafs.names import VOLUMES_DIR, safe_entry_names, unsafe_reason
 
 pytestmark = pytest.mark.fuse
 
@@ -57,7 +57,8 @@ def test_fixture_mount_matches_manifest(archive, mnt, tmp_path, require_fuse):
     disks = {f"disk-{d['name']}.raw": d for d in m["devices"]}
     configs = {c["name"]: c for c in m["configs"]}
     with mounted(archive, mnt):
-        assert sorted(os.listdir(mnt)) == sorted([*disks, *configs])
+        volumes = [VOLUMES_DIR] if disks else []  # volumes/ only where there is a disk
+        assert sorted(os.listdir(mnt)) == sorted([*disks, *configs, *volumes])
         root = os.stat(mnt)
         assert root.st_mode == stat.S_IFDIR | 0o500
         assert (root.st_uid, root.st_gid) == (os.getuid(), os.getgid())
@@ -106,7 +107,13 @@ def test_writes_are_refused(mnt, require_fuse, fixtures_dir):
                 attempt()
             assert e.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM), what
         assert sorted(os.listdir(mnt)) == sorted(
-            ["disk-drive-scsi0.raw", "disk-drive-scsi1.raw", "qemu-server.conf", "qemu-server.fw"]
+            [
+                "disk-drive-scsi0.raw",
+                "disk-drive-scsi1.raw",
+                "qemu-server.conf",
+                "qemu-server.fw",
+                VOLUMES_DIR,
+            ]
         )
         assert sha256_file(disk) == before
         with open("/proc/self/mountinfo") as f:
@@ -164,7 +171,7 @@ def test_reads_at_odd_offsets_match_archive(shuffled, mnt, mode, require_fuse):
         ids = {
             f"disk-{d.name}.raw" if not d.is_vmstate else "vmstate.bin": d.dev_id for d in a.devices
         }
-        assert sorted(os.listdir(mnt)) == sorted([*files, "qemu-server.conf"])
+        assert sorted(os.listdir(mnt)) == sorted([*files, "qemu-server.conf", VOLUMES_DIR])
         for name, content in files.items():
             assert os.stat(mnt / name).st_size == len(content)
             fd = os.open(mnt / name, os.O_RDONLY)
@@ -288,8 +295,8 @@ def test_hostile_names_shown_safely(mnt, tmp_path, require_fuse):
     logfile = tmp_path / "mount.log"
     with mounted(archive, mnt, f"logfile={logfile}"):
         shown = os.listdir(mnt)
-        assert sorted(shown) == sorted(expected)
-        assert len(shown) == len(configs) + 3
+        assert sorted(shown) == sorted([*expected, VOLUMES_DIR])
+        assert len(shown) == len(configs) + 4
         for name in shown:
             assert unsafe_reason(name) is None, name
             assert os.path.dirname(os.path.realpath(mnt / name)) == str(mnt)
@@ -342,7 +349,7 @@ def test_incomplete_archive_refused_then_eio(mnt, tmp_path, require_fuse):
         finally:
             os.close(fd)
         assert (mnt / "disk-drive-scsi1.raw").read_bytes() == content[: 2 * CLUSTER_SIZE]
-        assert len(os.listdir(mnt)) == 3
+        assert len(os.listdir(mnt)) == 4  # two disks, the config, volumes/
     log = logfile.read_text()
     assert "incomplete archive: 1 clusters missing" in log
     assert "never written" in log
@@ -361,7 +368,7 @@ def test_archive_shrinking_under_the_mount_gives_eio(mnt, tmp_path, fixtures_dir
             sha256_file(mnt / f"disk-{d['name']}.raw")
         assert e.value.errno == errno.EIO
         # Still serving: the directory, attributes, configs.
-        assert len(os.listdir(mnt)) == 4
+        assert len(os.listdir(mnt)) == 5  # two disks, two configs, volumes/
         assert os.stat(mnt / f"disk-{d['name']}.raw").st_size == d["size"]
         assert sha256_file(mnt / "qemu-server.conf") == m["configs"][0]["sha256"]
     assert "ERROR" in logfile.read_text()
@@ -374,8 +381,10 @@ def test_full_directory_of_256_configs(mnt, tmp_path, require_fuse):
     archive = b.write(tmp_path / "many.vma")
     with mounted(archive, mnt):
         names = os.listdir(mnt)
-        assert len(names) == len(set(names)) == 257
-        assert sorted(names) == sorted(["disk-drive-scsi0.raw", *(n for n, _ in configs)])
+        assert len(names) == len(set(names)) == 258
+        assert sorted(names) == sorted(
+            ["disk-drive-scsi0.raw", VOLUMES_DIR, *(n for n, _ in configs)]
+        )
         assert (mnt / configs[200][0]).read_bytes() == b"200\n"
 
 

@@ -6,6 +6,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -148,6 +149,93 @@ def test_foreground_signal_unmounts_cleanly(two_disks, mnt, sig, require_fuse):
         cleanup(two_disks, mnt)
 
 
+def _wait_for_log(path: Path, text: str, what: str) -> str:
+    wait_until(lambda: path.exists() and text in path.read_text(errors="replace"), 20, what)
+    return path.read_text(errors="replace")
+
+
+def test_sighup_keeps_the_mount_and_a_rotated_log_is_reopened(
+    two_disks, mnt, tmp_path, require_fuse
+):
+    log = tmp_path / "vmafs.log"
+    with mounted(two_disks, mnt, f"logfile={log}"):
+        (pid,) = holders(two_disks)
+        log.rename(tmp_path / "vmafs.log.1")  # what logrotate does first
+        os.kill(pid, signal.SIGHUP)
+        text = _wait_for_log(log, "SIGHUP", "the SIGHUP line in the new log file")
+        assert "stays mounted" in text
+        assert is_mounted(mnt)
+        assert os.stat(mnt / "disk-drive-scsi1.raw").st_size == 3149824
+        assert holders(two_disks) == {pid}
+
+
+def test_sigusr1_dumps_the_stacks_into_the_log(two_disks, mnt, tmp_path, require_fuse):
+    log = tmp_path / "vmafs.log"
+    with mounted(two_disks, mnt, f"logfile={log}"):
+        (pid,) = holders(two_disks)
+        os.kill(pid, signal.SIGUSR1)
+        text = _wait_for_log(log, "SIGUSR1 stack dump", "the stack dump")
+        assert "serve.py" in text  # the main thread waits in the trio loop's module
+        assert is_mounted(mnt)
+        assert sha256_file(mnt / "qemu-server.conf")
+
+
+def test_debug_option_turns_on_libfuse_tracing(two_disks, mnt, tmp_path, require_fuse):
+    log = tmp_path / "vmafs.log"
+    with mounted(two_disks, mnt, "debug", f"logfile={log}"):
+        os.stat(mnt / "qemu-server.conf")
+        # libfuse's own trace (stderr of the detached process goes to the log file)
+        text = _wait_for_log(log, "opcode: LOOKUP", "libfuse's request trace")
+        assert "DEBUG" in text  # and vmafs's debug messages
+    proc = subprocess.Popen(
+        vmafs_cmd("mount", "-f", "-o", "debug", two_disks, mnt),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: is_mounted(mnt) or proc.poll() is not None, 30, "the mount")
+        os.stat(mnt / "qemu-server.conf")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=GUARD)
+        assert "opcode: LOOKUP" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        cleanup(two_disks, mnt)
+
+
+# A SIGTERM between pyfuse3.init (the kernel mount exists) and the loop's
+# signal handlers: simulated by sending it from inside pyfuse3.init.
+_EARLY_SIGNAL = """
+import os, signal, sys
+import pyfuse3
+real_init = pyfuse3.init
+def init(*args):
+    real_init(*args)
+    os.kill(os.getpid(), signal.SIGTERM)
+pyfuse3.init = init
+from vmafs.cli import main
+sys.exit(main(["mount", "-f", sys.argv[1], sys.argv[2]]))
+"""
+
+
+def test_signal_right_after_the_kernel_mount_leaves_no_dead_mount(two_disks, mnt, require_fuse):
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _EARLY_SIGNAL, str(two_disks), str(mnt)],
+            capture_output=True,
+            text=True,
+            timeout=GUARD,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "SIGTERM" in proc.stderr and "unmounted" in proc.stderr
+        assert not is_mounted(mnt)
+    finally:
+        cleanup(two_disks, mnt)
+
+
 # --- errors are reported before detaching ------------------------------------------------------
 
 
@@ -220,6 +308,58 @@ def test_umount_while_loop_device_attached(fixtures_dir, mnt, require_fuse, requ
                 assert len(f.read(4096)) == 4096
         proc = run_vmafs("umount", mnt)
         assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.loop
+@pytest.mark.parametrize("suffix", [".zst", ".gz"])
+def test_umount_waits_until_the_archive_is_released(
+    fixtures_dir, tmp_path, mnt, suffix, require_fuse, require_loop
+):
+    """Right after a first mount of a compressed archive (the process writes the side
+    index once the mount is up), 'vmafs umount' returns only once the process has
+    exited: the ext4 filesystem the archive lives on unmounts at once, not 'busy'."""
+    image, store = tmp_path / "store.img", tmp_path / "store"
+    store.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", image], check=True, timeout=GUARD)
+    subprocess.run(["mount", "-o", "loop", image, store], check=True, timeout=GUARD)
+    try:
+        archive = store / f"ext4-guest.vma{suffix}"
+        archive.write_bytes((fixtures_dir / archive.name).read_bytes())
+        env = {"VMAFS_CACHE_DIR": str(store / "cache")}  # the side index goes there too
+        proc = subprocess.run(
+            vmafs_cmd("mount", archive, mnt),
+            capture_output=True,
+            text=True,
+            timeout=GUARD,
+            env={**os.environ, **env},
+        )
+        assert proc.returncode == 0, proc.stderr
+        proc = run_vmafs("umount", mnt)
+        assert (proc.returncode, proc.stderr) == (0, "")
+        assert not holders(archive)  # at once, no waiting
+        done = subprocess.run(["umount", store], capture_output=True, text=True, timeout=GUARD)
+        assert done.returncode == 0, done.stderr
+        assert not is_mounted(store)
+    finally:
+        cleanup(tmp_path / "none", mnt)
+        unmount(store, fuse=False)
+
+
+def test_umount_timeout_names_the_process(two_disks, mnt, require_fuse):
+    """A process that does not exit after the unmount: the error gives its pid."""
+    with mounted(two_disks, mnt):
+        (pid,) = holders(two_disks)
+        os.kill(pid, signal.SIGSTOP)  # it cannot see the unmount, let alone exit
+        try:
+            proc = run_vmafs("umount", "--timeout", "0.5", mnt)
+            assert proc.returncode == 1
+            err = _one_line_error(proc)
+            assert f"pid {pid}" in err and f"kill {pid}" in err
+            assert not is_mounted(mnt)
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
 
 # --- options ------------------------------------------------------------------------------

@@ -183,7 +183,8 @@ def test_mount_log_says_when_pyfuse3_lacks_lseek(supported, tmp_path, monkeypatc
 
     import vmafs.fs
     from vmafs.fs import VmaFS
-    from vmafs.mount import MountOptions, _log_start
+    from vmafs.mount import MountOptions
+    from vmafs.mount.mounting import _log_start
 
     archive = build_archive({"drive-scsi0": sparse_disk(CLUSTER_SIZE, 1)}).write(tmp_path / "a.vma")
     monkeypatch.setattr(vmafs.fs, "SEEK_HOLE_SUPPORTED", supported)

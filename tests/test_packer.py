@@ -18,6 +18,8 @@ import trio
 import trio.testing
 import zstandard
 from conftest import fixture_archives, unmount
+from vmafs.writer.output import ArchiveOutput
+from vmafs.writer.packer import Packer
 
 from vmafs.archive import Archive
 from vmafs.errors import (
@@ -33,7 +35,6 @@ from vmafs.format import (
     ExtentHeader,
     Header,
 )
-from writer.packer import ArchiveOutput, Packer
 
 REPO = Path(__file__).resolve().parent.parent
 UUID = bytes(range(16))
@@ -715,7 +716,8 @@ def test_abort_removes_the_temp_file(tmp_path):
 
 STREAM_SCRIPT = """
 import sys, trio
-from writer.packer import ArchiveOutput, Packer
+from vmafs.writer.output import ArchiveOutput
+from vmafs.writer.packer import Packer
 data = bytes(range(256)) * 1024 + bytes(65536 * 2)
 async def main(out):
     async with Packer(out, [("drive-scsi0", len(data))], [("qemu-server.conf", b"x")]) as p:
@@ -742,7 +744,7 @@ def test_stdout_streaming(tmp_path):
 
 
 def test_zst_target_is_seekable_with_frames_at_extent_boundaries(tmp_path):
-    from vmafs.source.zstd_seekable import FRAME_LIMIT, SeekTable
+    from vmafs.zstd_seekable import FRAME_LIMIT, SeekTable
 
     data = make_disk(100 * CLUSTER_SIZE, 11)
     items = [(1, o, c) for o, c in clusters(data)]

@@ -31,7 +31,7 @@ from vmafs.errors import (
 from vmafs.format import CLUSTER_SIZE
 from vmafs.source import open_source
 from vmafs.source.plain import PlainSource
-from vmafs.source.zstd_seekable import SeekableZstdWriter
+from vmafs.zstd_seekable import SeekableZstdWriter
 
 BAD_NAME = os.fsdecode(b"bad\xffname.vma.zst")  # not valid UTF-8
 

@@ -20,13 +20,13 @@ from conftest import _unavailable, vmafs_cmd
 from test_cli_support import assert_one_line_error, build, patterned_disk, run_cli
 
 from vmafs.format import CLUSTER_SIZE
-from vmafs.source.zstd_seekable import SEEKABLE_MAGIC
+from vmafs.zstd_seekable import SEEKABLE_MAGIC
 
 #: ``python -c PAUSED recompress ...``: the CLI, holding still after the first chunk
 #: of the stream (the temporary file exists then) until a signal ends it.
 PAUSED = """
 import os, sys, time
-import vmafs.commands.recompress as r
+import vmafs.writer.recompress as r
 from vmafs.cli import main
 marker = os.environ["PAUSE_MARKER"]
 real = r._stream
@@ -241,12 +241,12 @@ def test_output_directory_problems_name_the_users_path(tmp_path, archive):
     directory = tmp_path / "adir"
     directory.mkdir()
     line = assert_one_line_error(run_cli("recompress", archive, directory))
-    assert line == f"vmafs: error: {directory}: is a directory (OUT is a file to create)"
+    assert line == f"vmafs: error: {directory}: is a directory (the output is a file to create)"
     assert os.listdir(directory) == []
     assert _temp_files(tmp_path) == []
 
     existing = tmp_path / "exists.vma.zst"
     existing.write_bytes(b"keep me")
     line = assert_one_line_error(run_cli("recompress", archive, existing))
-    assert line == f"vmafs: error: {existing}: refusing to overwrite an existing file"
+    assert line == f"vmafs: error: {existing}: already exists; refusing to overwrite it"
     assert existing.read_bytes() == b"keep me"

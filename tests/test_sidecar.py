@@ -124,7 +124,8 @@ def test_save_then_load_gives_the_same_index(tmp_path, monkeypatch):
         want = a.index.to_arrays()
         header = a.header
     assert dest == str(p) + ".vmafs-index"
-    assert not [n for n in os.listdir(tmp_path) if ".tmp." in n]  # temp file renamed away
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # temp file renamed away
+    assert os.stat(dest).st_mode & 0o777 == 0o644
     src = open_source(p)
     try:
         found = sidecar.find(src)

@@ -30,7 +30,7 @@ from vmafs.source.zstd import (
     resume_prefix_size,
     window_descriptor_for,
 )
-from vmafs.source.zstd_seekable import SeekableZstdWriter, SeekTable
+from vmafs.zstd_seekable import SeekableZstdWriter, SeekTable
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 needs_zstd = pytest.mark.skipif(shutil.which("zstd") is None, reason="zstd CLI not installed")

@@ -30,10 +30,11 @@ from test_backup_support import (
     vm,
     vmafs_verify,
 )
+from vmafs.writer.cli import parse_rate
+from vmafs.writer.output import ArchiveOutput
+from vmafs.writer.packer import Packer
 
 from vmafs.errors import WriterError
-from writer.cli import parse_rate
-from writer.packer import ArchiveOutput, Packer
 
 TIMEOUT = 120
 SECRET = b"SECRET host file\n"
@@ -386,12 +387,12 @@ def test_sigterm_at_any_moment_never_exits_0_without_an_archive(require_qemu, tm
 
 def test_late_signals_stay_ignored_after_commit():
     """Unit check of the handler: committed -> ignored; not committed -> the old default."""
-    from writer.cli import _LateSignals
+    from vmafs.common.signals import LateSignals
 
     class Out:
         committed = False
 
-    late = _LateSignals()
+    late = LateSignals(lambda signum: AssertionError(signum))
     late.output = Out()
     seen = []
     late._outside[signal.SIGINT] = lambda s, f: seen.append(s)
@@ -411,12 +412,13 @@ def test_signal_before_the_guard_listens_is_reported_once_it_does():
     """SIGTERM inside trio before the SignalGuard's receiver exists: kept, and
     ready() - which waits for the receiver - reports it; nothing was created."""
     import trio
+    from vmafs.writer.backup import BackupInterrupted, interrupted, signal_guard
 
-    from writer.backup import BackupInterrupted, SignalGuard
-    from writer.cli import _LateSignals
+    from vmafs.common.signals import LateSignals
 
-    saved = {s: signal.getsignal(s) for s in _LateSignals.SIGNALS}
-    late, guard = _LateSignals(), SignalGuard()
+    saved = {s: signal.getsignal(s) for s in LateSignals.SIGNALS}
+    late = LateSignals(lambda signum: interrupted(signum, "nothing written"))
+    guard = signal_guard()
     order = []
 
     async def main():

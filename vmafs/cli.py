@@ -22,13 +22,20 @@ import argparse
 import contextlib
 import errno
 import importlib
-import logging
 import os
 import sys
 import traceback
 from collections.abc import Sequence
 
 from . import __version__
+from .common.console import (
+    PROG,
+    StdoutError,
+    describe_oserror,
+    discard_stdout,
+    stderr_logging,
+    writing_stdout,
+)
 from .errors import VmaError
 
 #: (command names it registers, module, register function), in the order
@@ -41,13 +48,17 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("verify",), "vmafs.commands.verify", "register"),
     (("extract",), "vmafs.commands.extract", "register"),
     (("index",), "vmafs.commands.index", "register"),
-    (("recompress",), "vmafs.commands.recompress", "register"),
+    (("volumes",), "vmafs.commands.volumes", "register"),
+    (("recompress",), "vmafs.writer.recompress", "register"),
+    (("ls",), "vmafs.commands.ls", "register"),
+    (("cat",), "vmafs.commands.cat", "register"),
+    (("get",), "vmafs.commands.get", "register"),
     (("mount", "umount"), "vmafs.mount", "register"),
-    (("backup",), "writer.cli", "register_backup"),
-    (("create",), "writer.cli", "register_create"),
+    (("serve",), "vmafs.commands.serve", "register"),
+    (("backup",), "vmafs.writer.cli", "register_backup"),
+    (("create",), "vmafs.writer.cli", "register_create"),
+    (("restore",), "vmafs.writer.restore", "register"),
 ]
-
-PROG = "vmafs"
 
 DESCRIPTION = """\
 Read Proxmox VE VMA backups (vzdump-qemu-*.vma, .vma.zst, .vma.gz, .vma.lzo)
@@ -156,7 +167,7 @@ def _load_commands(debug: bool, only: str | None = None) -> list:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as e:
             missing = e.name or ""
-            if missing.split(".")[0] in ("vmafs", "writer") and not modname.startswith(missing):
+            if missing.split(".")[0] == "vmafs" and not modname.startswith(missing):
                 raise  # one of our modules imports something that is not there: a bug
             # The command module is not installed, or an optional dependency
             # (pyfuse3, qemu.qmp) is missing.
@@ -219,102 +230,9 @@ def _fail(message: str, debug: bool, status: int = 1) -> int:
     return status
 
 
-class _LogFormatter(logging.Formatter):
-    """``vmafs: warning: MESSAGE``: library log records in the CLI's own format."""
-
-    def __init__(self, prog: str, debug: bool) -> None:
-        super().__init__()
-        self.prog = prog
-        self.debug = debug
-
-    def format(self, record: logging.LogRecord) -> str:
-        level = "error" if record.levelno >= logging.ERROR else record.levelname.lower()
-        # One line, whatever the message holds (names in archives are untrusted).
-        text = " ".join(record.getMessage().split("\n"))
-        if record.exc_info and self.debug:
-            text += "\n" + self.formatException(record.exc_info)
-        return f"{self.prog}: {level}: {text}"
-
-
-@contextlib.contextmanager
-def stderr_logging(prog: str = PROG, debug: bool = False):
-    """Show log records of WARNING and up (all with *debug*) on stderr while the block runs.
-
-    The library modules (vmafs.sidecar, vmafs.source.*) report what they
-    recover from through :mod:`logging`; without a handler Python's
-    last-resort handler would print the bare message.  The handler goes on
-    the root logger and is removed afterwards.  ``vmafs mount`` replaces it
-    with its own once it knows where to log (``vmafs.mount._setup_logging``
-    removes every root handler); a handler that is gone by then is left alone.
-    """
-    root = logging.getLogger()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_LogFormatter(prog, debug))
-    level = logging.DEBUG if debug else logging.WARNING
-    handler.setLevel(level)  # also for loggers set lower than the root
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(level)
-    try:
-        yield handler
-    finally:
-        if handler in root.handlers:
-            root.removeHandler(handler)
-            root.setLevel(old_level)
-
-
-#: Commands that configure logging themselves (``writer.cli._setup_logging``
+#: Commands that configure logging themselves (``vmafs.writer.cli._setup_logging``
 #: sets up the root logger only when it has no handler yet).
-OWN_LOGGING = frozenset({"backup", "create"})
-
-
-class StdoutError(OSError):
-    """Writing to standard output failed (``> /dev/full``, a full disk, EIO).
-
-    Its strerror says so (``writing to stdout: No space left on device``):
-    without it the error line would not say which file could not be written.
-    """
-
-
-@contextlib.contextmanager
-def writing_stdout(note: str = ""):
-    """Turn an OSError from the block's writes to stdout into a :class:`StdoutError`.
-
-    A closed pipe (EPIPE) stays a BrokenPipeError (exit 141, nothing printed).
-    *note* is added to the message in parentheses.
-    """
-    try:
-        yield
-    except BrokenPipeError:
-        raise
-    except OSError as e:
-        if isinstance(e, StdoutError) or e.filename is not None:
-            raise
-        text = f"writing to stdout: {e.strerror or e}" + (f" ({note})" if note else "")
-        raise StdoutError(e.errno, text) from e
-
-
-def discard_stdout() -> None:
-    """Point stdout at /dev/null after a failed write, so the interpreter's final
-    flush of what is still buffered neither fails again nor prints a warning."""
-    try:
-        fd = sys.stdout.fileno()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        if devnull != fd:
-            os.dup2(devnull, fd)
-            os.close(devnull)
-    except (OSError, ValueError):
-        pass
-
-
-def describe_oserror(e: OSError) -> str:
-    """``path: strerror`` as ls/cp print it."""
-    text = e.strerror or str(e)
-    if e.filename is not None:
-        text = f"{os.fsdecode(e.filename)}: {text}"
-        if e.filename2 is not None:
-            text = f"{text} (-> {os.fsdecode(e.filename2)})"
-    return text
+OWN_LOGGING = frozenset({"backup", "create", "restore"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -358,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit:
         raise
     except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] in ("vmafs", "writer"):
+        if (e.name or "").split(".")[0] == "vmafs":
             raise
         # A dependency imported lazily by a command (pyfuse3, zstandard, ...).
         return _fail(f"{e} (a dependency of this command is not installed)", debug)

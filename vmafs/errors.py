@@ -207,3 +207,79 @@ class WriteRangeError(WriterError):
 
 class BackupError(WriterError):
     """QEMU, the NBD transport or the backup job failed."""
+
+
+# --- volumes inside a disk (partitions, LVM, filesystems) -------------------------
+
+
+class VolumeError(VmaError):
+    """A partition table, LVM metadata or volume read inside a disk is unusable.
+
+    *volume* names the drive or volume (``drive-scsi0``, ``drive-scsi0/p2``,
+    ``drive-scsi0/pve/root``); *disk_offset* is a byte offset inside that
+    drive, *volume_offset* one inside the volume.  The message says both, so
+    the one-line report points at the damaged bytes.  Unlike other errors
+    :attr:`offset` stays None: these offsets are not archive offsets.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        volume: str | None = None,
+        disk_offset: int | None = None,
+        volume_offset: int | None = None,
+        dev_id: int | None = None,
+    ) -> None:
+        self.volume = volume
+        self.disk_offset = disk_offset
+        self.volume_offset = volume_offset
+        super().__init__(message, dev_id=dev_id)
+
+    def _render(self) -> str:
+        where = []
+        if self.volume_offset is not None:
+            where.append(f"volume offset {self.volume_offset}")
+        if self.disk_offset is not None:
+            where.append(f"disk offset {self.disk_offset}")
+        text = f"{self.volume}: {self.message}" if self.volume else self.message
+        return self._prefix + (f"{text} ({', '.join(where)})" if where else text)
+
+
+class PartitionTableError(VolumeError):
+    """A GPT or MBR partition table is damaged or describes impossible partitions."""
+
+
+class LvmError(VolumeError):
+    """An LVM2 label, metadata area or metadata text is damaged or impossible."""
+
+
+class VolumeNotFoundError(VolumeError):
+    """No volume has the name asked for (the message lists the names there are)."""
+
+
+class UnsupportedVolumeError(VolumeError):
+    """The volume exists but vmafs cannot read it (striped, thin, raid, snapshot LVs)."""
+
+
+# --- files inside guest filesystems ----------------------------------------------
+
+
+class GuestError(VmaError):
+    """Reading inside a guest filesystem failed (the message names volume and path).
+
+    *errno_* is the errno the guest filesystem gave (ENOENT, ENOTDIR, ...)
+    when there is one, so callers can tell a missing file from a broken disk.
+    """
+
+    def __init__(self, message: str, *, errno_: int | None = None) -> None:
+        self.errno = errno_
+        super().__init__(message)
+
+
+class EngineUnavailableError(GuestError):
+    """The engine asked for cannot run here (libguestfs missing, not root, no kernel)."""
+
+
+class GuestMountError(GuestError):
+    """Setting up or taking down a guest filesystem's mount failed."""

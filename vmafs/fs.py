@@ -14,13 +14,14 @@ import os
 import stat
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
 from pyfuse3 import EntryAttributes, FileHandleT, FileInfo, FUSEError, InodeT, StatvfsData
 
 from .errors import MissingClusterError, VmaError
-from .names import Entry, safe_entry_names
+from .names import VOLUMES_DIR, Entry, drive_dir_names, safe_entry_names, volume_paths
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +145,31 @@ def _read_only(*_args) -> None:
     raise FUSEError(errno.EROFS)
 
 
+@dataclass
+class _Dir:
+    """A directory: its children by name (in readdir order) and, for a disk's
+    volume directory, the scan that fills it on first use."""
+
+    children: dict[bytes, InodeT] = field(default_factory=dict)
+    load: Callable[[], None] | None = None
+
+
 class VmaFS(pyfuse3.Operations):
-    """One archive as a flat, read-only directory of files.
+    """One archive as a read-only directory of files, plus its volumes.
 
     Holds: the opened :class:`~vmafs.archive.Archive` (not owned: the
     caller closes it after the main loop ends) and the table of
     :class:`~vmafs.names.Entry` from :func:`~vmafs.names.safe_entry_names`.
     Inode numbers are fixed up front: ``ROOT_INODE`` is the directory,
-    entries follow in ``safe_entry_names`` order; ``forget`` needs no
-    bookkeeping and file handles are the inode numbers.
+    entries follow in ``safe_entry_names`` order, then ``volumes/`` and
+    one directory per disk under it (:func:`~vmafs.names.drive_dir_names`).
+    A disk's directory is filled the first time it is looked into: its
+    volumes are scanned then (:func:`vmafs.volumes.scan_drive`, a few
+    small reads), so a mount is ready as fast as without them; the volume
+    files and VG directories get the next free inode numbers and keep
+    them.  ``forget`` needs no bookkeeping and file handles are the inode
+    numbers.  A disk whose layout is damaged shows an empty directory and
+    logs the error once.
 
     Attributes: sizes are exact; ``st_blocks`` counts the bytes the archive
     stores (``du`` shows the backed-up data, holes cost nothing); all times
@@ -189,26 +206,92 @@ class VmaFS(pyfuse3.Operations):
         self.direct_io = direct_io
         self.threaded = threaded
         self.entries: dict[InodeT, Entry] = {}
-        self.by_name: dict[bytes, InodeT] = {}
+        #: Volume files: inode -> VolumeReader (vmafs.volumes), added as disks are scanned.
+        self.volumes: dict[InodeT, object] = {}
+        root = _Dir()
+        self.dirs: dict[InodeT, _Dir] = {InodeT(pyfuse3.ROOT_INODE): root}
         for i, entry in enumerate(safe_entry_names(archive).values()):
             inode = InodeT(FIRST_FILE_INODE + i)
             self.entries[inode] = entry
-            self.by_name[os.fsencode(entry.name)] = inode
+            root.children[os.fsencode(entry.name)] = inode
+        self._next_inode = FIRST_FILE_INODE + len(self.entries)
+        drives = drive_dir_names(archive)
+        if drives:
+            top = _Dir()
+            root.children[os.fsencode(VOLUMES_DIR)] = self._add_dir(top)
+            for dev_id, name in drives.items():
+                d = _Dir()
+                inode = self._add_dir(d)
+                d.load = functools.partial(self._load_drive, inode, dev_id)
+                top.children[os.fsencode(name)] = inode
         self._time_ns = archive.header.ctime * 1_000_000_000
         self._attrs = {inode: self._make_attr(inode) for inode in self._all_inodes()}
+
+    @property
+    def by_name(self) -> dict[bytes, InodeT]:
+        """The root directory's names (archive files and ``volumes``)."""
+        return self.dirs[InodeT(pyfuse3.ROOT_INODE)].children
+
+    def _new_inode(self) -> InodeT:
+        inode = InodeT(self._next_inode)
+        self._next_inode += 1
+        return inode
+
+    def _add_dir(self, d: _Dir) -> InodeT:
+        inode = self._new_inode()
+        self.dirs[inode] = d
+        return inode
+
+    def _load_drive(self, inode: InodeT, dev_id: int) -> None:
+        """Scan disk *dev_id* and fill its volume directory *inode* (once)."""
+        from .volumes import VolumeReader, scan_drive  # noqa: PLC0415  (only when looked at)
+
+        d = self.dirs[inode]
+        d.load = None
+        try:
+            volumes = scan_drive(self.archive, dev_id)
+            readers = [(v, VolumeReader(self.archive, v)) for v in volumes if v.readable]
+        except (VmaError, OSError) as e:
+            log.error("volumes of %s not shown: %s", self.archive.header.devices[dev_id].name, e)
+            return
+        paths = volume_paths(volumes)
+        for volume, reader in readers:
+            *dirs, leaf = paths[volume.name]
+            parent = d
+            for part in dirs:
+                key = os.fsencode(part)
+                if key not in parent.children:
+                    parent.children[key] = self._add_dir(_Dir())
+                    self._attrs[parent.children[key]] = self._make_attr(parent.children[key])
+                parent = self.dirs[parent.children[key]]
+            file_inode = self._new_inode()
+            self.volumes[file_inode] = reader
+            parent.children[os.fsencode(leaf)] = file_inode
+            self._attrs[file_inode] = self._make_attr(file_inode)
+
+    def _dir(self, inode: InodeT) -> _Dir:
+        d = self.dirs.get(inode)
+        if d is None:
+            raise FUSEError(errno.ENOTDIR if inode in self._attrs else errno.ENOENT)
+        if d.load is not None:
+            d.load()
+        return d
 
     def _describe(self, op: str, args: tuple) -> str:
         """``read disk-x.raw [offset, +size)`` for log lines (names as shown, escaped)."""
         entry = self.entries.get(args[0]) if args else None
-        if entry is None:
+        name = entry.name if entry is not None else None
+        if entry is None and args and args[0] in self.volumes:
+            name = self.volumes[args[0]].volume.name
+        if name is None:
             return op
         where = f" [{args[1]}, +{args[2]})" if op == "read" else ""
-        return f"{op} {entry.name!r}{where}"
+        return f"{op} {name!r}{where}"
 
     # -- attributes --
 
     def _all_inodes(self) -> list[InodeT]:
-        return [InodeT(pyfuse3.ROOT_INODE), *self.entries]
+        return [*self.dirs, *self.entries, *self.volumes]
 
     def _make_attr(self, inode: InodeT) -> EntryAttributes:
         attr = EntryAttributes()
@@ -220,15 +303,20 @@ class VmaFS(pyfuse3.Operations):
         attr.st_gid = self.gid
         attr.st_blksize = 65536
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self._time_ns
-        if inode == pyfuse3.ROOT_INODE:
+        if inode in self.dirs:
             attr.st_mode = DIR_MODE
             attr.st_nlink = 2
             attr.st_size = 0
             attr.st_blocks = 0
             return attr
-        entry = self.entries[inode]
         attr.st_mode = FILE_MODE
         attr.st_nlink = 1
+        if inode in self.volumes:
+            reader = self.volumes[inode]
+            attr.st_size = reader.size
+            attr.st_blocks = reader.stored_bytes() // 512
+            return attr
+        entry = self.entries[inode]
         attr.st_size = entry.size
         if entry.dev_id is not None:
             attr.st_blocks = self.archive.stored_bytes(entry.dev_id) // 512
@@ -244,11 +332,12 @@ class VmaFS(pyfuse3.Operations):
 
     @_guard
     async def lookup(self, parent_inode: InodeT, name: bytes, ctx=None) -> EntryAttributes:
-        if parent_inode != pyfuse3.ROOT_INODE:
-            raise FUSEError(errno.ENOTDIR)
-        if name in (b".", b".."):
+        d = self._dir(parent_inode)
+        if name == b".":
+            return self._attrs[parent_inode]
+        if name == b"..":  # the kernel answers these itself; the root is a safe answer
             return self._attrs[pyfuse3.ROOT_INODE]
-        inode = self.by_name.get(name)
+        inode = d.children.get(name)
         if inode is None:
             raise FUSEError(errno.ENOENT)
         return self._attrs[inode]
@@ -261,17 +350,15 @@ class VmaFS(pyfuse3.Operations):
 
     @_guard
     async def opendir(self, inode: InodeT, ctx) -> FileHandleT:
-        if inode != pyfuse3.ROOT_INODE:
-            raise FUSEError(errno.ENOTDIR)
+        self._dir(inode)
         return FileHandleT(inode)
 
     @_guard
     async def readdir(self, fh: FileHandleT, start_id: int, token) -> None:
-        # start_id = number of entries already returned; entries never change.
-        inodes = list(self.entries)
-        for i in range(start_id, len(inodes)):
-            inode = inodes[i]
-            name = os.fsencode(self.entries[inode].name)
+        # start_id = number of entries already returned; a loaded directory never changes.
+        items = list(self._dir(InodeT(fh)).children.items())
+        for i in range(start_id, len(items)):
+            name, inode = items[i]
             if not pyfuse3.readdir_reply(token, name, self._attrs[inode], i + 1):
                 break
 
@@ -282,12 +369,12 @@ class VmaFS(pyfuse3.Operations):
 
     @_guard
     async def open(self, inode: InodeT, flags: int, ctx) -> FileInfo:
-        if inode == pyfuse3.ROOT_INODE:
+        if inode in self.dirs:
             raise FUSEError(errno.EISDIR)
         self._attr(inode)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise FUSEError(errno.EROFS)
-        is_device = self.entries[inode].dev_id is not None
+        is_device = inode in self.volumes or self.entries[inode].dev_id is not None
         # Configs are tiny: always through the page cache.  The content of
         # every file is immutable, so cached pages stay valid across opens.
         return FileInfo(
@@ -300,7 +387,7 @@ class VmaFS(pyfuse3.Operations):
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         entry = self.entries.get(InodeT(fh))
         if entry is None:
-            raise FUSEError(errno.EBADF)
+            return await self._read_volume(fh, off, size)
         if entry.data is not None:
             return entry.data[off : off + size]
         n = max(0, min(size, entry.size - off))
@@ -313,17 +400,31 @@ class VmaFS(pyfuse3.Operations):
             got = self.archive.readinto(entry.dev_id, off, buf)
         return buf if got == n else buf[:got]
 
+    async def _read_volume(self, fh: FileHandleT, off: int, size: int) -> bytes:
+        reader = self.volumes.get(InodeT(fh))
+        if reader is None:
+            raise FUSEError(errno.EBADF)
+        n = max(0, min(size, reader.size - off))
+        if n == 0:
+            return b""
+        buf = bytearray(n)
+        if self.threaded:
+            got = await trio.to_thread.run_sync(reader.readinto, off, buf)
+        else:
+            got = reader.readinto(off, buf)
+        return buf if got == n else buf[:got]
+
     @_guard
     async def lseek(self, fh: FileHandleT, off: int, whence: int) -> int:
         # SEEK_DATA/SEEK_HOLE from the offset map, so `qemu-img convert`,
         # `cp --sparse` and the like skip the holes instead of reading them
         # (the kernel sends nothing else).  Called only by a pyfuse3 that has
         # the handler (see SEEK_HOLE_SUPPORTED).
-        entry = self.entries.get(InodeT(fh))
-        if entry is None:
-            raise FUSEError(errno.EBADF)
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise FUSEError(errno.EINVAL)
+        entry = self.entries.get(InodeT(fh))
+        if entry is None:
+            return self._lseek_volume(fh, off, whence)
         if not 0 <= off < entry.size:
             raise FUSEError(errno.ENXIO)
         if entry.dev_id is None:
@@ -331,6 +432,19 @@ class VmaFS(pyfuse3.Operations):
         if whence == os.SEEK_HOLE:
             return self.archive.next_hole(entry.dev_id, off)
         found = self.archive.next_data(entry.dev_id, off)
+        if found is None:
+            raise FUSEError(errno.ENXIO)
+        return found
+
+    def _lseek_volume(self, fh: FileHandleT, off: int, whence: int) -> int:
+        reader = self.volumes.get(InodeT(fh))
+        if reader is None:
+            raise FUSEError(errno.EBADF)
+        if not 0 <= off < reader.size:
+            raise FUSEError(errno.ENXIO)
+        if whence == os.SEEK_HOLE:
+            return reader.next_hole(off)
+        found = reader.next_data(off)
         if found is None:
             raise FUSEError(errno.ENXIO)
         return found
@@ -348,7 +462,8 @@ class VmaFS(pyfuse3.Operations):
         st = StatvfsData()
         st.f_bsize = 65536
         st.f_frsize = 512
-        st.f_blocks = sum(a.st_blocks for a in self._attrs.values())
+        # The archive's files only: a volume file shows bytes of a disk file again.
+        st.f_blocks = sum(self._attrs[i].st_blocks for i in self.entries)
         st.f_bfree = st.f_bavail = 0
         st.f_files = len(self._attrs)
         st.f_ffree = st.f_favail = 0

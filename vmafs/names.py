@@ -6,7 +6,11 @@ extracted one always look the same:
 
 - ``disk-<devname>.raw`` for each disk, as Proxmox's ``vma extract`` names it;
 - ``vmstate.bin`` for the RAM state, when the archive holds one;
-- each config file under its own name (``qemu-server.conf``, ...).
+- each config file under its own name (``qemu-server.conf``, ...);
+- ``volumes/`` (mount only): a directory per disk holding its partitions
+  and LVs as files (:func:`drive_dir_names`, :func:`volume_paths`).  The
+  name is reserved: a config called ``volumes`` is always renamed, in the
+  mount and in ``vmafs extract`` alike, so a config can never shadow it.
 
 Config and device names come from the archive and are untrusted.  A name
 is used as is only when it is a plain, safe file name (see
@@ -32,6 +36,11 @@ from .format import Header
 
 MAX_NAME_BYTES = 255  # NAME_MAX of Linux file systems
 VMSTATE_FILE = "vmstate.bin"
+#: The directory of volume files in a mount; no config may take this name.
+VOLUMES_DIR = "volumes"
+#: The file of a filesystem that fills its whole disk, in the disk's volume directory.
+WHOLE_DISK_FILE = "disk"
+RESERVED_NAMES = frozenset({VOLUMES_DIR})
 
 # Unicode categories refused in a name: control characters (Cc: C0, DEL, C1),
 # invisible format characters (Cf: bidi overrides that make a name display as
@@ -124,6 +133,8 @@ def safe_entry_names(archive) -> dict[str, Entry]:
         place(entry, f"vmstate-dev{dev.dev_id}.bin", None)
     for i, cfg in enumerate(header.configs):
         bad = unsafe_reason(cfg.name)
+        if bad is None and cfg.name in RESERVED_NAMES:
+            bad = f"name {cfg.name!r} is reserved for the volumes directory"
         suffix = _SUFFIX.search(cfg.name)
         keep = suffix and suffix.group().lower() not in (".raw", ".bin")  # no fake disk names
         fallback = f"config-{i}{suffix.group() if keep else '.conf'}"
@@ -137,6 +148,59 @@ def rename_messages(entries: Iterable[Entry]) -> list[str]:
     return [
         f"{e.kind} {e.original!r} shown as {e.name!r}: {e.reason}" for e in entries if e.renamed
     ]
+
+
+def drive_dir_names(archive) -> dict[int, str]:
+    """dev_id -> the name of each disk's directory under ``volumes/``.
+
+    The device name when it is a safe file name (``drive-scsi0``), else
+    ``dev<dev_id>``; ``~2``... on a clash.  Disks in dev_id order.
+    """
+    header: Header = getattr(archive, "header", archive)
+    out: dict[int, str] = {}
+    taken: dict[str, Entry] = {}
+    for dev_id in sorted(header.devices):
+        dev = header.devices[dev_id]
+        if dev.is_vmstate:
+            continue
+        name = dev.name if unsafe_reason(dev.name) is None else f"dev{dev_id}"
+        name = _unique(name, taken)
+        taken[name] = Entry(name, "disk", dev.size, dev.name, dev_id=dev_id)
+        out[dev_id] = name
+    return out
+
+
+def volume_paths(volumes) -> dict[str, tuple[str, ...]]:
+    """Volume name -> its path inside its disk's directory, for the readable *volumes*.
+
+    Partitions are files ``p<N>``, a whole-disk filesystem is the file
+    ``disk`` and an LV is ``<vg>/<lv>``.  A VG whose name is also a file
+    there (a VG called ``p1``) gets ``<vg>~2``.  Volumes that cannot be
+    read (Volume.note) have no path.  *volumes* are of one drive or many.
+    """
+    out: dict[str, tuple[str, ...]] = {}
+    files: dict[str, set[str]] = {}
+    vg_dirs: dict[tuple[str, str], str] = {}
+    readable = [v for v in volumes if v.note is None]
+    for v in readable:
+        if v.kind != "lv":
+            name = v.local_name or WHOLE_DISK_FILE
+            files.setdefault(v.drive, set()).add(name)
+            out[v.name] = (name,)
+    for v in readable:
+        if v.kind == "lv":
+            vg, _, lv = v.local_name.rpartition("/")
+            key = (v.drive, vg)
+            if key not in vg_dirs:
+                taken = files.get(v.drive, set()) | {
+                    d for (dr, _), d in vg_dirs.items() if dr == v.drive
+                }
+                name, n = vg, 2
+                while name in taken:
+                    name, n = f"{vg}~{n}", n + 1
+                vg_dirs[key] = name
+            out[v.name] = (vg_dirs[key], lv)
+    return out
 
 
 def _unique(name: str, taken: dict[str, Entry]) -> str:

@@ -54,13 +54,13 @@ import logging
 import os
 import stat
 import struct
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .common.atomic import AtomicOutput
 from .errors import IndexCacheError, VmaError
 from .format import BLOCK_SIZE, Header
 from .index import MASK, MASK_BITS, OFFSET_SHIFT, ArchiveIndex
@@ -194,24 +194,12 @@ def _write_atomic(dest: str, blob: bytes) -> None:
 
     Whatever *dest* was (an old side index, a FIFO, a symbolic link to a
     device) is replaced, never written into; the temporary file is created
-    exclusively (``mkstemp``: O_EXCL, no symbolic link followed).
+    exclusively (``mkstemp``: O_EXCL, no symbolic link followed).  Mode 0644
+    whatever the umask: every user who can read the archive may use it.
     """
-    fd, tmp = tempfile.mkstemp(
-        prefix=os.path.basename(dest) + ".tmp.", dir=os.path.dirname(dest) or "."
-    )
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with AtomicOutput(dest, overwrite=True, mode=0o644) as out:
+        out.write(blob)
+        out.commit()
 
 
 _deferral = threading.local()

@@ -6,25 +6,29 @@ import argparse
 import logging
 import math
 import os
-import signal
 import sys
 
 import trio
 
-from vmafs.commands.progress import Progress, human_bytes, want_progress
+from vmafs.common.atomic import AtomicOutput
+from vmafs.common.progress import Progress, add_progress_options, human_bytes, want_progress
+from vmafs.common.signals import LateSignals, SignalGuard
 from vmafs.errors import BackupError
 
 from .backup import (
     BackupInterrupted,
     BackupResult,
     DriveSpec,
-    SignalGuard,
     backup,
+    interrupted,
     parse_drive_spec,
     resolve_disks,
+    signal_guard,
 )
 from .create import ImageSpec, create, parse_image_spec
-from .packer import ArchiveOutput, check_names
+from .fleecing import DEFAULT_CBW_TIMEOUT, DEFAULT_RESERVE, FleecingOptions, check_directory
+from .output import ArchiveOutput
+from .packer import check_names
 from .qmp import QmpConnection, parse_address
 
 __all__ = ["register_backup", "register_create", "run_backup", "run_create"]
@@ -55,16 +59,22 @@ only after every job completed without error.  On any failure (QEMU error,
 job error, disk full, Ctrl-C/SIGTERM, QEMU gone) the jobs are cancelled,
 the nodes removed, the temporary file deleted, and one line says why.
 
-Guest safety: while the job runs, a guest write to a cluster that was not
-copied yet waits for this process to accept the old data; if vmafs dies, such
-guest writes fail with an I/O error until QEMU has ended the job (see
-docs/backup.md)."""
+Guest safety: in push mode (the default), while the job runs, a guest write
+to a cluster that was not copied yet waits for this process to accept the old
+data; if vmafs dies, such guest writes fail with an I/O error until QEMU has
+ended the job.  With --fleecing DIR the old data goes into a sparse qcow2
+image in DIR instead (a copy-before-write filter in front of each guest
+disk, on-cbw-error=break-snapshot): guest writes wait only for that local
+disk, at most --cbw-timeout seconds, and a stopped, dead or full vmafs fails
+the backup, never the guest.  Use it wherever a local disk has room for the
+clusters the guest overwrites during the backup (docs/backup.md)."""
 
 BACKUP_EPILOG = """\
 examples:
   vmafs backup --qmp /run/qemu-100.qmp -o vzdump-qemu-100.vma \\
       -c qemu-server.conf scsi0 efidisk0
   vmafs backup --qmp /run/qemu-100.qmp -o backup.vma.zst drive0=drive-scsi0
+  vmafs backup --qmp /run/qemu-100.qmp -o /mnt/nfs/vm-100.vma --fleecing /var/tmp scsi0
   vmafs backup --qmp /run/qemu-100.qmp -o - scsi0 | zstd > backup.vma.zst"""
 
 CREATE_HELP = "make a VMA archive from disk image files (raw, qcow2, ...)"
@@ -116,6 +126,28 @@ def parse_rate(text: str) -> int:
     return rate
 
 
+def parse_size(text: str) -> int:
+    """``1G`` -> 1073741824 bytes (the units of :func:`parse_rate`)."""
+    try:
+        return parse_rate(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 1G)") from None
+
+
+def parse_seconds(text: str) -> int:
+    """A cbw-timeout: whole seconds, at least 1 (QEMU's 0 would mean "wait forever")."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or value > 3600:
+        raise argparse.ArgumentTypeError(
+            f"bad timeout {text!r}: whole seconds from 1 to 3600 (0, QEMU's 'no limit', "
+            "would let a stuck fleecing disk stall the guest)"
+        )
+    return value
+
+
 def _drive(text: str) -> DriveSpec:
     try:
         return parse_drive_spec(text)
@@ -153,17 +185,7 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-v", "--verbose", action="store_true", help="print a summary line on stderr at the end"
     )
-    group = p.add_mutually_exclusive_group()
-    group.add_argument(
-        "--progress",
-        dest="progress",
-        action="store_true",
-        default=None,
-        help="show a progress bar on stderr (default: only when stderr is a terminal)",
-    )
-    group.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="never show a progress bar"
-    )
+    add_progress_options(p)
 
 
 def register_backup(subparsers) -> None:
@@ -185,6 +207,28 @@ def register_backup(subparsers) -> None:
         metavar="DIR",
         help="existing directory in which to create the private NBD socket directory "
         "(default $TMPDIR or /tmp); QEMU must be able to connect there",
+    )
+    p.add_argument(
+        "--fleecing",
+        metavar="DIR",
+        help="fleecing mode: keep the old data of clusters the guest overwrites during the "
+        "backup in sparse qcow2 images in DIR (a local disk), so guest writes never wait "
+        "for vmafs; DIR must exist, be writable and have --fleecing-reserve free",
+    )
+    p.add_argument(
+        "--cbw-timeout",
+        type=parse_seconds,
+        metavar="SECONDS",
+        help="with --fleecing: the longest a guest write waits for its copy into the "
+        "fleecing image; a slower copy drops the snapshot and fails the backup, not the "
+        f"write (default {DEFAULT_CBW_TIMEOUT})",
+    )
+    p.add_argument(
+        "--fleecing-reserve",
+        type=parse_size,
+        metavar="SIZE",
+        help="with --fleecing: refuse to start unless DIR has this much free space "
+        f"(K/M/G/T suffixes; default {DEFAULT_RESERVE >> 30}G)",
     )
     _common_options(p)
     p.add_argument("drives", nargs="+", type=_drive, metavar="DRIVE[=DEVNAME]")
@@ -220,14 +264,13 @@ def read_configs(paths: list[str]) -> list[tuple[str, bytes]]:
     return out
 
 
-def check_output(target: str) -> None:
-    """Refuse an unusable ARCHIVE before anything else starts (see ArchiveOutput too)."""
-    if target != "-":
-        return
-    if sys.stdout is None:  # fd 1 was closed when Python started
-        raise BackupError("cannot stream the archive to stdout: stdout is closed")
-    if sys.stdout.isatty():
-        raise BackupError("refusing to write an archive to a terminal (redirect stdout)")
+def check_output(target: str, *, overwrite: bool) -> None:
+    """Refuse an unusable ARCHIVE before anything else starts (see AtomicOutput.check)."""
+    try:
+        AtomicOutput.check(target, overwrite=overwrite)
+    except FileExistsError as e:
+        e.strerror = f"{e.strerror} (-f replaces it)"
+        raise
 
 
 def _summary(result: BackupResult, target: str) -> str:
@@ -239,6 +282,11 @@ def _summary(result: BackupResult, target: str) -> str:
         f"{result.seconds:.1f} s ({human_bytes(rate)}/s); NBD reply latency "
         f"p50 {result.latency_p50 * 1e3:.2f} ms p99 {result.latency_p99 * 1e3:.2f} ms "
         f"max {result.latency_max * 1e3:.2f} ms over {result.requests} requests"
+        + (
+            f"; fleecing images peaked at {human_bytes(result.fleecing_peak)}"
+            if result.fleecing_peak
+            else ""
+        )
     )
 
 
@@ -271,12 +319,27 @@ def run_backup(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     configs = read_configs(args.config)
     check_names([d.devname for d in args.drives], [name for name, _ in configs])
-    check_output(args.output)
+    check_output(args.output, overwrite=args.force)
     if args.socket_dir is not None and not os.path.isdir(args.socket_dir):
         raise BackupError(f"--socket-dir {args.socket_dir}: no such directory")
+    fleecing = None
+    if args.fleecing is not None:
+        fleecing = FleecingOptions(
+            os.path.abspath(args.fleecing),
+            DEFAULT_CBW_TIMEOUT if args.cbw_timeout is None else args.cbw_timeout,
+            DEFAULT_RESERVE if args.fleecing_reserve is None else args.fleecing_reserve,
+        )
+        check_directory(fleecing)
+    else:
+        for option, value in (
+            ("--cbw-timeout", args.cbw_timeout),
+            ("--fleecing-reserve", args.fleecing_reserve),
+        ):
+            if value is not None:
+                raise BackupError(f"{option} applies only to fleecing: add --fleecing DIR")
     bar = Progress("backup", enabled=want_progress(args.progress))
-    guard = SignalGuard()
-    late = _LateSignals()
+    guard = signal_guard()
+    late = LateSignals(lambda signum: interrupted(signum, "nothing written"))
 
     async def main() -> BackupResult:
         # The temp file is made inside the guarded run, so a signal at any
@@ -303,6 +366,8 @@ def run_backup(args: argparse.Namespace) -> int:
                 progress=bar,
                 socket_dir=args.socket_dir,
                 signals=guard,
+                fleecing=fleecing,
+                note=bar.set_note,
             )
 
     return _run(guard, main, bar, args.verbose, args.output, late)
@@ -312,10 +377,10 @@ def run_create(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     configs = read_configs(args.config)
     check_names([i.devname for i in args.images], [name for name, _ in configs])
-    check_output(args.archive)
+    check_output(args.archive, overwrite=args.force)
     bar = Progress("create", enabled=want_progress(args.progress))
-    guard = SignalGuard()
-    late = _LateSignals()
+    guard = signal_guard()
+    late = LateSignals(lambda signum: interrupted(signum, "nothing written"))
 
     async def main() -> BackupResult:
         await late.ready()
@@ -327,86 +392,8 @@ def run_create(args: argparse.Namespace) -> int:
     return _run(guard, main, bar, args.verbose, args.archive, late)
 
 
-class _LateSignals:
-    """Signals while the SignalGuard does not listen: nothing lost, nothing wrong.
-
-    The guard's receiver exists only while trio runs the command, and it
-    starts listening only once the command's first await has let it run.
-
-    - Once :attr:`output` is committed a signal changes nothing: vmafs exits 0.
-      (The guard's receiver restores these handlers when it closes; without
-      them a SIGTERM while the daemon was stopped or the interpreter exited
-      killed vmafs with 143 and no message although the archive was complete.)
-    - Inside trio, before the archive is committed, SIGINT goes to trio's
-      handler (it knows where a KeyboardInterrupt is safe) and a signal whose
-      default is to kill is recorded instead: :meth:`ready`, awaited before
-      the output is created, reports it as :class:`BackupInterrupted`; after
-      the command has failed it changes nothing (the status says failure).
-    - Outside trio the dispositions vmafs started with apply again.
-
-    After a successful run the signals are ignored until the process exits
-    (the run_* functions are CLI entry points): any window left would be
-    one for a wrong status.
-    """
-
-    SIGNALS = tuple(
-        getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
-    )
-
-    def __init__(self) -> None:
-        self.output: ArchiveOutput | None = None
-        self.pending: int | None = None
-        #: dispositions before trio.run (restored by nobody: see the class docs)
-        self._outside = {s: signal.getsignal(s) for s in self.SIGNALS}
-        #: dispositions inside trio.run (SIGINT: trio's KeyboardInterrupt handler)
-        self._inside: dict[int, object] = {}
-        self._in_trio = False
-        self._guard: SignalGuard | None = None
-
-    async def run(self, guard: SignalGuard, main):
-        self._guard = guard
-        for signum in self.SIGNALS:
-            self._inside[signum] = signal.signal(signum, self._handle)
-        self._in_trio = True
-        try:
-            return await guard.run(main)
-        finally:
-            self._in_trio = False
-
-    async def ready(self) -> None:
-        """Wait until the guard listens, then raise for a signal that came before."""
-        await self._guard.listening.wait()
-        if self.pending is not None:
-            name = signal.Signals(self.pending).name
-            raise BackupInterrupted(f"interrupted by {name}; nothing written", self.pending)
-
-    def committed(self) -> None:
-        """The archive is complete: ignore these signals from now until the exit.
-
-        SIG_IGN, not a Python handler: the interpreter resets Python handlers
-        to SIG_DFL while it shuts down, and a signal then would still kill.
-        """
-        for signum in self.SIGNALS:
-            signal.signal(signum, signal.SIG_IGN)
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.output is not None and self.output.committed:
-            return  # the archive is complete: success stands
-        previous = (self._inside if self._in_trio else self._outside).get(signum)
-        if callable(previous):
-            previous(signum, frame)
-        elif previous == signal.SIG_IGN:
-            return
-        elif self._in_trio:
-            if self.pending is None:
-                self.pending = signum
-        else:  # SIG_DFL outside trio: die of the signal, as before
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-
-
 def _run(
-    guard: SignalGuard, main, bar: Progress, verbose: bool, target: str, late: _LateSignals
+    guard: SignalGuard, main, bar: Progress, verbose: bool, target: str, late: LateSignals
 ) -> int:
     try:
         with bar:

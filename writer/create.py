@@ -3,49 +3,38 @@
 Any image QEMU reads (raw, qcow2, vmdk, a block device, a qcow2 with its
 backing chain when its format is given: :func:`_source_node` says why a
 guessed format never follows one) becomes a disk of the archive by the same
-path as a live backup (:mod:`writer.backup`): a qemu-storage-daemon is
+path as a live backup (:mod:`vmafs.writer.backup`): a qemu-storage-daemon is
 started with only a QMP monitor on one end of a socketpair (no socket file,
 no race on a path), each image is added read-only with ``blockdev-add`` (so
 a bad image is a clean QMP error, not daemon stderr to parse), and the
 daemon runs the same ``blockdev-backup`` transaction into the writer's NBD
 server.
 
-The daemon is stopped in every path: on success, on error, on Ctrl-C, and,
-through ``PR_SET_PDEATHSIG``, even when vmafs itself is killed.
-
-The kernel sends the death signal when the *thread* that forked the daemon
-exits, not the process.  So the daemon is forked with :class:`subprocess.Popen`
-from the thread running the trio loop (which outlives the daemon), never from
-a worker thread: ``trio.lowlevel.open_process`` forks in one of trio's worker
-threads, which trio retires after 10 s idle - and the daemon died with it.
-Its exit is awaited through a pidfd (``os.pidfd_open`` +
-``trio.lowlevel.wait_readable``), so no thread waits either.
+The daemon (:class:`~vmafs.writer.storage_daemon.StorageDaemon`) is stopped
+in every path: on success, on error, on Ctrl-C, and even when vmafs itself is
+killed.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
-import shutil
-import signal
-import socket
 import stat
-import subprocess
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import trio
 
+from vmafs.common.signals import SignalGuard
 from vmafs.errors import BackupError
 
-from .backup import BackupResult, DriveSpec, ProgressFn, SignalGuard, backup, resolve_disks
-from .packer import ArchiveOutput, check_names
-from .qmp import QmpConnection
+from .backup import BackupResult, DriveSpec, ProgressFn, backup, resolve_disks
+from .output import ArchiveOutput
+from .packer import check_names
+from .storage_daemon import StorageDaemon
 
-__all__ = ["ImageSpec", "StorageDaemon", "create", "parse_image_spec", "probe_format"]
+__all__ = ["ImageSpec", "create", "parse_image_spec", "probe_format"]
 
 log = logging.getLogger("writer.create")
 
@@ -53,10 +42,6 @@ log = logging.getLogger("writer.create")
 FORMATS = frozenset("raw qcow2 qcow qed vmdk vdi vhdx vpc parallels dmg cloop bochs luks".split())
 #: formats whose blockdev-add takes ``"backing": null`` (no backing chain opened)
 _BACKING_FORMATS = frozenset({"qcow2", "qcow", "qed", "vmdk"})
-#: seconds the daemon gets to exit after SIGTERM before SIGKILL
-STOP_TIMEOUT = 10.0
-
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -159,132 +144,6 @@ async def _source_node(i: int, img: ImageSpec) -> dict:
     if fmt in _BACKING_FORMATS:
         node["backing"] = None  # and none may appear between the probe and the open
     return {"driver": fmt, **node}
-
-
-def _pdeathsig_hook():
-    """A preexec_fn that sets PR_SET_PDEATHSIG=SIGTERM in the child.
-
-    libc's ``prctl`` is looked up here, in the parent: the child (between fork
-    and exec) only calls it.  If the parent is already gone by then, the
-    signal would never come, so the child exits instead of exec'ing.
-    """
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def hook() -> None:  # runs in the child between fork and exec
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return hook
-
-
-class StorageDaemon:
-    """A private qemu-storage-daemon with a QMP monitor, as an async context manager.
-
-    ``async with StorageDaemon() as qsd: await qsd.qmp.execute(...)``.
-    Leaving stops it (QMP closed, SIGTERM, SIGKILL after ``STOP_TIMEOUT``).
-    """
-
-    def __init__(self, binary: str = "qemu-storage-daemon") -> None:
-        self.binary = binary
-        self.qmp: QmpConnection | None = None
-        self.process: subprocess.Popen | None = None
-        self._pidfd: int | None = None
-        self._stderr = None
-
-    async def __aenter__(self) -> StorageDaemon:
-        path = shutil.which(self.binary)
-        if path is None:
-            raise BackupError(f"{self.binary} not found (Debian package qemu-system-common)")
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._stderr = tempfile.TemporaryFile()
-        try:
-            # Popen here, in the trio thread: see the module docs (PDEATHSIG).
-            # Forking takes a few ms; nothing else is running in this loop yet.
-            self.process = subprocess.Popen(
-                [
-                    path,
-                    "--chardev",
-                    f"socket,id=vmafs-qmp,fd={theirs.fileno()}",
-                    "--monitor",
-                    "chardev=vmafs-qmp",
-                ],
-                pass_fds=[theirs.fileno()],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=self._stderr,
-                preexec_fn=_pdeathsig_hook(),
-                # its own session: a terminal's Ctrl-C goes to vmafs only, which
-                # then cancels the jobs cleanly before it stops the daemon
-                start_new_session=True,
-            )
-            try:
-                self._pidfd = os.pidfd_open(self.process.pid)
-            except (AttributeError, OSError):  # no pidfds: wait() polls
-                self._pidfd = None
-            theirs.close()
-            try:
-                self.qmp = await QmpConnection.open(ours, name="qemu-storage-daemon")
-            except BackupError as e:
-                raise BackupError(f"qemu-storage-daemon did not start: {self._tail() or e}") from e
-        except BaseException:
-            theirs.close()
-            ours.close()
-            with trio.CancelScope(shield=True):
-                await self.aclose()
-            raise
-        return self
-
-    def _tail(self) -> str:
-        if self._stderr is None:
-            return ""
-        self._stderr.seek(0)
-        lines = self._stderr.read().decode(errors="replace").strip().splitlines()
-        return lines[-1] if lines else ""
-
-    async def wait(self) -> int:
-        """Wait (without a thread) until the daemon has exited; its return code."""
-        proc = self.process
-        if self._pidfd is not None:
-            if proc.returncode is None:
-                await trio.lowlevel.wait_readable(self._pidfd)
-            return proc.wait()  # exited (pidfd readable): reaps without blocking
-        while proc.poll() is None:  # no pidfd (kernel < 5.3): poll
-            await trio.sleep(0.05)
-        return proc.returncode
-
-    async def aclose(self) -> None:
-        if self.qmp is not None:
-            await self.qmp.aclose()
-            self.qmp = None
-        proc = self.process
-        try:
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                with trio.move_on_after(STOP_TIMEOUT):
-                    await self.wait()
-                if proc.poll() is None:
-                    log.warning("qemu-storage-daemon ignored SIGTERM; killing it")
-                    proc.kill()
-                    await self.wait()
-            if proc is not None and proc.returncode not in (0, -signal.SIGTERM):
-                log.info("qemu-storage-daemon exited with %s: %s", proc.returncode, self._tail())
-        finally:
-            if self._pidfd is not None:
-                trio.lowlevel.notify_closing(self._pidfd)
-                os.close(self._pidfd)
-                self._pidfd = None
-            if self._stderr is not None:
-                self._stderr.close()
-                self._stderr = None
-
-    async def __aexit__(self, *exc: object) -> None:
-        with trio.CancelScope(shield=True):
-            await self.aclose()
 
 
 def _file_node(path: str) -> dict:

@@ -76,16 +76,11 @@ reuses once ``write`` has returned): a sink must copy what it keeps.
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import fcntl
 import hashlib
 import logging
 import mmap
 import os
 import queue
-import sys
-import tempfile
 import threading
 import time
 import uuid as uuidlib
@@ -125,7 +120,6 @@ if TYPE_CHECKING:
     from .nbd import Export
 
 __all__ = [
-    "ArchiveOutput",
     "Packer",
     "Sink",
     "check_names",
@@ -139,8 +133,6 @@ log = logging.getLogger("writer.packer")
 
 DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
 
-_NO_HARDLINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
-
 # The per-cluster word (numpy uint64; 0 = not received):
 #   location form  (offset // 512) << 18 | mask << 2 | 0b01   offset = archive offset of
 #                                                            the cluster's first stored block
@@ -150,9 +142,6 @@ _NO_HARDLINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, err
 _FORM = 0b11
 _LOCATION = 0b01
 _DIGEST = 0b11
-
-#: compressed-looking archive suffixes the writer does not produce (only ``.zst`` is)
-_FOREIGN_COMPRESSION = tuple(".gz .gzip .tgz .lzo .zstd .xz .lzma .bz2 .lz4 .lz .br .z".split())
 
 
 def check_names(
@@ -711,7 +700,7 @@ class Packer:
         self._finished = True
 
     def export(self, name: str) -> Export:
-        """An NBD :class:`writer.nbd.Export` that feeds device ``name`` into this packer."""
+        """An NBD :class:`vmafs.writer.nbd.Export` that feeds device ``name`` into this packer."""
         from .nbd import Export  # noqa: PLC0415 - only `vmafs backup` serves NBD
 
         dev_id = self.dev_ids[name]
@@ -729,310 +718,3 @@ class Packer:
             on_flush=self.flush,
             description=f"vmafs writer: {name} (dev_id {dev_id}, write-only)",
         )
-
-
-class ArchiveOutput:
-    """The archive file: a temporary name beside the target until :meth:`commit`.
-
-    ``ArchiveOutput("dir/NAME.vma")`` creates ``dir/.NAME.vma.XXXXXXXX.tmp``
-    (mkstemp, then chmod to 0666 minus umask); :meth:`commit` fsyncs it,
-    moves it to ``dir/NAME.vma`` and fsyncs the directory; :meth:`abort`
-    closes and removes it (idempotent, a no-op after commit).
-    ``ArchiveOutput("-")`` streams to stdout: no temp file, no rename, commit
-    only flushes.  An existing target is refused (``FileExistsError``, both
-    up front and atomically at commit via link(2)) unless ``overwrite=True``.
-
-    Targets ending in ``.zst`` are written as zstd: seekable zstd
-    (vmafs.source.zstd_seekable.SeekableZstdWriter) when that module exists,
-    else one plain zstd frame (what ``vzdump`` writes).  :meth:`write`
-    receives the header and then whole extents only; in seekable mode each
-    write is one unit of the writer, which groups consecutive extents into
-    frames (``FRAME_TARGET``/``FRAME_LIMIT`` in zstd_seekable, shared with
-    ``vmafs recompress``; ``frame_bytes`` overrides the target), so a
-    frame starts at an extent boundary, or between the 4 KiB blocks of an
-    extent too big for one frame.
-    ``compress`` overrides the choice: ``"zstd"``, ``None``/``False`` (plain),
-    ``True`` (by suffix).
-
-    :attr:`read_back` is ``read_back(offset, n) -> bytes`` for a plain archive
-    file (what :class:`Packer` compares re-sent clusters with), None for
-    stdout and zstd.  Plain files are written unbuffered, so everything
-    :meth:`write` was given is in the file when it returns.
-
-    ``direct``: write a plain archive file with ``O_DIRECT`` (no page cache:
-    no copy into it, no dirty gigabytes for the final fsync, and a backup
-    does not evict everyone else's cache).  None (default) = when the file
-    lives on a local block device (``/sys/dev/block/MAJ:MIN`` exists: ext4,
-    xfs, ... on a disk, LV or loop device), not on NFS/CIFS/FUSE/tmpfs, where
-    O_DIRECT is slow or unsupported.  The stream is 512-byte granular and
-    the packer's extent buffers are page-aligned; anything else goes through
-    an aligned bounce buffer.  If the device refuses a write (``EINVAL``: a
-    4 KiB-sector device, a file system without O_DIRECT) the rest is written
-    buffered.  :attr:`direct` says whether O_DIRECT is (still) on.
-    """
-
-    def __init__(
-        self,
-        target: str | os.PathLike[str],
-        *,
-        overwrite: bool = False,
-        compress: str | None | bool = True,
-        frame_bytes: int | None = None,
-        direct: bool | None = None,
-    ) -> None:
-        target = os.fspath(target)
-        if compress is True:
-            lower = target.lower()
-            if lower.endswith(_FOREIGN_COMPRESSION):
-                # the reader would open it, but the name promises compression it does not have
-                raise WriterError(
-                    f"{target}: vmafs writes plain (.vma) or zstd (.vma.zst) archives only; "
-                    "for another compressor write to stdout ('-') and pipe: ... | gzip > FILE"
-                )
-            compress = "zstd" if lower.endswith(".zst") else None
-        if compress not in (None, False, "zstd"):
-            raise ValueError(f"unknown compression {compress!r}")
-        self.compress = compress or None
-        self.overwrite = overwrite
-        self._committed = False
-        self._frame_bytes = frame_bytes
-        self._zw = None  # zstd writer (seekable or streaming)
-        self._seekable = False
-        self.read_back: Callable[[int, int], bytes] | None = None
-        self.direct = False
-        self._rfd: int | None = None  # read_back's own (buffered) descriptor
-        self._bounce: mmap.mmap | None = None
-        if target == "-":
-            self.path = None
-            self.temp_path = None
-            if sys.stdout is None:  # fd 1 was closed when Python started
-                raise WriterError("cannot stream the archive to stdout: stdout is closed")
-            self._f = open(sys.stdout.fileno(), "wb", closefd=False)
-        else:
-            self.path = os.path.abspath(target)
-            directory, base = os.path.split(self.path)
-            # Checked here, before any copy starts, and naming the user's path:
-            # otherwise mkstemp names the hidden temp file, or (-f onto a
-            # directory) the whole backup runs only for the rename to fail.
-            if not os.path.isdir(directory):
-                why = "is not a directory" if os.path.lexists(directory) else "does not exist"
-                raise WriterError(f"{target}: the directory {directory} {why}")
-            if os.path.isdir(self.path):
-                raise WriterError(f"{target}: is a directory")
-            if not overwrite and os.path.lexists(self.path):
-                raise FileExistsError(f"{self.path} already exists")
-            try:
-                fd, self.temp_path = tempfile.mkstemp(
-                    prefix=f".{base}.", suffix=".tmp", dir=directory
-                )
-            except OSError as e:
-                raise WriterError(
-                    f"{target}: cannot create a file in {directory}: {e.strerror}"
-                ) from e
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(fd, 0o666 & ~umask)
-            if self.compress is None:
-                self._f = os.fdopen(fd, "wb", buffering=0)
-                self.read_back = self._pread
-                if direct is None:
-                    direct = _on_local_block_device(fd)
-                if direct:
-                    self.direct = _set_direct(fd, True)
-            else:
-                self._f = os.fdopen(fd, "wb")
-        if self.compress == "zstd":
-            self._open_zstd()
-
-    def _open_zstd(self) -> None:
-        try:
-            from vmafs.source.zstd_seekable import SeekableZstdWriter  # noqa: PLC0415 - zstd output only
-        except ImportError:
-            import zstandard  # noqa: PLC0415 - zstd output only
-
-            log.info("seekable zstd writer not available; writing one plain zstd frame")
-            self._zw = zstandard.ZstdCompressor(threads=-1).stream_writer(self._f, closefd=False)
-        else:
-            kw = {} if self._frame_bytes is None else {"frame_target": self._frame_bytes}
-            self._zw = SeekableZstdWriter(self._f, **kw)
-            self._seekable = True
-
-    def write(self, data: bytes | memoryview) -> None:
-        """Append ``data`` (the header, or one or more whole extents); keeps no reference."""
-        if self._zw is None:
-            if self.read_back is None:
-                self._f.write(data)  # buffered stdout: writes it all
-                return
-            self._write_all(memoryview(data).cast("B"))
-        else:
-            self._zw.write(data)  # seekable: one unit, copied (see SeekableZstdWriter.unit)
-
-    def _end_frame(self) -> None:
-        self._zw.end_frame()
-
-    def _write_all(self, view: memoryview) -> None:
-        """Write all of *view* to the plain file (O_DIRECT while it works)."""
-        fd = self._f.fileno()
-        if self.direct:
-            view = self._aligned(view)
-        while view:
-            try:
-                n = os.write(fd, view)
-            except OSError as e:
-                if e.errno != errno.EINVAL or not self.direct:
-                    raise
-                self._stop_direct(f"the device refused an O_DIRECT write ({e.strerror})")
-                continue
-            view = view[n:]
-
-    def _aligned(self, view: memoryview) -> memoryview:
-        """*view* itself when O_DIRECT can write it, else a copy in the bounce buffer."""
-        n = len(view)
-        if n % 512:
-            self._stop_direct(f"a write of {n} bytes is not 512-byte granular")
-            return view
-        if not view.readonly and n and _address(view) % mmap.PAGESIZE == 0:
-            return view
-        if self._bounce is None or len(self._bounce) < n:
-            self._bounce = mmap.mmap(-1, max(n, mmap.PAGESIZE))
-        self._bounce[:n] = view
-        return memoryview(self._bounce)[:n]
-
-    def _stop_direct(self, why: str) -> None:
-        log.info("writing %s without O_DIRECT from here on: %s", self.temp_path, why)
-        _set_direct(self._f.fileno(), False)
-        self.direct = False
-
-    def _pread(self, offset: int, n: int) -> bytes:
-        """Bytes [offset, offset+n) of what was written (a plain archive file)."""
-        parts = []
-        if self._rfd is None:  # not the write descriptor: that one may be O_DIRECT
-            self._rfd = os.open(self.temp_path, os.O_RDONLY | os.O_CLOEXEC)
-        fd = self._rfd
-        while n:
-            chunk = os.pread(fd, n, offset)
-            if not chunk:
-                raise OSError(errno.EIO, f"archive is shorter than offset {offset}")
-            parts.append(chunk)
-            offset += len(chunk)
-            n -= len(chunk)
-        return b"".join(parts)
-
-    def flush(self) -> None:
-        """Push buffered bytes to the OS (ends the current seekable zstd frame)."""
-        if self._zw is not None:
-            if self._seekable:
-                self._end_frame()
-            else:
-                import zstandard  # noqa: PLC0415 - loaded by _open_zstd already
-
-                self._zw.flush(zstandard.FLUSH_BLOCK)
-        self._f.flush()
-
-    def commit(self) -> None:
-        """Finish compression, fsync, move to the final name, fsync the directory."""
-        if self._committed:
-            return
-        if self._zw is not None:
-            if self._seekable:
-                self._end_frame()
-            self._zw.close()
-        if not self._f.closed:
-            self._f.flush()
-        if self.path is None:
-            self._committed = True
-            return
-        self._close_rfd()
-        # fsync through our own descriptor: the zstd writer may have closed self._f
-        fd = os.open(self.temp_path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._f.close()
-        if self.overwrite:
-            os.replace(self.temp_path, self.path)
-            self._committed = True
-        else:
-            try:
-                os.link(self.temp_path, self.path)  # FileExistsError if someone took the name
-            except OSError as e:
-                if isinstance(e, FileExistsError) or e.errno not in _NO_HARDLINKS:
-                    raise
-                # no hard links here (vfat, some CIFS/FUSE): check, then rename
-                if os.path.lexists(self.path):
-                    raise FileExistsError(errno.EEXIST, "archive exists", self.path) from None
-                os.rename(self.temp_path, self.path)
-                self._committed = True
-            else:
-                # the archive is complete under its name from here on (see `committed`)
-                self._committed = True
-                os.unlink(self.temp_path)
-        self.temp_path = None
-        dfd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-    @property
-    def committed(self) -> bool:
-        """True once the complete archive is under its final name (or stdout is flushed).
-
-        Set by :meth:`commit` at the rename itself, so a signal handler can
-        tell "the archive exists" from "it never will" at any moment.
-        """
-        return self._committed
-
-    def _close_rfd(self) -> None:
-        if self._rfd is not None:
-            os.close(self._rfd)
-            self._rfd = None
-
-    def abort(self) -> None:
-        """Close and remove the temporary file; never raises for a missing file."""
-        try:
-            self._f.close()
-        except OSError:
-            pass
-        self._close_rfd()
-        if self.temp_path is not None:
-            try:
-                os.unlink(self.temp_path)
-            except FileNotFoundError:
-                pass
-            self.temp_path = None
-
-    def __enter__(self) -> ArchiveOutput:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        """Abort unless committed (commit is always explicit)."""
-        if not self._committed:
-            self.abort()
-
-
-def _on_local_block_device(fd: int) -> bool:
-    """Is the file system of *fd* on a local block device (not NFS, FUSE, tmpfs, ...)?"""
-    dev = os.fstat(fd).st_dev
-    return os.path.exists(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
-
-
-def _set_direct(fd: int, on: bool) -> bool:
-    """Switch O_DIRECT on or off for *fd*; False if the file system refuses it."""
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    flags = flags | os.O_DIRECT if on else flags & ~os.O_DIRECT
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-    except OSError:
-        return False
-    return on
-
-
-def _address(view: memoryview) -> int:
-    """Address of a writable buffer's first byte."""
-    c = ctypes.c_char.from_buffer(view)
-    try:
-        return ctypes.addressof(c)
-    finally:
-        del c

@@ -3,6 +3,8 @@
 #
 #   bash contrib/pyfuse3/install.sh [PYTHON]          (default: python3)
 #   bash contrib/pyfuse3/install.sh --check [PYTHON]  exit 0 if PYTHON already has it
+#   bash contrib/pyfuse3/install.sh --verbose [PYTHON] pip's output on stdout as it goes
+#                                                      (scripts/setup shows its progress)
 #
 # The sdist comes from PyPI and is checked against a pinned SHA-256 before it is
 # unpacked. Needs what any pyfuse3 build needs (libfuse3-dev, pkg-config, a C
@@ -15,11 +17,11 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-CHECK=0
-if [[ "${1:-}" == --check ]]; then
-    CHECK=1
-    shift
-fi
+CHECK=0 VERBOSE=0
+case "${1:-}" in
+--check) CHECK=1 && shift ;;
+--verbose) VERBOSE=1 && shift ;;
+esac
 PY=${1:-python3}
 VERSION=3.5.0
 SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
@@ -51,8 +53,16 @@ command -v patch >/dev/null || die "patch(1) is not installed (Debian package pa
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/pyfuse3-lseek.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
-"$PY" -m pip download --no-deps --no-binary :all: -d "$WORK" "pyfuse3==$VERSION" \
-    >"$WORK/pip.log" 2>&1 ||
+# logged CMD...: CMD's output into $WORK/pip.log (and on stdout with --verbose).
+logged() {
+    if ((VERBOSE)); then
+        "$@" 2>&1 | tee -a "$WORK/pip.log"
+    else
+        "$@" >>"$WORK/pip.log" 2>&1
+    fi
+}
+
+logged "$PY" -m pip download --no-deps --no-binary :all: -d "$WORK" "pyfuse3==$VERSION" ||
     { tail -n 20 "$WORK/pip.log" >&2; die "could not download the pyfuse3 $VERSION sdist"; }
 SDIST="$WORK/pyfuse3-$VERSION.tar.gz"
 [[ -f "$SDIST" ]] || die "pip did not leave $SDIST"
@@ -64,8 +74,9 @@ patch --quiet -p1 -d "$WORK/pyfuse3-$VERSION" <"$HERE/lseek.patch" ||
     die "lseek.patch does not apply to pyfuse3 $VERSION"
 
 # setuptools_scm would take the version from PKG-INFO; mark the build as patched.
+: >"$WORK/pip.log"
 SETUPTOOLS_SCM_PRETEND_VERSION="$LOCAL_VERSION" \
-    "$PY" -m pip install "$WORK/pyfuse3-$VERSION" >"$WORK/pip.log" 2>&1 ||
+    logged "$PY" -m pip install --progress-bar off -v "$WORK/pyfuse3-$VERSION" ||
     { tail -n 40 "$WORK/pip.log" >&2; die "building pyfuse3 $LOCAL_VERSION failed"; }
 
 installed || die "pyfuse3 $LOCAL_VERSION was installed but does not import with Operations.lseek"

@@ -2,51 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import signal
-from collections.abc import Callable, Iterator, Sequence
-
 from ..archive import Archive, read_header
+from ..common.progress import Progress, want_progress
 from ..errors import TruncatedError, naming_archive
 from ..format import HEADER_STRUCT_SIZE, Header
 from ..source import open_source
-from .progress import Progress, want_progress
-
-
-@contextlib.contextmanager
-def first_signal_raises(
-    signals: Sequence[int],
-    make_exc: Callable[[int], BaseException],
-    *,
-    ignore: Callable[[], bool] = lambda: False,
-) -> Iterator[None]:
-    """In the block, the first of *signals* raises ``make_exc(signum)``.
-
-    Later ones are ignored, so the cleanup they unwind into runs to its end;
-    so is every one once ``ignore()`` is true (the work is committed).  Off
-    the main thread (in-process callers) signals are left alone.
-    """
-    fired = False
-
-    def handler(signum, frame):
-        nonlocal fired
-        if fired or ignore():
-            return
-        fired = True
-        raise make_exc(signum)
-
-    old = {}
-    try:
-        for signum in signals:
-            old[signum] = signal.signal(signum, handler)
-    except ValueError:  # not the main thread
-        pass
-    try:
-        yield
-    finally:
-        for signum, previous in old.items():
-            signal.signal(signum, previous)
 
 
 class _HeaderComplete(Exception):
@@ -112,20 +72,6 @@ def printable(name: str) -> str:
         else:
             out.append(f"\\u{ord(ch):04x}")
     return "".join(out)
-
-
-def add_progress_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
-        "--progress",
-        dest="progress",
-        action="store_true",
-        default=None,
-        help="show a progress bar on stderr (default: only when stderr is a terminal)",
-    )
-    group.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="never show a progress bar"
-    )
 
 
 def open_archive(path: str, args, *, allow_incomplete: bool = False, **kw) -> Archive:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import writing_stdout
+from ..common.console import writing_stdout
 from ..errors import VmaError
 from ._common import load_header, printable
 

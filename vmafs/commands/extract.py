@@ -41,11 +41,13 @@ import sys
 import numpy as np
 
 from .. import names
+from ..common.console import writing_stdout
+from ..common.progress import Progress, add_progress_options, human_bytes, want_progress
+from ..common.signals import first_signal_raises
 from ..errors import VmaError
 from ..format import BLOCK_SIZE
 from ._archive_order import prefers_archive_order, write_in_archive_order
-from ._common import add_progress_options, first_signal_raises, open_archive, printable
-from .progress import Progress, human_bytes, want_progress
+from ._common import open_archive, printable
 
 HELP = "restore the disks, configs and vmstate of an archive into a directory"
 
@@ -378,7 +380,6 @@ class _Extraction:
 
 def _print_files(args: argparse.Namespace, archive, plan: list[names.Entry]) -> None:
     """The -v lines; a failed write to stdout is not mistaken for a failed extraction."""
-    from ..cli import writing_stdout  # noqa: PLC0415 - light, and loaded already
 
     with writing_stdout(f"the extraction into {printable(args.dir)} is complete"):
         for e in plan:

@@ -22,9 +22,10 @@ import sys
 import time
 import uuid as uuidlib
 
-from ..cli import writing_stdout
+from ..common.console import writing_stdout
+from ..common.progress import add_progress_options
 from ..format import Header
-from ._common import add_progress_options, load_header, open_archive, printable
+from ._common import load_header, open_archive, printable
 
 HELP = "show the configs, devices and creation time of an archive"
 

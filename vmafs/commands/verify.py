@@ -13,12 +13,12 @@ import argparse
 import sys
 
 from .. import names
-from ..cli import writing_stdout
+from ..common.console import writing_stdout
+from ..common.progress import Progress, add_progress_options, human_bytes, want_progress
 from ..errors import HeaderError, VmaError
 from ..format import CLUSTER_SIZE
-from ._common import add_progress_options, open_archive, printable
+from ._common import open_archive, printable
 from .list import proxmox_lines
-from .progress import Progress, human_bytes, want_progress
 
 HELP = "check an archive for damage; exit status 0 only when it is intact"
 

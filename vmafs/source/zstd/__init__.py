@@ -3,7 +3,7 @@
 One class, :class:`ZstdSource`, serves every zstd layout by what it finds:
 
 - **Seekable format** (a seek table in a trailing skippable frame, as written
-  by :class:`~vmafs.source.zstd_seekable.SeekableZstdWriter`): the frames are
+  by :class:`~vmafs.zstd_seekable.SeekableZstdWriter`): the frames are
   known from the table, ``needs_scan`` is False, a read decompresses the one
   small frame it touches.
 - **Several frames without a table** (``pzstd``, ``cat a.zst b.zst``): one

@@ -9,8 +9,8 @@ from collections.abc import Callable
 import numpy as np
 
 from ...errors import SourceError
+from ...zstd_seekable import SeekTable
 from ..base import BlockCache, BlockSource
-from ..zstd_seekable import SeekTable
 from .frame import ZSTD_MAGIC, is_skippable
 from .reads import FrameReader, HeadReader
 from .scan import DEFAULT_INDEX_BUDGET, DEFAULT_SPACING, Scanner

@@ -12,7 +12,7 @@ import itertools
 import numpy as np
 
 from ...errors import IndexCacheError
-from ..zstd_seekable import SeekTable
+from ...zstd_seekable import SeekTable
 from .frame import first_frame_at
 
 STATE_VERSION = 1

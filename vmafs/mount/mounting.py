@@ -1,0 +1,182 @@
+"""``vmafs mount`` from start to end: checks, opening the archive, serving (detached or not).
+
+The order of the steps, and why, is in :mod:`vmafs.mount`'s docstring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+
+from . import running
+from .checks import check_logfile, check_mountpoint, open_archive
+from .daemon import DaemonError, Ready, daemonize
+from .errors import MountError
+from .logs import default_logfile, dump_stacks_on, setup_logging
+from .options import MountOptions, fuse_options
+from .serve import serve
+
+log = logging.getLogger("vmafs.mount")
+
+
+def mount(
+    archive_path: str,
+    mountpoint: str,
+    opts: MountOptions,
+    *,
+    foreground: bool = False,
+    verbose: bool = False,
+) -> int:
+    """Everything ``vmafs mount`` does; returns the exit status or raises.
+
+    Raises :class:`MountError`, :class:`VmaError` or :class:`OSError` for
+    anything found before the filesystem process detaches.
+    """
+    from ..archive import Archive  # noqa: PLC0415, F401 - here, not in the thread below
+    from ..common.progress import Progress  # noqa: PLC0415, F401 - ditto
+    from ..sidecar import deferred_saves  # noqa: PLC0415
+    from ..source import import_container  # noqa: PLC0415
+
+    mp = check_mountpoint(mountpoint, nonempty=opts.nonempty)
+    verbose = verbose or opts.debug
+    if opts.logfile and not foreground:
+        opts.logfile = check_logfile(opts.logfile)
+    archive_path = os.path.abspath(archive_path)
+    # pyfuse3 and trio take ~0.3 s to import: done while a compressed archive
+    # is decompressed.  Before that thread starts, this one imports what it
+    # needs itself (zstandard etc.): two threads importing take turns.  A side
+    # index this open makes is written by the filesystem process once the
+    # mount is up (_SideIndexSaver), not before the mount is ready.
+    import_container(archive_path)
+    with _importing_meanwhile("vmafs.fs"), deferred_saves() as saves:
+        archive = open_archive(archive_path, opts.allow_incomplete)
+    try:
+        from ..fs import VmaFS  # noqa: PLC0415 - needs pyfuse3
+
+        ops = VmaFS(
+            archive, uid=opts.uid, gid=opts.gid, direct_io=opts.direct_io, threaded=opts.threads
+        )
+        options = fuse_options(opts, archive_path)
+        held: list[int] = []
+
+        def run(ready: Ready) -> int:
+            """Serve until unmounted; the side index is written once the mount is up."""
+            try:
+                # Held until this process exits: 'vmafs umount' waits for that.
+                held.append(running.hold(mp))
+            except MountError as e:
+                ready(str(e))
+                return 1
+            _log_start(archive_path, mp, opts, ops)
+            dump_stacks_on(signal.SIGUSR1)
+            saver = _SideIndexSaver(saves)
+
+            def on_ready(error: str | None) -> None:
+                ready(error)
+                if error is None:
+                    saver.start()
+
+            try:
+                return serve(ops, mp, options, on_ready, opts.readahead)
+            finally:
+                saver.join()  # before the process exits, which would cut the write short
+
+        if foreground:
+            setup_logging(opts, detached=False, verbose=verbose)
+            errors: list[str] = []
+            status = run(lambda error: errors.append(error) if error else None)
+            if errors and status:
+                raise MountError(errors[0])
+            return status
+        try:
+            daemonize(
+                run,
+                what=f"the filesystem process for {mp}",
+                setup=lambda: setup_logging(opts, detached=True, verbose=verbose),
+                # libfuse's debug output goes to stderr: into the log file, not /dev/null
+                stderr_path=(opts.logfile or default_logfile()) if opts.debug else None,
+            )
+        except DaemonError as e:
+            raise MountError(str(e)) from None
+        return 0
+    finally:
+        archive.close()
+        for fd in held:  # after the archive: the lock says "the archive is released"
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _importing_meanwhile(module: str):
+    """Import *module* in a thread while the block runs; joined at its end.
+
+    Worth it when the block mostly waits outside the GIL (zstd, zlib, I/O).
+    Failures are left to the caller's own import, which raises them properly.
+    """
+
+    def run() -> None:
+        with contextlib.suppress(BaseException):
+            importlib.import_module(module)
+
+    interval = sys.getswitchinterval()
+    # The block's thread wants the GIL back after each call into zstd; behind
+    # a busy import thread it would wait a whole interval (5 ms) each time.
+    sys.setswitchinterval(min(interval, 0.0005))
+    thread = threading.Thread(target=run, name="vmafs-import", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+        sys.setswitchinterval(interval)
+
+
+class _SideIndexSaver:
+    """Runs the side-index writes queued while opening, in a thread, once the mount is up.
+
+    Started by the ready callback, not before: the write competes with
+    mounting for the CPU, and the mount is what the user waits for.
+    """
+
+    def __init__(self, saves) -> None:
+        self._saves = list(saves)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._saves and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="vmafs-side-index")
+            self._thread.start()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        for save in self._saves:
+            try:
+                save()
+            except Exception:  # the mount works without it; the next open scans again
+                log.exception("writing the side index failed")
+
+
+def _log_start(archive_path: str, mp: str, opts: MountOptions, ops) -> None:
+    from ..fs import SEEK_HOLE_SUPPORTED  # noqa: PLC0415 - needs pyfuse3
+    from ..names import rename_messages  # noqa: PLC0415
+
+    log.info("serving %s (%d files) on %s", archive_path, len(ops.entries), mp)
+    for msg in rename_messages(ops.entries.values()):
+        log.warning("%s", msg)
+    for item in opts.ignored:
+        log.debug("ignored mount option %r", item)
+    if not SEEK_HOLE_SUPPORTED:
+        log.info(
+            "this pyfuse3 has no lseek handler: SEEK_DATA/SEEK_HOLE show every disk as "
+            "all data, so copies read the holes too (contrib/pyfuse3/README.md)"
+        )
+    missing = sum(ops.archive.missing_clusters(e.dev_id) for e in ops.entries.values() if e.dev_id)
+    if missing:
+        log.warning("incomplete archive: %d clusters missing, reads of them give EIO", missing)
