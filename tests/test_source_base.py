@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 from conftest import FIXTURES_DIR
+from vmafs.writer.recompress import recompress
 
 from vmafs import sidecar
 from vmafs.archive import Archive
-from vmafs.commands.recompress import recompress
 from vmafs.errors import CorruptStreamError, SourceError, naming_archive
 from vmafs.source import Source, open_source
 from vmafs.source.base import BlockCache, SourceBase
