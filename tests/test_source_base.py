@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 
+import numpy as np
 import pytest
 from conftest import FIXTURES_DIR
 from vmafs.writer.recompress import recompress
 
 from vmafs import sidecar
 from vmafs.archive import Archive
-from vmafs.errors import CorruptStreamError, SourceError, naming_archive
+from vmafs.errors import CorruptStreamError, IndexCacheError, SourceError, naming_archive
 from vmafs.source import Source, open_source
 from vmafs.source.base import BlockCache, SourceBase
 
@@ -72,8 +73,11 @@ def test_sources_without_a_scan_say_so():
         assert src.header_reader() is src and not src.needs_scan
         with pytest.raises(SourceError, match="has no scan"):
             src.scan(lambda off, chunk: None)
-        with pytest.raises(SourceError, match="no scan state"):
-            src.checkpoint_state()
+        # its side index keeps only the offset map
+        assert src.checkpoint_state() == {}
+        src.load_checkpoint_state({})
+        with pytest.raises(IndexCacheError):
+            src.load_checkpoint_state({"cp_dec": np.zeros(1)})
     finally:
         src.close()
 

@@ -19,15 +19,11 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING
 
-from ..errors import CorruptStreamError, IndexCacheError, SourceError, VmaError, naming_archive
+from ..errors import CorruptStreamError, SourceError, VmaError, naming_archive
 
 ProgressFn = Callable[[int, int], None]
 ChunkFn = Callable[[int, memoryview], None]
-
-if TYPE_CHECKING:
-    import numpy as np
 
 _TRAILING_READ = 4 << 20
 
@@ -60,7 +56,8 @@ class SourceBase(ReaderBase):
     """Defaults for the members of :class:`~vmafs.source.Source` a container may lack.
 
     Subclasses set ``path``, ``size``, ``kind`` and ``_fd`` and implement
-    ``pread``; the rest is optional.
+    ``pread``, ``checkpoint_state`` and ``load_checkpoint_state`` (what the
+    side index keeps: for a plain archive, nothing); the rest is optional.
     """
 
     #: The container's name, as side indexes record it.
@@ -88,14 +85,6 @@ class SourceBase(ReaderBase):
         which a container overrides when a bare pass is cheaper.
         """
         self.scan(on_chunk, progress)
-
-    def checkpoint_state(self) -> dict[str, np.ndarray]:
-        """What a later open needs to skip the scan (saved in the side index)."""
-        raise SourceError(f"a {self.kind} source has no scan state to save")
-
-    def load_checkpoint_state(self, state: dict[str, np.ndarray]) -> None:
-        """Adopt :meth:`checkpoint_state` output; IndexCacheError when it does not fit."""
-        raise IndexCacheError(f"a {self.kind} source has no scan state to load")
 
     def close(self) -> None:
         if self._fd >= 0:
