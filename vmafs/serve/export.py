@@ -10,17 +10,18 @@ import trio
 from ..archive import Archive
 from ..errors import VmaError
 from ..format import CLUSTER_SIZE, Device
-from ..nbd.protocol import NBD_CMD_READ, NBD_STATE_HOLE, NBD_STATE_ZERO
+from ..nbd.protocol import NBD_CMD_BLOCK_STATUS, NBD_CMD_READ, NBD_STATE_HOLE, NBD_STATE_ZERO
 from ..nbd.server import Export, ReadChunk
 
 #: extents per BLOCK_STATUS reply at most (a client asks again from where it stopped)
-MAX_EXTENTS = 4096
+MAX_EXTENTS = 1024
 #: CACHE reads the data in steps this large (into one scratch buffer per request)
 CACHE_STEP = 4 * 1024 * 1024
 #: archive reads running in worker threads at once, all clients together
 READ_THREADS = 8
-#: reads up to this size of a plain archive run in the event loop, not a thread
-INLINE_READ = 256 * 1024
+#: reads up to this size are served by the connection's reader itself (their
+#: reply fits a Unix socket's buffer: sending it never waits for the client)
+INLINE_REPLY = 128 * 1024
 
 _HOLE = NBD_STATE_HOLE | NBD_STATE_ZERO
 _CLUSTER_BITS = CLUSTER_SIZE.bit_length() - 1
@@ -74,15 +75,22 @@ class ArchiveExport(Export):
     # -- what the server calls --
 
     def runs_inline(self, cmd: int, length: int) -> bool:
-        return self.inline and cmd == NBD_CMD_READ and length <= INLINE_READ
+        # Block status reads only the in-memory index.  Under load a hop to a
+        # worker thread and back costs more than either (qemu-img convert asks
+        # both for every chunk it copies).
+        # A larger read gets a task of its own (still no thread): while its
+        # reply drains into the socket, the next requests are read and served.
+        return cmd == NBD_CMD_BLOCK_STATUS or (
+            self.inline and cmd == NBD_CMD_READ and length <= INLINE_REPLY
+        )
 
     async def read(self, offset: int, length: int) -> list[ReadChunk]:
-        if self.runs_inline(NBD_CMD_READ, length):
+        if self.inline:
             return self.read_chunks(offset, length)
         return await self._in_thread(self.read_chunks, offset, length)
 
     async def block_status(self, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
-        return await self._in_thread(self.extents, offset, length, 1 if one else MAX_EXTENTS)
+        return self.extents(offset, length, 1 if one else MAX_EXTENTS)
 
     async def cache(self, offset: int, length: int) -> None:
         await self._in_thread(self.prefetch, offset, length)
