@@ -133,9 +133,7 @@ def check_stream(archive, bar: Progress) -> None:
 
 def _failed(path: str, e: VmaError) -> VmaError:
     """The one-line verify failure: path, message with its location, error class."""
-    text = str(e)
-    text = text.removeprefix(f"{path}: ")  # source errors already name the file
-    return VmaError(f"{path}: verify failed: {text} [{type(e).__name__}]")
+    return VmaError(f"{path}: verify failed: {e.unnamed()} [{type(e).__name__}]")
 
 
 def check_names(archive) -> None:
