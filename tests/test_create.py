@@ -149,7 +149,8 @@ def test_same_devname_twice_and_existing_target(require_qemu, tmp_path):
     assert proc.returncode == 1 and "same device name" in one_line_error(proc.stderr)
     out.write_bytes(b"keep")
     proc = create(out, f"d={raw}")
-    assert proc.returncode == 1 and "exists" in one_line_error(proc.stderr)
+    assert proc.returncode == 1 and "already exists" in one_line_error(proc.stderr)
+    assert "(-f replaces it)" in proc.stderr
     assert out.read_bytes() == b"keep"
     proc = create("--force", out, f"d={raw}")
     assert proc.returncode == 0, proc.stderr

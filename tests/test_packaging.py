@@ -40,7 +40,7 @@ def test_checkout_maps_vmafs_writer_to_its_own_writer_folder():
 @pytest.mark.slow
 def test_wheel_installs_writer_under_vmafs_only(tmp_path):
     # Build from a copy: building writes build/ and *.egg-info beside the sources.
-    # pip builds in an isolated environment, as `pip install .` does.
+    # Without build isolation (the venv's setuptools and wheel): no download.
     src = tmp_path / "src"
     src.mkdir()
     for name in ("vmafs", "writer"):
@@ -49,7 +49,8 @@ def test_wheel_installs_writer_under_vmafs_only(tmp_path):
         shutil.copy(REPO / name, src / name)
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(src)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(wheels), str(src)],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     (wheel,) = wheels.glob("vmafs-*.whl")
@@ -81,6 +82,17 @@ def test_wheel_installs_writer_under_vmafs_only(tmp_path):
     )
     cli_file, top_level_writer = out.splitlines()
     assert Path(cli_file) == target / "vmafs" / "writer" / "cli.py"
+    # The console scripts run from the install, writer commands included.
+    env = dict(os.environ, PYTHONPATH=str(target))
+    for script, args, expect in (
+        ("vmafs", ["create", "--help"], "usage: vmafs create"),
+        ("mount.vmafs", ["-h"], "mount.vmafs"),
+    ):
+        proc = subprocess.run(
+            [target / "bin" / script, *args], cwd=elsewhere, env=env, capture_output=True,
+            text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0 and expect in proc.stdout, proc.stdout + proc.stderr
     # (The venv running the tests may have an editable install of an older
     # layout with a top-level writer: only the wheel's own files count.)
     assert not top_level_writer.startswith(str(target)), top_level_writer

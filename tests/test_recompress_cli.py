@@ -248,5 +248,5 @@ def test_output_directory_problems_name_the_users_path(tmp_path, archive):
     existing = tmp_path / "exists.vma.zst"
     existing.write_bytes(b"keep me")
     line = assert_one_line_error(run_cli("recompress", archive, existing))
-    assert line == f"vmafs: error: {existing}: refusing to overwrite an existing file"
+    assert line == f"vmafs: error: {existing}: already exists; refusing to overwrite it"
     assert existing.read_bytes() == b"keep me"

@@ -102,7 +102,7 @@ class AtomicOutput:
                 errno.EISDIR, "is a directory (the output is a file to create)", target
             )
         if not overwrite and os.path.lexists(target):
-            raise FileExistsError(errno.EEXIST, "refusing to overwrite an existing file", target)
+            raise FileExistsError(errno.EEXIST, "already exists; refusing to overwrite it", target)
         parent = os.path.dirname(target) or "."
         if not os.path.isdir(parent):
             why = "does not exist" if not os.path.lexists(parent) else "is not a directory"
@@ -165,13 +165,13 @@ class AtomicOutput:
         except OSError as e:
             if isinstance(e, FileExistsError):
                 raise FileExistsError(
-                    errno.EEXIST, "refusing to overwrite an existing file (made meanwhile)"
+                    errno.EEXIST, "was created meanwhile; refusing to overwrite it"
                 ) from None
             if e.errno not in _NO_HARDLINKS:
                 raise
             if os.path.lexists(self.path):
                 raise FileExistsError(
-                    errno.EEXIST, "refusing to overwrite an existing file (made meanwhile)"
+                    errno.EEXIST, "was created meanwhile; refusing to overwrite it"
                 ) from None
             os.rename(self.temp_path, self.path)
             self.temp_path = None

@@ -23,7 +23,7 @@ import zlib
 from dataclasses import dataclass
 
 from ..errors import LvmError
-from . import lvmtext
+from .lvmtext import parse as parse_text
 from .model import Segment
 
 SECTOR = 512
@@ -201,7 +201,7 @@ def volume_group(text: str, places: dict[str, PvPlace], where: str) -> VolumeGro
 
     *where* names the PV the text came from, for errors.
     """
-    tree = lvmtext.parse(text, where)
+    tree = parse_text(text, where)
     sections = [(k, v) for k, v in tree.items() if isinstance(v, dict)]
     if len(sections) != 1:
         raise LvmError(f"metadata holds {len(sections)} volume groups, expected 1", volume=where)

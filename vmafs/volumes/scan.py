@@ -21,12 +21,20 @@ from __future__ import annotations
 import itertools
 
 from ..errors import LvmError, PartitionTableError, VolumeError, VolumeNotFoundError
-from . import fstype, gpt, lvm, mbr
+from .fstype import probe as probe_fstype
+from .fstype import probe_ntfs, probe_vfat
+from .gpt import find_header as find_gpt_header
+from .gpt import read_entries as read_gpt_entries
+from .lvm import PvPlace, VolumeGroup, read_label, read_metadata, volume_group
+from .mbr import SECTOR as MBR_SECTOR
+from .mbr import entries as mbr_entries
+from .mbr import is_protective
+from .mbr import partitions as mbr_partitions
 from .model import PartitionEntry, Segment, Volume
 from .reader import VolumeReader, whole_drive
 
 #: Sector 0 of these types is also a valid-looking MBR; a filesystem wins.
-BOOT_SECTOR_FS = (fstype.probe_ntfs, fstype.probe_vfat)
+BOOT_SECTOR_FS = (probe_ntfs, probe_vfat)
 
 
 def scan_volumes(archive, drive: str | None = None) -> list[Volume]:
@@ -79,7 +87,7 @@ def scan_drive(archive, dev_id: int) -> list[Volume]:
     reader = VolumeReader(archive, disk)
     entries = _partition_entries(reader, disk.name)
     if entries is None:
-        kind, label = fstype.probe(reader)
+        kind, label = probe_fstype(reader)
         if kind == "unknown":
             return []
         volumes = [
@@ -93,22 +101,22 @@ def scan_drive(archive, dev_id: int) -> list[Volume]:
 
 def _partition_entries(reader: VolumeReader, drive: str) -> list[PartitionEntry] | None:
     """The partitions of the drive's table, None when it has no table."""
-    header = gpt.find_header(reader, drive)
+    header = find_gpt_header(reader, drive)
     if header is not None:
-        return gpt.read_entries(reader, header, drive)
+        return read_gpt_entries(reader, header, drive)
     for probe in BOOT_SECTOR_FS:
         if probe(reader) is not None:
             return None
-    table = mbr.entries(reader.read(0, mbr.SECTOR))
+    table = mbr_entries(reader.read(0, MBR_SECTOR))
     if table is None or not table:
         return None
-    if mbr.is_protective(table):
+    if is_protective(table):
         raise VolumeError(
             "protective MBR (type 0xEE) but no GPT header at LBA 1: the GPT is lost",
             volume=drive,
             disk_offset=512,
         )
-    return mbr.partitions(reader, table, drive)
+    return mbr_partitions(reader, table, drive)
 
 
 def _check_overlaps(entries: list[PartitionEntry], drive: str) -> None:
@@ -127,18 +135,18 @@ def _partition_volume(archive, disk: Volume, e: PartitionEntry) -> Volume:
     segments = (Segment(0, e.start, e.size),)
     bare = Volume(f"{disk.name}/p{e.number}", disk.name, disk.dev_id, "partition", e.size,
                   segments, "unknown", None)  # fmt: skip
-    kind, label = fstype.probe(VolumeReader(archive, bare))
+    kind, label = probe_fstype(VolumeReader(archive, bare))
     return Volume(bare.name, disk.name, disk.dev_id, "partition", e.size, segments, kind, label)
 
 
 def _logical_volumes(archive, disk: Volume, volumes: list[Volume]) -> list[Volume]:
-    places: dict[str, lvm.PvPlace] = {}
+    places: dict[str, PvPlace] = {}
     texts: list[tuple[str, str]] = []  # (PV volume name, metadata text)
     for v in volumes:
         if v.fstype != "lvm2":
             continue
         reader = VolumeReader(archive, v)
-        label = lvm.read_label(reader, v.name)
+        label = read_label(reader, v.name)
         if label is None:
             continue
         if label.uuid in places:
@@ -146,13 +154,13 @@ def _logical_volumes(archive, disk: Volume, volumes: list[Volume]) -> list[Volum
                 f"PV uuid {label.uuid} also on {places[label.uuid].name} (a cloned PV)",
                 volume=v.name,
             )
-        places[label.uuid] = lvm.PvPlace(label.uuid, v.name, v.segments[0].disk_offset, v.size)
-        text = lvm.read_metadata(reader, label, v.name)
+        places[label.uuid] = PvPlace(label.uuid, v.name, v.segments[0].disk_offset, v.size)
+        text = read_metadata(reader, label, v.name)
         if text is not None:
             texts.append((v.name, text))
-    groups: dict[str, lvm.VolumeGroup] = {}
+    groups: dict[str, VolumeGroup] = {}
     for where, text in texts:
-        vg = lvm.volume_group(text, places, where)
+        vg = volume_group(text, places, where)
         key = vg.id or vg.name
         if key not in groups or vg.seqno > groups[key].seqno:
             groups[key] = vg
@@ -172,7 +180,7 @@ def _logical_volumes(archive, disk: Volume, volumes: list[Volume]) -> list[Volum
                                   None, lv.note))  # fmt: skip
                 continue
             bare = Volume(name, disk.name, disk.dev_id, "lv", lv.size, lv.segments, "unknown", None)
-            kind, label = fstype.probe(VolumeReader(archive, bare))
+            kind, label = probe_fstype(VolumeReader(archive, bare))
             out.append(
                 Volume(name, disk.name, disk.dev_id, "lv", lv.size, lv.segments, kind, label)
             )

@@ -17,7 +17,8 @@ import sys
 import time
 
 from . import datasets as ds
-from .figures import DISK, Ctx, Row, extract_and_read
+from .ctx import DISK, Ctx, Row
+from .read_figures import extract_and_read
 from .util import VMAFS, Skip, drop_caches, fmt_s, run, timed, vmafs_mount
 
 #: The bench disk is one ext4 on the whole drive: its volume is the drive.
