@@ -331,7 +331,7 @@ def fig_seq(ctx: Ctx) -> list[Row]:
 # --- qemu-img convert ----------------------------------------------------------------
 
 
-def sync_timed(cmd: list[str]) -> float:
+def _sync_timed(cmd: list[str]) -> float:
     t0 = time.perf_counter()
     run(cmd)
     os.sync()
@@ -344,7 +344,7 @@ def _convert(archive: str, mnt: str, out: str, options=()) -> tuple[float, int]:
     with vmafs_mount(archive, mnt, options):
         disk = mounted_disk(mnt)
         try:
-            seconds = sync_timed(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", disk, out])
+            seconds = _sync_timed(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", disk, out])
         finally:
             if os.path.exists(out):
                 os.unlink(out)
@@ -353,11 +353,11 @@ def _convert(archive: str, mnt: str, out: str, options=()) -> tuple[float, int]:
     return seconds, sum(r["length"] for r in ranges if r["data"])
 
 
-def extract_timed(archive: str, xdir: str) -> float:
+def _extract_timed(archive: str, xdir: str) -> float:
     shutil.rmtree(xdir, ignore_errors=True)
     warm(archive)
     try:
-        return sync_timed([*VMAFS, "extract", archive, xdir])
+        return _sync_timed([*VMAFS, "extract", archive, xdir])
     finally:
         shutil.rmtree(xdir, ignore_errors=True)
 
@@ -378,7 +378,7 @@ def fig_convert(ctx: Ctx) -> list[Row]:
     for _ in range(pairs):
         conv, seen = _convert(archive, mnt, out)
         convs.append(conv)
-        exts.append(extract_timed(archive, xdir))
+        exts.append(_extract_timed(archive, xdir))
     conv, ext = statistics.median(convs), statistics.median(exts)
     how = (
         "SEEK_DATA/SEEK_HOLE answered from the index"

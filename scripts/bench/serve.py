@@ -15,8 +15,9 @@ import statistics
 import subprocess
 import time
 
-from .ctx import DISK, Ctx, Row, ratio
-from .read_figures import extract_timed, sync_timed
+from .ctx import DISK, Ctx, Row
+from .ctx import ratio as _ratio
+from .read_figures import _extract_timed, _sync_timed
 from .util import VMAFS, fmt_rate, fmt_s, need, run, warm
 
 
@@ -86,11 +87,11 @@ def fig_serve(ctx: Ctx) -> list[Row]:
     for _ in range(pairs):
         with _vmafs_serve(archive, sock) as uri:
             try:
-                convs.append(sync_timed(["qemu-img", "convert", "-O", "qcow2", uri, out]))
+                convs.append(_sync_timed(["qemu-img", "convert", "-O", "qcow2", uri, out]))
             finally:
                 if os.path.exists(out):
                     os.unlink(out)
-        exts.append(extract_timed(archive, xdir))
+        exts.append(_extract_timed(archive, xdir))
     conv, ext = statistics.median(convs), statistics.median(exts)
 
     rand = ["--rw=randread", "--bs=4k", "--iodepth=16", f"--runtime={runtime}", "--time_based"]
@@ -119,7 +120,7 @@ def fig_serve(ctx: Ctx) -> list[Row]:
             "`vmafs extract` of the same archive",
             fmt_s(ext),
             fmt_s(conv),
-            ratio(conv, ext),
+            _ratio(conv, ext),
             "<= 0.8x",
             conv <= 0.8 * ext,
             f"median of {pairs} alternated pairs (convert {', '.join(map(fmt_s, convs))}; "
@@ -131,7 +132,7 @@ def fig_serve(ctx: Ctx) -> list[Row]:
             f"`nbdkit file` on the extracted {DISK}",
             f"{iops['nbdkit']:,.0f} IOPS",
             f"{iops['vmafs']:,.0f} IOPS",
-            ratio(iops["vmafs"], iops["nbdkit"]),
+            _ratio(iops["vmafs"], iops["nbdkit"]),
             ">= 0.5x",
             iops["vmafs"] >= 0.5 * iops["nbdkit"],
             f"median of {pairs} alternated {runtime} s runs over the whole disk (holes "
@@ -143,7 +144,7 @@ def fig_serve(ctx: Ctx) -> list[Row]:
             f"`nbdkit file` on the extracted {DISK}",
             fmt_rate(bw["nbdkit"]),
             fmt_rate(bw["vmafs"]),
-            ratio(bw["vmafs"], bw["nbdkit"]),
+            _ratio(bw["vmafs"], bw["nbdkit"]),
             ">= 0.7x",
             bw["vmafs"] >= 0.7 * bw["nbdkit"],
             f"median of {pairs} alternated whole-disk passes; vmafs answers holes as "
