@@ -11,12 +11,12 @@ import argparse
 import logging
 import sys
 
-from ..cli import writing_stdout
+from ..common.console import writing_stdout
+from ..common.progress import add_progress_options, human_bytes
 from ..errors import VolumeError
 from ..volumes import Volume, find_drive, scan_drive
-from ._common import add_progress_options, open_archive, printable
+from ._common import open_archive, printable
 from .list import write_json
-from .progress import human_bytes
 
 log = logging.getLogger(__name__)
 
