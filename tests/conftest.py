@@ -296,30 +296,86 @@ def require_qemu() -> SimpleNamespace:
     Returns a namespace with their paths: ``.qemu_img``, ``.qemu_system``,
     ``.qemu_storage_daemon``.
     """
+    return _runnable(
+        "QEMU",
+        "Debian qemu-utils/qemu-system-x86",
+        {
+            "qemu_img": "qemu-img",
+            "qemu_system": "qemu-system-x86_64",
+            "qemu_storage_daemon": "qemu-storage-daemon",
+        },
+    )
+
+
+@pytest.fixture(scope="session")
+def require_nbd_tools() -> SimpleNamespace:
+    """libnbd's clients: nbdinfo and nbdcopy (Debian libnbd-bin), each runnable.
+
+    Returns a namespace with their paths: ``.nbdinfo``, ``.nbdcopy``.
+    """
+    return _runnable(
+        "NBD clients", "Debian package libnbd-bin", {"nbdinfo": "nbdinfo", "nbdcopy": "nbdcopy"}
+    )
+
+
+def _runnable(what: str, package: str, tools: dict[str, str]) -> SimpleNamespace:
+    """{attribute: command} found on PATH and answering ``--version``, else unavailable."""
     found = {}
-    for attr, name in (
-        ("qemu_img", "qemu-img"),
-        ("qemu_system", "qemu-system-x86_64"),
-        ("qemu_storage_daemon", "qemu-storage-daemon"),
-    ):
+    for attr, name in tools.items():
         path = shutil.which(name)
         if path is None:
-            _unavailable(f"QEMU: {name} is not on PATH (Debian qemu-utils/qemu-system-x86)")
+            _unavailable(f"{what}: {name} is not on PATH ({package})")
         try:
             proc = subprocess.run(
                 [path, "--version"], capture_output=True, text=True, timeout=PROBE_TIMEOUT
             )
         except (OSError, subprocess.TimeoutExpired) as e:
-            _unavailable(f"QEMU: {name} --version failed: {e}")
+            _unavailable(f"{what}: {name} --version failed: {e}")
         if proc.returncode != 0:
-            _unavailable(f"QEMU: {name} --version exited {proc.returncode}: {proc.stderr.strip()}")
+            _unavailable(
+                f"{what}: {name} --version exited {proc.returncode}: {proc.stderr.strip()}"
+            )
         found[attr] = path
     return SimpleNamespace(**found)
 
 
+@pytest.fixture(scope="session")
+def require_openssl() -> str:
+    """openssl(1), to make the x509 certificates of TLS tests. Returns its path."""
+    path = shutil.which("openssl")
+    if path is None:
+        _unavailable("TLS: openssl is not on PATH (Debian package openssl)")
+    proc = subprocess.run([path, "version"], capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+    if proc.returncode != 0:
+        _unavailable(f"TLS: openssl version exited {proc.returncode}")
+    return path
+
+
+def require_guestfs() -> str:
+    """libguestfs for the appliance engine: python3-guestfs for /usr/bin/python3 and a
+    kernel under /boot (test set-up: scripts/setup's test dependencies).
+
+    Cheap on purpose: the tests' module-scoped sessions launch the appliance
+    themselves (one launch each, ~15 s without KVM), and a launch that fails
+    there fails those tests.  Returns the system Python's path.
+    """
+    from vmafs.guest.appliance import system_python, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        _unavailable(f"libguestfs: {reason}")
+    return system_python()
+
+
 # --- hooks ------------------------------------------------------------------------------
 
-_PROBE_MARKERS = {"require_fuse": "fuse", "require_loop": "loop", "require_qemu": "qemu"}
+_PROBE_MARKERS = {
+    "require_fuse": "fuse",
+    "require_loop": "loop",
+    "require_qemu": "qemu",
+    "require_nbd_tools": "nbd",
+    "require_guestfs": "guestfs",
+}
 
 
 def pytest_collection_modifyitems(config, items):

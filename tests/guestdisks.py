@@ -17,6 +17,7 @@ back through vmafs with the bytes that went in.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -124,7 +125,6 @@ class Disk:
         require_tools("sfdisk")
         script = f"label: {label}\n" + "".join(line + "\n" for line in lines)
         run("sfdisk", "-q", "--no-reread", "--no-tell-kernel", self.path, input=script)
-        import json
 
         table = json.loads(run("sfdisk", "--json", self.path))["partitiontable"]
         out = {}

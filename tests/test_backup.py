@@ -12,7 +12,7 @@ import signal
 import subprocess
 
 import pytest
-from conftest import in_ci, vmafs_cmd
+from conftest import vmafs_cmd
 from test_backup_support import (
     MiB,
     archive_disks,
@@ -24,6 +24,7 @@ from test_backup_support import (
     mixed_qcow2,
     one_line_error,
     random_raw,
+    small_tmpfs,
     start_backup,
     vm,
     vmafs_verify,
@@ -264,17 +265,8 @@ def test_disk_full_is_a_clean_error_and_guest_writes_never_fail(require_qemu, tm
     copy-before-write a guest write waits on)."""
     size = 16 * MiB
     src = random_raw(tmp_path / "src.raw", size, seed=7)
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        (pytest.fail if in_ci() else pytest.skip)(
-            f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}"
-        )
     blocks = []
-    try:
+    with small_tmpfs(tmp_path / "small") as small:
         out = small / "full.vma"
         with vm(require_qemu.qemu_system, tmp_path, {"drive-scsi0": (src, "raw")}) as machine:
             proc = start_backup(
@@ -296,8 +288,6 @@ def test_disk_full_is_a_clean_error_and_guest_writes_never_fail(require_qemu, tm
         assert rc == 1
         assert "No space left on device" in one_line_error(err)
         assert leftovers(small) == []
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
     assert blocks, "the backup failed before the guest could write"
     with open(src, "rb") as f:
         for off in blocks:

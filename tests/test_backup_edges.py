@@ -251,6 +251,7 @@ def test_more_signals_during_the_abort():
         assert not abort.cleanup_scope.cancel_called
         _on_signal(abort, signal.SIGTERM)
         assert abort.cleanup_scope.cancel_called
+        assert abort.cleanup_stopped
         assert abort.signum == signal.SIGINT  # the first signal is the exit status
 
     trio.run(main)

@@ -20,7 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import vmafs_cmd
+import pytest
+from conftest import in_ci, vmafs_cmd
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from vmafs.archive import Archive
@@ -293,6 +294,27 @@ def one_line_error(stderr: str) -> str:
     assert len(lines) == 1, stderr
     assert lines[0].startswith("vmafs: error: "), stderr
     return lines[0]
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str = "2m", *, options: str = ""):
+    """A tmpfs of *size* mounted on *path* (made here) for a disk-full case; unmounted after.
+
+    Skips on a dev box that cannot mount, fails under CI=true.
+    """
+    path.mkdir()
+    opts = f"size={size}" + (f",{options}" if options else "")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        (pytest.fail if in_ci() else pytest.skip)(
+            f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}"
+        )
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
 
 
 def wait_for_pid_exit(pid: int) -> None:

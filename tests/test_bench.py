@@ -1,6 +1,7 @@
-"""Smoke tests for the benchmark suite (vmafs.bench): the data builders and the
-table formatter on tiny sizes.  No timing assertions: the numbers are the
-benchmark's business, these tests check that what it builds is right."""
+"""Smoke tests for the benchmark suite (scripts/bench, imported as ``bench``): the
+data builders, the entry point and the table formatter on tiny sizes.  No timing
+assertions: the numbers are the benchmark's business, these tests check that
+what it builds is right."""
 
 from __future__ import annotations
 
@@ -8,16 +9,18 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
+from bench import datasets as ds
+from bench.cli import _keep_analysis, render
+from bench.ctx import Ctx, Row
+from bench.reads import random_offsets
+from bench.report import machine, table
 from conftest import in_ci
 
 from vmafs.archive import Archive
-from vmafs.bench import datasets as ds
-from vmafs.bench.__main__ import _keep_analysis, render
-from vmafs.bench.figures import Ctx, Row, _random_offsets
-from vmafs.bench.report import machine, table
 from vmafs.format import CLUSTER_SIZE
 
 TINY = ds.Sizes(
@@ -66,10 +69,69 @@ def test_sparse_archive_is_cached(tmp_path):
     assert os.stat(path).st_mtime_ns == mtime
 
 
+def test_build_once_rebuilds_only_when_params_change(tmp_path):
+    path = str(tmp_path / "thing")
+    made = []
+
+    def make(tmp: str) -> None:
+        made.append(tmp)
+        with open(tmp, "w") as f:
+            f.write(str(len(made)))
+
+    assert ds.build_once(path, {"a": 1}, make) == path
+    assert ds.build_once(path, {"a": 1}, make) == path
+    assert made == [path + ".tmp"]
+    ds.build_once(path, {"a": 2}, make)
+    assert len(made) == 2 and open(path).read() == "2"
+
+
+def test_build_once_keeps_nothing_of_a_failed_build(tmp_path):
+    path = str(tmp_path / "thing")
+
+    def make(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise RuntimeError("tool failed")
+
+    with pytest.raises(RuntimeError):
+        ds.build_once(path, {}, make)
+    assert not os.path.exists(path) and not os.path.exists(path + ".done")
+    ds.build_once(path, {}, lambda tmp: open(tmp, "w").close())  # the leftover .tmp is no bar
+    assert os.path.exists(path + ".done")
+
+
+def test_made_from_changes_with_the_source(tmp_path):
+    src = tmp_path / "src"
+    src.write_bytes(b"x")
+    before = ds.made_from(str(src))
+    src.write_bytes(b"xy")
+    assert ds.made_from(str(src)) != before
+
+
+def test_runs_from_a_checkout_with_one_command(tmp_path):
+    """`python scripts/bench` imports this checkout's bench and vmafs, not an installed copy."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run(
+        [sys.executable, os.path.join(repo, "scripts", "bench"), "--only", "nosuch"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert p.returncode == 2, p.stderr
+    assert "unknown figure(s): nosuch" in p.stdout and "restore" in p.stdout
+
+
+def test_the_bench_is_not_in_the_installed_package():
+    import vmafs
+
+    assert not os.path.exists(os.path.join(os.path.dirname(vmafs.__file__), "bench"))
+
+
 def test_random_offsets_lie_in_stored_data(tmp_path):
     path = str(tmp_path / "s.vma")
     ds.build_sparse_vma(path, 64 << 20, 1 << 20, seed=6)
-    offsets = _random_offsets(path, 50)
+    offsets = random_offsets(path, 50)
     assert len(set(offsets)) == 50
     with Archive.open(path) as a:
         ranges = list(a.allocated_ranges(1))
@@ -158,9 +220,8 @@ def test_render_keeps_the_analysis_block(tmp_path):
 
 @pytest.mark.skipif(shutil.which("zstd") is None, reason="zstd CLI not installed")
 def test_zstd_source_benchmark_reports_the_targets():
+    from bench.zstd_source import benchmark
     from conftest import FIXTURES_DIR
-
-    from vmafs.bench.zstd_source import benchmark
 
     path = str(FIXTURES_DIR / "ext4-guest.vma.zst")
     r = benchmark(path, reads=20)

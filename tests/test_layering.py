@@ -10,7 +10,9 @@ import is still a dependency).  The rules:
   (``vmafs.format``, ``vmafs.zstd_seekable``), ``vmafs.errors``,
   ``vmafs.names``, ``vmafs.common`` and the NBD core ``vmafs.nbd`` -
   except ``vmafs.writer.recompress``, which converts archives and so reads
-  them through ``vmafs.source`` and ``vmafs.index``;
+  them through ``vmafs.source`` and ``vmafs.index``, and
+  ``vmafs.writer.restore``, which serves an archive's disks to QEMU
+  (``vmafs.archive``, ``vmafs.serve``);
 - the format layer imports nothing of the project but ``vmafs.errors``;
 - ``vmafs.common`` and ``vmafs.errors`` import nothing of the project above them;
 - only ``vmafs.__main__`` imports ``vmafs.cli``, which loads every command
@@ -34,9 +36,12 @@ REPO = Path(__file__).resolve().parent.parent
 FORMAT_LAYER = ("vmafs.format", "vmafs.zstd_seekable")
 SHARED = (*FORMAT_LAYER, "vmafs.errors", "vmafs.names", "vmafs.common", "vmafs.nbd")
 #: Writer modules allowed more, and what (see the module docs).
-WRITER_READS = {"vmafs.writer.recompress": ("vmafs.source", "vmafs.index")}
-#: Not the read path: the writer, the shared layers, the CLI's table, the bench.
-NOT_READ_PATH = ("vmafs.writer", *SHARED, "vmafs.cli", "vmafs.__main__", "vmafs.bench")
+WRITER_READS = {
+    "vmafs.writer.recompress": ("vmafs.source", "vmafs.index"),
+    "vmafs.writer.restore": ("vmafs.archive", "vmafs.serve"),
+}
+#: Not the read path: the writer, the shared layers, the CLI's table.
+NOT_READ_PATH = ("vmafs.writer", *SHARED, "vmafs.cli", "vmafs.__main__")
 
 
 def _within(module: str, prefixes) -> bool:

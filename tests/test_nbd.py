@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 import trio
+from nbd_client import Client
 from vmafs.writer import nbd
 from vmafs.writer.nbd import Export, NbdServer
 from vmafs.writer.output import ArchiveOutput
@@ -20,90 +21,6 @@ from vmafs.writer.packer import Packer
 
 from vmafs.archive import Archive
 from vmafs.format import CLUSTER_SIZE
-
-# --- a minimal client for protocol-level tests ------------------------------------------
-
-
-class Client:
-    """Just enough NBD to drive the server byte by byte (fixed newstyle, simple replies)."""
-
-    def __init__(self, sock: trio.socket.SocketType) -> None:
-        self.sock = sock
-        self.cookie = 0
-
-    @classmethod
-    async def connect(cls, path: str) -> Client:
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.connect(path)
-        return cls(sock)
-
-    async def recv(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = await self.sock.recv(n - len(buf))
-            if not chunk:
-                raise EOFError(f"server closed after {len(buf)} of {n} bytes")
-            buf += chunk
-        return buf
-
-    async def send(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[await self.sock.send(view) :]
-
-    async def closed_by_server(self) -> bool:
-        try:
-            return await self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    async def greeting(self, cflags: int = 3) -> None:
-        magic, opt, hflags = struct.unpack(">QQH", await self.recv(18))
-        assert (magic, opt) == (nbd.NBDMAGIC, nbd.IHAVEOPT)
-        assert hflags == nbd.NBD_FLAG_FIXED_NEWSTYLE | nbd.NBD_FLAG_NO_ZEROES
-        await self.send(struct.pack(">I", cflags))
-
-    async def option(self, opt: int, data: bytes = b"") -> None:
-        await self.send(struct.pack(">QII", nbd.IHAVEOPT, opt, len(data)) + data)
-
-    async def opt_reply(self) -> tuple[int, int, bytes]:
-        magic, opt, rtype, length = struct.unpack(">QIII", await self.recv(20))
-        assert magic == nbd.REPLY_MAGIC_OPT
-        return opt, rtype, await self.recv(length)
-
-    async def go(self, name: str, opt: int = nbd.NBD_OPT_GO, infos=(nbd.NBD_INFO_BLOCK_SIZE,)):
-        raw = name.encode()
-        req = (
-            struct.pack(">I", len(raw)) + raw + struct.pack(f">H{len(infos)}H", len(infos), *infos)
-        )
-        await self.option(opt, req)
-        replies = []
-        while True:
-            o, rtype, data = await self.opt_reply()
-            assert o == opt
-            replies.append((rtype, data))
-            if rtype != nbd.NBD_REP_INFO:
-                return replies
-
-    async def request(self, cmd: int, offset: int, length: int, payload=b"", flags=0) -> int:
-        self.cookie += 1
-        head = struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, flags, cmd, self.cookie, offset, length)
-        await self.send(head + payload)
-        return self.cookie
-
-    async def reply(self) -> tuple[int, int]:
-        magic, err, cookie = struct.unpack(">IIQ", await self.recv(16))
-        assert magic == nbd.SIMPLE_REPLY_MAGIC
-        return cookie, err
-
-    async def call(self, cmd: int, offset: int, length: int, payload=b"", flags=0) -> int:
-        cookie = await self.request(cmd, offset, length, payload, flags)
-        got, err = await self.reply()
-        assert got == cookie
-        return err
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class Recorder:
@@ -157,8 +74,9 @@ def test_handshake_list_info_go_and_unsupported_options(tmp_path):
             if rtype == nbd.NBD_REP_ACK:
                 break
             assert rtype == nbd.NBD_REP_SERVER
-            names.append(data[4:].decode())
-        assert names == ["drive-scsi0", "drive-efidisk0"]
+            (nlen,) = struct.unpack(">I", data[:4])  # then the name, then its description
+            names.append((data[4 : 4 + nlen].decode(), data[4 + nlen :].decode()))
+        assert names == [("drive-scsi0", "test export"), ("drive-efidisk0", "test export")]
         for opt in (8, 5, 9, 10, 11, 1234):  # STRUCTURED_REPLY, STARTTLS, META_CONTEXT, ...
             await c.option(opt, b"\0" * 8)
             assert (await c.opt_reply())[1] == nbd.NBD_REP_ERR_UNSUP

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES_DIR, unmount, vmafs_cmd
 from guestdisks import Disk, Seg, lvm_pvs, mkfs, require_tools, vg_text
+from test_mount_seek import _model, _seek, require_lseek  # noqa: F401 (a fixture)
 from test_mount_support import GUARD, mounted
 from vmafactory import build_archive
 
@@ -191,9 +192,23 @@ def gpt_lvm(tmp_path_factory, require_loop):
                 data[s.start * extent : (s.start + s.count) * extent],
             )
     content = disk.read()
-    archive = build_archive({"drive-scsi0": content}).write(tmp / "gpt-lvm.vma")
+    # A second disk that is one PV as a whole (no partition table), VG 'vg1'.
+    whole = lvm_pvs(
+        tmp,
+        "vg1",
+        vg_text("vg1", extent, {"pv0": (4, MiB, 15)}, {"lv": [Seg(0, 8, "pv0", 3)]}),
+        {"pv0": (4, 16 * MiB)},
+    )["pv0"]
+    lv_ext4 = mkfs(tmp, "ext4", 8 * MiB, "ONPV")
+    pv_disk = Disk(tmp / "pv-disk.raw", 16 * MiB)
+    pv_disk.put(0, whole)
+    pv_disk.put(MiB + 3 * extent, lv_ext4)
+    archive = build_archive({"drive-scsi0": content, "drive-scsi1": pv_disk.read()}).write(
+        tmp / "gpt-lvm.vma"
+    )
     expect_bytes = {f"drive-scsi0/{k}": v.read_bytes() for k, v in images.items()}
     expect_bytes |= {f"drive-scsi0/pve/{k}": v.read_bytes() for k, v in lv_images.items()}
+    expect_bytes["drive-scsi1/vg1/lv"] = lv_ext4.read_bytes()
     return archive, parts, content, expect_bytes, tree_digests(root_tree)
 
 
@@ -211,6 +226,8 @@ def test_gpt_with_lvm_built_by_real_tools(gpt_lvm):
             "drive-scsi0/pve/root": ("lv", "ext4", "ROOT", 12 * MiB, False),
             "drive-scsi0/pve/data": ("lv", "ext2", "DATA", 4 * MiB, False),
             "drive-scsi0/pve/stripe": ("lv", "unknown", None, 4 * MiB, True),
+            "drive-scsi1": ("disk", "lvm2", None, 16 * MiB, False),
+            "drive-scsi1/vg1/lv": ("lv", "ext4", "ONPV", 8 * MiB, False),
         }
         for name, data in expect_bytes.items():
             assert sha256(volume_bytes(a, name)) == sha256(data), name
@@ -239,41 +256,23 @@ def test_reads_across_segment_edges(gpt_lvm):
         assert r.read(12 * MiB, 10) == b"" and r.read(-1, 10) == b""
 
 
-def expected_extents(content: bytes, segments, size: int) -> list[tuple[int, int]]:
-    """Data ranges of a volume as the archive sees them: drive clusters with a non-zero byte."""
-    out: list[list[int]] = []
-    for seg in segments:
+def volume_holes(content: bytes, volume) -> list[bool]:
+    """Per 64 KiB cluster of the volume: a hole iff its drive cluster is all zeros
+    (the archive stores nothing for it).  Segments here start on cluster boundaries."""
+    holes = []
+    for seg in volume.segments:
+        assert seg.disk_offset % CLUSTER_SIZE == 0 and seg.start % CLUSTER_SIZE == 0
         for off in range(0, seg.length, CLUSTER_SIZE):
             d = seg.disk_offset + off
-            c = d // CLUSTER_SIZE * CLUSTER_SIZE
-            if any(content[c : c + CLUSTER_SIZE]):
-                start = seg.start + off
-                if out and out[-1][1] == start:
-                    out[-1][1] = min(start + CLUSTER_SIZE, size)
-                else:
-                    out.append([start, min(start + CLUSTER_SIZE, size)])
-    return [tuple(x) for x in out]
-
-
-def seek_extents(fd: int, size: int) -> list[tuple[int, int]]:
-    out, pos = [], 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
-            break
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        out.append((start, end))
-        pos = end
-    return out
+            holes.append(not any(content[d : d + CLUSTER_SIZE]))
+    return holes
 
 
 @pytest.mark.fuse
 @pytest.mark.loop
-def test_volume_files_in_the_mount(gpt_lvm, tmp_path, require_fuse, require_loop):
+@pytest.mark.usefixtures("require_lseek")
+def test_volume_files_in_the_mount(gpt_lvm, tmp_path, require_loop):
     """Volume files: sizes, bytes, SEEK_DATA/SEEK_HOLE, and `mount -o loop,ro` of an ext4 LV."""
-    from vmafs.fs import SEEK_HOLE_SUPPORTED
-
     archive, _, content, expect_bytes, root_files = gpt_lvm
     mnt = tmp_path / "mnt"
     guest = tmp_path / "guest"
@@ -285,20 +284,27 @@ def test_volume_files_in_the_mount(gpt_lvm, tmp_path, require_fuse, require_loop
         base = mnt / "volumes" / "drive-scsi0"
         assert sorted(os.listdir(base)) == ["p1", "p2", "p3", "p4", "p5", "p6", "pve"]
         assert sorted(os.listdir(base / "pve")) == ["data", "root"]  # not the striped LV
+        assert sorted(os.listdir(mnt / "volumes")) == ["drive-scsi0", "drive-scsi1"]
+        assert sorted(os.listdir(mnt / "volumes" / "drive-scsi1")) == ["disk", "vg1"]
         for name, data in expect_bytes.items():
-            path = mnt / "volumes" / name
+            path = mnt / "volumes" / name  # a volume's path is volumes/ + its name
             assert os.stat(path).st_size == len(data)
             assert sha256(path.read_bytes()) == sha256(data), name
-        if SEEK_HOLE_SUPPORTED:
-            for name in ("drive-scsi0/pve/root", "drive-scsi0/p1"):
-                v = volumes[name]
-                fd = os.open(mnt / "volumes" / name, os.O_RDONLY)
-                try:
-                    got = seek_extents(fd, v.size)
-                finally:
-                    os.close(fd)
-                assert got == expected_extents(content, v.segments, v.size), name
-                assert 0 < sum(b - a for a, b in got) < v.size
+        for name in ("drive-scsi0/pve/root", "drive-scsi0/p1"):
+            v = volumes[name]
+            holes = volume_holes(content, v)
+            assert any(holes) and not all(holes)
+            fd = os.open(mnt / "volumes" / name, os.O_RDONLY)
+            try:
+                for c in range(len(holes) + 1):
+                    for off in (c * CLUSTER_SIZE - 1, c * CLUSTER_SIZE, c * CLUSTER_SIZE + 1):
+                        if off < 0:
+                            continue
+                        for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+                            want = _model(holes, v.size, off, whence)
+                            assert _seek(fd, off, whence) == want, (name, off, whence)
+            finally:
+                os.close(fd)
         try:
             subprocess.run(
                 ["mount", "-o", "loop,ro,noload", base / "pve" / "root", guest],
@@ -400,3 +406,32 @@ def test_whole_disk_file_and_reserved_config_name(tmp_path, require_fuse):
         assert (mnt / "config-0.conf").read_bytes() == configs[0][1]
         assert os.listdir(mnt / "volumes" / "drive-scsi0") == ["disk"]
         assert (mnt / "volumes" / "drive-scsi0" / "disk").read_bytes() == ext4
+
+
+def test_volume_paths_in_the_mount_never_collide():
+    """p<N> files, <vg>/<lv> directories, 'disk' for a whole disk; a VG named like a
+    partition file moves aside; unreadable volumes have no path."""
+    from vmafs.names import volume_paths
+    from vmafs.volumes import Segment, Volume
+
+    def vol(name, kind, note=None):
+        drive = name.split("/")[0]
+        return Volume(name, drive, 1, kind, 1, (Segment(0, 0, 1),), "ext4", None, note)
+
+    volumes = [
+        vol("d/p1", "partition"),
+        vol("d/p2", "partition"),
+        vol("d/p1/root", "lv"),
+        vol("d/pve/root", "lv"),
+        vol("d/pve/thin", "lv", note="thin LV: not supported"),
+        vol("e", "disk"),
+        vol("e/disk/x", "lv"),
+    ]
+    assert volume_paths(volumes) == {
+        "d/p1": ("p1",),
+        "d/p2": ("p2",),
+        "d/p1/root": ("p1~2", "root"),
+        "d/pve/root": ("pve", "root"),
+        "e": ("disk",),
+        "e/disk/x": ("disk~2", "x"),
+    }

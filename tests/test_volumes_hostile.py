@@ -112,10 +112,12 @@ def gpt(
     last: int | None = None,
     damage_header: bool = False,
     damage_entries: bool = False,
+    sector: int = SECTOR,
 ) -> bytearray:
-    """A GPT with *parts* = [(first LBA, last LBA, type uuid)], CRCs valid unless damaged."""
-    d = mbr([(0xEE, 1, size // SECTOR - 1)], size)
-    sectors = size // SECTOR
+    """A GPT with *parts* = [(first LBA, last LBA, type uuid)], CRCs valid unless damaged,
+    for *sector*-byte sectors."""
+    sectors = size // sector
+    d = mbr([(0xEE, 1, sectors - 1)], size)
     last = sectors - 34 if last is None else last
     table = bytearray(count * esize if count * esize <= 1 << 20 else 0)
     for i, (a, b, t) in enumerate(parts):
@@ -127,9 +129,9 @@ def gpt(
     )  # fmt: skip
     crc = zlib.crc32(hdr) ^ (1 if damage_header else 0)
     hdr = hdr[:16] + struct.pack("<I", crc) + hdr[20:]
-    put(d, SECTOR, hdr)
-    if elba * SECTOR + len(table) <= size:
-        put(d, elba * SECTOR, table)
+    put(d, sector, hdr)
+    if elba * sector + len(table) <= size:
+        put(d, elba * sector, table)
     return d
 
 
@@ -229,6 +231,12 @@ def test_crafted_good_layouts_are_read(tmp_path):
     assert (a.name, a.size) == ("drive-scsi0/vg0/a", 3 * MiB)
     pe0 = MiB + MiB  # partition start + pe_start
     assert a.segments == (Segment(0, pe0 + 5 * MiB, 2 * MiB), Segment(2 * MiB, pe0, MiB))
+
+
+def test_gpt_with_4096_byte_sectors(tmp_path):
+    g = gpt([(256, 511, LINUX)], sector=4096, first=6, last=2040)
+    (v,) = scan(tmp_path, bytes(g))
+    assert (v.name, v.segments[0].disk_offset, v.size) == ("drive-scsi0/p1", MiB, MiB)
 
 
 # --- partition tables ---------------------------------------------------------------
@@ -409,3 +417,124 @@ def test_volumes_command_reports_a_bad_drive_and_lists_the_good(tmp_path):
     assert proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("vmafs: error: drive-scsi1: GPT entry array CRC32 does not match")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.fuse
+def test_mount_shows_a_bad_drive_empty_and_logs_why(tmp_path, require_fuse):
+    from test_mount_support import mounted
+
+    good = gpt([(2048, 4095, LINUX)])
+    bad = mbr([(0x05, 2048, 8192)])
+    ebr(bad, 2048, (2048, 100), (0, 8192))  # a chain that loops
+    path = build_archive({"drive-scsi0": bytes(good), "drive-scsi1": bytes(bad)}).write(
+        tmp_path / "two.vma"
+    )
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    logfile = tmp_path / "mount.log"
+    with mounted(path, mnt, f"logfile={logfile}"):
+        assert (mnt / "volumes" / "drive-scsi1").is_dir()
+        assert list((mnt / "volumes" / "drive-scsi1").iterdir()) == []
+        assert [p.name for p in (mnt / "volumes" / "drive-scsi0").iterdir()] == ["p1"]
+        assert (mnt / "volumes" / "drive-scsi0" / "p1").read_bytes() == bytes(good[MiB : 2 * MiB])
+    log = logfile.read_text()
+    assert "volumes of drive-scsi1 not shown: drive-scsi1: extended partition chain loops" in log
+    assert log.count("not shown") == 1
+
+
+def mutations(seed: int, base: bytes, spots: list[tuple[int, int]], n: int):
+    """*n* copies of *base*, each with 1-8 random bytes overwritten inside *spots*."""
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(n):
+        d = bytearray(base)
+        for _ in range(rng.randint(1, 8)):
+            a, b = rng.choice(spots)
+            d[rng.randrange(a, b)] = rng.randrange(256)
+        yield bytes(d)
+
+
+@pytest.mark.slow
+def test_random_damage_gives_volume_errors_only(tmp_path):
+    """Bytes overwritten at random in the tables and metadata: every scan ends, reads
+    only inside the drive, and either succeeds or raises a VolumeError (never anything
+    else, which the CLI would report as an internal error)."""
+    text = vg(lv("a", (0, 2, 5), (2, 1, 0)) + lv("b", (0, 1, 3)))
+    lvm_base = bytes(lvm_disk(text))
+    d = mbr([(0x83, 2048, 2048), (0x05, 4096, 8192)])
+    ebr(d, 4096, (2048, 2048), (4096, 4096))
+    ebr(d, 8192, (2048, 2048), None)
+    cases = [
+        (bytes(gpt([(2048, 4095, LINUX), (4096, 8191, LVM_TYPE)])), [(0, 1024), (1024, 1536)]),
+        (
+            bytes(d),
+            [
+                (446, 512),
+                (4096 * SECTOR + 446, 4096 * SECTOR + 512),
+                (8192 * SECTOR + 446, 8192 * SECTOR + 512),
+            ],
+        ),  # fmt: skip
+        (lvm_base, [(446, 512), (MiB + 512, MiB + 1024), (MiB + 4096, MiB + 4096 + 1500)]),
+    ]
+    outcomes = {"ok": 0, "error": 0}
+    for k, (base, spots) in enumerate(cases):
+        for disk in mutations(k, base[: 16 * MiB], spots, 40):
+            try:
+                scan(tmp_path, disk)
+                outcomes["ok"] += 1
+            except VolumeError as e:
+                assert "\n" not in str(e) and e.volume
+                outcomes["error"] += 1
+    # The metadata text itself, its checksum made valid: the parser and the VG checks.
+    import random
+
+    rng = random.Random(7)
+    for _ in range(60):
+        t = list(text)
+        for _ in range(rng.randint(1, 4)):
+            t[rng.randrange(len(t))] = rng.choice('{}[]=",#\\\n 0123456789-x')
+        try:
+            scan(tmp_path, bytes(lvm_disk("".join(t))))
+            outcomes["ok"] += 1
+        except VolumeError as e:
+            assert "\n" not in str(e) and e.volume
+            outcomes["error"] += 1
+    assert outcomes["ok"] and outcomes["error"]
+
+
+@pytest.mark.slow
+def test_random_damage_in_filesystem_superblocks(tmp_path):
+    """Type and label probes on damaged NTFS, FAT, ext4 and xfs superblocks: a result
+    or 'unknown', never an exception."""
+    from guestdisks import mkfs, require_tools
+
+    require_tools("mkfs.ntfs", "mkfs.vfat", "mkfs.ext4")
+    images = {
+        "ntfs": (mkfs(tmp_path, "ntfs", 2 * MiB, "N"), [(0, 512), (4 * 4096, 8 * 4096)]),
+        "vfat": (mkfs(tmp_path, "vfat", 2 * MiB, "F"), [(0, 512)]),
+        "ext4": (mkfs(tmp_path, "ext4", 2 * MiB, "E"), [(1024, 2048)]),
+    }
+    for k, (img, spots) in enumerate(images.values()):
+        base = img.read_bytes()
+        # NTFS keeps its MFT wherever mkfs put it: damage record 3 ($Volume) too.
+        for disk in mutations(10 + k, base, spots, 40):
+            for v in scan(tmp_path, disk):
+                assert v.name == DRIVE and v.kind == "disk"
+
+
+def test_ntfs_label_attribute_cut_short(tmp_path):
+    """A $VOLUME_NAME attribute too short for its own header, at the end of MFT record 3:
+    the label is None, nothing is read past the record."""
+    d = bytearray(MiB)
+    put(d, 0, b"\xeb\x52\x90NTFS    " + struct.pack("<HB", 512, 1))
+    put(d, 0x30, struct.pack("<Q", 8))  # MFT at cluster 8
+    put(d, 0x40, struct.pack("<b", -10))  # records of 2**10 bytes
+    put(d, 510, b"\x55\xaa")
+    rec = 8 * 512 + 3 * 1024
+    put(d, rec, b"FILE" + struct.pack("<HH", 48, 3))
+    put(d, rec + 0x14, struct.pack("<H", 56))
+    put(d, rec + 56, struct.pack("<II", 0x10, 1008 - 56))  # a filler attribute
+    put(d, rec + 1008, struct.pack("<II", 0x60, 16))  # $VOLUME_NAME, 16 bytes only
+    (v,) = scan(tmp_path, bytes(d))
+    assert (v.name, v.fstype, v.label) == (DRIVE, "ntfs", None)

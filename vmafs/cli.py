@@ -50,9 +50,14 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("index",), "vmafs.commands.index", "register"),
     (("volumes",), "vmafs.commands.volumes", "register"),
     (("recompress",), "vmafs.writer.recompress", "register"),
+    (("ls",), "vmafs.commands.ls", "register"),
+    (("cat",), "vmafs.commands.cat", "register"),
+    (("get",), "vmafs.commands.get", "register"),
     (("mount", "umount"), "vmafs.mount", "register"),
+    (("serve",), "vmafs.commands.serve", "register"),
     (("backup",), "vmafs.writer.cli", "register_backup"),
     (("create",), "vmafs.writer.cli", "register_create"),
+    (("restore",), "vmafs.writer.restore", "register"),
 ]
 
 DESCRIPTION = """\
@@ -227,7 +232,7 @@ def _fail(message: str, debug: bool, status: int = 1) -> int:
 
 #: Commands that configure logging themselves (``vmafs.writer.cli._setup_logging``
 #: sets up the root logger only when it has no handler yet).
-OWN_LOGGING = frozenset({"backup", "create"})
+OWN_LOGGING = frozenset({"backup", "create", "restore"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

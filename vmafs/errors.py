@@ -242,3 +242,26 @@ class VolumeNotFoundError(VolumeError):
 
 class UnsupportedVolumeError(VolumeError):
     """The volume exists but vmafs cannot read it (striped, thin, raid, snapshot LVs)."""
+
+
+# --- files inside guest filesystems ----------------------------------------------
+
+
+class GuestError(VmaError):
+    """Reading inside a guest filesystem failed (the message names volume and path).
+
+    *errno_* is the errno the guest filesystem gave (ENOENT, ENOTDIR, ...)
+    when there is one, so callers can tell a missing file from a broken disk.
+    """
+
+    def __init__(self, message: str, *, errno_: int | None = None) -> None:
+        self.errno = errno_
+        super().__init__(message)
+
+
+class EngineUnavailableError(GuestError):
+    """The engine asked for cannot run here (libguestfs missing, not root, no kernel)."""
+
+
+class GuestMountError(GuestError):
+    """Setting up or taking down a guest filesystem's mount failed."""

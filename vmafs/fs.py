@@ -251,7 +251,7 @@ class VmaFS(pyfuse3.Operations):
         try:
             volumes = scan_drive(self.archive, dev_id)
             readers = [(v, VolumeReader(self.archive, v)) for v in volumes if v.readable]
-        except VmaError as e:
+        except (VmaError, OSError) as e:
             log.error("volumes of %s not shown: %s", self.archive.header.devices[dev_id].name, e)
             return
         paths = volume_paths(volumes)

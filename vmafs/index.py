@@ -171,6 +171,11 @@ class DeviceMap:
             cluster, step = end, min(step * 4, _CHUNK)
         return None
 
+    def is_hole(self, cluster: int) -> bool:
+        """Whether *cluster* is a hole, by the rule of :meth:`next_cluster`, in O(1)."""
+        entry = self.packed.item(cluster)
+        return entry != 0 and entry & MASK == 0
+
     def first_missing(self) -> int | None:
         # argmin finds the first 0 without a temporary per-cluster array
         # (flatnonzero needed 8 bytes per missing cluster: 13 GB for 100 TiB).

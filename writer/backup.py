@@ -18,6 +18,11 @@ their sizes.  :func:`backup` then, inside one trio run:
    ``query-block-jobs``), ``blockdev-del``\\ s the targets (QEMU flushes and
    disconnects), finishes the packer and commits the output (fsync, rename).
 
+With fleecing (:mod:`writer.fleecing`) step 3 is preceded by putting a
+copy-before-write filter with a local fleecing image in front of each guest
+disk, the jobs read ``snapshot-access`` nodes instead of the disks, and the
+filters come out again after step 5 (or on the abort path).
+
 Any failure - QEMU refusing a command, a job ending with an error or being
 cancelled, the packer failing (e.g. ``ENOSPC``), SIGINT/SIGTERM/SIGHUP, QEMU going
 away - aborts: the jobs are cancelled, the target nodes deleted, the temp file
@@ -47,9 +52,11 @@ from dataclasses import dataclass, field
 
 import trio
 
+from vmafs.common.progress import human_bytes
 from vmafs.common.signals import SignalGuard, unwrap_group
 from vmafs.errors import BackupError, WriterError
 
+from .fleecing import Fleecing, FleecingOptions, reap_stale_fleecing
 from .nbd import MAX_SOCKET_PATH, Export, NbdServer
 from .output import ArchiveOutput
 from .packer import Packer
@@ -82,6 +89,8 @@ GRACE_SECONDS = 2.0
 CANCEL_TIMEOUT = 60.0
 
 ProgressFn = Callable[[int, int], None]
+#: receives a short text for the progress line (the fleecing images' size)
+NoteFn = Callable[[str], None]
 
 
 # --- what to back up ----------------------------------------------------------------
@@ -118,6 +127,8 @@ class SourceDisk:
     node: str
     size: int
     drive: str = ""  # as the user named it, for messages
+    #: QOM path of the guest device using the drive ("" if none): fleecing re-points it
+    qdev: str = ""
 
     @property
     def label(self) -> str:
@@ -142,9 +153,14 @@ async def resolve_disks(qmp: QmpConnection, specs: Sequence[DriveSpec]) -> list[
     id=``), a guest device id (qdev id or ``/machine/peripheral/<id>/...``),
     a node name.  The size is the node's ``virtual-size``, which is what the
     backup job copies (the NBD export must have exactly this size).
+
+    Fleecing filters a killed vmafs left in front of guest devices are taken
+    out first (:func:`writer.fleecing.reap_stale_fleecing`): until then the
+    drive would resolve to the dead run's filter instead of the guest's node.
     """
     if not specs:
         raise BackupError("no drives given")
+    await reap_stale_fleecing(qmp)
     blocks = await qmp.execute("query-block")
     nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
     disks: list[SourceDisk] = []
@@ -155,6 +171,7 @@ async def resolve_disks(qmp: QmpConnection, specs: Sequence[DriveSpec]) -> list[
             if not inserted:
                 raise BackupError(f"drive {spec.drive!r} has no medium inserted")
             node, size = inserted["node-name"], inserted["image"]["virtual-size"]
+            qdev = found[0].get("qdev") or ""
         else:
             named = [n for n in nodes if n.get("node-name") == spec.drive]
             if not named:
@@ -167,9 +184,11 @@ async def resolve_disks(qmp: QmpConnection, specs: Sequence[DriveSpec]) -> list[
                     + (f" (drives: {', '.join(known)})" if known else "")
                 )
             node, size = spec.drive, named[0]["image"]["virtual-size"]
+            users = [b for b in blocks if (b.get("inserted") or {}).get("node-name") == node]
+            qdev = (users[0].get("qdev") or "") if users else ""
         if size <= 0:
             raise BackupError(f"drive {spec.drive!r} has size {size}")
-        disks.append(SourceDisk(spec.devname, node, int(size), spec.drive))
+        disks.append(SourceDisk(spec.devname, node, int(size), spec.drive, qdev))
     seen: dict[str, str] = {}
     for d in disks:
         if d.node in seen:
@@ -197,6 +216,8 @@ class BackupResult:
     latency_p99: float = 0.0
     latency_max: float = 0.0
     requests: int = 0
+    #: with fleecing: the most the fleecing images took on disk (bytes), sampled
+    fleecing_peak: int = 0
 
     @property
     def disk_bytes(self) -> int:
@@ -254,6 +275,10 @@ class _Abort:
     #: cancelled by the third signal: stop waiting for QEMU in :func:`_cleanup`
     #: (may be cancelled before the clean-up enters it)
     cleanup_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    #: the scope of the fleecing tear-down under way (see :func:`_unfleece`)
+    unfleece_scope: trio.CancelScope | None = None
+    #: the third signal came: stop waiting for QEMU in every clean-up still to come
+    cleanup_stopped: bool = False
 
     def __call__(self, cause: str, exc: BaseException | None = None) -> None:
         if self.closed:
@@ -322,7 +347,7 @@ class _Names:
     """QMP ids owned by this backup: nbd target nodes and job ids, unique per run."""
 
     def __init__(self, count: int) -> None:
-        tag = secrets.token_hex(3)
+        self.tag = tag = secrets.token_hex(3)
         self.targets = [f"vmafs-{tag}-t{i}" for i in range(count)]
         self.jobs = [f"vmafs-{tag}-j{i}" for i in range(count)]
 
@@ -337,6 +362,8 @@ async def backup(
     progress: ProgressFn | None = None,
     socket_dir: str | None = None,
     signals: SignalGuard | None = None,
+    fleecing: FleecingOptions | None = None,
+    note: NoteFn | None = None,
 ) -> BackupResult:
     """Back up *disks* of the QEMU behind *qmp* into *output*; see the module docs.
 
@@ -347,7 +374,17 @@ async def backup(
     (cancel jobs, delete nodes, remove the temp file, :class:`BackupInterrupted`);
     without one they behave as trio's default (KeyboardInterrupt).  The NBD
     socket is made in a new directory in *socket_dir* (default: ``$TMPDIR``).
+    With *fleecing* the jobs read a point-in-time view kept by copy-before-write
+    filters into fleecing images (:mod:`writer.fleecing`), set up before the
+    jobs start and torn down on every way out; ``note`` then gets the images'
+    size for the progress line.
     """
+    if fleecing is not None:
+        try:
+            Fleecing.refuse_unattached(disks)
+        except BaseException:
+            output.abort()
+            raise
     started = time.monotonic()
     abort = _Abort()
     names = _Names(len(disks))
@@ -377,6 +414,8 @@ async def backup(
                     result,
                     speed=speed,
                     progress=progress,
+                    fleecing=fleecing,
+                    note=note,
                 )
             except Exception as e:  # noqa: BLE001 - re-raised below, outside the nursery
                 error = unwrap_group(e)
@@ -436,7 +475,10 @@ def _on_signal(abort: _Abort, signum: int) -> None:
                 CANCEL_TIMEOUT,
             )
         else:
+            abort.cleanup_stopped = True
             abort.cleanup_scope.cancel()
+            if abort.unfleece_scope is not None:
+                abort.unfleece_scope.cancel()
 
 
 async def _watch_lost(qmp: QmpConnection, abort: _Abort) -> None:
@@ -445,8 +487,9 @@ async def _watch_lost(qmp: QmpConnection, abort: _Abort) -> None:
 
 
 async def _backup_in(
-    qmp, disks, output, configs, names, sock_path, abort, result, *, speed, progress
+    qmp, disks, output, configs, names, sock_path, abort, result, *, speed, progress, fleecing, note
 ) -> None:
+    fleece = Fleecing(qmp, disks, fleecing, names.tag) if fleecing is not None else None
     async with Packer(output, [(d.devname, d.size) for d in disks], configs) as packer:
         exports = {d.devname: _watched(packer.export(d.devname), abort) for d in disks}
         server = NbdServer(sock_path, exports)
@@ -457,12 +500,15 @@ async def _backup_in(
                 with trio.CancelScope() as scope:
                     abort.scope = scope
                     if abort.cause is None:  # a signal before the scope existed
-                        await _run_jobs(qmp, disks, names, sock_path, abort, speed, progress)
+                        await _run_jobs(
+                            qmp, disks, names, sock_path, abort, speed, progress, fleece, note
+                        )
                 abort.scope = None
                 if abort.cause is None:
                     # Success: QEMU flushes and disconnects on blockdev-del, then the
                     # packer writes the last extent and the output is made durable.
                     await _delete_targets(qmp, names.targets, strict=True)
+                    await _unfleece(qmp, fleece, abort)
                     await packer.finish()
                     abort.closed = abort.cause is None
             except Exception as e:  # noqa: BLE001 - every failure aborts the same way
@@ -470,6 +516,7 @@ async def _backup_in(
             if abort.cause is not None:
                 with trio.CancelScope(shield=True):
                     failure = await _cleanup(qmp, names, abort)
+                    await _unfleece(qmp, fleece, abort)
             nursery.cancel_scope.cancel()
         lat = server.latency()
         result.latency_p50, result.latency_p99, result.latency_max = lat.p50, lat.p99, lat.max
@@ -477,6 +524,8 @@ async def _backup_in(
         result.clusters = packer.clusters_stored
         result.duplicates = packer.duplicates_dropped
         result.bytes_written = packer.bytes_written
+        if fleece is not None:
+            result.fleecing_peak = fleece.peak
     if abort.cause is not None:
         if abort.signum is not None:
             raise BackupInterrupted(abort.cause, abort.signum)
@@ -559,9 +608,55 @@ async def _listening(path: str) -> bool:
         sock.close()
 
 
-async def _run_jobs(qmp, disks, names, sock_path, abort, speed, progress) -> None:
-    """blockdev-add the targets, start the transaction, wait for every job's end."""
+async def _unfleece(qmp: QmpConnection, fleece: Fleecing | None, abort: _Abort) -> None:
+    """Tear the fleecing down (bounded like the rest of the clean-up); name what stays."""
+    if fleece is None:
+        return
+    if qmp.lost.is_set():
+        # QEMU is gone (or at least its monitor): nothing to put back, and the
+        # images are garbage.  (A QEMU that lives on keeps its open fds.)
+        fleece.discard()
+        return
+    left: list[str] | None = None
+    # a fresh scope per call: a signal during the success path's tear-down
+    # turns it into an abort, which tears down (what is left) once more
+    with trio.CancelScope() as abort.unfleece_scope, trio.move_on_after(CANCEL_TIMEOUT):
+        if abort.cleanup_stopped:
+            abort.unfleece_scope.cancel()
+        try:
+            left = await fleece.teardown()
+        except QemuError as e:
+            log.warning("removing the fleecing filters failed: %s", e)
+    abort.unfleece_scope = None
+    if left is None or left:
+        log.warning(
+            "fleecing filter(s) or image(s) may be left in front of the guest's disks "
+            "(%s; the next vmafs backup removes them)",
+            ", ".join(left or [d.filter_node for d in fleece.drives]),
+        )
+
+
+def _job_error(error: str, disk: SourceDisk, fleece: Fleecing | None) -> str:
+    if fleece is not None and error == "Permission denied":
+        # snapshot-access answers EACCES once on-cbw-error=break-snapshot dropped it
+        return (
+            f"QEMU's backup job of {disk.label} failed: the fleecing snapshot was dropped "
+            f"because a copy into the fleecing image in {fleece.opts.directory} failed or took "
+            f"longer than {fleece.opts.cbw_timeout} s (disk full or too slow?); the guest's "
+            "writes went on unharmed; make room there or use a faster local disk"
+        )
+    return f"QEMU's backup job of {disk.label} failed: {error}"
+
+
+async def _run_jobs(
+    qmp, disks, names, sock_path, abort, speed, progress, fleece=None, note=None
+) -> None:
+    """Set up fleecing, blockdev-add the targets, start the transaction, wait for
+    every job's end."""
     await reap_stale_targets(qmp)
+    sources = [d.node for d in disks]
+    if fleece is not None:
+        sources = await fleece.setup()
     for disk, target in zip(disks, names.targets, strict=True):
         await qmp.execute(
             "blockdev-add",
@@ -573,8 +668,8 @@ async def _run_jobs(qmp, disks, names, sock_path, abort, speed, progress) -> Non
             },
         )
     actions = []
-    for disk, target, job in zip(disks, names.targets, names.jobs, strict=True):
-        data = {"job-id": job, "device": disk.node, "target": target, "sync": "full"}
+    for source, target, job in zip(sources, names.targets, names.jobs, strict=True):
+        data = {"job-id": job, "device": source, "target": target, "sync": "full"}
         if speed:
             data["speed"] = speed
         actions.append({"type": "blockdev-backup", "data": data})
@@ -586,9 +681,9 @@ async def _run_jobs(qmp, disks, names, sock_path, abort, speed, progress) -> Non
     by_job = dict(zip(names.jobs, disks, strict=True))
     async with trio.open_nursery() as nursery:
         ended: set[str] = set()
-        if progress is not None:
-            nursery.start_soon(_poll_progress, qmp, by_job, ended, total, progress)
-        cause = await _wait_jobs(qmp, by_job, ended)
+        if progress is not None or fleece is not None:
+            nursery.start_soon(_poll_progress, qmp, by_job, ended, total, progress, fleece, note)
+        cause = await _wait_jobs(qmp, by_job, ended, fleece)
         nursery.cancel_scope.cancel()
     if cause is not None:
         abort(cause)
@@ -596,7 +691,9 @@ async def _run_jobs(qmp, disks, names, sock_path, abort, speed, progress) -> Non
         progress(total, total)
 
 
-async def _wait_jobs(qmp, by_job: dict[str, SourceDisk], ended: set[str]) -> str | None:
+async def _wait_jobs(
+    qmp, by_job: dict[str, SourceDisk], ended: set[str], fleece: Fleecing | None = None
+) -> str | None:
     """Consume QMP events until every job ended; None on success, else the cause."""
     errors: list[str] = []
     cancelled: list[str] = []
@@ -618,7 +715,7 @@ async def _wait_jobs(qmp, by_job: dict[str, SourceDisk], ended: set[str]) -> str
         if kind == "BLOCK_JOB_CANCELLED":
             cancelled.append(label)
         elif data.get("error"):
-            errors.append(f"QEMU's backup job of {label} failed: {data['error']}")
+            errors.append(_job_error(data["error"], by_job[job], fleece))
         else:
             continue
         deadline = min(deadline, trio.current_time() + GRACE_SECONDS)
@@ -629,7 +726,10 @@ async def _wait_jobs(qmp, by_job: dict[str, SourceDisk], ended: set[str]) -> str
     return None
 
 
-async def _poll_progress(qmp, by_job, ended, total: int, progress: ProgressFn) -> None:
+async def _poll_progress(
+    qmp, by_job, ended, total: int, progress: ProgressFn | None, fleece=None, note=None
+) -> None:
+    """Report the jobs' progress (and the fleecing images' size) twice a second."""
     while True:
         try:
             jobs = await qmp.execute("query-block-jobs", timeout=10)
@@ -642,7 +742,12 @@ async def _poll_progress(qmp, by_job, ended, total: int, progress: ProgressFn) -
                 done += min(int(running[job].get("offset", 0)), disk.size)
             elif job in ended:
                 done += disk.size
-        progress(done, total)
+        if fleece is not None:
+            size = fleece.image_bytes()
+            if note is not None:
+                note(f"fleecing {human_bytes(size)}")
+        if progress is not None:
+            progress(done, total)
         await trio.sleep(PROGRESS_INTERVAL)
 
 

@@ -26,6 +26,7 @@ from .backup import (
     signal_guard,
 )
 from .create import ImageSpec, create, parse_image_spec
+from .fleecing import DEFAULT_CBW_TIMEOUT, DEFAULT_RESERVE, FleecingOptions, check_directory
 from .output import ArchiveOutput
 from .packer import check_names
 from .qmp import QmpConnection, parse_address
@@ -58,16 +59,22 @@ only after every job completed without error.  On any failure (QEMU error,
 job error, disk full, Ctrl-C/SIGTERM, QEMU gone) the jobs are cancelled,
 the nodes removed, the temporary file deleted, and one line says why.
 
-Guest safety: while the job runs, a guest write to a cluster that was not
-copied yet waits for this process to accept the old data; if vmafs dies, such
-guest writes fail with an I/O error until QEMU has ended the job (see
-docs/backup.md)."""
+Guest safety: in push mode (the default), while the job runs, a guest write
+to a cluster that was not copied yet waits for this process to accept the old
+data; if vmafs dies, such guest writes fail with an I/O error until QEMU has
+ended the job.  With --fleecing DIR the old data goes into a sparse qcow2
+image in DIR instead (a copy-before-write filter in front of each guest
+disk, on-cbw-error=break-snapshot): guest writes wait only for that local
+disk, at most --cbw-timeout seconds, and a stopped, dead or full vmafs fails
+the backup, never the guest.  Use it wherever a local disk has room for the
+clusters the guest overwrites during the backup (docs/backup.md)."""
 
 BACKUP_EPILOG = """\
 examples:
   vmafs backup --qmp /run/qemu-100.qmp -o vzdump-qemu-100.vma \\
       -c qemu-server.conf scsi0 efidisk0
   vmafs backup --qmp /run/qemu-100.qmp -o backup.vma.zst drive0=drive-scsi0
+  vmafs backup --qmp /run/qemu-100.qmp -o /mnt/nfs/vm-100.vma --fleecing /var/tmp scsi0
   vmafs backup --qmp /run/qemu-100.qmp -o - scsi0 | zstd > backup.vma.zst"""
 
 CREATE_HELP = "make a VMA archive from disk image files (raw, qcow2, ...)"
@@ -117,6 +124,28 @@ def parse_rate(text: str) -> int:
             f"bad rate {text!r}: more than QEMU's limit of {MAX_RATE} bytes/s (use 0: unlimited)"
         )
     return rate
+
+
+def parse_size(text: str) -> int:
+    """``1G`` -> 1073741824 bytes (the units of :func:`parse_rate`)."""
+    try:
+        return parse_rate(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 1G)") from None
+
+
+def parse_seconds(text: str) -> int:
+    """A cbw-timeout: whole seconds, at least 1 (QEMU's 0 would mean "wait forever")."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or value > 3600:
+        raise argparse.ArgumentTypeError(
+            f"bad timeout {text!r}: whole seconds from 1 to 3600 (0, QEMU's 'no limit', "
+            "would let a stuck fleecing disk stall the guest)"
+        )
+    return value
 
 
 def _drive(text: str) -> DriveSpec:
@@ -179,6 +208,28 @@ def register_backup(subparsers) -> None:
         help="existing directory in which to create the private NBD socket directory "
         "(default $TMPDIR or /tmp); QEMU must be able to connect there",
     )
+    p.add_argument(
+        "--fleecing",
+        metavar="DIR",
+        help="fleecing mode: keep the old data of clusters the guest overwrites during the "
+        "backup in sparse qcow2 images in DIR (a local disk), so guest writes never wait "
+        "for vmafs; DIR must exist, be writable and have --fleecing-reserve free",
+    )
+    p.add_argument(
+        "--cbw-timeout",
+        type=parse_seconds,
+        metavar="SECONDS",
+        help="with --fleecing: the longest a guest write waits for its copy into the "
+        "fleecing image; a slower copy drops the snapshot and fails the backup, not the "
+        f"write (default {DEFAULT_CBW_TIMEOUT})",
+    )
+    p.add_argument(
+        "--fleecing-reserve",
+        type=parse_size,
+        metavar="SIZE",
+        help="with --fleecing: refuse to start unless DIR has this much free space "
+        f"(K/M/G/T suffixes; default {DEFAULT_RESERVE >> 30}G)",
+    )
     _common_options(p)
     p.add_argument("drives", nargs="+", type=_drive, metavar="DRIVE[=DEVNAME]")
     p.set_defaults(func=run_backup)
@@ -231,6 +282,11 @@ def _summary(result: BackupResult, target: str) -> str:
         f"{result.seconds:.1f} s ({human_bytes(rate)}/s); NBD reply latency "
         f"p50 {result.latency_p50 * 1e3:.2f} ms p99 {result.latency_p99 * 1e3:.2f} ms "
         f"max {result.latency_max * 1e3:.2f} ms over {result.requests} requests"
+        + (
+            f"; fleecing images peaked at {human_bytes(result.fleecing_peak)}"
+            if result.fleecing_peak
+            else ""
+        )
     )
 
 
@@ -266,6 +322,21 @@ def run_backup(args: argparse.Namespace) -> int:
     check_output(args.output, overwrite=args.force)
     if args.socket_dir is not None and not os.path.isdir(args.socket_dir):
         raise BackupError(f"--socket-dir {args.socket_dir}: no such directory")
+    fleecing = None
+    if args.fleecing is not None:
+        fleecing = FleecingOptions(
+            os.path.abspath(args.fleecing),
+            DEFAULT_CBW_TIMEOUT if args.cbw_timeout is None else args.cbw_timeout,
+            DEFAULT_RESERVE if args.fleecing_reserve is None else args.fleecing_reserve,
+        )
+        check_directory(fleecing)
+    else:
+        for option, value in (
+            ("--cbw-timeout", args.cbw_timeout),
+            ("--fleecing-reserve", args.fleecing_reserve),
+        ):
+            if value is not None:
+                raise BackupError(f"{option} applies only to fleecing: add --fleecing DIR")
     bar = Progress("backup", enabled=want_progress(args.progress))
     guard = signal_guard()
     late = LateSignals(lambda signum: interrupted(signum, "nothing written"))
@@ -295,6 +366,8 @@ def run_backup(args: argparse.Namespace) -> int:
                 progress=bar,
                 socket_dir=args.socket_dir,
                 signals=guard,
+                fleecing=fleecing,
+                note=bar.set_note,
             )
 
     return _run(guard, main, bar, args.verbose, args.output, late)

@@ -8,7 +8,6 @@ filesystem type, label and size, found by vmafs itself (see
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from ..common.console import writing_stdout
@@ -17,8 +16,6 @@ from ..errors import VolumeError
 from ..volumes import Volume, find_drive, scan_drive
 from ._common import open_archive, printable
 from .list import write_json
-
-log = logging.getLogger(__name__)
 
 HELP = "list the partitions, LVM volumes and filesystems inside the disks"
 

@@ -58,6 +58,8 @@ class Progress:
         self._start = time.monotonic()
         self._last_draw = 0.0
         self._drawn = False
+        #: shown after the figures (e.g. ``fleecing 12.0 MiB``); set with :meth:`set_note`
+        self.note = ""
 
     # -- feeding --
 
@@ -70,6 +72,10 @@ class Progress:
     def advance(self, n: int) -> None:
         self.done += n
         self._maybe_draw()
+
+    def set_note(self, note: str) -> None:
+        """Text after the figures, drawn with the next update."""
+        self.note = note
 
     def set_label(self, label: str) -> None:
         self.label = label
@@ -100,6 +106,8 @@ class Progress:
             )
         else:
             text = f"{self.label}  {human_bytes(self.done)}  {human_bytes(rate)}/s"
+        if self.note:
+            text += f"  {self.note}"
         try:
             self.stream.write("\r\x1b[K" + text)
             self.stream.flush()

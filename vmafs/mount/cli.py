@@ -55,13 +55,27 @@ def register(subparsers) -> None:
     )
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.add_argument(
+        "--guest",
+        action="store_true",
+        help="also mount every guest filesystem read-only: the archive at MOUNTPOINT/archive, "
+        "each volume at MOUNTPOINT/<volume name> (root; docs/restore.md)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("kernel", "appliance"),
+        default="kernel",
+        help="with --guest: how guest filesystems are mounted (only 'kernel' so far)",
+    )
     p.set_defaults(func=run)
     u = subparsers.add_parser(
         "umount",
         help="unmount a vmafs mount",
         description="Unmount MOUNTPOINT and wait until its filesystem process has exited\n"
         "and closed the archive (unlike 'fusermount3 -u MOUNTPOINT', which returns\n"
-        "at once): the archive's own filesystem can be unmounted right after.",
+        "at once): the archive's own filesystem can be unmounted right after. For a\n"
+        "'mount --guest' tree: every guest filesystem, the archive and the tree, in\n"
+        "that order, also when the mount's process died.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     u.add_argument("mountpoint")
@@ -84,6 +98,13 @@ def fail(prog: str, message: str, status: int = 1) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.guest:
+        from ..guest.tree import run_mount  # noqa: PLC0415 - only for --guest
+
+        try:
+            return run_mount(args)
+        except UsageError as e:
+            return fail("vmafs", f"mount: {e}", 2)
     try:
         opts = parse_options(args.options)
         status = mount(
@@ -105,6 +126,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_umount(args: argparse.Namespace) -> int:
+    from ..guest.tree import run_umount as umount_guest  # noqa: PLC0415 - light
+
+    status = umount_guest(args)  # a tree made by mount --guest, when one is recorded
+    if status is not None:
+        return status
     try:
         umount(args.mountpoint, lazy=args.lazy, timeout=args.timeout)
     except MountError as e:

@@ -10,17 +10,25 @@ from .options import MountOptions
 
 
 def setup_logging(opts: MountOptions, *, detached: bool, verbose: bool) -> None:
-    """Send the root logger's records where this mount logs (see :mod:`vmafs.mount`).
+    setup_process_logging(opts.logfile, detached=detached, verbose=verbose)
 
-    A log file is watched: when logrotate moves it away, the next record
-    reopens the path (no SIGHUP needed, none is sent).
+
+def setup_process_logging(
+    logfile: str | None, *, detached: bool, verbose: bool, name: str = "mount.log"
+) -> None:
+    """Send the root logger's records where this process logs (``vmafs mount``, ``vmafs serve``).
+
+    Detached: *logfile* if given, else syslog through /dev/log, else
+    :func:`default_logfile` (*name* in the state directory).  In the
+    foreground: stderr.  A log file is watched: when logrotate moves it away,
+    the next record reopens the path (no SIGHUP needed, none is sent).
     """
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     handler: logging.Handler | None = None
-    if detached and opts.logfile is None and os.path.exists("/dev/log"):
+    if detached and logfile is None and os.path.exists("/dev/log"):
         # only a detached mount needs it; importing it costs ~15 ms of every start
         from logging.handlers import SysLogHandler  # noqa: PLC0415
 
@@ -30,7 +38,7 @@ def setup_logging(opts: MountOptions, *, detached: bool, verbose: bool) -> None:
         except OSError:
             handler = None
     if handler is None and detached:
-        path = opts.logfile or default_logfile()
+        path = logfile or default_logfile(name)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         from logging.handlers import WatchedFileHandler  # noqa: PLC0415 - as above
 
@@ -86,8 +94,8 @@ class _Formatter(logging.Formatter):
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def default_logfile() -> str:
+def default_logfile(name: str = "mount.log") -> str:
     if os.getuid() == 0:
         return "/var/log/vmafs.log"
     state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return os.path.join(state, "vmafs", "mount.log")
+    return os.path.join(state, "vmafs", name)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
-from ..errors import SourceError
+import numpy as np
+
+from ..errors import IndexCacheError, SourceError
 from .base import SourceBase, open_fd
 
 
@@ -34,3 +36,14 @@ class PlainSource(SourceBase):
     def pread_into(self, offset: int, buf: memoryview) -> int:
         """Read into *buf* without an intermediate bytes object; returns the count."""
         return os.preadv(self._fd, [buf], offset)
+
+    def checkpoint_state(self) -> dict[str, np.ndarray]:
+        """Nothing: a plain archive is read where it lies.  Its side index holds
+        only the offset map (:mod:`vmafs.sidecar`), which spares storage that
+        seeks the walk over every extent header."""
+        return {}
+
+    def load_checkpoint_state(self, state: dict[str, np.ndarray]) -> None:
+        """Accept the (empty) state of :meth:`checkpoint_state`."""
+        if state:
+            raise IndexCacheError("a plain archive's side index holds no checkpoints")

@@ -129,7 +129,7 @@ def _ntfs_label(r, bs: bytes, cluster: int) -> str | None:
         atype, alen = struct.unpack_from("<II", rec, pos)
         if atype == 0xFFFFFFFF or alen < 16 or pos + alen > rec_size:
             return None
-        if atype == 0x60 and rec[pos + 8] == 0:  # $VOLUME_NAME, resident
+        if atype == 0x60 and rec[pos + 8] == 0 and alen >= 0x18:  # $VOLUME_NAME, resident
             vlen, voff = struct.unpack_from("<IH", rec, pos + 0x10)
             if voff + vlen > alen:
                 return None

@@ -14,14 +14,17 @@ from collections.abc import Iterator, Sequence
 
 #: how the bench runs the CLI: the same interpreter and this checkout of vmafs
 VMAFS = [sys.executable, "-m", "vmafs"]
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(SCRIPTS)
 
 
 def use_this_checkout() -> None:
-    """Let child processes (``python -m vmafs``) import the vmafs the bench runs from."""
-    path = os.environ.get("PYTHONPATH", "")
-    if REPO not in path.split(os.pathsep):
-        os.environ["PYTHONPATH"] = REPO + (os.pathsep + path if path else "")
+    """Let child processes (``python -m vmafs``, ``python -m bench.probe``) import
+    the vmafs and the bench that this run comes from."""
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [REPO, SCRIPTS, *(p for p in parts if p not in (REPO, SCRIPTS))]
+    )
 
 
 class Skip(Exception):
@@ -50,6 +53,17 @@ def timed(cmd: Sequence[str], **kw) -> tuple[float, float]:
     c0, t0 = child_cpu(), time.perf_counter()
     run(cmd, **kw)
     return time.perf_counter() - t0, child_cpu() - c0
+
+
+def wait_for_path(path: str, proc: subprocess.Popen | None = None, timeout: float = 10.0) -> None:
+    """Wait until *path* exists (a socket a child creates); fail if *proc* exits first."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited ({proc.returncode}) before creating {path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear within {timeout:g} s")
+        time.sleep(0.01)
 
 
 def need(tool: str) -> str:

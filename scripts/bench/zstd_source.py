@@ -1,6 +1,6 @@
 """The zstd source on its own: scan cost against ``zstd -d``, index size, random-read latency.
 
-``fig_zstd`` (figures.py) reports these; ``python -m vmafs.bench.zstd_source FILE...``
+``fig_zstd`` (zstd_figures.py) reports these; ``python -m bench.zstd_source FILE...``
 prints them as JSON lines.
 """
 

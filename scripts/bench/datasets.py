@@ -26,9 +26,11 @@ import json
 import os
 import shutil
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from vmafs.writer.storage_daemon import raw_image_nodes, start_storage_daemon, stop_storage_daemon
 
 from vmafs.format import (
     BLOCK_SIZE,
@@ -42,7 +44,6 @@ from vmafs.format import (
     Device,
     Header,
 )
-from vmafs.writer.storage_daemon import raw_image_nodes, start_storage_daemon, stop_storage_daemon
 
 from .util import VMAFS, run
 
@@ -80,17 +81,32 @@ def _done(path: str, params: dict) -> bool:
         return False
 
 
-def _mark(path: str, params: dict) -> None:
-    with open(path + ".done", "w") as f:
-        json.dump(params, f)
-
-
 def _forget(path: str) -> None:
-    for p in (path + ".done", path):
+    for p in (path + ".done", path, path + ".tmp"):
         if os.path.isdir(p) and not os.path.islink(p):
             shutil.rmtree(p)
         elif os.path.lexists(p):
             os.unlink(p)
+
+
+def build_once(path: str, params: dict, make: Callable[[str], None]) -> str:
+    """The one cache recipe: *path* if it was built with *params*; else
+    ``make(path + ".tmp")``, the result renamed to *path* and *params*
+    recorded in ``PATH.done``.  Returns *path*."""
+    if _done(path, params):
+        return path
+    _forget(path)
+    make(path + ".tmp")
+    os.rename(path + ".tmp", path)
+    with open(path + ".done", "w") as f:
+        json.dump(params, f)
+    return path
+
+
+def made_from(src: str, **extra) -> dict:
+    """Cache parameters of a data set derived from the file *src*: it, as it is now."""
+    st = os.stat(src)
+    return {"src": src, "size": st.st_size, "mtime": st.st_mtime_ns, **extra}
 
 
 # --- guest files and the ext4 disk -----------------------------------------------
@@ -132,83 +148,75 @@ def _text(rng: np.random.Generator, lines: list[bytes], size: int) -> bytes:
 
 def guest_files(work: str, sizes: Sizes, seed: int = 1) -> str:
     """Directory of guest files: ~half random, ~half text. Returns its path."""
-    path = os.path.join(work, "files")
+
+    def make(path: str) -> None:
+        rng = np.random.default_rng(seed)
+        lines = _base_lines()
+        half = sizes.files // 2
+        os.makedirs(os.path.join(path, "restore"))
+        with open(os.path.join(path, RESTORE_FILE), "wb") as f:
+            f.write(rng.bytes(sizes.restore_file))
+        for kind, budget, lo, hi in (
+            ("bin", half, 256 << 10, 32 * MiB),
+            ("txt", half, 4096, 8 * MiB),
+        ):
+            made, i = 0, 0
+            while made < budget:
+                size = int(min(budget - made, np.exp(rng.uniform(np.log(lo), np.log(hi)))))
+                d = os.path.join(path, f"{kind}{i // 100:03d}")
+                os.makedirs(d, exist_ok=True)
+                data = rng.bytes(size) if kind == "bin" else _text(rng, lines, size)
+                with open(os.path.join(d, f"f{i:05d}.{kind}"), "wb") as f:
+                    f.write(data)
+                made += size
+                i += 1
+
     params = {"files": sizes.files, "restore": sizes.restore_file, "seed": seed}
-    if _done(path, params):
-        return path
-    _forget(path)
-    rng = np.random.default_rng(seed)
-    lines = _base_lines()
-    half = sizes.files // 2
-    os.makedirs(os.path.join(path, "restore"))
-    with open(os.path.join(path, RESTORE_FILE), "wb") as f:
-        f.write(rng.bytes(sizes.restore_file))
-    for kind, budget, lo, hi in (("bin", half, 256 << 10, 32 * MiB), ("txt", half, 4096, 8 * MiB)):
-        made, i = 0, 0
-        while made < budget:
-            size = int(min(budget - made, np.exp(rng.uniform(np.log(lo), np.log(hi)))))
-            d = os.path.join(path, f"{kind}{i // 100:03d}")
-            os.makedirs(d, exist_ok=True)
-            data = rng.bytes(size) if kind == "bin" else _text(rng, lines, size)
-            with open(os.path.join(d, f"f{i:05d}.{kind}"), "wb") as f:
-                f.write(data)
-            made += size
-            i += 1
-    _mark(path, params)
-    return path
+    return build_once(os.path.join(work, "files"), params, make)
 
 
 def ext4_image(work: str, sizes: Sizes, files: str) -> str:
     """Sparse raw disk of ``sizes.disk`` bytes holding ext4 made from *files*."""
-    path = os.path.join(work, "disk.img")
+
+    def make(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.truncate(sizes.disk)
+        run(
+            ["mkfs.ext4", "-q", "-F", "-L", "benchguest", "-E", "nodiscard", "-d", files, tmp],
+            env={**os.environ, "MKE2FS_DEVICE_SECTSIZE": "512"},
+        )
+
     params = {"disk": sizes.disk, "files": sizes.files, "restore": sizes.restore_file}
-    if _done(path, params):
-        return path
-    _forget(path)
-    tmp = path + ".tmp"
-    if os.path.exists(tmp):
-        os.unlink(tmp)
-    with open(tmp, "wb") as f:
-        f.truncate(sizes.disk)
-    run(
-        ["mkfs.ext4", "-q", "-F", "-L", "benchguest", "-E", "nodiscard", "-d", files, tmp],
-        env={**os.environ, "MKE2FS_DEVICE_SECTSIZE": "512"},
-    )
-    os.rename(tmp, path)
-    _mark(path, params)
-    return path
+    return build_once(os.path.join(work, "disk.img"), params, make)
 
 
 def created_archive(work: str, image: str, name: str = "bench.vma") -> str:
     """*image* archived by ``vmafs create`` (the real writer, through QEMU)."""
-    path = os.path.join(work, name)
-    st = os.stat(image)
-    params = {"image": image, "size": st.st_size, "mtime": st.st_mtime_ns}
-    if _done(path, params):
-        return path
-    _forget(path)
-    conf = os.path.join(work, "qemu-server.conf")
-    with open(conf, "w") as f:
-        f.write("boot: order=scsi0\nmemory: 2048\nscsi0: local:100/vm-100-disk-0.raw,size=8G\n")
-    write_archive(image, path, ["-c", conf])
-    _mark(path, params)
-    return path
+
+    def make(tmp: str) -> None:
+        conf = os.path.join(work, "qemu-server.conf")
+        with open(conf, "w") as f:
+            f.write("boot: order=scsi0\nmemory: 2048\nscsi0: local:100/vm-100-disk-0.raw,size=8G\n")
+        write_archive(image, tmp, ["-c", conf], name=name)
+
+    return build_once(os.path.join(work, name), made_from(image), make)
 
 
-#: why the last write_archive() had to fall back to `vmafs backup` (None: it did not)
+#: archive name -> why write_archive() had to fall back to `vmafs backup` for it
 FALLBACKS: dict[str, str] = {}
 
 
-def write_archive(image: str, out: str, options: list[str] = ()) -> str:
+def write_archive(image: str, out: str, options: list[str] = (), name: str = "") -> str:
     """Archive *image* with the real writer: ``vmafs create``; if that fails, the same
     writer path through ``vmafs backup`` against a qemu-storage-daemon the bench
     owns (``vmafs create`` loses its private daemon after ~10 s: see
-    docs/benchmarks.md).  Returns "create" or "backup"."""
+    docs/benchmarks.md).  A fallback is recorded in :data:`FALLBACKS` under
+    *name* (default: *out*'s file name).  Returns "create" or "backup"."""
     try:
         run([*VMAFS, "create", "-f", "--no-progress", *options, out, f"drive-scsi0={image}:raw"])
         return "create"
     except RuntimeError as e:
-        FALLBACKS[out] = str(e).rsplit(": ", 1)[-1]
+        FALLBACKS[name or os.path.basename(out)] = str(e).rsplit(": ", 1)[-1]
     write_archive_backup(image, out, options)
     return "backup"
 
@@ -233,77 +241,76 @@ def write_archive_backup(image: str, out: str, options: list[str] = ()) -> None:
             os.unlink(sock)
 
 
-def extracted(work: str, archive: str) -> str:
+def extracted(work: str, archive: str, name: str = "extracted") -> str:
     """``vmafs extract`` of *archive* (kept: the raw disk is a baseline's input)."""
-    path = os.path.join(work, "extracted")
-    st = os.stat(archive)
-    params = {"archive": archive, "size": st.st_size, "mtime": st.st_mtime_ns}
-    if _done(path, params):
-        return path
-    _forget(path)
-    run([*VMAFS, "extract", archive, path])
-    _mark(path, params)
-    return path
+    return build_once(
+        os.path.join(work, name),
+        made_from(archive),
+        lambda tmp: run([*VMAFS, "extract", archive, tmp]),
+    )
 
 
 def raw_tar(work: str, raw: str) -> str:
     """An uncompressed tar holding the extracted raw disk (for ratarmount)."""
-    path = os.path.join(work, "disk.tar")
-    st = os.stat(raw)
-    params = {"raw": raw, "size": st.st_size, "mtime": st.st_mtime_ns}
-    if _done(path, params):
-        return path
-    _forget(path)
-    run(["tar", "-cf", path + ".tmp", "-C", os.path.dirname(raw), os.path.basename(raw)])
-    os.rename(path + ".tmp", path)
-    _mark(path, params)
-    return path
+    return build_once(
+        os.path.join(work, "disk.tar"),
+        made_from(raw),
+        lambda tmp: run(["tar", "-cf", tmp, "-C", os.path.dirname(raw), os.path.basename(raw)]),
+    )
 
 
 def zstd_archive(work: str, archive: str) -> str:
     """``zstd --threads=1`` of *archive*: one frame, as vzdump writes."""
-    path = os.path.join(work, os.path.basename(archive) + ".zst")
-    st = os.stat(archive)
-    params = {"archive": archive, "size": st.st_size, "mtime": st.st_mtime_ns}
-    if _done(path, params):
-        return path
-    _forget(path)
-    run(["zstd", "-q", "-f", "--threads=1", archive, "-o", path + ".tmp"])
-    os.rename(path + ".tmp", path)
-    _mark(path, params)
-    return path
+    return build_once(
+        os.path.join(work, os.path.basename(archive) + ".zst"),
+        made_from(archive),
+        lambda tmp: run(["zstd", "-q", "-f", "--threads=1", archive, "-o", tmp]),
+    )
 
 
 def seekable_archive(work: str, archive: str) -> str:
     """The writer's seekable .vma.zst form of *archive* (``vmafs recompress``)."""
-    path = os.path.join(work, "seekable.vma.zst")
-    st = os.stat(archive)
-    params = {"archive": archive, "size": st.st_size, "mtime": st.st_mtime_ns}
-    if _done(path, params):
-        return path
-    _forget(path)
-    run([*VMAFS, "recompress", archive, path])
-    _mark(path, params)
-    return path
+    return build_once(
+        os.path.join(work, "seekable.vma.zst"),
+        made_from(archive),
+        lambda tmp: run([*VMAFS, "recompress", archive, tmp]),
+    )
+
+
+def ext4_holding(work: str, name: str, src: str) -> str:
+    """An ext4 image *name* holding one file, a copy of *src* (hard-linked in, so
+    ``mkfs.ext4 -d`` copies it), with room to spare: a file system to put on a
+    throttled loop device."""
+
+    def make(tmp: str) -> None:
+        d = tmp + ".d"
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        try:
+            os.link(src, os.path.join(d, os.path.basename(src)))
+            size = os.path.getsize(src)
+            with open(tmp, "wb") as f:
+                f.truncate(size + size // 8 + (256 << 20))
+            run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", "-d", d, tmp])
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+    return build_once(os.path.join(work, name), made_from(src), make)
 
 
 def random_image(work: str, name: str, size: int, seed: int = 2) -> str:
     """A raw disk of *size* bytes of random data (nothing for zero detection to skip)."""
-    path = os.path.join(work, name)
-    params = {"size": size, "seed": seed}
-    if _done(path, params):
-        return path
-    _forget(path)
-    rng = np.random.default_rng(seed)
-    with open(path + ".tmp", "wb") as f:
-        left = size
-        while left:
-            n = min(left, 64 * MiB)
-            f.write(rng.bytes(n))
-            left -= n
-    os.rename(path + ".tmp", path)
-    _mark(path, params)
-    return path
+
+    def make(tmp: str) -> None:
+        rng = np.random.default_rng(seed)
+        with open(tmp, "wb") as f:
+            left = size
+            while left:
+                n = min(left, 64 * MiB)
+                f.write(rng.bytes(n))
+                left -= n
+
+    return build_once(os.path.join(work, name), {"size": size, "seed": seed}, make)
 
 
 # --- the index-scale archive, written directly ---------------------------------
@@ -333,14 +340,18 @@ def build_sparse_vma(
     seed: int = 3,
     slots: int = 0,
     order: str = "live",
+    runs: int = 0,
+    full: bool = False,
 ) -> dict:
     """Write a VMA archive of one *disk_size* disk with ~*data_bytes* of data spread over it.
 
     Every cluster appears exactly once, in *order* ``live`` (:func:`live_order`)
     or ``shuffled`` (a random permutation: the index builder's worst case);
-    data clusters are full or partly stored (random masks), the rest are
-    all-zero slots (metadata only).  Extent headers are built as one numpy
-    array; each gets its md5.  Returns facts about it.
+    data clusters are full or partly stored (random masks; all full with
+    *full*), the rest are all-zero slots (metadata only).  With *runs*, the
+    data lies in that many runs of clusters (a used part of a disk) instead
+    of at random clusters, so most extents are either full of data or empty.
+    Extent headers are built as one numpy array; each gets its md5.  Returns facts about it.
     """
     slots = slots or PROXMOX_SLOTS_PER_EXTENT
     assert 1 <= slots <= SLOTS_PER_EXTENT
@@ -352,9 +363,16 @@ def build_sparse_vma(
     else:
         order = live_order(n, rng).astype(np.uint64)
     masks = np.zeros(n, dtype=np.uint64)
-    data_clusters = rng.choice(n, size=k, replace=False)
+    if runs:  # one run at a random place in each of *runs* equal slices of the disk
+        span = n // runs
+        per = min(span, k // runs)
+        starts = np.arange(runs) * span + rng.integers(0, span - per + 1, runs)
+        data_clusters = (starts[:, None] + np.arange(per)).ravel()
+        k = data_clusters.size
+    else:
+        data_clusters = rng.choice(n, size=k, replace=False)
     m = np.full(k, 0xFFFF, dtype=np.uint64)
-    partial = rng.random(k) < 0.25
+    partial = rng.random(k) < (0 if full else 0.25)
     m[partial] = rng.integers(1, 0xFFFF, int(partial.sum()), dtype=np.uint64)
     masks[data_clusters] = m
     dev_id = np.uint64(1)
@@ -406,19 +424,29 @@ def build_sparse_vma(
     return {"clusters": n, "extents": e, "data_clusters": k, "stored_bytes": stored}
 
 
-def sparse_archive(work: str, sizes: Sizes, order: str = "live") -> tuple[str, dict]:
-    path = os.path.join(work, f"sparse-{order}.vma")
-    params = {"disk": sizes.sparse_disk, "data": sizes.sparse_data, "order": order, "v": 2}
+def direct_archive(work: str, name: str, disk: int, data: int, **opts) -> tuple[str, dict]:
+    """:func:`build_sparse_vma` of *disk*/*data* bytes (and *opts*) as *name*, cached;
+    returns its path and its facts."""
+    path = os.path.join(work, name)
     facts_path = path + ".json"
-    if _done(path, params) and os.path.exists(facts_path):
-        with open(facts_path) as f:
-            return path, json.load(f)
-    _forget(path)
-    facts = build_sparse_vma(path, sizes.sparse_disk, sizes.sparse_data, order=order)
-    with open(facts_path, "w") as f:
-        json.dump(facts, f)
-    _mark(path, params)
-    return path, facts
+    if not os.path.exists(facts_path):
+        _forget(path)
+
+    def make(tmp: str) -> None:
+        facts = build_sparse_vma(tmp, disk, data, **opts)
+        with open(facts_path, "w") as f:
+            json.dump(facts, f)
+
+    build_once(path, {"disk": disk, "data": data, **opts, "v": 2}, make)
+    with open(facts_path) as f:
+        return path, json.load(f)
+
+
+def sparse_archive(work: str, sizes: Sizes, order: str = "live") -> tuple[str, dict]:
+    """The index-scale archive of *sizes* in cluster *order*, and its facts."""
+    return direct_archive(
+        work, f"sparse-{order}.vma", sizes.sparse_disk, sizes.sparse_data, order=order
+    )
 
 
 def describe(sizes: Sizes) -> dict:

@@ -1,6 +1,6 @@
 """A vmafs mount that counts the read requests the kernel sends (tuning notes only).
 
-``python -m vmafs.bench.probe ARCHIVE MOUNTPOINT STATS.json [direct_io] [threads]``
+``python -m bench.probe ARCHIVE MOUNTPOINT STATS.json [direct_io] [threads]``
 serves the archive in the foreground with :class:`vmafs.fs.VmaFS` and the
 mount options ``vmafs mount`` uses, counting each read's size; prints
 ``ready`` on stdout when the mount answers, and writes a JSON histogram

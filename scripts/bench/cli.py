@@ -1,4 +1,4 @@
-"""``python -m vmafs.bench [--quick] [--out FILE] [--workdir DIR] [--only F,...] [--keep]``.
+"""``python scripts/bench [--quick] [--out FILE] [--workdir DIR] [--only F,...] [--keep]``.
 
 Builds the data sets (cached in the work directory with ``--keep``), runs
 each figure against its baseline, prints the markdown table and writes it,
@@ -20,17 +20,20 @@ import time
 import traceback
 
 from . import datasets as ds
-from .figures import FIGURES, Ctx, Row
+from .ctx import Ctx, Row
+from .figures import FIGURES
 from .report import machine, row_notes, table
+from .serve import fig_serve
 from .tuning import TUNING
 from .util import use_this_checkout
 
+FIGURES = {**FIGURES, "serve": fig_serve}  # issue 14's, in their own module
 ALL = [*FIGURES, *TUNING]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vmafs.bench", description=__doc__.split("\n")[2])
-    p.add_argument("--quick", action="store_true", help="small data sets (~2 minutes)")
+    p = argparse.ArgumentParser(prog="python scripts/bench", description=__doc__.split("\n")[2])
+    p.add_argument("--quick", action="store_true", help="small data sets (~3 minutes)")
     p.add_argument(
         "--out",
         help="markdown file to write ('-': none; default: docs/benchmarks.md for a full run "
@@ -67,8 +70,8 @@ def render(rows: list[Row], ctx: Ctx, mach: dict, args, elapsed: float, analysis
     out = [
         "# Benchmarks",
         "",
-        "Written by `python -m vmafs.bench` (issue 5); regenerate with "
-        "`sudo .venv/bin/python -m vmafs.bench --keep` (root: loop devices, "
+        "Written by `python scripts/bench` (issues 5 and 18); regenerate with "
+        "`sudo .venv/bin/python scripts/bench --keep` (root: loop devices, "
         "drop_caches, mount). Every number below was measured in one run "
         f"({mode}, {elapsed / 60:.1f} min including building the data); nothing is "
         "copied from elsewhere. A figure that could not run says why.",

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 
-from .figures import Row
+from .ctx import Row
 
 
 def _first_line(cmd: list[str]) -> str:

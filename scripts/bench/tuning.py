@@ -10,17 +10,18 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 
-from .figures import Ctx, Row, _mounted_disk, _pread_lat, _random_offsets
+from . import datasets as ds
+from .ctx import Ctx, Row, mounted_disk
+from .reads import pread_lat, random_offsets
+from .throttle import Throttle, throttled
 from .util import (
     READAHEAD,
-    Skip,
     drop_caches,
     ext4_ro,
     fmt_rate,
@@ -36,7 +37,7 @@ from .util import (
 
 
 class _Probe:
-    """A counting mount (vmafs.bench.probe) for the duration of a with-block."""
+    """A counting mount (bench.probe) for the duration of a with-block."""
 
     def __init__(self, archive: str, mnt: str, flags=()) -> None:
         self.archive, self.mnt, self.flags = archive, mnt, list(flags)
@@ -45,8 +46,7 @@ class _Probe:
 
     def __enter__(self) -> _Probe:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vmafs.bench.probe", self.archive, self.mnt, self.stats]
-            + self.flags,
+            [sys.executable, "-m", "bench.probe", self.archive, self.mnt, self.stats] + self.flags,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
@@ -112,7 +112,7 @@ def tune_requests(ctx: Ctx) -> list[Row]:
         for flags in ((), ("direct_io",)):
             warm(arch)
             with _Probe(arch, mnt, flags) as p:
-                t = fn(_mounted_disk(mnt))
+                t = fn(mounted_disk(mnt))
             lines.append(
                 f"| {label} | {'direct_io' if flags else 'buffered'} | {p.summary()} | {fmt_s(t)} |"
             )
@@ -134,8 +134,6 @@ def _small_count(ctx: Ctx) -> int:
 
 
 def _loop_read(disk: str, gmnt: str) -> float:
-    from . import datasets as ds
-
     t0 = time.perf_counter()
     with loop_ro(disk) as dev, ext4_ro(dev, gmnt):
         ds.sha256_file(os.path.join(gmnt, ds.RESTORE_FILE))
@@ -158,7 +156,7 @@ def tune_modes(ctx: Ctx) -> list[Row]:
     data = ctx.get("data-archive")
     archive = ctx.get("archive")
     n = 1000 if ctx.sizes.label == "quick" else 4000
-    offsets = _random_offsets(data, n)
+    offsets = random_offsets(data, n)
     count = _small_count(ctx)
     dsize = ctx.sizes.writer_disk
     mnt = ctx.mnt("modes")
@@ -177,20 +175,20 @@ def tune_modes(ctx: Ctx) -> list[Row]:
         cells = []
         warm(data)
         with vmafs_mount(data, mnt, opts):
-            t = timed(["dd", f"if={_mounted_disk(mnt)}", "of=/dev/null", "bs=1M"])[0]
+            t = timed(["dd", f"if={mounted_disk(mnt)}", "of=/dev/null", "bs=1M"])[0]
             cells.append(f"{fmt_s(t)} ({fmt_rate(dsize / t)})")
         with vmafs_mount(data, mnt, opts):
-            d = _mounted_disk(mnt)
+            d = mounted_disk(mnt)
             t = timed(["dd", f"if={d}", "of=/dev/null", "bs=4k", f"count={count}"])[0]
             cells.append(f"{fmt_s(t)} ({fmt_rate(count * 4096 / t)})")
         with vmafs_mount(data, mnt, opts):
-            lat, tt = _pread_lat(_mounted_disk(mnt), offsets)
+            lat, tt = pread_lat(mounted_disk(mnt), offsets)
             cells.append(f"{len(lat) / tt:,.0f} IOPS, p99 {fmt_s(percentile(lat, 0.99))}")
         with vmafs_mount(data, mnt, opts):
-            cells.append(fmt_s(_qemu_convert(_mounted_disk(mnt), ctx.work)))
+            cells.append(fmt_s(_qemu_convert(mounted_disk(mnt), ctx.work)))
         warm(archive)
         with vmafs_mount(archive, mnt, opts):
-            cells.append(fmt_s(_loop_read(_mounted_disk(mnt), gmnt)))
+            cells.append(fmt_s(_loop_read(mounted_disk(mnt), gmnt)))
         label = ",".join(opts) or "(default: buffered, inline)"
         if opts and opts[0].startswith(READAHEAD):
             label = "buffered, inline, read_ahead_kb=1024 on the mount's bdi (root)"
@@ -204,75 +202,17 @@ def tune_modes(ctx: Ctx) -> list[Row]:
 
 # --- slow storage: the archive on a throttled loop device -------------------------------
 
-CGROUP = "/sys/fs/cgroup/blkio/vmafs-bench"
-
 
 def _slow_fs(ctx: Ctx) -> str:
     """An ext4 image holding a copy of the archive (built once, cached)."""
-    from . import datasets as ds
-
-    archive = ctx.get("archive")
-    path = os.path.join(ctx.work, "slowfs.img")
-    st = os.stat(archive)
-    params = {"archive": archive, "size": st.st_size, "mtime": st.st_mtime_ns}
-    if ds._done(path, params):
-        return path
-    ds._forget(path)
-    src = os.path.join(ctx.work, "slowfs-src")
-    shutil.rmtree(src, ignore_errors=True)
-    os.makedirs(src)
-    os.link(archive, os.path.join(src, "bench.vma"))
-    with open(path + ".tmp", "wb") as f:
-        f.truncate(st.st_size + st.st_size // 8 + (256 << 20))
-    run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", "-d", src, path + ".tmp"])
-    shutil.rmtree(src)
-    os.rename(path + ".tmp", path)
-    ds._mark(path, params)
-    return path
+    return ds.ext4_holding(ctx.work, "slowfs.img", ctx.get("archive"))
 
 
-def _cgroup_setup(dev: str, iops: int, bps: int) -> None:
-    if not os.path.isdir("/sys/fs/cgroup/blkio"):
-        raise Skip("no cgroup v1 blkio controller (and no dm-delay) to throttle a loop device")
-    os.makedirs(CGROUP, exist_ok=True)
-    st = os.stat(dev)
-    majmin = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-    with open(os.path.join(CGROUP, "blkio.throttle.read_iops_device"), "w") as f:
-        f.write(f"{majmin} {iops}\n")
-    with open(os.path.join(CGROUP, "blkio.throttle.read_bps_device"), "w") as f:
-        f.write(f"{majmin} {bps}\n")
-
-
-def _cgroup_teardown(dev: str | None) -> None:
-    try:
-        if dev:
-            st = os.stat(dev)
-            majmin = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-            for name in ("read_iops_device", "read_bps_device"):
-                with open(os.path.join(CGROUP, f"blkio.throttle.{name}"), "w") as f:
-                    f.write(f"{majmin} 0\n")
-    except OSError:
-        pass
-    for _ in range(20):
-        try:
-            os.rmdir(CGROUP)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.2)
-
-
-def _join_cgroup() -> None:  # runs in the child before exec
-    with open(os.path.join(CGROUP, "cgroup.procs"), "w") as f:
-        f.write(str(os.getpid()))
-
-
-def _mount_in_cgroup(archive: str, mnt: str, opts) -> None:
+def _mount_in(throttle: Throttle, archive: str, mnt: str, opts) -> None:
     cmd = [sys.executable, "-m", "vmafs", "mount", archive, mnt]
     if opts:
         cmd += ["-o", ",".join(opts)]
-    subprocess.run(cmd, check=True, preexec_fn=_join_cgroup, capture_output=True)
+    subprocess.run(cmd, check=True, preexec_fn=throttle.join, capture_output=True)
 
 
 def tune_slow(ctx: Ctx) -> list[Row]:
@@ -281,7 +221,7 @@ def tune_slow(ctx: Ctx) -> list[Row]:
     img = _slow_fs(ctx)
     smnt = ctx.mnt("slowfs")
     mnt = ctx.mnt("slow")
-    archive_offsets = ctx.data.get("offsets") or _random_offsets(
+    archive_offsets = ctx.data.get("offsets") or random_offsets(
         ctx.get("archive"), ctx.sizes.random_reads
     )
     n = 30 if ctx.sizes.label == "quick" else 200
@@ -294,46 +234,39 @@ def tune_slow(ctx: Ctx) -> list[Row]:
         "| 4 KiB reads of holes while another reader streams stored data (1 MiB reads) |",
         "|---|---|---|---|",
     ]
-    dev = None
-    try:
-        with loop_ro(img) as dev, ext4_ro(dev, smnt):
-            _cgroup_setup(dev, iops, bps)
-            archive = os.path.join(smnt, "bench.vma")
-            for opts in ((), ("threads",)):
-                cells = []
-                # one reader
-                drop_caches()
-                _mount_in_cgroup(archive, mnt, opts)
-                try:
-                    lat, t = _pread_lat(_mounted_disk(mnt), archive_offsets[:n])
-                    cells.append(
-                        f"{len(lat) / t:,.0f} IOPS, p50 {fmt_s(percentile(lat, 0.5))}, "
-                        f"p99 {fmt_s(percentile(lat, 0.99))}"
-                    )
-                finally:
-                    umount(mnt)
-                # four readers
-                if ctx.sizes.label == "quick":
-                    cells.append("(full run only)")
-                else:
-                    drop_caches()
-                    _mount_in_cgroup(archive, mnt, opts)
-                    try:
-                        cells.append(_four_readers(_mounted_disk(mnt), archive_offsets[n : 5 * n]))
-                    finally:
-                        umount(mnt)
-                # holes while a streaming reader keeps the fs busy
-                drop_caches()
-                _mount_in_cgroup(archive, mnt, opts)
-                try:
-                    cells.append(_holes_during_stream(ctx, archive, mnt))
-                finally:
-                    umount(mnt)
-                lines.append(
-                    f"| {','.join(opts) or 'inline (default)'} | " + " | ".join(cells) + " |"
+    with loop_ro(img) as dev, ext4_ro(dev, smnt), throttled(dev, iops, bps) as throttle:
+        archive = os.path.join(smnt, os.path.basename(ctx.get("archive")))
+        for opts in ((), ("threads",)):
+            cells = []
+            # one reader
+            drop_caches()
+            _mount_in(throttle, archive, mnt, opts)
+            try:
+                lat, t = pread_lat(mounted_disk(mnt), archive_offsets[:n])
+                cells.append(
+                    f"{len(lat) / t:,.0f} IOPS, p50 {fmt_s(percentile(lat, 0.5))}, "
+                    f"p99 {fmt_s(percentile(lat, 0.99))}"
                 )
-    finally:
-        _cgroup_teardown(dev)
+            finally:
+                umount(mnt)
+            # four readers
+            if ctx.sizes.label == "quick":
+                cells.append("(full run only)")
+            else:
+                drop_caches()
+                _mount_in(throttle, archive, mnt, opts)
+                try:
+                    cells.append(_four_readers(mounted_disk(mnt), archive_offsets[n : 5 * n]))
+                finally:
+                    umount(mnt)
+            # holes while a streaming reader keeps the fs busy
+            drop_caches()
+            _mount_in(throttle, archive, mnt, opts)
+            try:
+                cells.append(_holes_during_stream(ctx, archive, mnt))
+            finally:
+                umount(mnt)
+            lines.append(f"| {','.join(opts) or 'inline (default)'} | " + " | ".join(cells) + " |")
     ctx.note("Slow storage: inline vs worker threads", lines)
     return []
 
@@ -342,7 +275,7 @@ def _four_readers(disk: str, offs: list[int]) -> str:
     res: list = [None] * 4
 
     def reader(i: int) -> None:
-        res[i] = _pread_lat(disk, offs[i::4])
+        res[i] = pread_lat(disk, offs[i::4])
 
     t0 = time.perf_counter()
     ths = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
@@ -372,7 +305,7 @@ def _holes_during_stream(ctx: Ctx, archive: str, mnt: str) -> str:
     for _ in range(20 if ctx.sizes.label == "quick" else 60):
         start, length = rnd.choice(gaps)
         holes.append(start + rnd.randrange(length // 4096) * 4096)
-    disk = _mounted_disk(mnt)
+    disk = mounted_disk(mnt)
     stop = threading.Event()
 
     def stream() -> None:

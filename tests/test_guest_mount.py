@@ -1,0 +1,145 @@
+"""``vmafs mount --guest`` and ``vmafs umount``: every guest filesystem of the fixtures
+mounted read-only under one directory, every file exact, and all of it taken down
+again, also after the archive's FUSE daemon was killed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import is_mounted, unmount, vmafs_cmd
+from guesttree import copy_archive, expected, tree_of_dir, volumes
+
+from vmafs.guest import tree as guest_tree
+from vmafs.mount import loop_devices_on, mount_table
+
+
+@pytest.fixture
+def root_only():
+    if os.geteuid() != 0:
+        pytest.skip("mount --guest needs root")
+
+
+def _run(*args, check=True):
+    proc = subprocess.run(vmafs_cmd(*args), capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _leftovers(top: str) -> list[str]:
+    return [p for p in mount_table() if p == top or p.startswith(top + "/")]
+
+
+@pytest.fixture
+def guest_dir(tmp_path, require_fuse, require_loop, root_only):
+    top = tmp_path / "guest"
+    top.mkdir()
+    yield top
+    # Safety net only: the tests unmount themselves and check that they did.
+    if guest_tree.load(str(top)) is not None:
+        _run("umount", top, check=False)
+    for p in sorted(_leftovers(str(top)), reverse=True):
+        unmount(p, fuse=True)
+
+
+def _daemon_pid(archive) -> int:
+    out = subprocess.run(
+        ["pgrep", "-f", f"vmafs mount --guest {archive}"], capture_output=True, text=True
+    ).stdout.split()
+    assert len(out) == 1, out
+    return int(out[0])
+
+
+@pytest.mark.parametrize("archive", ["pve-gpt.vma.zst", "ntfs-mbr.vma"])
+def test_mount_guest_shows_every_file_and_umount_takes_all_down(guest_dir, tmp_path, archive):
+    path = copy_archive(archive, tmp_path / "a")
+    proc = _run("mount", "--guest", path, guest_dir)
+    top = str(guest_dir)
+    try:
+        assert os.path.isfile(
+            guest_dir / "archive" / f"disk-{volumes(archive)[0]['name'].split('/')[0]}.raw"
+        )
+        for v in volumes(archive):
+            assert tree_of_dir(guest_dir / v["name"]) == expected(v), v["name"]
+        with pytest.raises(OSError):  # read-only all the way
+            (guest_dir / volumes(archive)[0]["name"] / "new").write_bytes(b"x")
+        if archive.startswith("pve"):
+            assert "drive-scsi0/p2: not mounted: an LVM physical volume" in proc.stderr
+    finally:
+        _run("umount", guest_dir)
+    assert _leftovers(top) == []
+    assert loop_devices_on(top) == []
+    assert guest_tree.load(top) is None
+    assert os.listdir(guest_dir) == []
+
+
+def test_umount_after_the_daemon_died(guest_dir, tmp_path):
+    path = copy_archive("ntfs-mbr.vma", tmp_path / "a")
+    _run("mount", "--guest", path, guest_dir)
+    os.kill(_daemon_pid(path), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.listdir(guest_dir / "archive")
+        except OSError:
+            break  # ENOTCONN: the archive's mount is dead
+        time.sleep(0.05)
+    else:
+        pytest.fail("the FUSE mount still answers after its daemon was killed")
+    _run("umount", guest_dir)
+    assert _leftovers(str(guest_dir)) == []
+    assert loop_devices_on(str(guest_dir)) == []
+    assert not is_mounted(guest_dir)
+
+
+def test_umount_finishes_what_was_undone_by_hand(guest_dir, tmp_path):
+    path = copy_archive("pve-gpt.vma.zst", tmp_path / "a")
+    _run("mount", "--guest", path, guest_dir)
+    subprocess.run(["umount", guest_dir / "drive-scsi0" / "pve" / "root"], check=True)
+    _run("umount", guest_dir)
+    assert _leftovers(str(guest_dir)) == []
+
+
+def test_mount_guest_refuses_a_non_empty_directory(guest_dir, tmp_path):
+    path = copy_archive("ntfs-mbr.vma", tmp_path / "a")
+    (guest_dir / "x").write_text("mine")
+    proc = _run("mount", "--guest", path, guest_dir, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("vmafs: error: ") and "not empty" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert _leftovers(str(guest_dir)) == []
+
+
+@pytest.mark.slow
+def test_a_failed_mount_guest_takes_down_what_it_made(guest_dir, tmp_path):
+    """A volume that fails to mount (a damaged filesystem) leaves nothing behind."""
+    path = copy_archive("pve-gpt.vma.zst", tmp_path / "a")
+    # LV root's XFS superblock keeps its fields (so it is still typed xfs) but
+    # gets a wrong CRC, which the kernel refuses; then a new archive of that disk.
+    raw = tmp_path / "disk.raw"
+    _run("extract", path, tmp_path / "x")
+    os.rename(tmp_path / "x" / "disk-drive-scsi0.raw", raw)
+    with open(raw, "r+b") as f:
+        f.seek(270532608)  # LV root's first byte (vmafs volumes --json: disk_offset)
+        assert f.read(4) == b"XFSB"
+        f.seek(270532608 + 224)  # sb_crc
+        f.write(b"\xff" * 4)
+    broken = tmp_path / "broken.vma"
+    _run("create", broken, f"drive-scsi0={raw}:raw")
+    proc = _run("mount", "--guest", broken, guest_dir, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "drive-scsi0/pve/root" in proc.stderr
+    assert _leftovers(str(guest_dir)) == []
+    assert loop_devices_on(str(guest_dir)) == []
+    assert guest_tree.load(str(guest_dir)) is None
+
+
+def test_mount_guest_with_the_appliance_says_what_to_do(tmp_path):
+    proc = _run("mount", "--guest", "--engine", "appliance", "x.vma", tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "--engine kernel" in proc.stderr and proc.stderr.count("\n") == 1

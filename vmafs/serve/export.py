@@ -1,0 +1,170 @@
+"""One disk of an opened archive as an NBD export (the reader's data end)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import trio
+
+from ..archive import Archive
+from ..errors import VmaError
+from ..format import CLUSTER_SIZE, Device
+from ..nbd.protocol import NBD_CMD_READ, NBD_STATE_HOLE, NBD_STATE_ZERO
+from ..nbd.server import Export, ReadChunk
+
+#: extents per BLOCK_STATUS reply at most (a client asks again from where it stopped)
+MAX_EXTENTS = 4096
+#: CACHE reads the data in steps this large (into one scratch buffer per request)
+CACHE_STEP = 4 * 1024 * 1024
+#: archive reads running in worker threads at once, all clients together
+READ_THREADS = 8
+#: reads up to this size of a plain archive run in the event loop, not a thread
+INLINE_READ = 256 * 1024
+
+_HOLE = NBD_STATE_HOLE | NBD_STATE_ZERO
+_CLUSTER_BITS = CLUSTER_SIZE.bit_length() - 1
+
+
+def export_names(device: Device) -> tuple[str, str | None]:
+    """(export name, alias) of a disk: its device name (``drive-scsi0``) and,
+    when that starts with ``drive-``, the bare drive (``scsi0``)."""
+    name = device.name
+    alias = name.removeprefix("drive-")
+    return name, (alias if alias != name and alias else None)
+
+
+class ArchiveExport(Export):
+    """Device *dev_id* of *archive*, read-only, holes and block status from its offset map.
+
+    Archive reads run in trio worker threads (shared :class:`trio.CapacityLimiter`),
+    so a slow compressed read never stalls other requests or clients.
+    """
+
+    read_only = True
+    can_flush = True  # a no-op: nothing is ever written
+    can_cache = True
+    can_block_status = True
+    can_multi_conn = True
+
+    def __init__(
+        self,
+        archive: Archive,
+        dev_id: int,
+        limiter: trio.CapacityLimiter | None = None,
+        *,
+        threads: bool = False,
+    ) -> None:
+        self.archive = archive
+        self.dev_id = dev_id
+        device = archive.device(dev_id)
+        self.size = device.size
+        self.description = (
+            f"{device.name} of {os.path.basename(archive.path)} ({device.size} bytes, read-only)"
+        )
+        self.limiter = limiter or trio.CapacityLimiter(READ_THREADS)
+        #: small reads of an uncompressed archive are a pread: done in the trio loop
+        #: (a thread hand-off costs more than a cached read, as in the mount), anything
+        #: else in a thread; *threads* (slow or network storage) sends all to threads
+        self.inline = not threads and getattr(archive.source, "kind", "") == "plain"
+
+    async def _in_thread(self, fn: Callable, *args):
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    # -- what the server calls --
+
+    def runs_inline(self, cmd: int, length: int) -> bool:
+        return self.inline and cmd == NBD_CMD_READ and length <= INLINE_READ
+
+    async def read(self, offset: int, length: int) -> list[ReadChunk]:
+        if self.runs_inline(NBD_CMD_READ, length):
+            return self.read_chunks(offset, length)
+        return await self._in_thread(self.read_chunks, offset, length)
+
+    async def block_status(self, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
+        return await self._in_thread(self.extents, offset, length, 1 if one else MAX_EXTENTS)
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self._in_thread(self.prefetch, offset, length)
+
+    def error_for(self, exc: BaseException) -> tuple[int, bool]:
+        import errno  # noqa: PLC0415 - only on the error path
+
+        if isinstance(exc, VmaError | OSError):
+            return errno.EIO, True  # a missing cluster, a damaged stream, a failing disk
+        return super().error_for(exc)
+
+    # -- the work, in a worker thread --
+
+    def spans(self, offset: int, length: int, limit: int | None = None):
+        """(start, stop, is_hole) runs of [offset, offset+length), holes as the mount's lseek."""
+        a, dev = self.archive, self.dev_id
+        end = offset + length
+        if offset >> _CLUSTER_BITS == (end - 1) >> _CLUSTER_BITS:
+            # holes are whole clusters: one cluster is all hole or all data
+            yield offset, end, a.is_hole(dev, offset)
+            return
+        pos = offset
+        count = 0
+        while pos < end and (limit is None or count < limit):
+            data = a.next_data(dev, pos)
+            if data != pos:
+                stop = end if data is None else min(end, data)
+                yield pos, stop, True
+            else:
+                stop = min(end, a.next_hole(dev, pos))
+                yield pos, stop, False
+            pos = stop
+            count += 1
+
+    def read_chunks(self, offset: int, length: int) -> list[ReadChunk]:
+        """Holes as hole chunks (no bytes), data read from the archive."""
+        out = []
+        for start, stop, hole in self.spans(offset, length):
+            if hole:
+                out.append(ReadChunk(start, stop - start))
+                continue
+            buf = bytearray(stop - start)
+            self.archive.readinto(self.dev_id, start, buf)
+            out.append(ReadChunk(start, stop - start, buf))
+        return out
+
+    def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
+        """base:allocation: (length, HOLE|ZERO) for holes, (length, 0) for data."""
+        return [
+            (stop - start, _HOLE if hole else 0)
+            for start, stop, hole in self.spans(offset, length, limit)
+        ]
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """Read the data of the range once (fills the source's caches), holes skipped."""
+        scratch = bytearray(min(length, CACHE_STEP))
+        for start, stop, hole in self.spans(offset, length):
+            pos = start
+            while not hole and pos < stop:
+                n = min(stop - pos, len(scratch))
+                self.archive.readinto(self.dev_id, pos, memoryview(scratch)[:n])
+                pos += n
+
+
+def exports_for(
+    archive: Archive, limiter: trio.CapacityLimiter | None = None, *, threads: bool = False
+) -> tuple[dict[str, ArchiveExport], dict[str, str]]:
+    """({export name: export} for every disk, {alias: export name}).
+
+    The vmstate (RAM) device is not a disk and gets no export.  An alias
+    that is also another disk's name is left out (the name wins).
+    """
+    limiter = limiter or trio.CapacityLimiter(READ_THREADS)
+    exports: dict[str, ArchiveExport] = {}
+    aliases: dict[str, str] = {}
+    for dev in archive.devices:
+        if dev.is_vmstate:
+            continue
+        name, alias = export_names(dev)
+        exports[name] = ArchiveExport(archive, dev.dev_id, limiter, threads=threads)
+        if alias is not None:
+            aliases[alias] = name
+    for alias in [a for a in aliases if a in exports]:
+        del aliases[alias]
+    return exports, aliases
