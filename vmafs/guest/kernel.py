@@ -124,7 +124,7 @@ def wait_loops_released(prefix: str, timeout: float = 10.0) -> list[str]:
     kernel filesystem at once, after ntfs-3g's process has exited.  Returns
     the loop devices still there after *timeout* (the caller reports them).
     """
-    from ..mount import loop_devices_on  # noqa: PLC0415 - pulls in the mount module
+    from ..mount.umount import loop_devices_on  # noqa: PLC0415 - pulls in the mount module
 
     deadline = time.monotonic() + timeout
     while True:
@@ -139,7 +139,7 @@ def wait_loops_released(prefix: str, timeout: float = 10.0) -> list[str]:
 
 
 def _is_mounted(path: str) -> bool:
-    from ..mount import mount_table  # noqa: PLC0415
+    from ..mount.checks import mount_table  # noqa: PLC0415
 
     return os.path.realpath(path) in mount_table()
 

@@ -102,7 +102,9 @@ class GuestSession:
 
     def _start(self) -> None:
         from ..archive import Archive  # noqa: PLC0415 - numpy: not for `vmafs -h`
-        from ..mount import MountError, MountOptions, mount  # noqa: PLC0415
+        from ..mount.errors import MountError  # noqa: PLC0415
+        from ..mount.mounting import mount  # noqa: PLC0415
+        from ..mount.options import MountOptions  # noqa: PLC0415
         from ..names import safe_entry_names  # noqa: PLC0415
         from ..volumes import scan_volumes  # noqa: PLC0415
 
@@ -191,7 +193,7 @@ class GuestSession:
                 if left:
                     raise GuestMountError(f"loop devices {' '.join(left)} still read the archive")
             with _collect(errors):
-                from ..mount import umount  # noqa: PLC0415
+                from ..mount.umount import umount  # noqa: PLC0415
 
                 umount(self.mountpoint)
                 self.mountpoint = None

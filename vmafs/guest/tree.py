@@ -85,7 +85,7 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess:
 
 
 def _mounted(path: str) -> bool:
-    from ..mount import mount_table  # noqa: PLC0415
+    from ..mount.checks import mount_table  # noqa: PLC0415
 
     return path in mount_table()
 
@@ -113,7 +113,9 @@ def mount_tree(archive_path: str, directory: str, mount_options) -> GuestTree:
     """
     from ..archive import Archive  # noqa: PLC0415
     from ..common.signals import first_signal_raises  # noqa: PLC0415
-    from ..mount import MountError, check_mountpoint, mount  # noqa: PLC0415
+    from ..mount.checks import check_mountpoint  # noqa: PLC0415
+    from ..mount.errors import MountError  # noqa: PLC0415
+    from ..mount.mounting import mount  # noqa: PLC0415
     from ..volumes import scan_volumes  # noqa: PLC0415
     from .session import NOT_FILES, volume_files  # noqa: PLC0415
 
@@ -195,7 +197,8 @@ def unmount_tree(tree: GuestTree, *, lazy: bool = False) -> None:
     Raises GuestMountError for the first step that fails (the state file
     then stays, so the command can be run again once the cause is gone).
     """
-    from ..mount import MountError, umount  # noqa: PLC0415
+    from ..mount.errors import MountError  # noqa: PLC0415
+    from ..mount.umount import umount  # noqa: PLC0415
 
     while tree.mounts:
         m = kernel.KernelMount(**tree.mounts[-1])
@@ -227,7 +230,8 @@ def unmount_tree(tree: GuestTree, *, lazy: bool = False) -> None:
 
 def run_mount(args) -> int:
     """``vmafs mount --guest``: called by vmafs.mount.run."""
-    from ..mount import UsageError, parse_options  # noqa: PLC0415
+    from ..mount.errors import UsageError  # noqa: PLC0415
+    from ..mount.options import parse_options  # noqa: PLC0415
 
     if args.engine == "appliance":
         raise GuestMountError(
