@@ -23,11 +23,9 @@ from . import datasets as ds
 from .ctx import Ctx, Row
 from .figures import FIGURES
 from .report import machine, row_notes, table
-from .serve import fig_serve
 from .tuning import TUNING
 from .util import use_this_checkout
 
-FIGURES = {**FIGURES, "serve": fig_serve}  # issue 14's, in their own module
 ALL = [*FIGURES, *TUNING]
 
 

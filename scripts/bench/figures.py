@@ -14,6 +14,7 @@ from .ctx import Ctx, Row
 from .datapath_figures import fig_datapath
 from .guest import fig_get
 from .read_figures import fig_convert, fig_index, fig_restore, fig_seq
+from .serve import fig_serve
 from .slow_figures import fig_coldmount
 from .write_figures import fig_fleecing, fig_latency, fig_size, fig_writer
 from .zstd_figures import fig_zstd
@@ -31,4 +32,5 @@ FIGURES: dict[str, Callable[[Ctx], list[Row]]] = {
     "zstd": fig_zstd,
     "coldmount": fig_coldmount,
     "get": fig_get,
+    "serve": fig_serve,
 }

@@ -15,7 +15,9 @@ import statistics
 import subprocess
 import time
 
-from .figures import DISK, Ctx, Row, _extract_timed, _ratio, _sync_timed
+from .ctx import DISK, Ctx, Row
+from .ctx import ratio as _ratio
+from .read_figures import _extract_timed, _sync_timed
 from .util import VMAFS, fmt_rate, fmt_s, need, run, warm
 
 
