@@ -4,7 +4,7 @@
 VENV := .venv
 RUFF := $(VENV)/bin/ruff
 
-.PHONY: help setup test demo lint format ci clean
+.PHONY: help setup test demo lint format ci deb clean
 
 help:
 	@echo "make setup   install Debian packages and the venv (.venv)"
@@ -13,6 +13,7 @@ help:
 	@echo "make lint    ruff check + ruff format --check"
 	@echo "make format  ruff format + ruff check --fix"
 	@echo "make ci      CI=true .ci/run in a fresh clone of HEAD (= bash scripts/ci-local)"
+	@echo "make deb     build the Debian package into dist/ (= bash scripts/build-deb)"
 	@echo "make clean   remove the venv and caches"
 
 setup:
@@ -36,6 +37,9 @@ format: $(RUFF)
 ci:
 	bash scripts/ci-local
 
+deb:
+	bash scripts/build-deb
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) dist .pytest_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -105,6 +105,15 @@ def fixtures_dir() -> Path:
     return FIXTURES_DIR
 
 
+@pytest.fixture(scope="session", autouse=True)
+def side_index_cache(tmp_path_factory) -> Path:
+    """The side-index cache of the whole run (``VMAFS_CACHE_DIR``, inherited by the
+    commands tests start): never the machine's /var/cache/vmafs or ~/.cache/vmafs."""
+    path = tmp_path_factory.mktemp("vmafs-cache")
+    os.environ["VMAFS_CACHE_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def manifest():
     """``manifest(name) -> dict``: load a fixture's manifest (see ``load_manifest``)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import time
@@ -82,7 +83,9 @@ def test_corrupt_stream_is_named(suffix, tmp_path):
     assert "verify failed" in line
     # The container's own check (zstd/gzip/lzop checksums) or, if damage slips
     # through it, the VMA md5s; either way a specific error, never a crash.
-    assert line.endswith(("[CorruptStreamError]", "[ChecksumError]")), line
+    assert "corrupt" in line or "checksum" in line or "md5" in line, line
+    assert not re.search(r"[A-Z][a-z]+Error\b", line), line  # no internal class names
+    assert line.endswith("restore from another copy of this backup"), line
 
 
 @pytest.mark.parametrize("suffix", ["zst", "gz", "lzo"])
@@ -92,8 +95,12 @@ def test_truncated_stream_is_refused(suffix, tmp_path):
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size * 2 // 3)
     line = assert_one_line_error(run_cli("verify", path))
-    assert line.endswith(("[CorruptStreamError]", "[TruncatedError]")), line
-    assert_one_line_error(run_cli("extract", path, tmp_path / "out"))
+    assert "truncated" in line and not re.search(r"[A-Z][a-z]+Error\b", line), line
+    # What to do next: decompress the front, then read it with allow_incomplete.
+    assert f"{'lzop' if suffix == 'lzo' else 'zstd' if suffix == 'zst' else 'gzip'} -dc" in line
+    assert "allow_incomplete" in line, line
+    line = assert_one_line_error(run_cli("extract", path, tmp_path / "out"))
+    assert "--allow-incomplete on that" in line, line
     assert not (tmp_path / "out").exists()
 
 
@@ -107,12 +114,12 @@ def test_seekable_zstd_data_damage(tmp_path):
         f.seek(seekable.stat().st_size * 3 // 4)
         f.write(b"\xff\xff\xff\xff")
     line = assert_one_line_error(run_cli("verify", "--data", seekable))
-    assert line.endswith("[CorruptStreamError]"), line
+    assert line.endswith("restore from another copy of this backup"), line
     assert re_offset(line) > 0
     # Without --data too: the archive is indexed from its extent headers only,
     # but verify still decompresses every frame (and checks its checksum).
     line = assert_one_line_error(run_cli("verify", seekable))
-    assert line.endswith("[CorruptStreamError]"), line
+    assert line.endswith("restore from another copy of this backup"), line
     assert re_offset(line) > 0
 
 

@@ -28,6 +28,7 @@ from test_mount_support import (
     wait_until,
 )
 
+from vmafs import sidecar
 from vmafs.format import CLUSTER_SIZE
 
 TWO_DISKS = FIXTURES_DIR / "two-disks.vma"
@@ -177,7 +178,7 @@ def _corrupt_side_index(tmp_path: Path) -> Path:
         shutil.copyfile(FIXTURES_DIR / "two-disks.vma.zst", archive)
         proc = run_cli("index", archive)
         assert proc.returncode == 0, proc.stderr
-    side = Path(f"{archive}.vmafs-index")
+    side = Path(sidecar.cache_path(str(archive)))  # where the rebuild writes it again
     blob = bytearray(side.read_bytes())
     blob[len(blob) // 2] ^= 1
     side.write_bytes(bytes(blob))

@@ -200,6 +200,6 @@ def test_builder_damage_is_detected(tmp_path):
     line = assert_one_line_error(run_cli("verify", b.path))
     # byte 100 lies in the reserved area (from offset 60): that, not the md5, is the finding
     assert line.endswith(
-        f"{b.path}: verify failed: reserved header bytes are not zero (archive offset 60) "
-        "[HeaderError]"
+        f"{b.path}: verify failed: reserved header bytes are not zero (archive offset 60); "
+        "the archive is damaged: restore from another copy of this backup"
     ), line

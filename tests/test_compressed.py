@@ -1,7 +1,7 @@
 """Compressed input: gzip and lzop sources, side index reuse, damage, recompress.
 
 The Proxmox-written fixtures are copied into tmp_path first: opening a
-compressed archive writes a side index beside it, and the fixture directory
+compressed archive writes a side index (into the cache), and the fixture directory
 must stay clean.  VMAFS_CACHE_DIR points into tmp_path for the same reason.
 """
 
@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import zlib
 
 import numpy as np
@@ -162,7 +161,8 @@ def test_second_open_uses_side_index_and_no_scan(tmp_path, name, monkeypatch):
     path = copy_fixture(tmp_path, name)
     with Archive.open(path) as a:
         first = a.index.to_arrays()
-    assert os.path.exists(path + sidecar.SUFFIX)
+    assert os.path.exists(sidecar.cache_path(path))
+    assert not os.path.exists(path + sidecar.SUFFIX)  # nothing beside the archive
     cls = type(open_source(path))
 
     def no_scan(self, *a, **k):
@@ -525,7 +525,7 @@ def test_corrupted_side_index_is_rebuilt(tmp_path, name, monkeypatch, caplog):
     path = copy_fixture(tmp_path, name)
     calls = _scans(monkeypatch, type(open_source(path)))
     Archive.open(path).close()
-    side = path + sidecar.SUFFIX
+    side = sidecar.cache_path(path)
     good = open(side, "rb").read()
     for n, at in enumerate((3, 40, len(good) // 2, len(good) - 40, len(good) - 1)):
         bad = bytearray(good)
@@ -551,7 +551,7 @@ def test_side_index_falls_back_to_cache_dir(tmp_path, monkeypatch):
     path = copy_fixture(tmp_path, "two-disks.vma.lzo")
     os.mkdir(path + sidecar.SUFFIX)  # the beside path cannot be written
     calls = _scans(monkeypatch, vlzo.LzoSource)
-    Archive.open(path).close()
+    Archive.open(path, index_beside=True).close()
     cached = sidecar.cache_path(path)
     assert cached.startswith(str(tmp_path / "cache"))
     assert os.path.isfile(cached)
@@ -747,7 +747,8 @@ def test_index_command(tmp_path, capsys):
 
     path = copy_fixture(tmp_path, "ext4-guest.vma.gz")
     assert main(["index", "--no-progress", path]) == 0
-    assert os.path.isfile(path + sidecar.SUFFIX)
+    assert os.path.isfile(sidecar.cache_path(path))
+    assert not os.path.exists(path + sidecar.SUFFIX)
     assert "written" in capsys.readouterr().out
     assert main(["index", path]) == 0
     assert "up to date" in capsys.readouterr().out
@@ -756,6 +757,8 @@ def test_index_command(tmp_path, capsys):
     cache = tmp_path / "elsewhere"
     assert main(["index", "--cache-dir", str(cache), path]) == 0
     assert os.path.isfile(sidecar.cache_path(path, str(cache)))
+    assert main(["index", "--beside", "--force", path]) == 0
+    assert os.path.isfile(path + sidecar.SUFFIX)
     seekable = tmp_path / "s.vma.zst"
     assert main(["recompress", "--no-progress", path, str(seekable)]) == 0
     capsys.readouterr()
@@ -794,6 +797,7 @@ def _vmafs_wrapper(tmp_path) -> str:
 def test_vzdump_hook_indexes_after_backup_and_never_fails_it(tmp_path):
     archive = copy_fixture(tmp_path, "two-disks.vma.lzo")
     env = dict(os.environ, VMAFS=_vmafs_wrapper(tmp_path), VMTYPE="qemu", TARGET=archive)
+    env["VMAFS_DEFAULTS"] = str(tmp_path / "no-defaults")  # not this machine's settings
     env["PYTHONPATH"] = str(FIXTURES_DIR.parent.parent)
 
     def hook(phase, **extra):
@@ -811,6 +815,12 @@ def test_vzdump_hook_indexes_after_backup_and_never_fails_it(tmp_path):
     assert hook("backup-end", VMTYPE="lxc").returncode == 0
     assert not os.path.exists(archive + sidecar.SUFFIX)
     r = hook("backup-end")
+    assert r.returncode == 0, r.stderr
+    assert os.path.isfile(sidecar.cache_path(archive))  # the cache, not the dump directory
+    assert not os.path.exists(archive + sidecar.SUFFIX)
+    defaults = tmp_path / "vmafs-defaults"
+    defaults.write_text("VMAFS_INDEX_BESIDE=1\n")  # the hook's setting, as in /etc/default/vmafs
+    r = hook("backup-end", VMAFS_DEFAULTS=str(defaults))
     assert r.returncode == 0, r.stderr
     assert os.path.isfile(archive + sidecar.SUFFIX)
     # A broken archive or a missing vmafs: warned about, backup not failed.
@@ -861,24 +871,22 @@ def test_mount_compressed_reads_back_equal_to_manifest(tmp_path, require_fuse, k
     if kind == "recompressed":  # seekable zstd needs none
         assert not os.path.exists(archive + sidecar.SUFFIX)
     else:
-        # Written by the filesystem process beside serving (it may still be at it
-        # when umount returns): wait for it, then it must be whole and valid.
-        deadline = time.monotonic() + GUARD
-        while not os.path.exists(archive + sidecar.SUFFIX) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # Written by the filesystem process while serving, into the cache, and
+        # complete once 'vmafs umount' has returned (it waits for the process).
+        assert os.path.isfile(sidecar.cache_path(archive, str(tmp_path / "cache")))
         src = open_source(archive)
         try:
-            assert sidecar.load(src) is not None
+            assert sidecar.find(src, directory=str(tmp_path / "cache")) is not None
         finally:
             src.close()
-    assert not os.path.exists(sidecar.cache_path(archive, str(tmp_path / "cache")))
+    assert not os.path.exists(archive + sidecar.SUFFIX)
 
 
 def test_deferred_side_index_is_written_only_when_asked(tmp_path):
     # What vmafs mount does: open inside deferred_saves(), write the side index
     # later (from the filesystem process's thread).
     path = copy_fixture(tmp_path, "two-disks.vma.zst")
-    side = path + sidecar.SUFFIX
+    side = sidecar.cache_path(path)
     with sidecar.deferred_saves() as saves:
         a = Archive.open(path)  # in this thread (open_guarded would use another)
         assert not os.path.exists(side) and len(saves) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -451,3 +452,19 @@ def test_mount_helper(two_disks, mnt, require_fuse, manifest):
     proc = helper(Path(mnt) / "nope.vma", mnt)
     assert proc.returncode == 1 and "nope.vma" in _one_line_error(proc, "mount.vmafs")
     assert not is_mounted(mnt)
+
+
+@pytest.mark.parametrize(
+    ("name", "threaded"), [("two-disks.vma.zst", True), ("two-disks.vma", False)]
+)
+def test_compressed_archives_are_served_from_worker_threads(
+    fixtures_dir, tmp_path, mnt, name, threaded, require_fuse
+):
+    """A cold decompression must not hold up the loop: compressed mounts use threads."""
+    archive = tmp_path / name
+    shutil.copyfile(fixtures_dir / name, archive)
+    log = tmp_path / "vmafs.log"
+    with mounted(archive, mnt, f"logfile={log}"):
+        assert sha256_file(mnt / "qemu-server.conf")
+        text = log.read_text()
+    assert ("reads run in worker threads" in text) == threaded, text

@@ -88,6 +88,8 @@ def test_state_as_one_bytes_object_round_trips():
 
 def test_locations(tmp_path, monkeypatch):
     monkeypatch.delenv("VMAFS_CACHE_DIR", raising=False)
+    assert sidecar.cache_dir() == "/var/cache/vmafs"  # root (as tests run)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # as another user
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert sidecar.cache_dir() == str(tmp_path / "xdg" / "vmafs")
     monkeypatch.delenv("XDG_CACHE_HOME")
@@ -123,7 +125,8 @@ def test_save_then_load_gives_the_same_index(tmp_path, monkeypatch):
         dest = sidecar.save(a.source, a.header, a.index, strict=True)
         want = a.index.to_arrays()
         header = a.header
-    assert dest == str(p) + ".vmafs-index"
+    assert dest == sidecar.cache_path(p)  # the cache, by default
+    assert not os.path.exists(str(p) + ".vmafs-index")  # nothing beside the archive
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # temp file renamed away
     assert os.stat(dest).st_mode & 0o777 == 0o644
     src = open_source(p)
@@ -135,8 +138,7 @@ def test_save_then_load_gives_the_same_index(tmp_path, monkeypatch):
         assert got.keys() == want.keys()
         assert all((got[k] == want[k]).all() for k in want)
         assert src.pread(0, 4) == b"VMA\0"
-        # Not found in the cache dir alone (it was written beside the archive).
-        assert sidecar.find(src, beside=False) is None
+        assert sidecar.find(src, beside=False)[0] == dest
     finally:
         src.close()
 
@@ -159,7 +161,7 @@ def _indexed_copy(tmp_path, monkeypatch, name="two-disks.vma.gz"):
     p = tmp_path / name
     shutil.copyfile(FIXTURES_DIR / name, p)
     Archive.open(p).close()
-    side = str(p) + sidecar.SUFFIX
+    side = sidecar.cache_path(p)
     assert os.path.isfile(side)
     return p, side
 

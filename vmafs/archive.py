@@ -111,8 +111,13 @@ class Archive:
         allow_incomplete: bool = False,
         progress: ProgressFn | None = None,
         use_sidecar: bool = True,
+        index_beside: bool = False,
     ) -> Archive:
         """Open and index *path* (plain or compressed, chosen by magic).
+
+        A compressed archive that must be read through once saves what that
+        taught (:mod:`vmafs.sidecar`) in the cache directory, or beside the
+        archive with *index_beside*.
 
         A VmaError raised here names *path* once (:meth:`VmaError.name_archive`).
         """
@@ -123,7 +128,7 @@ class Archive:
                 scanned = False
                 if source.needs_scan:
                     header, index, scanned = _open_scanned(
-                        source, allow_incomplete, progress, use_sidecar
+                        source, allow_incomplete, progress, use_sidecar, index_beside
                     )
                 else:
                     loaded = None
@@ -465,9 +470,12 @@ def _load_side_index(source: Source, allow_incomplete: bool):
 
 
 def _open_scanned(
-    source: Source, allow_incomplete: bool, progress, use_sidecar: bool
+    source: Source, allow_incomplete: bool, progress, use_sidecar: bool, index_beside: bool = False
 ) -> tuple[Header, ArchiveIndex, bool]:
     """Index a source that must be decompressed once, reusing a saved side index.
+
+    A new side index goes into the cache directory, or beside the archive
+    with *index_beside*.
 
     Returns (header, index, scanned): scanned is False when the side index served.
     """
@@ -479,5 +487,5 @@ def _open_scanned(
             return *loaded, False
     header, index = _index_by_scan(source, allow_incomplete, progress)
     if use_sidecar:
-        sidecar.save(source, header, index)
+        sidecar.save(source, header, index, beside=index_beside)
     return header, index, True

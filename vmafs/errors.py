@@ -283,3 +283,26 @@ class EngineUnavailableError(GuestError):
 
 class GuestMountError(GuestError):
     """Setting up or taking down a guest filesystem's mount failed."""
+
+
+# --- what to do next --------------------------------------------------------------------
+
+
+def read_anyway_hint(e: VmaError, option: str) -> str:
+    """How to read what there is of an archive that *e* refused ("" if *e* is not that).
+
+    *option* is the command's way to accept an incomplete archive
+    (``-o allow_incomplete``, ``--allow-incomplete``).  A plain archive cut
+    short or with clusters never written opens with it (the missing
+    clusters read as errors).  A compressed stream cut short cannot be
+    indexed; its decompressed front can, and then *option* applies to that.
+    """
+    if isinstance(e, IncompleteArchiveError | TruncatedError):
+        return f"{option} reads what is there (missing clusters read as errors)"
+    if isinstance(e, CorruptStreamError) and "truncated" in e.message:
+        # the sources' messages: "truncated zstd stream", "gzip/lzop stream truncated"
+        return (
+            "the compressed file is cut short: decompress what is there (zstd -dc, gzip -dc "
+            f"or lzop -dc FILE > FILE.vma; ignore its error at the end) and use {option} on that"
+        )
+    return ""

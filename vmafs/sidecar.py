@@ -4,10 +4,12 @@ A source that must decompress the whole stream once (``needs_scan``) saves
 its checkpoints and the VMA offset map here, so the next open of the same
 archive costs a file read instead of a full decompression.
 
-Where: ``<archive>.vmafs-index`` beside the archive when its directory is
-writable, else ``<cache>/<sha256 of the absolute path>.vmafs-index`` where
-``<cache>`` is ``$VMAFS_CACHE_DIR``, else ``$XDG_CACHE_HOME/vmafs``, else
-``~/.cache/vmafs``.  Loading looks in both places.
+Where: ``<cache>/<sha256 of the absolute path>.vmafs-index``, the cache
+being :func:`vmafs.sidecar_cache.cache_dir` (``$VMAFS_CACHE_DIR``, else
+``/var/cache/vmafs`` for root, else ``$XDG_CACHE_HOME/vmafs``), size-capped
+with least-recently-used eviction.  Beside the archive
+(``<archive>.vmafs-index``) only when asked (*beside*): nothing is written
+into a backup directory by default.  Loading looks in both places.
 
 The file is never trusted: it is used only if it is a regular file (not a
 symbolic link, FIFO or device: those are skipped unread, and the rebuilt
@@ -64,6 +66,7 @@ from .common.atomic import AtomicOutput
 from .errors import IndexCacheError, VmaError
 from .format import BLOCK_SIZE, Header
 from .index import MASK, MASK_BITS, OFFSET_SHIFT, ArchiveIndex
+from .sidecar_cache import SUFFIX, cache_dir, evict, touch
 
 if TYPE_CHECKING:
     from .source import Source
@@ -74,7 +77,6 @@ MAGIC = b"VMAFSIDX"
 #: 2: the offset map is one packed uint64 per cluster (``index/packed_<dev>``); version 1
 #: files (uint64 offsets + uint16 masks) are refused by version, so they are rebuilt.
 FORMAT_VERSION = 2
-SUFFIX = ".vmafs-index"
 EDGE = 64 << 10  # bytes of the archive's head and tail that are hashed
 #: A bigger file is not read as a side index: 64 GiB would be an offset map of
 #: 512 TiB of disks (8 bytes per 64 KiB cluster).
@@ -86,15 +88,6 @@ _DTYPE_KINDS = "biuf"  # numeric arrays only; nothing that could unpickle
 
 
 # -- where --
-
-
-def cache_dir() -> str:
-    """The directory for side indexes of archives in read-only directories."""
-    d = os.environ.get("VMAFS_CACHE_DIR")
-    if d:
-        return d
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "vmafs")
 
 
 def beside_path(archive: str) -> str:
@@ -231,13 +224,14 @@ def save(
     index: ArchiveIndex,
     *,
     directory: str | None = None,
-    beside: bool = True,
+    beside: bool = False,
     strict: bool = False,
 ) -> str | None:
     """Write the side index for an archive just scanned; returns its path.
 
-    Tries beside the archive (unless *beside* is false), then the cache
-    directory (*directory* or :func:`cache_dir`).  A failure to write is
+    Writes into the cache directory (*directory* or :func:`cache_dir`),
+    then keeps that directory within its size cap; with *beside*, tries
+    beside the archive first.  A failure to write is
     logged and returns None, or raises IndexCacheError when *strict*.
     Inside :func:`deferred_saves`, only queues the write and returns None.
     """
@@ -260,7 +254,8 @@ def _save(source, header, index, ident, *, directory, beside, strict) -> str | N
     try:
         if isinstance(ident, OSError):
             raise ident
-        ident = dict(ident, uuid=header.uuid.hex())
+        # The path is for 'vmafs index --list/--prune' only; identity checks ignore it.
+        ident = dict(ident, uuid=header.uuid.hex(), path=os.path.abspath(source.path))
         blob = dumps(
             ident,
             source.kind,
@@ -287,6 +282,8 @@ def _save(source, header, index, ident, *, directory, beside, strict) -> str | N
             errors.append(f"{dest}: {e.strerror or e}")
             continue
         log.info("%s: side index saved to %s (%d bytes)", source.path, dest, len(blob))
+        if dest == targets[-1]:
+            evict(os.path.dirname(dest), keep=dest)
         return dest
     msg = f"cannot write a side index for {source.path} ({'; '.join(errors)})"
     if strict:
@@ -348,7 +345,10 @@ def find(
         if blob is None:
             continue
         try:
-            return (path, *_adopt(source, blob, allow_incomplete))
+            found = (path, *_adopt(source, blob, allow_incomplete))
+            if path != beside_path(source.path):
+                touch(path)  # in the cache: most recently used now
+            return found
         except IndexCacheError as e:
             log.warning("%s: side index %s not used, rebuilding: %s", source.path, path, e)
     return None

@@ -6,7 +6,8 @@
 #   bash contrib/pyfuse3/install.sh --verbose [PYTHON] pip's output on stdout as it goes
 #                                                      (scripts/setup shows its progress)
 #
-# The sdist comes from PyPI and is checked against a pinned SHA-256 before it is
+# The sdist comes from PyPI (only pyfuse3 as source: its build tools, Cython
+# included, come as wheels) and is checked against a pinned SHA-256 before it is
 # unpacked. Needs what any pyfuse3 build needs (libfuse3-dev, pkg-config, a C
 # compiler, the Python headers; pip fetches Cython into the build environment)
 # plus patch(1). The result reports version 3.5.0+vmafs.lseek1, which satisfies
@@ -62,7 +63,7 @@ logged() {
     fi
 }
 
-logged "$PY" -m pip download --no-deps --no-binary :all: -d "$WORK" "pyfuse3==$VERSION" ||
+logged "$PY" -m pip download --no-deps --no-binary pyfuse3 -d "$WORK" "pyfuse3==$VERSION" ||
     { tail -n 20 "$WORK/pip.log" >&2; die "could not download the pyfuse3 $VERSION sdist"; }
 SDIST="$WORK/pyfuse3-$VERSION.tar.gz"
 [[ -f "$SDIST" ]] || die "pip did not leave $SDIST"

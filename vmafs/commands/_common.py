@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..archive import Archive, read_header
 from ..common.progress import Progress, want_progress
-from ..errors import TruncatedError, naming_archive
+from ..errors import TruncatedError, VmaError, naming_archive, read_anyway_hint
 from ..format import HEADER_STRUCT_SIZE, Header
 from ..source import open_source
 
@@ -75,6 +75,21 @@ def printable(name: str) -> str:
 
 
 def open_archive(path: str, args, *, allow_incomplete: bool = False, **kw) -> Archive:
-    """Archive.open with an "indexing" progress bar when progress is wanted."""
-    with Progress("indexing", enabled=want_progress(getattr(args, "progress", None))) as bar:
-        return Archive.open(path, allow_incomplete=allow_incomplete, progress=bar, **kw)
+    """Archive.open with an "indexing" progress bar when progress is wanted.
+
+    An archive refused as incomplete or cut short: the error says how to read
+    what is there (``--allow-incomplete``, where the command has it).
+    """
+    try:
+        with Progress("indexing", enabled=want_progress(getattr(args, "progress", None))) as bar:
+            return Archive.open(path, allow_incomplete=allow_incomplete, progress=bar, **kw)
+    except VmaError as e:
+        has_option = hasattr(args, "allow_incomplete")  # extract has it; list --json reads all
+        hint = ""
+        if has_option and not allow_incomplete:
+            hint = read_anyway_hint(e, "--allow-incomplete")
+        if not hint:
+            raise
+        raise type(e)(
+            f"{e.message}; {hint}", offset=e.offset, dev_id=e.dev_id, cluster=e.cluster
+        ) from None

@@ -15,7 +15,14 @@ import sys
 from .. import names
 from ..common.console import writing_stdout
 from ..common.progress import Progress, add_progress_options, human_bytes, want_progress
-from ..errors import HeaderError, VmaError
+from ..errors import (
+    ConsistencyError,
+    CorruptStreamError,
+    FormatError,
+    HeaderError,
+    VmaError,
+    read_anyway_hint,
+)
 from ..format import CLUSTER_SIZE
 from ._common import open_archive, printable
 from .list import proxmox_lines
@@ -132,8 +139,19 @@ def check_stream(archive, bar: Progress) -> None:
 
 
 def _failed(path: str, e: VmaError) -> VmaError:
-    """The one-line verify failure: path, message with its location, error class."""
-    return VmaError(f"{path}: verify failed: {e.unnamed()} [{type(e).__name__}]")
+    """The one-line verify failure: path, message with its location, what to do next."""
+    hint = _next_step(e)
+    return VmaError(f"{path}: verify failed: {e.unnamed()}" + (f"; {hint}" if hint else ""))
+
+
+def _next_step(e: VmaError) -> str:
+    """What the user can do about *e* (empty when the message says it already)."""
+    hint = read_anyway_hint(e, "mount -o allow_incomplete or extract --allow-incomplete")
+    if hint:
+        return hint
+    if isinstance(e, CorruptStreamError | FormatError | ConsistencyError):
+        return "the archive is damaged: restore from another copy of this backup"
+    return ""
 
 
 def check_names(archive) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 
-from ..errors import IncompleteArchiveError
+from ..errors import VmaError, read_anyway_hint
 from .errors import MountError
 
 
@@ -85,8 +85,11 @@ def check_logfile(path: str) -> str:
     return path
 
 
-def open_archive(path: str, allow_incomplete: bool):
-    """Open *path*; an incomplete archive's error says how to mount it anyway."""
+def open_archive(path: str, allow_incomplete: bool, index_beside: bool = False):
+    """Open *path*; an incomplete archive's error says how to mount it anyway.
+
+    A side index made by this open goes beside the archive with *index_beside*.
+    """
     from ..archive import Archive  # noqa: PLC0415 - keep `vmafs -h` light
     from ..common.progress import Progress, want_progress  # noqa: PLC0415
 
@@ -94,11 +97,13 @@ def open_archive(path: str, allow_incomplete: bool):
         # A compressed archive is decompressed once to index it: show how far
         # that got when stderr is a terminal (nothing otherwise).
         with Progress("indexing", enabled=want_progress(None)) as bar:
-            return Archive.open(path, allow_incomplete=allow_incomplete, progress=bar)
-    except IncompleteArchiveError as e:
-        raise IncompleteArchiveError(
-            f"{e.message}; mount with -o allow_incomplete to serve the missing clusters as EIO",
-            offset=e.offset,
-            dev_id=e.dev_id,
-            cluster=e.cluster,
+            return Archive.open(
+                path, allow_incomplete=allow_incomplete, progress=bar, index_beside=index_beside
+            )
+    except VmaError as e:
+        hint = "" if allow_incomplete else read_anyway_hint(e, "mount -o allow_incomplete")
+        if not hint:
+            raise
+        raise type(e)(
+            f"{e.message}; {hint}", offset=e.offset, dev_id=e.dev_id, cluster=e.cluster
         ) from None

@@ -26,6 +26,8 @@ options (-o, comma-separated, may repeat):
                     network storage read by several programs at once
   logfile=PATH      log here instead of syslog when detached
   nonempty          mount over a directory that is not empty (hides its files)
+  index_beside      a side index this mount makes goes beside the archive
+                    (default: the cache, /var/cache/vmafs for root)
   debug             log debug messages and libfuse's trace of every request
                     (to stderr with -f, else into the log file)
 mount(8)'s generic options (defaults, noauto, user, nofail, _netdev, x-*, ...)

@@ -54,12 +54,16 @@ def mount(
     # mount is up (_SideIndexSaver), not before the mount is ready.
     import_container(archive_path)
     with _importing_meanwhile("vmafs.fs"), deferred_saves() as saves:
-        archive = open_archive(archive_path, opts.allow_incomplete)
+        archive = open_archive(archive_path, opts.allow_incomplete, opts.index_beside)
     try:
         from ..fs import VmaFS  # noqa: PLC0415 - needs pyfuse3
 
         ops = VmaFS(
-            archive, uid=opts.uid, gid=opts.gid, direct_io=opts.direct_io, threaded=opts.threads
+            archive,
+            uid=opts.uid,
+            gid=opts.gid,
+            direct_io=opts.direct_io,
+            threaded=opts.threads or decompresses(archive),
         )
         options = fuse_options(opts, archive_path)
         held: list[int] = []
@@ -163,11 +167,24 @@ class _SideIndexSaver:
                 log.exception("writing the side index failed")
 
 
+def decompresses(archive) -> bool:
+    """True when reads of *archive* decompress (any source but a plain file).
+
+    Such a mount serves reads from worker threads whatever ``-o threads``
+    says: a read that must decompress from a checkpoint takes up to a few
+    hundred ms, and inline in the trio loop it held up every other request,
+    cached ones too (docs/mount.md, "Threads").
+    """
+    return archive.source.kind != "plain"
+
+
 def _log_start(archive_path: str, mp: str, opts: MountOptions, ops) -> None:
     from ..fs import SEEK_HOLE_SUPPORTED  # noqa: PLC0415 - needs pyfuse3
     from ..names import rename_messages  # noqa: PLC0415
 
     log.info("serving %s (%d files) on %s", archive_path, len(ops.entries), mp)
+    if ops.threaded and not opts.threads:
+        log.info("compressed archive: reads run in worker threads (decompression off the loop)")
     for msg in rename_messages(ops.entries.values()):
         log.warning("%s", msg)
     for item in opts.ignored:

@@ -35,6 +35,7 @@ FLAG_OPTIONS = (
     "threads",
     "nonempty",
     "debug",
+    "index_beside",
 )
 
 
@@ -53,6 +54,7 @@ class MountOptions:
     logfile: str | None = None
     nonempty: bool = False
     debug: bool = False
+    index_beside: bool = False
     ignored: list[str] = field(default_factory=list)
 
 

@@ -42,6 +42,9 @@ F_STDOUT = 0x00000008
 F_NAME_DEFAULT = 0x00000010
 F_DOSISH = 0x00000020
 F_H_EXTRA_FIELD = 0x00000040
+#: lzop itself never writes an extra field; one this long is not an lzop file,
+#: and its length field must not size a read (4 GiB at most otherwise).
+MAX_EXTRA_FIELD = 64 << 10
 F_H_GMTDIFF = 0x00000080
 F_CRC32_D = 0x00000100
 F_CRC32_C = 0x00000200
@@ -158,6 +161,12 @@ def _parse_header(r: _Reader) -> int:
     if flags & F_H_EXTRA_FIELD:
         ext = r.read(4, "the lzop extra field")
         n = _u32(ext)
+        if n > MAX_EXTRA_FIELD:
+            raise CorruptStreamError(
+                f"{where}: extra field of {n} bytes (lzop writes none; at most "
+                f"{MAX_EXTRA_FIELD} are read): not an lzop file vmafs can read",
+                offset=here,
+            )
         ext += r.read(n, "the lzop extra field")
         stored = _u32(r.read(4, "the lzop extra field checksum"))
         want = zlib.crc32(ext) if flags & F_H_CRC32 else zlib.adler32(ext)

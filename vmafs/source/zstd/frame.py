@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import zstandard
 
-from ...errors import CorruptStreamError
+from ...errors import CorruptStreamError, SourceError
 
 ZSTD_MAGIC = 0xFD2FB528
 ZSTD_MAGIC_BYTES = struct.pack("<I", ZSTD_MAGIC)
@@ -27,6 +27,20 @@ SEQ_MODE_REPEAT = 3
 _FCS_SIZES = (0, 2, 4, 8)
 _DICT_ID_SIZES = (0, 1, 2, 4)
 MAX_WINDOW = 1 << 31  # zstd's format maximum on 64-bit
+#: The largest window accepted unless ``$VMAFS_ZSTD_MAX_WINDOW_MIB`` raises it:
+#: zstd's own default decoding limit (``--memory=128MB``), which every level
+#: without ``--long`` stays within.  A decoder holds a whole window in memory,
+#: so a frame header must not size that allocation unchecked.
+DEFAULT_WINDOW_LIMIT = 1 << 27
+WINDOW_LIMIT_ENV = "VMAFS_ZSTD_MAX_WINDOW_MIB"
+
+
+def window_limit() -> int:
+    """The largest zstd window this process decodes (bytes)."""
+    raw = os.environ.get(WINDOW_LIMIT_ENV, "")
+    if raw.isdigit():
+        return min(int(raw) << 20, MAX_WINDOW)
+    return DEFAULT_WINDOW_LIMIT
 
 
 def corrupt(msg: str, comp_off: int, dec_off: int | None = None) -> CorruptStreamError:
@@ -104,6 +118,15 @@ def parse_frame_header(head: bytes, comp_off: int) -> FrameHeader:
         wd = window_descriptor_for(window)
     if window > MAX_WINDOW:
         raise corrupt(f"zstd frame window of {window} bytes is too large", comp_off)
+    limit = window_limit()
+    if window > limit:
+        need = -(-window // (1 << 20))
+        raise SourceError(
+            f"zstd frame at compressed offset {comp_off} needs a {need} MiB window to decode "
+            f"(made with zstd --long?), more than the {limit >> 20} MiB allowed: set "
+            f"{WINDOW_LIMIT_ENV}={need} to allow it (decoding then takes that much memory)",
+            offset=None,
+        )
     return FrameHeader(end, window, wd, fcs, bool(checksum), dict_id)
 
 
