@@ -63,7 +63,8 @@ def mount(
             uid=opts.uid,
             gid=opts.gid,
             direct_io=opts.direct_io,
-            threaded=opts.threads or decompresses(archive),
+            # A cold decompression must not hold up the loop (docs/mount.md, "Threads").
+            threaded=opts.threads or archive.compressed,
         )
         options = fuse_options(opts, archive_path)
         held: list[int] = []
@@ -165,17 +166,6 @@ class _SideIndexSaver:
                 save()
             except Exception:  # the mount works without it; the next open scans again
                 log.exception("writing the side index failed")
-
-
-def decompresses(archive) -> bool:
-    """True when reads of *archive* decompress (any source but a plain file).
-
-    Such a mount serves reads from worker threads whatever ``-o threads``
-    says: a read that must decompress from a checkpoint takes up to a few
-    hundred ms, and inline in the trio loop it held up every other request,
-    cached ones too (docs/mount.md, "Threads").
-    """
-    return archive.source.kind != "plain"
 
 
 def _log_start(archive_path: str, mp: str, opts: MountOptions, ops) -> None:
