@@ -360,6 +360,7 @@ def require_openssl() -> str:
     return path
 
 
+@pytest.fixture(scope="session")
 def require_guestfs() -> str:
     """libguestfs for the appliance engine: python3-guestfs for /usr/bin/python3 and a
     kernel under /boot (test set-up: scripts/setup's test dependencies).

@@ -230,3 +230,21 @@ def test_zstd_source_benchmark_reports_the_targets():
     assert r["index_bytes"] > 0 and r["compressed_bytes"] == os.path.getsize(path)
     for key in ("scan_ratio", "index_ratio", "read_p99_ms", "scan_cpu_ratio"):
         assert r[key] >= 0
+
+
+def test_every_bench_module_imports():
+    """A figure module that a merge left importing a removed name fails here, not in
+    the next full bench run (nothing else imports it before that run)."""
+    import importlib
+    import pkgutil
+
+    import bench
+
+    names = [m.name for m in pkgutil.iter_modules(bench.__path__) if m.name != "__main__"]
+    assert {"figures", "cli", "datasets", "serve", "slow_figures"} <= set(names)
+    for name in names:
+        importlib.import_module(f"bench.{name}")
+    from bench.cli import ALL
+    from bench.figures import FIGURES
+
+    assert "serve" in FIGURES and set(FIGURES) <= set(ALL)

@@ -15,6 +15,9 @@ import is still a dependency).  The rules:
   (``vmafs.archive``, ``vmafs.serve``);
 - the format layer imports nothing of the project but ``vmafs.errors``;
 - ``vmafs.common`` and ``vmafs.errors`` import nothing of the project above them;
+- only ``vmafs.__main__`` imports ``vmafs.cli``, which loads every command
+  module by name (an import of it from a command is a cycle the graph
+  cannot see);
 - nobody imports a top-level ``writer`` (it installs as ``vmafs.writer``);
 - no import cycles among project modules.
 """
@@ -114,6 +117,11 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
                     bad.append(f"{mod} (shared utility) imports {dep}")
             elif not _within(mod, NOT_READ_PATH) and _within(dep, ("vmafs.writer",)):
                 bad.append(f"{mod} (read path) imports {dep}")
+    bad += [
+        f"{mod} imports vmafs.cli (it loads the command modules: use vmafs.common.console)"
+        for mod, deps in sorted(graph.items())
+        if "vmafs.cli" in deps and mod != "vmafs.__main__"
+    ]
     bad += [f"import cycle: {' -> '.join(c)}" for c in cycles(graph)]
     return bad
 
@@ -194,6 +202,7 @@ def test_the_graph_sees_the_known_edges():
         ("vmafs.format", "from .names import Entry", "(format layer) imports vmafs.names"),
         ("vmafs.common.atomic", "from ..source import open_source", "(shared utility)"),
         ("vmafs.index", "def f():\n    from . import archive", "import cycle: vmafs.archive"),
+        ("vmafs.commands.list", "from ..cli import main", "imports vmafs.cli"),
     ],
 )
 def test_a_broken_rule_is_reported(tmp_path, module, source, broken):

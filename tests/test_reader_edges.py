@@ -273,6 +273,7 @@ def _named_once(line: str, path: Path) -> None:
     assert f"error: {path}: " in line, line
 
 
+@pytest.mark.slow
 def test_truncated_zstd_stream_names_the_file(tmp_path):
     t = tmp_path / "t.zst"
     t.write_bytes((FIXTURES_DIR / "two-disks.vma.zst").read_bytes()[:5000])
@@ -285,6 +286,7 @@ def test_truncated_zstd_stream_names_the_file(tmp_path):
     assert line.count(str(t)) == 1 and f"{t}: verify failed: truncated zstd" in line, line
 
 
+@pytest.mark.slow
 def test_structural_errors_name_the_file(tmp_path):
     elf = _zst(tmp_path / "elf.vma.zst", b"\x7fELF" + bytes(70000))
     for args in (["list"], ["list", "--json"], ["index"]):

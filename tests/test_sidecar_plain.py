@@ -51,10 +51,21 @@ def _arrays(a: Archive) -> dict:
     return a.index.to_arrays()
 
 
+def _side_index_path(archive: str) -> str:
+    """Where the side index of *archive* is, found by the side index's own lookup."""
+    source = open_source(archive)
+    try:
+        found = sidecar.find(source)
+    finally:
+        source.close()
+    assert found is not None, "no valid side index"
+    return found[0]
+
+
 def test_index_command_saves_the_offset_map_of_a_plain_archive(plain, capsys):
     assert main(["index", "--no-progress", plain]) == 0
     assert "written" in capsys.readouterr().out
-    assert os.path.isfile(sidecar.cache_path(plain))  # into the cache, not beside
+    assert os.path.isfile(_side_index_path(plain))
     assert main(["index", plain]) == 0
     assert "up to date" in capsys.readouterr().out
     with Archive.open(plain) as a, Archive.open(plain, use_sidecar=False) as b:
@@ -91,11 +102,16 @@ def test_opening_a_plain_archive_never_writes_a_side_index(plain, tmp_path, monk
     assert main(["list", plain]) == 0
     assert not os.path.exists(plain + sidecar.SUFFIX)
     assert not os.path.exists(tmp_path / "cache")
+    source = open_source(plain)
+    try:
+        assert sidecar.find(source) is None
+    finally:
+        source.close()
 
 
 def test_the_side_index_of_a_plain_archive_is_its_offset_map_alone(plain):
     assert main(["index", "--no-progress", plain]) == 0
-    with open(sidecar.cache_path(plain), "rb") as f:
+    with open(_side_index_path(plain), "rb") as f:
         meta, arrays = sidecar.loads(f.read())
     assert meta["source"] == "plain"
     assert [k for k in arrays if k.startswith("state/")] == []

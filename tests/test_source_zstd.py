@@ -326,6 +326,7 @@ def test_seek_table_rejects_inconsistent_footer(tmp_path):
 # --- one big frame: checkpoints -------------------------------------------------------
 
 
+@pytest.mark.slow
 @needs_zstd
 def test_single_frame_checkpoints_random_reads(tmp_path, mixed32):
     path = zstd_cli(tmp_path, "one", mixed32, "--threads=1", "-3")
@@ -398,6 +399,7 @@ def test_proxmox_fixture_single_frame():
     again.close()
 
 
+@pytest.mark.slow
 @needs_zstd
 def test_scan_falls_back_past_unresumable_boundaries(tmp_path):
     # Stretches of repeat-offset records (no block there can start a resume)
@@ -751,6 +753,7 @@ def test_single_frame_from_multithreaded_zstd(tmp_path, mixed32):
     src.close()
 
 
+@pytest.mark.slow
 @needs_zstd
 def test_masked_windows_still_read_right(tmp_path, monkeypatch):
     # Force window masking (normally only under index-budget pressure): the

@@ -48,6 +48,8 @@ class VmaError(Exception):
 
     #: ``PATH: `` when the archive is named in front of the message but not in it.
     _prefix = ""
+    #: The message as it was before :meth:`name_archive` put the path in front.
+    _unnamed: str | None = None
 
     def name_archive(self, path: str, *, in_message: bool = True) -> VmaError:
         """Say which archive file this error is about; returns self.
@@ -64,6 +66,7 @@ class VmaError(Exception):
         if self.path is None:
             self.path = path
             if not _names(self.message, path):
+                self._unnamed = self.message
                 if in_message:
                     self.message = f"{path}: {self.message}"
                 else:
@@ -72,6 +75,21 @@ class VmaError(Exception):
         elif in_message and self._prefix:  # named by a read, re-raised by an open
             self.message, self._prefix = self._prefix + self.message, ""
         return self
+
+    def unnamed(self) -> str:
+        """What ``str()`` gives without the archive name :meth:`name_archive` put in front.
+
+        For callers that name the archive their own way (``verify``'s
+        ``PATH: verify failed: ...``).
+        """
+        if self._unnamed is None:
+            return self._render()
+        message, prefix = self.message, self._prefix
+        self.message, self._prefix = self._unnamed, ""
+        try:
+            return self._render()
+        finally:
+            self.message, self._prefix = message, prefix
 
 
 def _names(message: str, path: str) -> bool:

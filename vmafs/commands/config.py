@@ -51,9 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         have = ", ".join(printable(c.name) for c in header.configs) or "none"
         raise VmaError(
-            f"{args.archive}: no configuration named {printable(missing[0])!r} "
-            f"(the archive has: {have})"
-        )
+            f"no configuration named {printable(missing[0])!r} (the archive has: {have})"
+        ).name_archive(args.archive)
     out = sys.stdout.buffer
     with writing_stdout():
         for name in names:

@@ -140,10 +140,8 @@ def check_stream(archive, bar: Progress) -> None:
 
 def _failed(path: str, e: VmaError) -> VmaError:
     """The one-line verify failure: path, message with its location, what to do next."""
-    text = str(e)
-    text = text.removeprefix(f"{path}: ")  # source errors already name the file
     hint = _next_step(e)
-    return VmaError(f"{path}: verify failed: {text}" + (f"; {hint}" if hint else ""))
+    return VmaError(f"{path}: verify failed: {e.unnamed()}" + (f"; {hint}" if hint else ""))
 
 
 def _next_step(e: VmaError) -> str:

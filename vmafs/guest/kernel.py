@@ -124,7 +124,7 @@ def wait_loops_released(prefix: str, timeout: float = 10.0) -> list[str]:
     kernel filesystem at once, after ntfs-3g's process has exited.  Returns
     the loop devices still there after *timeout* (the caller reports them).
     """
-    from ..mount.umount import loop_devices_on  # noqa: PLC0415 - pulls in the mount module
+    from ..mount.umount import loop_devices_on  # noqa: PLC0415 - pulls in the mount package
 
     deadline = time.monotonic() + timeout
     while True:

@@ -67,7 +67,7 @@ class ArchiveExport(Export):
         #: small reads of an uncompressed archive are a pread: done in the trio loop
         #: (a thread hand-off costs more than a cached read, as in the mount), anything
         #: else in a thread; *threads* (slow or network storage) sends all to threads
-        self.inline = not threads and getattr(archive.source, "kind", "") == "plain"
+        self.inline = not threads and not archive.compressed
 
     async def _in_thread(self, fn: Callable, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)

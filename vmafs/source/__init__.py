@@ -144,9 +144,9 @@ def _read_head(path: str) -> bytes:
             raise SourceError(f"cannot open {path}: {os.strerror(errno.EISDIR)}")
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
             raise SourceError(
-                f"{path}: is {_kind_of(mode)}; vmafs needs a regular file or block device "
+                f"is {_kind_of(mode)}; vmafs needs a regular file or block device "
                 "(it reads archives at random offsets): save the stream to a file first"
-            )
+            ).name_archive(path)
         try:
             return os.pread(fd, 16, 0)
         except OSError as e:
@@ -185,10 +185,9 @@ def open_source(path: str | os.PathLike[str]) -> Source:
         factory = _factory(head)
     if factory is None:
         if not head:
-            raise SourceError(f"{path}: the file is empty (not a VMA archive)")
+            raise SourceError("the file is empty (not a VMA archive)").name_archive(path)
         raise SourceError(
-            f"{path}: not a VMA archive (first bytes {head[:4].hex()}; "
-            "expected VMA, zstd, gzip or lzop)"
-        )
+            f"not a VMA archive (first bytes {head[:4].hex()}; expected VMA, zstd, gzip or lzop)"
+        ).name_archive(path)
     with naming_archive(path):  # a container's errors name the file (once)
         return factory(path)

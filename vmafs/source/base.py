@@ -19,15 +19,11 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING
 
-from ..errors import CorruptStreamError, IndexCacheError, SourceError, naming_archive
+from ..errors import CorruptStreamError, SourceError, VmaError, naming_archive
 
 ProgressFn = Callable[[int, int], None]
 ChunkFn = Callable[[int, memoryview], None]
-
-if TYPE_CHECKING:
-    import numpy as np
 
 _TRAILING_READ = 4 << 20
 
@@ -60,7 +56,8 @@ class SourceBase(ReaderBase):
     """Defaults for the members of :class:`~vmafs.source.Source` a container may lack.
 
     Subclasses set ``path``, ``size``, ``kind`` and ``_fd`` and implement
-    ``pread``; the rest is optional.
+    ``pread``, ``checkpoint_state`` and ``load_checkpoint_state`` (what the
+    side index keeps: for a plain archive, nothing); the rest is optional.
     """
 
     #: The container's name, as side indexes record it.
@@ -88,14 +85,6 @@ class SourceBase(ReaderBase):
         which a container overrides when a bare pass is cheaper.
         """
         self.scan(on_chunk, progress)
-
-    def checkpoint_state(self) -> dict[str, np.ndarray]:
-        """What a later open needs to skip the scan (saved in the side index)."""
-        raise SourceError(f"a {self.kind} source has no scan state to save")
-
-    def load_checkpoint_state(self, state: dict[str, np.ndarray]) -> None:
-        """Adopt :meth:`checkpoint_state` output; IndexCacheError when it does not fit."""
-        raise IndexCacheError(f"a {self.kind} source has no scan state to load")
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -174,6 +163,9 @@ class BlockSource(SourceBase):
         self._fd = open_fd(path)
         self.compressed_size = os.fstat(self._fd).st_size
         self._cache = cache
+        #: (start, bytes) of the block the last read ended in: the next read of a
+        #: sequential reader (FUSE asks 128 KiB at a time) usually lies in it too.
+        self._last: tuple[int, bytes] = (0, b"")
 
     def _locate(self, pos: int) -> tuple[Hashable, int]:
         """(cache key, stream offset where it starts) of the block holding byte *pos*."""
@@ -182,6 +174,11 @@ class BlockSource(SourceBase):
     def _decode(self, key: Hashable, start: int) -> bytes:
         """The decoded bytes of block *key*, which starts at stream offset *start*."""
         raise NotImplementedError
+
+    def _forget_blocks(self) -> None:
+        """Drop every decoded block (the block layout changed, or the source closes)."""
+        self._last = (0, b"")
+        self._cache.clear()
 
     def scan(self, on_chunk: ChunkFn, progress: ProgressFn | None = None) -> None:
         """Decode the whole stream once, in order, handing it to *on_chunk*.
@@ -199,37 +196,40 @@ class BlockSource(SourceBase):
         """Bytes [offset, offset+size) of the decoded stream; short only at its end.
 
         A VmaError (corrupt data, or a file changed since its scan) names the
-        file in front of its message (:func:`~vmafs.errors.naming_archive`).
+        file in front of its message (as :func:`~vmafs.errors.naming_archive`
+        with ``in_message=False``; a plain try here, since a read that hits
+        the cache costs a few microseconds and a context manager as much again).
         """
         if offset < 0:
             raise ValueError("negative offset")
-        with naming_archive(self.path, in_message=False):
+        try:
             if self.needs_scan:
                 raise SourceError(f"{self.kind} stream read before its scan")
             end = min(offset + size, self.size)
             parts = []
             pos = offset
             while pos < end:
-                start, data = self._block(pos)
+                start, data = self._last
+                if not start <= pos < start + len(data):
+                    key, start = self._locate(pos)
+                    data = self._cache.get(key)
+                    if data is None:
+                        data = self._decode(key, start)
+                        self._cache.put(key, data)
+                    self._last = (start, data)
                 a = pos - start
                 b = min(len(data), end - start)
                 parts.append(data[a:b] if (a or b != len(data)) else data)
                 pos = start + b
+        except VmaError as e:
+            e.name_archive(self.path, in_message=False)
+            raise
         if len(parts) == 1:
             return parts[0]
         return b"".join(parts)  # b"" at or past the end
 
-    def _block(self, pos: int) -> tuple[int, bytes]:
-        """(start, bytes) of the block holding *pos*, from the cache or freshly decoded."""
-        key, start = self._locate(pos)
-        data = self._cache.get(key)
-        if data is None:
-            data = self._decode(key, start)
-            self._cache.put(key, data)
-        return start, data
-
     def close(self) -> None:
-        self._cache.clear()
+        self._forget_blocks()
         super().close()
 
 

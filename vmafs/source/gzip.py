@@ -288,7 +288,7 @@ class GzipSource(BlockSource):
         """Adopt zran handle *z* (closing the previous one) and derive the read units."""
         with self._lock:
             old, self._zran = self._zran, z
-            self._cache.clear()
+            self._forget_blocks()
             if z is not None:
                 pts = {0, self.size} | {int(u) for u, _ in z.seek_points() if u < self.size}
                 bounds = []

@@ -248,7 +248,7 @@ class LzoSource(BlockSource):
     def _adopt(self, table: dict[str, np.ndarray], size: int) -> None:
         self._table = table
         self._starts = table["uoff"]
-        self._cache.clear()
+        self._forget_blocks()
         self.size = size
         self.needs_scan = False  # as zstd: False once reads can be served
 

@@ -56,8 +56,11 @@ class ZstdSource(BlockSource):
         """Read through *table* from now on (a fresh cache and fresh cursors)."""
         with self._lock:
             self._table = table
-            self._reads = FrameReader(self._fd, table)
-            self._cache.clear()
+            self._reads = reads = FrameReader(self._fd, table)
+            # BlockSource.pread's hooks, bound straight to the reader (a read
+            # that hits the cache is a few microseconds: no wrapper call).
+            self._locate, self._decode = reads.locate, reads.decode
+            self._forget_blocks()
             self.size = None if needs_scan else table.size
             self.needs_scan = needs_scan
 
@@ -99,12 +102,6 @@ class ZstdSource(BlockSource):
         self._adopt(FrameTable.from_state(state, self._fd, self.compressed_size), needs_scan=False)
 
     # --- reads ----------------------------------------------------------------------
-
-    def _locate(self, pos: int) -> tuple[tuple[int, int], int]:
-        return self._reads.locate(pos)
-
-    def _decode(self, key: tuple[int, int], start: int) -> bytes:
-        return self._reads.decode(key, start)
 
     def header_reader(self) -> HeadReader:
         """A reader for walkers that want a few bytes here and there (extent headers).
