@@ -17,9 +17,7 @@ def _find_writer_in_checkout() -> None:
     its own writer, not the one the venv was installed from.  Nothing is
     added to sys.path, so no top-level ``writer`` becomes importable.
     """
-    import importlib.abc  # noqa: PLC0415 - here, so nothing stays in the vmafs namespace
-    import importlib.util  # noqa: PLC0415
-    import os  # noqa: PLC0415
+    import os  # noqa: PLC0415 - here, so nothing stays in the vmafs namespace
     import sys  # noqa: PLC0415
 
     here = os.path.dirname(os.path.abspath(__file__))
@@ -32,6 +30,9 @@ def _find_writer_in_checkout() -> None:
         and os.path.isfile(os.path.join(writer, "__init__.py"))
     ):
         return  # not a checkout: leave the import system alone
+    # Only a checkout pays for these (an installed vmafs starts without them).
+    import importlib.abc  # noqa: PLC0415
+    import importlib.util  # noqa: PLC0415
 
     class _CheckoutWriter(importlib.abc.MetaPathFinder):
         def find_spec(self, fullname, path=None, target=None):
