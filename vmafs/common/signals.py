@@ -105,6 +105,22 @@ async def receive(
             on_signal(signum)
 
 
+class EarlySignals:
+    """Records the signals that arrive before the trio loop listens for them.
+
+    A handler for ``signal.signal`` until a trio receiver (:func:`receive`)
+    takes over; the program then acts on :attr:`received`.  The mount
+    installs it before ``pyfuse3.init``: from then on a SIGTERM with its
+    default action would kill the process and leave a dead mount (ENOTCONN).
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+
+    def __call__(self, signum: int, _frame) -> None:
+        self.received.append(signum)
+
+
 def unwrap_group(exc: BaseException) -> BaseException:
     """The one exception inside (nested) exception groups of one, else *exc* itself.
 

@@ -8,6 +8,8 @@ import os
 import signal
 from collections.abc import Callable
 
+from ..common.signals import EarlySignals
+
 log = logging.getLogger("vmafs.mount")
 
 READY_TIMEOUT = 60.0  # seconds the filesystem process may take to answer its first stat
@@ -16,21 +18,6 @@ READY_TIMEOUT = 60.0  # seconds the filesystem process may take to answer its fi
 #: no terminal to lose, and log rotators send it by habit (it is logged).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 CAUGHT_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
-
-
-class _EarlySignals:
-    """Records the signals that arrive before the trio loop listens for them.
-
-    Installed before ``pyfuse3.init``: from then on a SIGTERM with its
-    default action would kill the process and leave a dead mount
-    (ENOTCONN) behind.  The loop acts on what was recorded once it listens.
-    """
-
-    def __init__(self) -> None:
-        self.received: list[int] = []
-
-    def __call__(self, signum: int, _frame) -> None:
-        self.received.append(signum)
 
 
 def serve(
@@ -50,7 +37,7 @@ def serve(
     import pyfuse3  # noqa: PLC0415
     import trio  # noqa: PLC0415
 
-    early = _EarlySignals()
+    early = EarlySignals()
     previous = {sig: signal.signal(sig, early) for sig in CAUGHT_SIGNALS}
     try:
         try:
@@ -98,7 +85,7 @@ async def _main_loop(
     mountpoint: str,
     on_ready: Callable[[str | None], None],
     readahead_kb: int = 0,
-    early: _EarlySignals | None = None,
+    early: EarlySignals | None = None,
 ) -> int:
     import pyfuse3  # noqa: PLC0415
     import trio  # noqa: PLC0415
