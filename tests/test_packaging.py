@@ -60,7 +60,7 @@ def test_wheel_installs_writer_under_vmafs_only(tmp_path):
     entry_points = zipfile.ZipFile(wheel).read(
         next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     )
-    assert b"vmafs = vmafs.cli:main" in entry_points
+    assert b"vmafs = vmafs.cli:entry" in entry_points
     assert b"mount.vmafs = vmafs.mount" in entry_points
 
     # Installed, outside any checkout: vmafs.writer comes from the wheel and

@@ -4,9 +4,7 @@ Tests run the CLI this way (``[sys.executable, "-m", "vmafs", ...]``) so they
 use the interpreter and the checkout under test, whatever is on PATH.
 """
 
-import sys
-
-from vmafs.cli import main
+from vmafs.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
