@@ -2,11 +2,14 @@
 
 ``vmafs ls/cat/get`` (and the tests) work through a :class:`GuestSession`:
 
-1. the archive is opened once here to find its volumes (vmafs.volumes: no
-   kernel partition scanning, nothing activated on the host), which also
-   leaves the side index a compressed archive needs for the next open;
-2. it is mounted with FUSE in a private directory (``/run/vmafs/`` for root,
-   else ``$XDG_RUNTIME_DIR`` or the temp dir), as ``vmafs mount`` does;
+1. the archive is opened once, here, to find its volumes (vmafs.volumes: no
+   kernel partition scanning, nothing activated on the host); only the
+   drive a volume is asked on is scanned;
+2. at the first :meth:`GuestSession.open` that open archive is mounted
+   with FUSE in a private directory (``/run/vmafs/`` for root, else
+   ``$XDG_RUNTIME_DIR`` or the temp dir), as ``vmafs mount`` does, but
+   without opening it again; pyfuse3 and trio, which only the mount needs,
+   are imported in a thread from the start;
 3. :meth:`GuestSession.open` gives a :class:`~vmafs.guest.entry.GuestFS` for a
    volume: the appliance engine launches libguestfs once over the drive's
    disk file (again only for a volume on another drive); the kernel engine
@@ -76,10 +79,12 @@ class GuestSession:
         self.archive_path = os.path.abspath(archive_path)
         self.engine = engine
         self.progress = progress
-        self.volumes: list = []
+        self._scanned: dict[int, list] = {}  # dev_id -> its volumes (scan_drive)
         self.disk_files: dict[str, str] = {}  # drive name -> file name in the mount
         self.volume_files: dict[str, str] = {}  # volume name -> file path in the mount
         self.archive = None
+        self._saves: list = []  # side index writes the open queued: the mount runs them
+        self._importing = None
         self.workdir: str | None = None
         self.mountpoint: str | None = None
         self._appliance: appliance_mod.Appliance | None = None
@@ -101,38 +106,85 @@ class GuestSession:
         return self
 
     def _start(self) -> None:
-        from ..archive import Archive  # noqa: PLC0415 - numpy: not for `vmafs -h`
-        from ..mount.errors import MountError  # noqa: PLC0415
-        from ..mount.mounting import mount  # noqa: PLC0415
-        from ..mount.options import MountOptions  # noqa: PLC0415
-        from ..names import safe_entry_names  # noqa: PLC0415
-        from ..volumes import scan_volumes  # noqa: PLC0415
+        from ..common.imports import BackgroundImport  # noqa: PLC0415
 
-        # Kept open for find(); the mount below opens its own (from the side
-        # index this open leaves for a compressed archive).
-        self.archive = archive = Archive.open(self.archive_path, progress=self.progress)
-        self.volumes = scan_volumes(archive)
-        self.volume_files = volume_files(archive, self.volumes)
+        # The mount needs pyfuse3 and trio (~0.3 s warm, more cold): imported
+        # meanwhile, while this thread imports numpy and reads the archive.
+        self._importing = BackgroundImport("vmafs.fs")
+        from ..archive import Archive  # noqa: PLC0415 - numpy: not for `vmafs -h`
+        from ..names import safe_entry_names  # noqa: PLC0415
+        from ..sidecar import deferred_saves  # noqa: PLC0415
+
+        # Kept open for find() and served by the mount as it is.  A side index
+        # this open makes is written by the filesystem process once the mount
+        # is up (as for `vmafs mount`), not before the first file is read.
+        with deferred_saves() as self._saves:
+            self.archive = archive = Archive.open(self.archive_path, progress=self.progress)
         by_dev = {e.dev_id: name for name, e in safe_entry_names(archive).items()}
         for dev in archive.devices:
             if not dev.is_vmstate:
                 self.disk_files[dev.name] = by_dev[dev.dev_id]
+
+    def _mount(self) -> str:
+        """The archive's private mount point; mounted at the first call."""
+        if self.mountpoint is not None:
+            return self.mountpoint
+        from ..mount.errors import MountError  # noqa: PLC0415
+        from ..mount.mounting import mount  # noqa: PLC0415
+        from ..mount.options import MountOptions  # noqa: PLC0415
+
+        # Every drive is scanned now, while nothing else reads the archive: the
+        # filesystem process shares its file descriptors (a gzip source's file
+        # offset too), so this process reads nothing of it from now on.
+        self._scan_all()
+        if self._importing is not None:
+            self._importing.join()
         self.workdir = tempfile.mkdtemp(prefix="vmafs-guest-", dir=runtime_dir())
         mp = os.path.join(self.workdir, "archive")
         os.mkdir(mp)
         try:
-            mount(self.archive_path, mp, MountOptions())
+            mount(self.archive_path, mp, MountOptions(), archive=self.archive, saves=self._saves)
         except MountError as e:
             raise GuestMountError(f"cannot mount the archive on {mp}: {e}") from None
+        self._saves = []  # the filesystem process has them
         self.mountpoint = mp
+        return mp
+
+    def _drive_volumes(self, dev_id: int) -> list:
+        """The volumes of one drive, scanned once (later calls read nothing)."""
+        from ..volumes import scan_drive  # noqa: PLC0415
+
+        if dev_id not in self._scanned:
+            assert self.archive is not None
+            volumes = scan_drive(self.archive, dev_id)
+            self._scanned[dev_id] = volumes
+            self.volume_files.update(volume_files(self.archive, volumes))
+        return self._scanned[dev_id]
+
+    @property
+    def volumes(self) -> list:
+        """Every volume of every drive (each drive scanned at its first use)."""
+        return self._scan_all()
+
+    def _scan_all(self) -> list:
+        assert self.archive is not None
+        return [
+            v
+            for dev in self.archive.devices
+            if not dev.is_vmstate
+            for v in self._drive_volumes(dev.dev_id)
+        ]
 
     def find(self, name: str):
         """The volume called *name* (``scsi0/p1`` means ``drive-scsi0/p1``);
         VolumeNotFoundError lists the names there are."""
-        from ..volumes import find_volume  # noqa: PLC0415
+        from ..volumes import find_drive, volume_named  # noqa: PLC0415
 
         assert self.archive is not None
-        return find_volume(self.archive, name)
+        drive = find_drive(
+            [d for d in self.archive.devices if not d.is_vmstate], name.partition("/")[0]
+        )
+        return volume_named(drive, self._drive_volumes(drive.dev_id), name)
 
     # -- opening a volume ------------------------------------------------------------------
 
@@ -142,7 +194,6 @@ class GuestSession:
             raise GuestError(f"{volume.name}: cannot be read: {volume.note}")
         if volume.fstype in NOT_FILES:
             raise GuestError(f"{volume.name}: {NOT_FILES[volume.fstype]}")
-        assert self.mountpoint is not None
         if self.engine == "appliance":
             return self._open_appliance(volume)
         if volume.fstype == "unknown":
@@ -150,12 +201,14 @@ class GuestSession:
                 f"{volume.name}: no filesystem vmafs recognises; --engine appliance "
                 "may still read it"
             )
+        mountpoint = self._mount()
         assert self.workdir is not None
+        self._drive_volumes(volume.dev_id)  # its file name in the mount
         where = os.path.join(self.workdir, f"fs{len(self._mounts)}")
         os.mkdir(where)
         self._mounts.append(
             kernel.mount_volume(
-                os.path.join(self.mountpoint, self.volume_files[volume.name]),
+                os.path.join(mountpoint, self.volume_files[volume.name]),
                 volume.fstype,
                 where,
                 volume.name,
@@ -168,7 +221,7 @@ class GuestSession:
             if self._appliance is not None:
                 self._appliance.close()
                 self._appliance = None
-            disk = os.path.join(self.mountpoint or "", self.disk_files[volume.drive])
+            disk = os.path.join(self._mount(), self.disk_files[volume.drive])
             self._appliance = appliance_mod.Appliance([disk])
             self._appliance_drive = volume.drive
         device = appliance_mod.device_for(self._appliance.info, 0, volume)
@@ -205,6 +258,9 @@ class GuestSession:
             with contextlib.suppress(OSError):
                 os.rmdir(self.workdir)
             self.workdir = None
+        if self._importing is not None:
+            self._importing.join()  # a daemon thread, but not one to leave importing
+            self._importing = None
         if self.archive is not None:
             self.archive.close()
             self.archive = None

@@ -5,14 +5,12 @@ The order of the steps, and why, is in :mod:`vmafs.mount`'s docstring.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import logging
 import os
 import signal
-import sys
 import threading
 
+from ..common.imports import importing_meanwhile
 from . import running
 from .checks import check_logfile, check_mountpoint, open_archive
 from .daemon import DaemonError, Ready, daemonize
@@ -31,8 +29,17 @@ def mount(
     *,
     foreground: bool = False,
     verbose: bool = False,
+    archive=None,
+    saves=(),
 ) -> int:
     """Everything ``vmafs mount`` does; returns the exit status or raises.
+
+    With *archive* (an :class:`~vmafs.archive.Archive` of *archive_path*
+    that the caller opened and will close) it is served as it is, not
+    opened a second time; the caller must not read it while the detached
+    process lives (they share its file descriptors).  *saves* are the side
+    index writes that the caller's open queued (:func:`vmafs.sidecar.deferred_saves`):
+    the filesystem process runs them once the mount is up.
 
     Raises :class:`MountError`, :class:`VmaError` or :class:`OSError` for
     anything found before the filesystem process detaches.
@@ -52,9 +59,11 @@ def mount(
     # needs itself (zstandard etc.): two threads importing take turns.  A side
     # index this open makes is written by the filesystem process once the
     # mount is up (_SideIndexSaver), not before the mount is ready.
-    import_container(archive_path)
-    with _importing_meanwhile("vmafs.fs"), deferred_saves() as saves:
-        archive = open_archive(archive_path, opts.allow_incomplete, opts.index_beside)
+    owned = archive is None
+    if owned:
+        import_container(archive_path)
+        with importing_meanwhile("vmafs.fs"), deferred_saves() as saves:
+            archive = open_archive(archive_path, opts.allow_incomplete, opts.index_beside)
     try:
         from ..fs import VmaFS  # noqa: PLC0415 - needs pyfuse3
 
@@ -110,34 +119,10 @@ def mount(
             raise MountError(str(e)) from None
         return 0
     finally:
-        archive.close()
+        if owned:
+            archive.close()
         for fd in held:  # after the archive: the lock says "the archive is released"
             os.close(fd)
-
-
-@contextlib.contextmanager
-def _importing_meanwhile(module: str):
-    """Import *module* in a thread while the block runs; joined at its end.
-
-    Worth it when the block mostly waits outside the GIL (zstd, zlib, I/O).
-    Failures are left to the caller's own import, which raises them properly.
-    """
-
-    def run() -> None:
-        with contextlib.suppress(BaseException):
-            importlib.import_module(module)
-
-    interval = sys.getswitchinterval()
-    # The block's thread wants the GIL back after each call into zstd; behind
-    # a busy import thread it would wait a whole interval (5 ms) each time.
-    sys.setswitchinterval(min(interval, 0.0005))
-    thread = threading.Thread(target=run, name="vmafs-import", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        thread.join()
-        sys.setswitchinterval(interval)
 
 
 class _SideIndexSaver:

@@ -58,10 +58,15 @@ def find_volume(archive, name: str) -> Volume:
 
     Raises VolumeNotFoundError listing the names there are.
     """
-    drive, _, rest = name.partition("/")
     disks = [d for d in archive.devices if not d.is_vmstate]
-    dev = find_drive(disks, drive)
-    volumes = scan_drive(archive, dev.dev_id)
+    dev = find_drive(disks, name.partition("/")[0])
+    return volume_named(dev, scan_drive(archive, dev.dev_id), name)
+
+
+def volume_named(dev, volumes: list[Volume], name: str) -> Volume:
+    """The volume called *name* among *volumes*, those of the drive *dev*
+    (:func:`scan_drive`); else VolumeNotFoundError listing the names there are."""
+    rest = name.partition("/")[2]
     full = f"{dev.name}/{rest}" if rest else dev.name
     for v in volumes:
         if v.name == full:
