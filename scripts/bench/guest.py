@@ -18,11 +18,36 @@ import time
 
 from . import datasets as ds
 from .ctx import DISK, Ctx, Row
-from .read_figures import extract_and_read
+from .read_figures import extract_and_read, ladder_phases, phases_str
 from .util import VMAFS, Skip, drop_caches, fmt_s, run, timed, vmafs_mount
 
 #: The bench disk is one ext4 on the whole drive: its volume is the drive.
 VOLUME = "drive-scsi0"
+
+#: The start of `vmafs get --engine kernel` as a ladder of processes, each doing
+#: one more phase (what `get` imports before the mount is up, then the archive
+#: opened and its drive scanned); the last rung is the whole command.
+_GET_LADDER = [
+    ("interpreter", "pass"),
+    ("vmafs CLI + get", "import vmafs.cli, vmafs.commands.get"),
+    (
+        "numpy + the reader + volumes",
+        "import vmafs.cli, vmafs.commands.get, vmafs.archive, vmafs.volumes, "
+        "vmafs.guest.session, vmafs.guest.copy",
+    ),
+    (
+        "pyfuse3 + trio + the mount",
+        "import vmafs.cli, vmafs.commands.get, vmafs.archive, vmafs.volumes, "
+        "vmafs.guest.session, vmafs.guest.copy, vmafs.fs, vmafs.mount.mounting",
+    ),
+    (
+        "open the archive + scan its drive",
+        "import sys, vmafs.cli, vmafs.commands.get, vmafs.guest.session, vmafs.guest.copy, "
+        "vmafs.fs, vmafs.mount.mounting\n"
+        "from vmafs.archive import Archive\nfrom vmafs.volumes import scan_volumes\n"
+        "a = Archive.open(sys.argv[1]); scan_volumes(a); a.close()",
+    ),
+]
 
 _LAUNCH_ONLY = r"""
 import sys
@@ -87,6 +112,18 @@ def fig_get(ctx: Ctx) -> list[Row]:
         if ds.sha256_file(os.path.join(out, name)) != want:
             raise RuntimeError("file restored by `vmafs get` differs from the original")
     kernel = sorted(times)[len(times) // 2]
+
+    def whole() -> float:
+        return _get(archive, out, "kernel")
+
+    cold = ladder_phases(
+        _GET_LADDER,
+        archive,
+        ("whole `vmafs get` (mount, loop, ext4, copy, teardown, exit)", whole),
+        cold=True,
+        reps=1 if ctx.sizes.label == "quick" else 3,
+    )
+    ctx.facts["get_phases_cold"] = cold
     drop_caches()
     base, _ = extract_and_read(ctx, archive)
     rows = [
@@ -99,7 +136,9 @@ def fig_get(ctx: Ctx) -> list[Row]:
             f"1/{base / kernel:.0f}",
             "<= 1/20",
             kernel * 20 <= base,
-            f"median of {len(times)} ({', '.join(fmt_s(t) for t in times)})",
+            f"median of {len(times)} ({', '.join(fmt_s(t) for t in times)}); start by "
+            "phase (separate processes, each one phase more than the one before, "
+            f"after drop_caches, medians): {phases_str(cold)}",
         )
     ]
     try:

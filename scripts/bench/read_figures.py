@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from . import datasets as ds
 from .ctx import DISK, Ctx, Row, mounted_disk, ratio
@@ -58,23 +59,39 @@ def start_phases(archive: str, mnt: str, cold: bool, reps: int = 3) -> list[tupl
     :data:`_LADDER` (a process doing one more phase than the rung before) and for
     the whole mount, each the median of *reps* runs.  *cold*: the page cache
     dropped before each run (the .pyc and .so files read from disk)."""
+
+    def whole() -> float:
+        with vmafs_mount(archive, mnt) as t:
+            return t
+
+    return ladder_phases(_LADDER, archive, ("`vmafs mount` until ready", whole), cold, reps)
+
+
+def ladder_phases(
+    ladder: list[tuple[str, str]],
+    archive: str,
+    last: tuple[str, Callable[[], float]],
+    cold: bool,
+    reps: int = 3,
+) -> list[tuple[str, float]]:
+    """(rung, median seconds of *reps* runs) for each rung of *ladder* (``python -c
+    CODE ARCHIVE``, each doing one phase more than the one before) and for *last*
+    (a name and a function timing the whole command).  *cold*: the page cache
+    dropped before each run (the .pyc and .so files read from disk)."""
     out = []
-    rungs = [(name, [sys.executable, "-c", code, archive]) for name, code in _LADDER]
-    for name, cmd in [*rungs, ("`vmafs mount` until ready", None)]:
+    rungs = [(name, lambda code=code: timed([sys.executable, "-c", code, archive])[0])
+             for name, code in ladder]  # fmt: skip
+    for name, fn in [*rungs, last]:
         samples = []
         for _ in range(reps):
             if cold:
                 drop_caches()
-            if cmd is None:
-                with vmafs_mount(archive, mnt) as t:
-                    samples.append(t)
-            else:
-                samples.append(timed(cmd)[0])
+            samples.append(fn())
         out.append((name, statistics.median(samples)))
     return out
 
 
-def _phases_str(rungs: list[tuple[str, float]]) -> str:
+def phases_str(rungs: list[tuple[str, float]]) -> str:
     """Each rung with what it adds to the one before (the mount imports pyfuse3 and
     trio while it opens the archive, so it can take less than the last rung)."""
     parts, prev = [], 0.0
@@ -134,7 +151,7 @@ def fig_restore(ctx: Ctx) -> list[Row]:
         f"`vmafs mount` {fmt_s(ph[0])}, losetup + ext4 mount {fmt_s(ph[1])}, file read + "
         f"loop/ext4 teardown {fmt_s(ph[2])}; `vmafs mount` start by phase (separate "
         f"processes, each one phase more than the one before, medians), after "
-        f"drop_caches: {_phases_str(cold)}; warm: {_phases_str(warm_)}"
+        f"drop_caches: {phases_str(cold)}; warm: {phases_str(warm_)}"
     )
     if shutil.which("vma") is None:
         note += "; no Proxmox `vma` binary on PATH, so no `vma extract` baseline"
