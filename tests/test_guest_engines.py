@@ -88,3 +88,50 @@ def test_kernel_engine_leaves_nothing_mounted(tmp_path, require_fuse, require_lo
     assert not any(p.startswith(workdir) for p in mount_table())
     assert not loop_devices_on(workdir)
     assert not os.path.exists(workdir)
+
+
+def _side_index_found(path) -> bool:
+    from vmafs import sidecar
+    from vmafs.source import open_source
+
+    source = open_source(str(path))
+    try:
+        return sidecar.find(source) is not None
+    finally:
+        source.close()
+
+
+def test_session_serves_the_archive_it_opened(tmp_path, require_fuse, require_loop):
+    """One open: the mount comes up at the first open() and serves the session's own
+    Archive; the one-frame .zst's side index is written by the filesystem process
+    after the mount is ready, so it exists once the session is closed."""
+    if os.geteuid() != 0:
+        pytest.skip("the kernel engine needs root")
+    path = copy_archive("pve-gpt.vma.zst", tmp_path)
+    assert not _side_index_found(path)
+    with GuestSession(str(path), "kernel") as s:
+        assert s.mountpoint is None  # nothing mounted before a volume is opened
+        volume = s.find("scsi0/pve/root")
+        assert [v.name for v in s.volumes if v.drive == "drive-scsi0"][0] == "drive-scsi0/p1"
+        fs = s.open(volume)
+        assert s.mountpoint is not None
+        want = expected(next(v for v in volumes("pve-gpt.vma.zst") if v["name"] == volume.name))
+        assert tree_of_fs(fs) == want
+    assert _side_index_found(path)
+
+
+def test_session_never_mounted_still_saves_the_side_index(tmp_path):
+    """A session that fails before mounting (no such volume) writes the side index
+    its open made when it closes, and leaves no directory behind."""
+    from vmafs.errors import VolumeNotFoundError
+
+    path = copy_archive("pve-gpt.vma.zst", tmp_path)
+    s = GuestSession(str(path), "kernel")
+    s._start()  # the set-up without the root check: this test mounts nothing
+    try:
+        with pytest.raises(VolumeNotFoundError, match="drive-scsi0/p1"):
+            s.find("scsi0/p9")
+    finally:
+        s.close()
+    assert s.workdir is None and s.mountpoint is None
+    assert _side_index_found(path)

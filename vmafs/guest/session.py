@@ -23,6 +23,7 @@ then the FUSE mount, then the directory; also when the block raised.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 
@@ -30,6 +31,8 @@ from ..errors import GuestError, GuestMountError
 from . import appliance as appliance_mod
 from . import kernel
 from .entry import GuestFS
+
+log = logging.getLogger("vmafs.guest")
 
 ENGINES = ("appliance", "kernel")
 
@@ -261,6 +264,13 @@ class GuestSession:
         if self._importing is not None:
             self._importing.join()  # a daemon thread, but not one to leave importing
             self._importing = None
+        # Never mounted (a volume not found, say): the side index is written here.
+        for save in self._saves:
+            try:
+                save()
+            except Exception:  # the next open scans again
+                log.exception("writing the side index failed")
+        self._saves = []
         if self.archive is not None:
             self.archive.close()
             self.archive = None
