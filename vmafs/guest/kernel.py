@@ -8,10 +8,12 @@ run the guest's own, untrusted recovery code: ext2/3/4 ``noload``, XFS
 ``norecovery,nouuid`` (two backups of one VM share UUIDs), btrfs
 ``rescue=nologreplay``; NTFS goes through ntfs-3g read-only; vfat as is.
 
-Loop devices: attached read-only, mounted, and at once "detached" again,
-which the kernel defers until the mount lets go of the device
-(LO_FLAGS_AUTOCLEAR): unmounting frees the loop device by itself, so a
-crash between the two steps of a teardown leaks nothing.
+Loop devices: attached read-only with LO_FLAGS_AUTOCLEAR set from the
+start (:mod:`vmafs.guest.loopdev`, by ioctl, no losetup), so the kernel
+frees the device when the mount lets go of it: unmounting frees the loop
+device by itself, and a crash between two steps of a teardown leaks
+nothing.  Mounts and unmounts are system calls too, except ntfs-3g's
+(a FUSE helper that mount(8) starts).
 """
 
 from __future__ import annotations
@@ -88,33 +90,49 @@ class KernelMount:
 
 def mount_volume(volume_file: str, fstype: str, mountpoint: str, volume: str) -> KernelMount:
     """Attach *volume_file* to a read-only loop device and mount it on *mountpoint*."""
+    from . import loopdev  # noqa: PLC0415 - ctypes, only for the kernel engine
+
     require_root()
     argv = mount_command(fstype, "LOOP", mountpoint, volume)  # refuses unsupported types first
-    proc = _run(["losetup", "--find", "--show", "--read-only", volume_file])
-    if proc.returncode != 0:
-        raise GuestMountError(f"{volume}: losetup failed: {first_line(proc)}")
-    loop = proc.stdout.strip()
-    argv[argv.index("LOOP")] = loop
-    proc = _run(argv)
-    if proc.returncode != 0:
-        _run(["losetup", "--detach", loop])
+    try:
+        # Autoclear from the start: the device goes when its mount does, or
+        # when this fd closes if the mount fails (nothing to detach by hand).
+        loop, fd = loopdev.attach(volume_file)
+    except OSError as e:
+        raise GuestMountError(f"{volume}: no read-only loop device: {e.strerror or e}") from None
+    try:
+        if argv[2] == "ntfs-3g":  # a FUSE filesystem: mount(8) starts its helper
+            argv[argv.index("LOOP")] = loop
+            proc = _run(argv)
+            error = first_line(proc) if proc.returncode != 0 else None
+        else:
+            try:
+                loopdev.mount(loop, mountpoint, argv[2], argv[4])
+                error = None
+            except OSError as e:
+                error = e.strerror or str(e)
+    finally:
+        os.close(fd)
+    if error is not None:
         raise GuestMountError(
-            f"{volume}: mounting its {fstype} read-only failed: {first_line(proc)} "
+            f"{volume}: mounting its {fstype} read-only failed: {error} "
             "(a damaged or unsupported filesystem; --engine appliance may read it)"
         )
-    # Deferred detach: the kernel frees the loop device when the mount lets go.
-    _run(["losetup", "--detach", loop])
     return KernelMount(volume, fstype, loop, mountpoint)
 
 
 def unmount(mount: KernelMount, *, lazy: bool = False) -> None:
-    """Unmount *mount* and wait until its loop device is gone (GuestMountError if busy)."""
-    proc = _run(["umount", *(["-l"] if lazy else []), mount.mountpoint])
-    if proc.returncode != 0 and _is_mounted(mount.mountpoint):
-        raise GuestMountError(
-            f"{mount.volume}: cannot unmount {mount.mountpoint}: {first_line(proc)} "
-            f"(see 'fuser -vm {mount.mountpoint}')"
-        )
+    """Unmount *mount* (its loop device then detaches itself); GuestMountError if busy."""
+    from . import loopdev  # noqa: PLC0415
+
+    try:
+        loopdev.umount(mount.mountpoint, lazy=lazy)
+    except OSError as e:
+        if _is_mounted(mount.mountpoint):
+            raise GuestMountError(
+                f"{mount.volume}: cannot unmount {mount.mountpoint}: {e.strerror or e} "
+                f"(see 'fuser -vm {mount.mountpoint}')"
+            ) from None
 
 
 def wait_loops_released(prefix: str, timeout: float = 10.0) -> list[str]:
