@@ -116,3 +116,61 @@ def test_appliance_is_the_default_engine_and_reads_unicode_names(
     want = expected(volumes("ntfs-mbr.vma")[0])
     got = {"/Users/Bob" + p: r for p, r in tree_of_dir(tmp_path).items()}
     assert got == {p: r for p, r in want.items() if p.startswith("/Users/Bob/Documents")}
+
+
+def _fuse_mount_of(archive) -> str | None:
+    """The mount point of the session's private FUSE mount of *archive* (its source)."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split()[1] == str(archive):
+                return left.split()[4]
+    return None
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_a_signal_mid_copy_takes_everything_down(pve, kernel, signame, tmp_path):
+    """`vmafs cat` blocked writing a 1 MiB file into a pipe nobody reads, with the
+    archive, the loop device and the guest filesystem all mounted: a stop signal
+    unwinds the session, and nothing is left mounted or attached."""
+    import signal
+    import time
+
+    from vmafs.mount import loop_devices_on, mount_table
+
+    archive = tmp_path / "pve.vma.zst"
+    os.link(pve, archive)  # a name of its own: its FUSE mount is this test's
+    proc = subprocess.Popen(
+        vmafs_cmd("cat", *kernel, str(archive), "scsi0/p1:/vmlinuz-fake"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        mp = None
+        while mp is None or not any(
+            p.startswith(os.path.dirname(mp) + "/fs") for p in mount_table()
+        ):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the guest filesystem never came up"
+            time.sleep(0.05)
+            mp = mp or _fuse_mount_of(archive)
+        workdir = os.path.dirname(mp)
+        assert loop_devices_on(workdir)
+        time.sleep(0.3)  # cat is now blocked on the full pipe
+        proc.send_signal(getattr(signal, signame))
+        # The signal alone unwinds it: the teardown is done while stdout is still
+        # full and unread (closed only afterwards, so that its last flush ends).
+        while os.path.exists(workdir):
+            assert time.monotonic() < deadline, "no teardown after the signal"
+            time.sleep(0.05)
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) in (1, 130, 141), err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not any(p.startswith(workdir) for p in mount_table())
+    assert not loop_devices_on(workdir)
+    assert not os.path.exists(workdir)
