@@ -110,19 +110,28 @@ class GuestSession:
 
     def _start(self) -> None:
         from ..common.imports import BackgroundImport  # noqa: PLC0415
+        from ..warmup import HeaderWarmer  # noqa: PLC0415
 
-        # The mount needs pyfuse3 and trio (~0.3 s warm, more cold): imported
-        # meanwhile, while this thread imports numpy and reads the archive.
-        self._importing = BackgroundImport("vmafs.fs")
-        from ..archive import Archive  # noqa: PLC0415 - numpy: not for `vmafs -h`
+        # Cold, the start waits for the disk twice: the imports, then the walk of
+        # the extent headers.  Both go on at once: the headers are read into the
+        # page cache meanwhile (plain archives), and pyfuse3 and trio, which
+        # only the mount needs, are imported in a thread too.
+        warmer = HeaderWarmer(self.archive_path)
+        try:
+            self._importing = BackgroundImport("vmafs.fs")
+            from ..archive import Archive  # noqa: PLC0415 - numpy: not for `vmafs -h`
+            from ..sidecar import deferred_saves  # noqa: PLC0415
+
+            # Kept open for find() and served by the mount as it is.  A side index
+            # this open makes is written by the filesystem process once the mount
+            # is up (as for `vmafs mount`), not before the first file is read.
+            with deferred_saves() as self._saves:
+                self.archive = Archive.open(self.archive_path, progress=self.progress)
+        finally:
+            warmer.stop()
         from ..names import safe_entry_names  # noqa: PLC0415
-        from ..sidecar import deferred_saves  # noqa: PLC0415
 
-        # Kept open for find() and served by the mount as it is.  A side index
-        # this open makes is written by the filesystem process once the mount
-        # is up (as for `vmafs mount`), not before the first file is read.
-        with deferred_saves() as self._saves:
-            self.archive = archive = Archive.open(self.archive_path, progress=self.progress)
+        archive = self.archive
         by_dev = {e.dev_id: name for name, e in safe_entry_names(archive).items()}
         for dev in archive.devices:
             if not dev.is_vmstate:

@@ -44,26 +44,34 @@ def mount(
     Raises :class:`MountError`, :class:`VmaError` or :class:`OSError` for
     anything found before the filesystem process detaches.
     """
-    from ..archive import Archive  # noqa: PLC0415, F401 - here, not in the thread below
-    from ..common.progress import Progress  # noqa: PLC0415, F401 - ditto
-    from ..sidecar import deferred_saves  # noqa: PLC0415
-    from ..source import import_container  # noqa: PLC0415
+    from ..warmup import HeaderWarmer  # noqa: PLC0415
 
-    mp = check_mountpoint(mountpoint, nonempty=opts.nonempty)
-    verbose = verbose or opts.debug
-    if opts.logfile and not foreground:
-        opts.logfile = check_logfile(opts.logfile)
-    archive_path = os.path.abspath(archive_path)
-    # pyfuse3 and trio take ~0.3 s to import: done while a compressed archive
-    # is decompressed.  Before that thread starts, this one imports what it
-    # needs itself (zstandard etc.): two threads importing take turns.  A side
-    # index this open makes is written by the filesystem process once the
-    # mount is up (_SideIndexSaver), not before the mount is ready.
     owned = archive is None
-    if owned:
-        import_container(archive_path)
-        with importing_meanwhile("vmafs.fs"), deferred_saves() as saves:
-            archive = open_archive(archive_path, opts.allow_incomplete, opts.index_beside)
+    # Cold, the extent headers are read into the page cache while numpy imports.
+    warmer = HeaderWarmer(os.path.abspath(archive_path)) if owned else None
+    try:
+        from ..archive import Archive  # noqa: PLC0415, F401 - here, not in the thread below
+        from ..common.progress import Progress  # noqa: PLC0415, F401 - ditto
+        from ..sidecar import deferred_saves  # noqa: PLC0415
+        from ..source import import_container  # noqa: PLC0415
+
+        mp = check_mountpoint(mountpoint, nonempty=opts.nonempty)
+        verbose = verbose or opts.debug
+        if opts.logfile and not foreground:
+            opts.logfile = check_logfile(opts.logfile)
+        archive_path = os.path.abspath(archive_path)
+        # pyfuse3 and trio take ~0.3 s to import: done while a compressed archive
+        # is decompressed.  Before that thread starts, this one imports what it
+        # needs itself (zstandard etc.): two threads importing take turns.  A side
+        # index this open makes is written by the filesystem process once the
+        # mount is up (_SideIndexSaver), not before the mount is ready.
+        if owned:
+            import_container(archive_path)
+            with importing_meanwhile("vmafs.fs"), deferred_saves() as saves:
+                archive = open_archive(archive_path, opts.allow_incomplete, opts.index_beside)
+    finally:
+        if warmer is not None:
+            warmer.stop()  # before the fork: the filesystem process gets no such thread
     try:
         from ..fs import VmaFS  # noqa: PLC0415 - needs pyfuse3
 
