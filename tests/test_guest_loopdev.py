@@ -48,15 +48,22 @@ def test_attach_is_read_only_autoclear_and_frees_itself(tmp_path, require_loop):
     assert _gone(device)  # the last user let go: detached with nothing else to do
 
 
-def test_mount_and_umount_by_system_call(tmp_path, require_loop):
+def _image_and_mountpoint(tmp_path, *, ext4: bool):
+    """An 8 MiB image (ext4, or zeros) and an empty directory; skips unless root."""
     if os.geteuid() != 0:
         pytest.skip("mounting needs root")
-    img = tmp_path / "ext4.img"
+    img = tmp_path / "disk.img"
     with open(img, "wb") as f:
         f.truncate(8 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True, capture_output=True)
+    if ext4:
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True, capture_output=True)
     where = tmp_path / "mnt"
     where.mkdir()
+    return img, where
+
+
+def test_mount_and_umount_by_system_call(tmp_path, require_loop):
+    img, where = _image_and_mountpoint(tmp_path, ext4=True)
     device, fd = loopdev.attach(str(img))
     try:
         loopdev.mount(device, str(where), "ext4", "ro,nosuid,nodev,noexec,noload")
@@ -82,13 +89,7 @@ def test_mount_and_umount_by_system_call(tmp_path, require_loop):
 
 
 def test_mount_failure_is_an_oserror_and_leaks_no_device(tmp_path, require_loop):
-    if os.geteuid() != 0:
-        pytest.skip("mounting needs root")
-    img = tmp_path / "zeros.img"
-    with open(img, "wb") as f:
-        f.truncate(8 << 20)
-    where = tmp_path / "mnt"
-    where.mkdir()
+    img, where = _image_and_mountpoint(tmp_path, ext4=False)
     device, fd = loopdev.attach(str(img))
     try:
         with pytest.raises(OSError):
