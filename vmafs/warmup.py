@@ -11,7 +11,8 @@ block count of each header, so the real walk finds them in the page cache.
 It is a prefetch, nothing more: it checks only the magic and stops at the
 first thing that does not look like an extent header (the real walk
 validates everything and reports what it finds), never reads past the
-file, reads only the page holding each header, and stops when asked.
+file, reads what the real walk will read (a page after an extent with
+data, a window over data-less extents), and stops when asked.
 Compressed archives (no ``VMA\\0`` at offset 0) are left alone: their walk
 is a decompression, not header reads.
 """
@@ -24,9 +25,10 @@ import threading
 from .errors import VmaError
 from .format import BLOCK_SIZE, EXTENT_HEADER_SIZE, VMA_EXTENT_MAGIC, VMA_MAGIC, Header
 
-#: Bytes read at each header: its page (and the headers after it when the
-#: extents there carry no data), as the real walk reads after a data extent.
+#: Bytes read at a header after an extent with data (its page), and while
+#: data-less extents sit back to back (:mod:`vmafs.index` reads the same).
 _READ = 4096
+_READ_RUN = 1 << 20
 
 
 class HeaderWarmer:
@@ -65,9 +67,10 @@ class HeaderWarmer:
         if head[:4] != VMA_MAGIC:
             return
         pos = Header.peek_size(head)
+        want = _READ_RUN
         stop = self._stop
         while pos < size and not stop.is_set():
-            buf = os.pread(fd, _READ, pos)
+            buf = os.pread(fd, want, pos)
             rel = 0
             while True:
                 if buf[rel : rel + 4] != VMA_EXTENT_MAGIC:
@@ -77,5 +80,8 @@ class HeaderWarmer:
                 step = EXTENT_HEADER_SIZE + BLOCK_SIZE * blocks
                 pos += step
                 rel += step
+                # As the real walk: a page after an extent with data, a whole
+                # window while headers of data-less extents follow each other.
+                want = _READ if blocks else _READ_RUN
                 if rel + EXTENT_HEADER_SIZE > len(buf):
-                    break  # the next header is past this page: read it there
+                    break  # the next header is past what was read: read it there
