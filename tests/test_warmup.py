@@ -24,7 +24,8 @@ def _built(tmp_path, slots: int):
 
 def _warmed(path) -> int:
     w = HeaderWarmer(str(path))
-    w.stop()  # joins: stop() may also come after the walk ended by itself
+    w.wait()
+    w.stop()  # after the walk ended by itself: nothing to stop, still fine
     return w.headers
 
 
@@ -32,7 +33,7 @@ def test_reads_every_extent_header_of_a_plain_archive(tmp_path):
     for slots in (1, 7, 59):  # many data-less extents back to back, and full ones
         path = _built(tmp_path, slots)
         w = HeaderWarmer(str(path))
-        w._thread.join()  # the walk ends by itself at the end of the file
+        w.wait()  # the walk ends by itself at the end of the file
         with Archive.open(path) as a:
             assert w.headers == a.index.extents
         w.stop()
@@ -56,3 +57,12 @@ def test_stops_at_what_is_not_a_header_and_leaves_compressed_archives_alone(tmp_
     shutil.copy(FIXTURES / "two-disks.vma.zst", zst)
     assert _warmed(zst) == 0
     assert _warmed(tmp_path / "missing.vma") == 0
+
+
+def test_stop_ends_the_walk_early(tmp_path):
+    path = _built(tmp_path, 1)  # one extent per cluster: many headers
+    w = HeaderWarmer(str(path))
+    w.stop()
+    with Archive.open(path) as a:
+        assert w.headers <= a.index.extents
+    assert w._thread is None

@@ -43,6 +43,11 @@ class HeaderWarmer:
         )
         self._thread.start()
 
+    def wait(self) -> None:
+        """Wait until the walk ends by itself (the file's end, or not a header)."""
+        if self._thread is not None:
+            self._thread.join()
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
