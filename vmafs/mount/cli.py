@@ -65,9 +65,11 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--engine",
-        choices=("kernel", "appliance"),
-        default="kernel",
-        help="with --guest: how guest filesystems are mounted (only 'kernel' so far)",
+        choices=("appliance", "kernel"),
+        default=None,
+        help="with --guest: how guest filesystems are mounted: 'appliance' (the default "
+        "when libguestfs is installed: one libguestfs VM parses them all, the host kernel "
+        "none) or 'kernel' (read-only loop mounts on the host, faster); docs/restore.md",
     )
     p.set_defaults(func=run)
     u = subparsers.add_parser(
