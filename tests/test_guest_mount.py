@@ -61,21 +61,28 @@ def _daemon_pid(archive) -> int:
     return int(out[0])
 
 
+def _check_tree(guest_dir, archive: str, stderr: str, mount_type: str | None = None) -> None:
+    """Every file of *archive*'s manifest exact under DIR/<volume>, each volume a mount
+    (of *mount_type* when given), read-only, the LVM PV left out with a note."""
+    drive = volumes(archive)[0]["name"].split("/")[0]
+    assert os.path.isfile(guest_dir / "archive" / f"disk-{drive}.raw")
+    for v in volumes(archive):
+        assert tree_of_dir(guest_dir / v["name"]) == expected(v), v["name"]
+        fstype = mount_table()[str(guest_dir / v["name"])]
+        assert mount_type in (None, fstype), (v["name"], fstype)
+    with pytest.raises(OSError):  # read-only all the way
+        (guest_dir / volumes(archive)[0]["name"] / "new").write_bytes(b"x")
+    if archive.startswith("pve"):
+        assert "drive-scsi0/p2: not mounted: an LVM physical volume" in stderr
+
+
 @pytest.mark.parametrize("archive", ["pve-gpt.vma.zst", "ntfs-mbr.vma"])
 def test_mount_guest_shows_every_file_and_umount_takes_all_down(guest_dir, tmp_path, archive):
     path = copy_archive(archive, tmp_path / "a")
     proc = _run("mount", "--guest", *KERNEL, path, guest_dir)
     top = str(guest_dir)
     try:
-        assert os.path.isfile(
-            guest_dir / "archive" / f"disk-{volumes(archive)[0]['name'].split('/')[0]}.raw"
-        )
-        for v in volumes(archive):
-            assert tree_of_dir(guest_dir / v["name"]) == expected(v), v["name"]
-        with pytest.raises(OSError):  # read-only all the way
-            (guest_dir / volumes(archive)[0]["name"] / "new").write_bytes(b"x")
-        if archive.startswith("pve"):
-            assert "drive-scsi0/p2: not mounted: an LVM physical volume" in proc.stderr
+        _check_tree(guest_dir, archive, proc.stderr)
     finally:
         _run("umount", guest_dir)
     assert _leftovers(top) == []
@@ -193,15 +200,7 @@ def test_appliance_mount_guest_shows_every_file(
     private, tag = _appliance_pieces(top)  # also: no --engine chose the appliance
     try:
         assert len([p for p in tagged_processes(tag) if os.getsid(p) == p]) == 1  # one worker
-        drive = volumes(archive)[0]["name"].split("/")[0]
-        assert os.path.isfile(guest_dir / "archive" / f"disk-{drive}.raw")
-        for v in volumes(archive):
-            assert tree_of_dir(guest_dir / v["name"]) == expected(v), v["name"]
-            assert mount_table()[str(guest_dir / v["name"])] == "fuse"  # not the host's fs
-        with pytest.raises(OSError):  # read-only all the way
-            (guest_dir / volumes(archive)[0]["name"] / "new").write_bytes(b"x")
-        if archive.startswith("pve"):
-            assert "drive-scsi0/p2: not mounted: an LVM physical volume" in proc.stderr
+        _check_tree(guest_dir, archive, proc.stderr, mount_type="fuse")  # not the host's fs
     finally:
         _run("umount", guest_dir)
     _all_gone(top, private, tag)
