@@ -64,7 +64,7 @@ def test_mount_guest_leaves_out_lvs_of_a_vg_name_on_two_drives():
         lv("drive-scsi1", "pve/root"),
         lv("drive-scsi1", "vg1/a"),
     ]
-    shared = _shared_vg_names(vols, skipped={})
+    shared = _shared_vg_names(vols)
     assert sorted(shared) == ["drive-scsi0/pve/root", "drive-scsi1/pve/root"]
     assert "VG 'pve' is also on another drive" in shared["drive-scsi0/pve/root"]
-    assert _shared_vg_names(vols[1:], skipped={}) == {}
+    assert _shared_vg_names(vols[1:]) == {}

@@ -171,18 +171,15 @@ def mount_tree(archive_path: str, directory: str, mount_options, engine: str) ->
         files = volume_files(archive, volumes)
         dirs = _relative_dirs(archive, volumes)
         disks = disk_files(archive)
+    shared = _shared_vg_names(volumes) if engine == "appliance" else {}
     skipped = {}
     for v in volumes:
-        why = _skip_reason(v, NOT_FILES, engine)
+        why = _skip_reason(v, NOT_FILES, engine) or shared.get(v.name)
         if why is None and v.name not in files:
             why = "no file in the mount"
         if why:
             skipped[v.name] = why
             dirs.pop(v.name, None)
-    if engine == "appliance":
-        skipped.update(_shared_vg_names(volumes, skipped))
-        for name in skipped:
-            dirs.pop(name, None)
     archive_dir = ARCHIVE_DIR
     while any(d.split("/")[0] == archive_dir for d in dirs.values()):
         archive_dir += "~"  # a drive called "archive": the archive's mount steps aside
@@ -282,24 +279,26 @@ def _bind(source: str, target: str, volume) -> kernel.KernelMount:
     return kernel.KernelMount(volume.name, volume.fstype, "", target)
 
 
-def _shared_vg_names(volumes, skipped) -> dict[str, str]:
-    """LVs whose VG name is also a VG name on another drive: one appliance sees
-    all drives at once, where LVM would merge or hide such VGs (skipped, noted)."""
+def _shared_vg_names(volumes) -> dict[str, str]:
+    """{LV name: why it is left out} for readable LVs whose VG name is also a VG name
+    on another drive: one appliance sees every drive at once, and its LVM would
+    merge or hide such VGs."""
+    lvs = [v for v in volumes if v.kind == "lv" and v.readable]
     drives_of: dict[str, set[str]] = {}
-    for v in volumes:
-        if v.kind == "lv" and v.name not in skipped:
-            drives_of.setdefault(v.local_name.rpartition("/")[0], set()).add(v.drive)
+    for v in lvs:
+        drives_of.setdefault(_vg(v), set()).add(v.drive)
     return {
         v.name: (
-            f"VG {v.local_name.rpartition('/')[0]!r} is also on another drive, which one "
-            "appliance cannot tell apart; use --engine kernel, or 'vmafs ls/get' (one drive "
-            "per appliance)"
+            f"VG {_vg(v)!r} is also on another drive, which one appliance cannot tell "
+            "apart; use --engine kernel, or 'vmafs ls/get' (one drive per appliance)"
         )
-        for v in volumes
-        if v.kind == "lv"
-        and v.name not in skipped
-        and len(drives_of[v.local_name.rpartition("/")[0]]) > 1
+        for v in lvs
+        if len(drives_of[_vg(v)]) > 1
     }
+
+
+def _vg(volume) -> str:
+    return volume.local_name.rpartition("/")[0]
 
 
 def _skip_reason(volume, not_files: dict[str, str], engine: str) -> str | None:
