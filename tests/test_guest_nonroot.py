@@ -1,5 +1,6 @@
 """The appliance engine needs no root: ``vmafs get --engine appliance`` run as the
-user ``nobody`` brings every file of the NTFS fixture back exact.
+user ``nobody`` brings every file of the NTFS fixture back exact (``mount --guest``
+does need root, with either engine, and says so).
 
 The test interpreter may live where ``nobody`` cannot enter (pyenv under /root,
 mode 0700), so its prefix, the venv's site-packages and this checkout are
@@ -101,3 +102,14 @@ def test_get_through_the_appliance_as_another_user(as_other_user):
     (volume,) = volumes("ntfs-mbr.vma")
     assert tree_of_dir(dest) == expected(volume)
     assert {os.lstat(p).st_uid for p in dest.rglob("*")} == {uid}  # written as that user
+
+
+def test_mount_guest_as_another_user_says_it_needs_root(as_other_user):
+    argv, home = as_other_user
+    proc = subprocess.run(
+        [*argv, "mount", "--guest", "x.vma", home], capture_output=True, text=True, cwd=home
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("vmafs: error: mount --guest needs root"), proc.stderr
+    assert "vmafs ls/cat/get --engine appliance" in proc.stderr
+    assert proc.stderr.count("\n") == 1
