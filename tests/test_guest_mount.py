@@ -121,8 +121,12 @@ def test_mount_guest_refuses_a_non_empty_directory(guest_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failed_mount_guest_takes_down_what_it_made(guest_dir, tmp_path):
-    """A volume that fails to mount (a damaged filesystem) leaves nothing behind."""
+@pytest.mark.parametrize("engine", ["kernel", "appliance"])
+def test_a_failed_mount_guest_takes_down_what_it_made(guest_dir, tmp_path, request, engine):
+    """A volume that fails to mount (a damaged filesystem) leaves nothing behind:
+    no mount, no loop device, no appliance process, no state."""
+    if engine == "appliance":
+        request.getfixturevalue("require_guestfs")
     path = copy_archive("pve-gpt.vma.zst", tmp_path / "a")
     # LV root's XFS superblock keeps its fields (so it is still typed xfs) but
     # gets a wrong CRC, which the kernel refuses; then a new archive of that disk.
@@ -136,12 +140,28 @@ def test_a_failed_mount_guest_takes_down_what_it_made(guest_dir, tmp_path):
         f.write(b"\xff" * 4)
     broken = tmp_path / "broken.vma"
     _run("create", broken, f"drive-scsi0={raw}:raw")
-    proc = _run("mount", "--guest", *KERNEL, broken, guest_dir, check=False)
+    proc = _run("mount", "--guest", "--engine", engine, broken, guest_dir, check=False)
     assert proc.returncode == 1, proc.stderr
-    assert "drive-scsi0/pve/root" in proc.stderr
+    assert proc.stderr.startswith("vmafs: error: drive-scsi0/pve/root: "), proc.stderr
+    assert proc.stderr.count("\n") == 1
     assert _leftovers(str(guest_dir)) == []
     assert loop_devices_on(str(guest_dir)) == []
     assert guest_tree.load(str(guest_dir)) is None
+    assert not os.path.exists(guest_tree.appliance_dir(str(guest_dir)))
+    assert _processes_naming(str(guest_dir)) == []
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Pids whose command line holds *text* (the appliance's worker names its disks)."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(name))
+        except OSError:
+            pass
+    return found
 
 
 def _wait_dead(path) -> None:
