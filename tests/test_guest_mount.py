@@ -220,7 +220,8 @@ def test_appliance_mount_guest_shows_every_file(
     private, tag = _appliance_pieces(top)  # also: no --engine chose the appliance
     try:
         assert len([p for p in tagged_processes(tag) if os.getsid(p) == p]) == 1  # one worker
-        _check_tree(guest_dir, archive, proc.stderr, mount_type="fuse")  # not the host's fs
+        # each volume is the appliance's FUSE mount: the host kernel parses no guest fs
+        _check_tree(guest_dir, archive, proc.stderr, mount_type="fuse.vmafs-appliance")
     finally:
         _run("umount", guest_dir)
     _all_gone(top, private, tag)

@@ -46,6 +46,8 @@ INSTALL_HINT = (
 #: The environment variable that marks a detached worker and every process
 #: it starts (libguestfs's QEMU inherits it): see :func:`tagged_processes`.
 TAG_VARIABLE = "VMAFS_APPLIANCE_TAG"
+#: Source and subtype of the appliance's FUSE mount (mount --guest), for findmnt.
+FUSE_NAME = "vmafs-appliance"
 
 
 def mount_options(fstype: str) -> str:
@@ -267,9 +269,11 @@ class Appliance:
 
         Everyone may enter (``allow_other``), and the kernel checks the guest's
         own modes and owners (``default_permissions``), as for a kernel mount.
+        The mount table names it :data:`FUSE_NAME` (source and ``fuse.`` type).
         After this the instance is done with: close() leaves the worker running.
         """
-        self.call("mount_local", directory, "ro,allow_other,default_permissions")
+        options = f"ro,allow_other,default_permissions,fsname={FUSE_NAME},subtype={FUSE_NAME}"
+        self.call("mount_local", directory, options)
         self._detached = True
         for stream in (self._proc.stdin, self._proc.stdout):
             if stream is not None:
