@@ -29,7 +29,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from ..errors import EngineUnavailableError, GuestError
@@ -127,17 +127,10 @@ class Appliance:
     One launch per instance; close() shuts it down (also on ``with`` exit),
     unless :meth:`mount_local` handed it over to serve a host directory.
     *tag* marks the worker and its children (:func:`tagged_processes`), so
-    they can be found after this process is gone; *on_start* is called with
-    the worker's pid before the launch is waited for.
+    they can be found after this process is gone.
     """
 
-    def __init__(
-        self,
-        drives: Sequence[str],
-        *,
-        tag: str | None = None,
-        on_start: Callable[[int], None] | None = None,
-    ) -> None:
+    def __init__(self, drives: Sequence[str], *, tag: str | None = None) -> None:
         require()
         self._log = tempfile.TemporaryFile()
         env = libguestfs_env()
@@ -155,8 +148,6 @@ class Appliance:
         self._detached = False
         self._mountpoints: set[str] = set()
         try:
-            if on_start is not None:
-                on_start(self._proc.pid)
             launch = self._answer("launch")
         except GuestError as e:
             self.close()
@@ -263,9 +254,9 @@ class Appliance:
         except GuestError as e:
             raise GuestError(f"{volume}: the appliance cannot mount {device}: {e}") from None
 
-    def mount_local(self, directory: str) -> int:
+    def mount_local(self, directory: str) -> None:
         """Show what :meth:`mount_at` mounted on the host's *directory*, read-only, and
-        leave the worker serving it until *directory* is unmounted; returns its pid.
+        leave the worker serving it until *directory* is unmounted.
 
         Everyone may enter (``allow_other``), and the kernel checks the guest's
         own modes and owners (``default_permissions``), as for a kernel mount.
@@ -278,7 +269,6 @@ class Appliance:
         for stream in (self._proc.stdin, self._proc.stdout):
             if stream is not None:
                 stream.close()
-        return self._proc.pid
 
 
 def _entry(path: str, s: dict, target: str | None) -> Entry:
