@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import trio
+from vmafs.writer.backup import JOB_PERF
 from vmafs.writer.qmp import QemuError, QmpConnection
 
 from . import datasets as ds
@@ -241,10 +242,11 @@ def fig_latency(ctx: Ctx) -> list[Row]:
     async def qemu_job(qmp, drive, speed, node, tgt, server=None):
         q = await QmpConnection.open(qmp, name="bench-job")
         try:
-            # No copy offload (copy_file_range between two local files): an NBD
-            # target cannot have it, and with it this job failed with EBADF in 3
-            # of 4 runs here.
-            await backup_job(q, drive, node, speed, copy_range=False)
+            # The job vmafs backup runs (JOB_PERF: 4 copies of 256 KiB in flight,
+            # no copy offload), so the baselines differ from vmafs only in the
+            # target.  Copy offload (copy_file_range between two local files)
+            # failed this job with EBADF in 3 of 4 runs here anyway.
+            await backup_job(q, drive, node, speed, copy_range=False, perf=JOB_PERF)
         except BaseException:
             await q.aclose()
             raise
@@ -316,6 +318,8 @@ def fig_latency(ctx: Ctx) -> list[Row]:
             v99 <= 2 * r99,
             "each write timed as one QMP human-monitor-command round trip on a second "
             "monitor; 'ahead' = writes to clusters past the job's offset at that moment; "
+            "every job with vmafs backup's x-perf "
+            f"({', '.join(f'{k}={v}' for k, v in JOB_PERF.items())}); "
             f"{rounds} alternated rounds, samples pooled (p99 per round, vmafs/raw: "
             f"{per_round})" + nbd_note + "".join(f"; {r}" for r in retried),
         )
