@@ -427,11 +427,10 @@ async def backup(
                     sock_path,
                     abort,
                     result,
-                    speed=speed,
+                    jobs=_JobOptions(speed, job_perf),
                     progress=progress,
                     fleecing=fleecing,
                     note=note,
-                    job_perf=job_perf,
                 )
             except Exception as e:  # noqa: BLE001 - re-raised below, outside the nursery
                 error = unwrap_group(e)
@@ -497,26 +496,21 @@ def _on_signal(abort: _Abort, signum: int) -> None:
                 abort.unfleece_scope.cancel()
 
 
+@dataclass(frozen=True)
+class _JobOptions:
+    """What every job of one backup is started with."""
+
+    speed: int  #: bytes/s, 0 = no limit
+    perf: Mapping[str, object] | None  #: ``x-perf`` (None: QEMU's defaults)
+
+
 async def _watch_lost(qmp: QmpConnection, abort: _Abort) -> None:
     await qmp.lost.wait()
     abort(f"QEMU went away: {qmp.lost_reason}")
 
 
 async def _backup_in(
-    qmp,
-    disks,
-    output,
-    configs,
-    names,
-    sock_path,
-    abort,
-    result,
-    *,
-    speed,
-    progress,
-    fleecing,
-    note,
-    job_perf,
+    qmp, disks, output, configs, names, sock_path, abort, result, *, jobs, progress, fleecing, note
 ) -> None:
     fleece = Fleecing(qmp, disks, fleecing, names.tag) if fleecing is not None else None
     async with Packer(output, [(d.devname, d.size) for d in disks], configs) as packer:
@@ -530,16 +524,7 @@ async def _backup_in(
                     abort.scope = scope
                     if abort.cause is None:  # a signal before the scope existed
                         await _run_jobs(
-                            qmp,
-                            disks,
-                            names,
-                            sock_path,
-                            abort,
-                            speed,
-                            progress,
-                            fleece,
-                            note,
-                            job_perf=job_perf,
+                            qmp, disks, names, sock_path, abort, jobs, progress, fleece, note
                         )
                 abort.scope = None
                 if abort.cause is None:
@@ -686,8 +671,8 @@ def _job_error(error: str, disk: SourceDisk, fleece: Fleecing | None) -> str:
     return f"QEMU's backup job of {disk.label} failed: {error}"
 
 
-async def _start_jobs(qmp, sources, names, speed: int, job_perf) -> None:
-    """Start every job in one transaction, with *job_perf* as ``x-perf``.
+async def _start_jobs(qmp, sources, names, jobs: _JobOptions) -> None:
+    """Start every job in one transaction, with ``jobs.perf`` as ``x-perf``.
 
     A QEMU that does not know ``x-perf`` (an experimental option: it may be
     renamed) gets the jobs without it, and a warning: the backup is the same,
@@ -698,8 +683,8 @@ async def _start_jobs(qmp, sources, names, speed: int, job_perf) -> None:
         out = []
         for source, target, job in zip(sources, names.targets, names.jobs, strict=True):
             data = {"job-id": job, "device": source, "target": target, "sync": "full"}
-            if speed:
-                data["speed"] = speed
+            if jobs.speed:
+                data["speed"] = jobs.speed
             if perf:
                 data["x-perf"] = dict(perf)
             out.append({"type": "blockdev-backup", "data": data})
@@ -707,16 +692,16 @@ async def _start_jobs(qmp, sources, names, speed: int, job_perf) -> None:
 
     props = {"completion-mode": "grouped"}
     try:
-        await qmp.execute("transaction", {"actions": actions(job_perf), "properties": props})
+        await qmp.execute("transaction", {"actions": actions(jobs.perf), "properties": props})
     except QemuError as e:
-        if not job_perf or "x-perf" not in str(e):
+        if not jobs.perf or "x-perf" not in str(e):
             raise
         log.warning("QEMU refuses the job option x-perf (%s); jobs started without it", e)
         await qmp.execute("transaction", {"actions": actions(None), "properties": props})
 
 
 async def _run_jobs(
-    qmp, disks, names, sock_path, abort, speed, progress, fleece=None, note=None, *, job_perf=None
+    qmp, disks, names, sock_path, abort, jobs, progress, fleece=None, note=None
 ) -> None:
     """Set up fleecing, blockdev-add the targets, start the transaction, wait for
     every job's end."""
@@ -734,7 +719,7 @@ async def _run_jobs(
                 "export": disk.devname,
             },
         )
-    await _start_jobs(qmp, sources, names, speed, job_perf)
+    await _start_jobs(qmp, sources, names, jobs)
     log.info("backup jobs started: %s", ", ".join(names.jobs))
     total = sum(d.size for d in disks)
     by_job = dict(zip(names.jobs, disks, strict=True))
