@@ -87,7 +87,9 @@ log = logging.getLogger("writer.backup")
 #: queue to 1 MiB; with fleecing the same bound keeps the job's bursts from
 #: crowding the guest's writes in QEMU's event loop.  docs/benchmarks.md has
 #: the measurements.  Copy offload cannot work into an NBD node.
-JOB_PERF = {"use-copy-range": False, "max-workers": 4, "max-chunk": 256 * 1024}
+JOB_PERF = types.MappingProxyType(
+    {"use-copy-range": False, "max-workers": 4, "max-chunk": 256 * 1024}
+)
 
 #: seconds between query-block-jobs polls for the progress bar
 PROGRESS_INTERVAL = 0.5

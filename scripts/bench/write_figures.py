@@ -196,10 +196,11 @@ class _ScratchDisk:
 
     The copy is made and fsynced once; between rounds only the clusters the
     guest wrote are copied back (and fsynced).  A fresh 512 MiB copy per round
-    left that much dirty page cache, and the kernel wrote it back during the
-    next rounds: its pages were locked under the guest's writes and the
-    copy-before-write reads of every case (in a QEMU trace one 64 KiB source
-    read took 467 ms while 60 other reads completed), a tail no VM's disk has.
+    left that much dirty page cache for the kernel to write back under later
+    rounds, where writeback can stall the guest's writes and the
+    copy-before-write reads of every case alike (in a QEMU trace one 64 KiB
+    source read took 467 ms while 60 other reads completed); no VM's disk
+    has a fresh copy's writeback under it.
     """
 
     def __init__(self, base: str, path: str, writes: int) -> None:
