@@ -328,6 +328,8 @@ def load(source, *, allow_incomplete: bool = False, directory: str | None = None
     """(header, index) from a valid side index for *source*, or None (logged why).
 
     On success the source has adopted the saved checkpoints and can pread.
+    A side index of a file cut short raises the cut (StreamTruncatedError)
+    unless *allow_incomplete*, as a scan would.
     """
     found = find(source, allow_incomplete=allow_incomplete, directory=directory)
     return None if found is None else found[1:]
@@ -490,7 +492,11 @@ def _adopt(source, blob: bytes, allow_incomplete: bool):
         raise IndexCacheError("saved offset map reaches past the stream")
     _check_offsets(index, header)
     if not index.complete and not allow_incomplete:
-        # A fresh scan reports the incompleteness with the proper error.
+        if source.truncation is not None:
+            # The file is cut short (the identity checks say it is the file
+            # that was scanned): the refusal needs no second scan.
+            raise source.truncation
+        # A fresh scan reports the missing clusters with the proper error.
         raise IndexCacheError("saved index is of an incomplete archive")
     return header, index
 

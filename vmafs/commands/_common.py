@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..archive import Archive, read_header
 from ..common.progress import Progress, want_progress
-from ..errors import TruncatedError, VmaError, naming_archive, read_anyway_hint
+from ..errors import HeaderTruncatedError, VmaError, naming_archive, read_anyway_hint
 from ..format import HEADER_STRUCT_SIZE, Header
 from ..source import open_source
 
@@ -45,7 +45,7 @@ def _load_header(path: str) -> Header:
             pass
         if len(buf) < HEADER_STRUCT_SIZE:
             Header.peek_size(bytes(buf))  # raises the precise error for a tiny stream
-            raise TruncatedError("stream ends inside the VMA header", offset=len(buf))
+            raise HeaderTruncatedError("stream ends inside the VMA header", offset=len(buf))
         return Header.parse(bytes(buf))
     finally:
         source.close()
@@ -90,6 +90,4 @@ def open_archive(path: str, args, *, allow_incomplete: bool = False, **kw) -> Ar
             hint = read_anyway_hint(e, "--allow-incomplete")
         if not hint:
             raise
-        raise type(e)(
-            f"{e.message}; {hint}", offset=e.offset, dev_id=e.dev_id, cluster=e.cluster
-        ) from None
+        raise e.add_next_step(hint) from None

@@ -16,10 +16,9 @@ import os
 import time
 
 from .. import sidecar, sidecar_cache
-from ..archive import has_plain_side_index, walk_headers
+from ..archive import has_plain_side_index, index_by_scan, walk_headers
 from ..common.progress import Progress, add_progress_options, human_bytes, want_progress
 from ..errors import naming_archive
-from ..index import StreamIndexer
 from ..source import open_source
 
 HELP = "build the side index of an archive ahead of time"
@@ -93,7 +92,7 @@ def run(args) -> int:
         return _list(args) if args.list else _prune(args)
     if args.archive is None:
         args.index_parser.error("give the ARCHIVE to index (or --list, --prune)")
-    # StreamIndexer.finish raises after the scan ("stored twice", "incomplete"): name the file.
+    # The index raises after the scan ("stored twice", "incomplete"): name the file.
     with naming_archive(args.archive):
         return _index(args)
 
@@ -118,9 +117,7 @@ def _index(args) -> int:
         show = want_progress(args.progress)
         with Progress("indexing", enabled=show) as bar:
             if source.needs_scan:
-                indexer = StreamIndexer(allow_incomplete=args.allow_incomplete)
-                source.scan(indexer.feed, bar)
-                header, index = indexer.header, indexer.finish(source.size)
+                header, index = index_by_scan(source, args.allow_incomplete, bar)
             else:
                 header, index = walk_headers(source, args.allow_incomplete, bar)
         dest = sidecar.save(

@@ -104,6 +104,4 @@ def open_archive(path: str, allow_incomplete: bool, index_beside: bool = False):
         hint = "" if allow_incomplete else read_anyway_hint(e, "mount -o allow_incomplete")
         if not hint:
             raise
-        raise type(e)(
-            f"{e.message}; {hint}", offset=e.offset, dev_id=e.dev_id, cluster=e.cluster
-        ) from None
+        raise e.add_next_step(hint) from None

@@ -48,7 +48,13 @@ import zstandard
 if TYPE_CHECKING:
     from indexed_gzip.indexed_gzip import _IndexedGzipFile
 
-from ..errors import CorruptStreamError, IndexCacheError, SourceError, naming_archive
+from ..errors import (
+    CorruptStreamError,
+    IndexCacheError,
+    SourceError,
+    StreamTruncatedError,
+    naming_archive,
+)
 from . import register
 from .base import BlockCache, BlockSource, check_trailing
 
@@ -126,7 +132,7 @@ class GzipSource(BlockSource):
                     helper.append(child)
 
         try:
-            self.size = _inflate_all(
+            self.size, self.truncation = _inflate_all(
                 self._fd, csize, on_chunk, progress, total, (_HELPER_AFTER, start_helper)
             )
             start_helper()
@@ -184,7 +190,7 @@ class GzipSource(BlockSource):
         """
         c = self.compressed_size
         with naming_archive(self.path):
-            self.size = _inflate_all(self._fd, c, on_chunk, progress, c)
+            self.size, self.truncation = _inflate_all(self._fd, c, on_chunk, progress, c)
 
     def _build_points(self, progress: ProgressFn | None, total: int) -> _IndexedGzipFile:
         """Pass 2 in this process: zran inflates once more, leaving seek points."""
@@ -228,15 +234,16 @@ class GzipSource(BlockSource):
             self._zran.export_index(fileobj=buf)
         # The 32 KiB windows are raw stream bytes: compress them for the side index.
         packed = zstandard.ZstdCompressor(level=3).compress(buf.getvalue())
+        cut = -1 if self.truncation is None else self.truncation.compressed_offset
         return {
-            "meta": np.array([self.size, self.spacing, self.compressed_size], dtype=np.int64),
+            "meta": np.array([self.size, self.spacing, self.compressed_size, cut], dtype=np.int64),
             "zran_zst": np.frombuffer(packed, dtype=np.uint8),
         }
 
     def load_checkpoint_state(self, state: dict[str, np.ndarray]) -> None:
         """Adopt seek points saved by :meth:`checkpoint_state` (the caller checked identity)."""
         try:
-            size, spacing, csize = (int(x) for x in state["meta"])
+            size, spacing, csize, cut = (int(x) for x in state["meta"])
             packed = np.asarray(state["zran_zst"], dtype=np.uint8).tobytes()
             blob = zstandard.ZstdDecompressor().decompress(packed)
         except (KeyError, ValueError, TypeError, zstandard.ZstdError) as e:
@@ -250,6 +257,7 @@ class GzipSource(BlockSource):
             z.close()
             raise IndexCacheError(f"gzip seek points do not load: {e}") from e
         self.size, self.spacing = size, spacing
+        self.truncation = None if cut < 0 else _cut(cut, size)
         self._set_zran(z)
 
     # -- reading: blocks are the spans between seek points --
@@ -278,9 +286,10 @@ class GzipSource(BlockSource):
                     f"gzip read at stream offset {ustart} failed: {e}", offset=ustart
                 ) from e
         if len(data) < uend - ustart:
-            raise CorruptStreamError(
+            raise StreamTruncatedError(
                 f"gzip stream ended before its scanned length {self.size}; did the file change?",
                 offset=ustart + len(data),
+                compressed_offset=os.fstat(self._fd).st_size,
             )
         return data
 
@@ -305,16 +314,30 @@ class GzipSource(BlockSource):
         super().close()
 
 
+def _cut(at: int, out_pos: int, member_at: int | None = None) -> StreamTruncatedError:
+    """The cut of a gzip file that ends at compressed offset *at*, after *out_pos* bytes."""
+    member = "" if member_at is None else f" in the member at compressed offset {member_at}"
+    return StreamTruncatedError(
+        f"gzip stream truncated{member}: the file ends at compressed offset {at} without the "
+        f"member's trailer, after {out_pos} uncompressed bytes",
+        offset=out_pos,
+        compressed_offset=at,
+    )
+
+
 def _inflate_all(
     fd: int, csize: int, on_chunk, progress: ProgressFn | None, total: int, when=None
-) -> int:
-    """Inflate every member of the gzip file *fd*; returns the uncompressed length.
+) -> tuple[int, StreamTruncatedError | None]:
+    """Inflate every member of the gzip file *fd*; returns (uncompressed length, cut).
 
     *when*, if given, is ``(n, callback)``: callback() runs once, after n
     uncompressed bytes have been handed to *on_chunk*.
 
-    Raises CorruptStreamError (offset = compressed file offset) on bad data,
-    a failed CRC/length check, truncation or trailing garbage.
+    A file cut short is inflated as far as it goes (deflate yields its output
+    as it goes; zran reads a cut file just as far): *cut* says where it ended,
+    None when every member is whole.  Raises CorruptStreamError (offset =
+    compressed file offset) on bad data, a failed CRC/length check or
+    trailing garbage.
     """
     out_pos = 0
     base = 0  # compressed offset of the first byte of `pending`
@@ -377,16 +400,9 @@ def _inflate_all(
                 break
         if progress is not None:
             progress(base, total)
-    if d is not None:
-        raise CorruptStreamError(
-            f"gzip stream truncated: the member starting at compressed offset {member_at} "
-            f"ends without its trailer at compressed offset {base}, "
-            f"after {out_pos} uncompressed bytes",
-            offset=out_pos,
-        )
     if progress is not None:
         progress(csize, total)
-    return out_pos
+    return out_pos, None if d is None else _cut(base, out_pos, member_at)
 
 
 register(GZIP_MAGIC, GzipSource)

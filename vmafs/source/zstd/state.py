@@ -16,6 +16,11 @@ from ...zstd_seekable import SeekTable
 from .frame import first_frame_at
 
 STATE_VERSION = 1
+#: Frame flags: the frame ends with a content checksum.
+FRAME_CHECKSUM = 1
+#: Frame flags: the file ends inside this (last) frame; it holds its whole
+#: blocks up to the cut, decoded without an end (and without a checksum).
+FRAME_CUT = 2
 
 
 class FrameTable:
@@ -36,7 +41,7 @@ class FrameTable:
         self.f_dec = np.asarray(dec, dtype=np.uint64)
         self.f_dsize = np.asarray(dsize, dtype=np.uint64)
         self.f_wd = np.asarray(wd, dtype=np.uint8)  # synthetic window descriptor
-        self.f_flags = np.asarray(flags, dtype=np.uint8)  # bit 0: content checksum
+        self.f_flags = np.asarray(flags, dtype=np.uint8)  # FRAME_CHECKSUM, FRAME_CUT
         self.f_dec_list: list[int] = self.f_dec.tolist()
         c_dec, c_comp, c_frame = checkpoints
         self.c_dec = np.asarray(c_dec, dtype=np.uint64)
@@ -61,6 +66,13 @@ class FrameTable:
     @property
     def checkpoints(self) -> int:
         return len(self.c_dec_list)
+
+    @property
+    def cut_at(self) -> int | None:
+        """Compressed offset where the data of a file cut short ends (None: it is whole)."""
+        if self.frames and int(self.f_flags[-1]) & FRAME_CUT:
+            return int(self.f_comp[-1] + self.f_csize[-1])
+        return None
 
     @property
     def size(self) -> int:
@@ -116,6 +128,8 @@ class FrameTable:
             problem = "frame arrays disagree"
         elif any(len(a) != len(cdec) for a in (ccomp, cframe, cboff)):
             problem = "checkpoint arrays disagree"
+        elif np.any(flags > (FRAME_CHECKSUM | FRAME_CUT)) or np.any(flags[:-1] & FRAME_CUT):
+            problem = "frame flags are impossible"  # only the last frame can be cut
         else:
             comp, csz, dec, dsz = (a.astype(np.uint64) for a in f)
             if (
