@@ -587,6 +587,18 @@ def _truncated(
     return pos
 
 
+def header_truncated(end: int, cut: StreamTruncatedError | None) -> HeaderTruncatedError:
+    """The error of a stream of *end* bytes that ends inside the VMA header.
+
+    *cut*: because its compressed file is cut short there (the message says where).
+    """
+    if cut is None:
+        return HeaderTruncatedError("stream ends inside the VMA header", offset=end)
+    return HeaderTruncatedError(
+        f"stream ends inside the VMA header: {cut.message}; nothing can be read", offset=end
+    )
+
+
 def _bad_magic(core: _IndexCore, head: bytes, pos: int, end: int | None) -> None:
     """Tell a damaged extent magic apart from junk appended after the last extent."""
     core.flush()  # errors in earlier extents come first
@@ -759,12 +771,7 @@ class StreamIndexer:
         if end != self._pos:
             raise ValueError(f"stream closed at {end} but {self._pos} bytes were fed")
         if self.header is None:
-            if cut is not None:
-                raise HeaderTruncatedError(
-                    f"stream ends inside the VMA header: {cut.message}; nothing can be read",
-                    offset=end,
-                )
-            raise HeaderTruncatedError("stream ends inside the VMA header", offset=end)
+            raise header_truncated(end, cut)
         core = self._core
         truncated_at = None
         if self._held is not None:

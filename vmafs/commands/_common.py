@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from ..archive import Archive, read_header
 from ..common.progress import Progress, want_progress
-from ..errors import HeaderTruncatedError, VmaError, naming_archive, read_anyway_hint
+from ..errors import VmaError, naming_archive, read_anyway_hint
 from ..format import HEADER_STRUCT_SIZE, Header
+from ..index import header_truncated
 from ..source import open_source
 
 
@@ -43,9 +44,11 @@ def _load_header(path: str) -> Header:
             source.scan(on_chunk)
         except _HeaderComplete:
             pass
+        if len(buf) < want[0] and source.truncation is not None:
+            raise header_truncated(len(buf), source.truncation)
         if len(buf) < HEADER_STRUCT_SIZE:
             Header.peek_size(bytes(buf))  # raises the precise error for a tiny stream
-            raise HeaderTruncatedError("stream ends inside the VMA header", offset=len(buf))
+            raise header_truncated(len(buf), None)
         return Header.parse(bytes(buf))
     finally:
         source.close()

@@ -173,7 +173,8 @@ class GzipSource(BlockSource):
             z.import_index(fileobj=io.BytesIO(out))
             # The helper saw the same open file; make sure it indexed all of it.
             last = z.pread(1, self.size - 1) if self.size else b""
-            if len(last) != min(1, self.size) or z.pread(1, self.size):
+            # (past the end of a cut file zran may decode the padding: see _new_handle)
+            if len(last) != min(1, self.size) or (z.pread(1, self.size) and not self.truncation):
                 raise ValueError("helper's seek points do not span the stream")
         except Exception as e:  # noqa: BLE001 - zran has its own types; any: rebuild
             z.close()
@@ -215,12 +216,20 @@ class GzipSource(BlockSource):
         # which every vmafs command would pay for gzip support it does not use.
         from indexed_gzip.indexed_gzip import _IndexedGzipFile  # noqa: PLC0415
 
-        fobj = os.fdopen(os.dup(self._fd), "rb")
+        if self.truncation is None:
+            fobj = os.fdopen(os.dup(self._fd), "rb")
+        else:
+            # zran fails on a member whose deflate data is whole but whose
+            # trailer is cut (and then on its whole last span); given the
+            # missing trailer bytes as zeros, and no CRC check (pass 1 checked
+            # every whole member), it reads up to the cut as stdlib zlib does.
+            fobj = _PaddedFile(self._fd, self.compressed_size)
         return _IndexedGzipFile(
             fileobj=fobj,
             spacing=self.spacing,
             readbuf_size=256 << 10,
             auto_build=True,
+            skip_crc_check=self.truncation is not None,
         )
 
     # -- persistence (vmafs.sidecar) --
@@ -312,6 +321,49 @@ class GzipSource(BlockSource):
     def close(self) -> None:
         self._set_zran(None)
         super().close()
+
+
+class _PaddedFile(io.RawIOBase):
+    """The gzip file *fd* of *size* bytes followed by :data:`_PAD` zero bytes, for zran."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        super().__init__()
+        self._fd, self._size, self._pos = os.dup(fd), size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size + _PAD}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buf) -> int:
+        view = memoryview(buf).cast("B")
+        n = 0
+        if self._pos < self._size:
+            n = os.preadv(self._fd, [view[: self._size - self._pos]], self._pos)
+        if self._pos + n >= self._size:  # the padding (a file grown since: its own bytes)
+            pad = min(len(view) - n, self._size + _PAD - self._pos - n)
+            view[n : n + pad] = bytes(pad)
+            n += pad
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+#: Zero bytes after a cut gzip file: a whole gzip trailer's worth.
+_PAD = 8
 
 
 def _cut(at: int, out_pos: int, member_at: int | None = None) -> StreamTruncatedError:

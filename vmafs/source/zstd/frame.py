@@ -92,7 +92,7 @@ def parse_frame_header(head: bytes, comp_off: int, dec_off: int | None = None) -
     (StreamTruncatedError, its offset *dec_off*).
     """
     if len(head) < 6:
-        raise cut("truncated zstd frame header", comp_off, dec_off)
+        raise cut("truncated zstd stream: the file ends inside the frame header", comp_off, dec_off)
     fhd = head[4]
     fcs_flag, single, reserved, checksum, dict_flag = (
         fhd >> 6,
@@ -112,7 +112,7 @@ def parse_frame_header(head: bytes, comp_off: int, dec_off: int | None = None) -
     fsize = _FCS_SIZES[fcs_flag] if (fcs_flag or not single) else 1
     end = pos + dsize + fsize
     if len(head) < end:
-        raise cut("truncated zstd frame header", comp_off, dec_off)
+        raise cut("truncated zstd stream: the file ends inside the frame header", comp_off, dec_off)
     dict_id = int.from_bytes(head[pos : pos + dsize], "little")
     pos += dsize
     fcs = None

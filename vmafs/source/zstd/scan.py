@@ -180,14 +180,24 @@ class Scanner:
                 at = rd.tell()
                 head = rd.peek(18)
                 if len(head) < 4:
-                    raise cut("truncated zstd frame magic", at, st.dec)
+                    raise cut(
+                        "truncated zstd stream: the file ends inside the frame magic", at, st.dec
+                    )
                 magic = int.from_bytes(head[:4], "little")
                 if is_skippable(magic):
                     if len(head) < 8:
-                        raise cut("truncated skippable frame header", at, st.dec)
+                        raise cut(
+                            "truncated zstd stream: the file ends inside a skippable frame header",
+                            at,
+                            st.dec,
+                        )
                     n = int.from_bytes(head[4:8], "little")
                     if rd.skip(8 + n) != 8 + n:
-                        raise cut("truncated skippable frame", at, st.dec)
+                        raise cut(
+                            "truncated zstd stream: the file ends inside the skippable frame",
+                            at,
+                            st.dec,
+                        )
                     continue
                 if magic != ZSTD_MAGIC:
                     raise corrupt("not a zstd frame (bad magic)", at, st.dec)
@@ -327,7 +337,7 @@ class _FrameScan:
             if len(cks) < 4:
                 # Every block is in: stop here (no checksum to check).
                 self.cut = cut(
-                    "truncated zstd stream (ends inside the frame checksum)",
+                    "truncated zstd stream: the file ends inside the frame checksum",
                     self.end_blocks,
                     st.dec,
                 )
@@ -361,7 +371,9 @@ class _FrameScan:
                 if nblocks:
                     break  # hand out what is there; refill on the next call
                 if not rd.ensure(3):
-                    return self._stop("truncated zstd stream (ends inside a block header)", bpos)
+                    return self._stop(
+                        "truncated zstd stream: the file ends inside the block header", bpos
+                    )
                 bstart = rd._i
             buf, i = rd._buf, rd._i
             h = buf[i] | buf[i + 1] << 8 | buf[i + 2] << 16
@@ -377,7 +389,7 @@ class _FrameScan:
                 if nblocks:
                     break
                 if not rd.ensure(clen):
-                    return self._stop("truncated zstd stream (ends inside a block)", bpos)
+                    return self._stop("truncated zstd stream: the file ends inside the block", bpos)
                 buf, i = rd._buf, rd._i
                 bstart = i
             # A checkpoint candidate at this boundary?  Only at the start of a
