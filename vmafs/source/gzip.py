@@ -211,12 +211,15 @@ class GzipSource(BlockSource):
             ) from e
         return z
 
-    def _new_handle(self) -> _IndexedGzipFile:
+    def _new_handle(self, *, cut: bool | None = None) -> _IndexedGzipFile:
+        """A zran handle on the file; *cut*: it is cut short (default: as the scan found)."""
         # Imported here: indexed_gzip's import costs ~40 ms (importlib.metadata),
         # which every vmafs command would pay for gzip support it does not use.
         from indexed_gzip.indexed_gzip import _IndexedGzipFile  # noqa: PLC0415
 
-        if self.truncation is None:
+        if cut is None:
+            cut = self.truncation is not None
+        if not cut:
             fobj = os.fdopen(os.dup(self._fd), "rb")
         else:
             # zran fails on a member whose deflate data is whole but whose
@@ -229,7 +232,7 @@ class GzipSource(BlockSource):
             spacing=self.spacing,
             readbuf_size=256 << 10,
             auto_build=True,
-            skip_crc_check=self.truncation is not None,
+            skip_crc_check=cut,
         )
 
     # -- persistence (vmafs.sidecar) --
@@ -259,14 +262,14 @@ class GzipSource(BlockSource):
             raise IndexCacheError(f"gzip checkpoint state unusable: {e}") from e
         if csize != self.compressed_size:
             raise IndexCacheError("gzip checkpoint state is for a file of another size")
-        z = self._new_handle()
+        truncation = None if cut < 0 else _cut(cut, size)
+        z = self._new_handle(cut=truncation is not None)
         try:
             z.import_index(fileobj=io.BytesIO(blob))
         except Exception as e:
             z.close()
             raise IndexCacheError(f"gzip seek points do not load: {e}") from e
-        self.size, self.spacing = size, spacing
-        self.truncation = None if cut < 0 else _cut(cut, size)
+        self.size, self.spacing, self.truncation = size, spacing, truncation
         self._set_zran(z)
 
     # -- reading: blocks are the spans between seek points --
