@@ -683,8 +683,9 @@ def test_state_validation(tmp_path):
         return s
 
     bad_states = [
-        tampered("zstd_version", lambda a: a + np.array([1, 0, 0], dtype=a.dtype)),
-        tampered("zstd_version", lambda a: a + np.array([0, 1, 0], dtype=a.dtype)),
+        tampered("zstd_version", lambda a: a + np.array([1, 0, 0, 0], dtype=a.dtype)),
+        tampered("zstd_version", lambda a: a + np.array([0, 1, 0, 0], dtype=a.dtype)),
+        tampered("zstd_version", lambda a: a + np.array([0, 0, 0, 1 << 40], dtype=a.dtype)),
         tampered("frame_dsize", lambda a: a + 1),
         tampered("cp_dec", lambda a: a[::-1].copy()),
         tampered("cp_comp", lambda a: a + (1 << 40)),

@@ -229,7 +229,12 @@ class Scanner:
             progress(self.size, self.size)
         if not frames[0] and stop is None:
             raise corrupt("no zstd frame in the file", 0, 0)
-        table = FrameTable(frames, (st.cp_dec, st.cp_comp, st.cp_frame), st.blobs)
+        table = FrameTable(
+            frames,
+            (st.cp_dec, st.cp_comp, st.cp_frame),
+            st.blobs,
+            None if stop is None else stop.compressed_offset,
+        )
         return table, st.stats, stop
 
     def _submit(self, c: Candidate, comp_end: int, hdr: FrameHeader, pool, st) -> None:

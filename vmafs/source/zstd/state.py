@@ -15,7 +15,8 @@ from ...errors import IndexCacheError
 from ...zstd_seekable import SeekTable
 from .frame import first_frame_at
 
-STATE_VERSION = 1
+#: 2: ``zstd_version`` also holds where a file cut short ends (-1: whole).
+STATE_VERSION = 2
 #: Frame flags: the frame ends with a content checksum.
 FRAME_CHECKSUM = 1
 #: Frame flags: the file ends inside this (last) frame; it holds its whole
@@ -34,7 +35,13 @@ class FrameTable:
     only :meth:`to_state` joins them.
     """
 
-    def __init__(self, frames=([], [], [], [], [], []), checkpoints=([], [], []), windows=()):
+    def __init__(
+        self,
+        frames=([], [], [], [], [], []),
+        checkpoints=([], [], []),
+        windows=(),
+        cut_at: int | None = None,
+    ):
         comp, csize, dec, dsize, wd, flags = frames
         self.f_comp = np.asarray(comp, dtype=np.uint64)
         self.f_csize = np.asarray(csize, dtype=np.uint64)
@@ -51,6 +58,8 @@ class FrameTable:
         self.windows = list(windows)
         #: Frames holding checkpoints (read in pages, never decoded whole).
         self.framed: set[int] = set(self.c_frame.tolist())
+        #: Compressed offset where the data of a file cut short ends (None: it is whole).
+        self.cut_at = cut_at
 
     @classmethod
     def from_seek_table(cls, table: SeekTable) -> FrameTable:
@@ -68,13 +77,6 @@ class FrameTable:
         return len(self.c_dec_list)
 
     @property
-    def cut_at(self) -> int | None:
-        """Compressed offset where the data of a file cut short ends (None: it is whole)."""
-        if self.frames and int(self.f_flags[-1]) & FRAME_CUT:
-            return int(self.f_comp[-1] + self.f_csize[-1])
-        return None
-
-    @property
     def size(self) -> int:
         """Length of the decompressed stream."""
         return int(self.f_dec[-1] + self.f_dsize[-1]) if self.frames else 0
@@ -83,7 +85,15 @@ class FrameTable:
         """The arrays a side index keeps (see :meth:`from_state`)."""
         windows = self.windows
         return {
-            "zstd_version": np.array([STATE_VERSION, compressed_size, self.size], dtype=np.uint64),
+            "zstd_version": np.array(
+                [
+                    STATE_VERSION,
+                    compressed_size,
+                    self.size,
+                    -1 if self.cut_at is None else self.cut_at,
+                ],
+                dtype=np.int64,
+            ),
             "frame_comp": self.f_comp,
             "frame_csize": self.f_csize,
             "frame_dec": self.f_dec,
@@ -106,7 +116,10 @@ class FrameTable:
         IndexCacheError when it is incomplete or does not fit the file.
         """
         try:
-            version, csize, size = (int(x) for x in np.asarray(state["zstd_version"]).tolist())
+            meta = np.asarray(state["zstd_version"]).tolist()
+            version = int(meta[0])
+            if version == STATE_VERSION:
+                csize, size, cut_at = (int(x) for x in meta[1:])
             f = [
                 np.asarray(state[k])
                 for k in ("frame_comp", "frame_csize", "frame_dec", "frame_dsize")
@@ -122,6 +135,8 @@ class FrameTable:
         n = len(f[0])
         if version != STATE_VERSION:
             problem = f"version {version}"
+        elif not -1 <= cut_at <= csize:
+            problem = "cut offset outside the file"
         elif csize != compressed_size:
             problem = "compressed size differs"
         elif n == 0 or any(len(a) != n for a in (*f, wd, flags)):
@@ -158,4 +173,4 @@ class FrameTable:
         bounds = [*cboff.tolist(), len(blob)]
         view = memoryview(blob)
         windows = [view[a:b] for a, b in itertools.pairwise(bounds)]
-        return cls((*f, wd, flags), (cdec, ccomp, cframe), windows)
+        return cls((*f, wd, flags), (cdec, ccomp, cframe), windows, None if cut_at < 0 else cut_at)
