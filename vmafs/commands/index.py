@@ -79,7 +79,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--allow-incomplete",
         action="store_true",
-        help="index an interrupted backup too (missing clusters read as errors)",
+        help="index an interrupted or cut-short backup too (missing clusters read as errors)",
     )
     add_progress_options(p)
     p.set_defaults(func=run, index_parser=p)
