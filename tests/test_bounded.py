@@ -19,12 +19,12 @@ from vmafs.source.lzo import F_H_EXTRA_FIELD, LZOP_MAGIC
 LIMIT = 1 << 30
 
 
-def run_under_1gib(*args) -> subprocess.CompletedProcess:
+def run_under_1gib(*args, env: dict | None = None) -> subprocess.CompletedProcess:
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (LIMIT, LIMIT))
 
     return subprocess.run(
-        vmafs_cmd(*args), capture_output=True, text=True, timeout=60, preexec_fn=limit
+        vmafs_cmd(*args), capture_output=True, text=True, timeout=60, preexec_fn=limit, env=env
     )
 
 
@@ -103,17 +103,7 @@ def test_side_index_bigger_than_its_archive_justifies_is_not_read(tmp_path):
     cap = sidecar.size_cap(archive.stat().st_size)
     assert cap < LIMIT < 2 << 30 < sidecar.MAX_SIZE
 
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (LIMIT, LIMIT))
-
-    proc = subprocess.run(
-        vmafs_cmd("list", "--json", archive),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=limit,
-        env=env,
-    )
+    proc = run_under_1gib("list", "--json", archive, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert f"{2 << 30} bytes is more than a side index of this archive can be ({cap})" in (
@@ -122,12 +112,5 @@ def test_side_index_bigger_than_its_archive_justifies_is_not_read(tmp_path):
     assert "out of memory" not in proc.stderr and "Traceback" not in proc.stderr
     # Rebuilt by rename: a real side index now, within the cap, used by the next open.
     assert 0 < os.path.getsize(crafted) <= cap
-    again = subprocess.run(
-        vmafs_cmd("list", "--json", archive),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=limit,
-        env=env,
-    )
+    again = run_under_1gib("list", "--json", archive, env=env)
     assert again.returncode == 0 and again.stderr == "", again.stderr
