@@ -254,6 +254,8 @@ def test_commands_on_a_cut_archive(kind, whole, tmp_path, monkeypatch, require_c
     comp = compress(kind, plain_path, tmp_path)
     cut = cut_copy(comp, comp.stat().st_size // 2, tmp_path, "c")
 
+    line = assert_one_line_error(run_cli("index", cut))
+    assert "; --allow-incomplete reads what is there (missing clusters read as errors)" in line
     obj = json.loads(run_cli("list", "--json", cut).stdout)
     assert obj["complete"] is False
     line = assert_one_line_error(run_cli("verify", cut))

@@ -343,3 +343,19 @@ def read_anyway_hint(e: VmaError, option: str) -> str:
     if e.readable_in_part:
         return f"{option} reads what is there (missing clusters read as errors)"
     return ""
+
+
+@contextlib.contextmanager
+def offering_read_anyway(option: str | None) -> Iterator[None]:
+    """A VmaError raised inside the block that *option* gets past says so (``; OPTION reads...``).
+
+    *option*: the command's way to accept an incomplete archive, or None
+    when it has none or it is already given (no hint then).
+    """
+    try:
+        yield
+    except VmaError as e:
+        hint = "" if option is None else read_anyway_hint(e, option)
+        if not hint:
+            raise
+        raise e.add_next_step(hint) from None

@@ -18,7 +18,7 @@ import time
 from .. import sidecar, sidecar_cache
 from ..archive import has_plain_side_index, index_by_scan, walk_headers
 from ..common.progress import Progress, add_progress_options, human_bytes, want_progress
-from ..errors import naming_archive
+from ..errors import naming_archive, offering_read_anyway
 from ..source import open_source
 
 HELP = "build the side index of an archive ahead of time"
@@ -93,7 +93,10 @@ def run(args) -> int:
     if args.archive is None:
         args.index_parser.error("give the ARCHIVE to index (or --list, --prune)")
     # The index raises after the scan ("stored twice", "incomplete"): name the file.
-    with naming_archive(args.archive):
+    with (
+        offering_read_anyway(None if args.allow_incomplete else "--allow-incomplete"),
+        naming_archive(args.archive),
+    ):
         return _index(args)
 
 
