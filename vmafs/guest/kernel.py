@@ -80,7 +80,11 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess:
 
 @dataclass(frozen=True)
 class KernelMount:
-    """One guest filesystem the kernel engine mounted (what teardown needs)."""
+    """One guest filesystem mounted on the host (what teardown needs).
+
+    ``loop`` is the loop device the kernel engine mounted, or "" for the
+    appliance's bind mounts in a ``mount --guest`` tree (vmafs.guest.tree).
+    """
 
     volume: str
     fstype: str
@@ -133,6 +137,18 @@ def unmount(mount: KernelMount, *, lazy: bool = False) -> None:
                 f"{mount.volume}: cannot unmount {mount.mountpoint}: {e.strerror or e} "
                 f"(see 'fuser -vm {mount.mountpoint}')"
             ) from None
+
+
+def unmount_path(path: str, what: str, *, lazy: bool = False) -> None:
+    """umount(8) *path*; GuestMountError naming *what* unless it is unmounted after.
+
+    Works on a FUSE mount whose process died (umount needs no answer from it).
+    """
+    proc = _run(["umount", *(["-l"] if lazy else []), path])
+    if proc.returncode != 0 and _is_mounted(path):
+        raise GuestMountError(
+            f"{what}: cannot unmount {path}: {first_line(proc)} (see 'fuser -vm {path}')"
+        )
 
 
 def wait_loops_released(prefix: str, timeout: float = 10.0) -> list[str]:

@@ -73,6 +73,14 @@ def volume_files(archive, volumes) -> dict[str, str]:
     }
 
 
+def disk_files(archive) -> dict[str, str]:
+    """Drive name -> the file name of its disk in the archive's mount (``disk-<drive>.raw``)."""
+    from ..names import safe_entry_names  # noqa: PLC0415 - the mount's names
+
+    by_dev = {e.dev_id: name for name, e in safe_entry_names(archive).items()}
+    return {dev.name: by_dev[dev.dev_id] for dev in archive.devices if not dev.is_vmstate}
+
+
 class GuestSession:
     """``with GuestSession(path, engine) as s: fs = s.open(s.find("scsi0/p1"))``."""
 
@@ -129,13 +137,7 @@ class GuestSession:
                 self.archive = Archive.open(self.archive_path, progress=self.progress)
         finally:
             warmer.stop()
-        from ..names import safe_entry_names  # noqa: PLC0415
-
-        archive = self.archive
-        by_dev = {e.dev_id: name for name, e in safe_entry_names(archive).items()}
-        for dev in archive.devices:
-            if not dev.is_vmstate:
-                self.disk_files[dev.name] = by_dev[dev.dev_id]
+        self.disk_files = disk_files(self.archive)
 
     def _mount(self) -> str:
         """The archive's private mount point; mounted at the first call."""
