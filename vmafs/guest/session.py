@@ -126,7 +126,7 @@ class GuestSession:
         # only the mount needs, are imported in a thread too.
         warmer = HeaderWarmer(self.archive_path)
         try:
-            self._importing = BackgroundImport("vmafs.fs")
+            self._importing = BackgroundImport("pyfuse3", "trio")
             from ..archive import Archive  # noqa: PLC0415 - numpy: not for `vmafs -h`
             from ..sidecar import deferred_saves  # noqa: PLC0415
 

@@ -67,7 +67,7 @@ def mount(
         # mount is up (_SideIndexSaver), not before the mount is ready.
         if owned:
             import_container(archive_path)
-            with importing_meanwhile("vmafs.fs"), deferred_saves() as saves:
+            with importing_meanwhile("pyfuse3", "trio"), deferred_saves() as saves:
                 archive = open_archive(archive_path, opts.allow_incomplete, opts.index_beside)
     finally:
         if warmer is not None:
