@@ -169,7 +169,7 @@ class _SideIndexSaver:
 
 
 def _log_start(archive_path: str, mp: str, opts: MountOptions, ops) -> None:
-    from ..fs import SEEK_HOLE_SUPPORTED  # noqa: PLC0415 - needs pyfuse3
+    from ..fs import READ_SEGMENTS_SUPPORTED, SEEK_HOLE_SUPPORTED  # noqa: PLC0415 - needs pyfuse3
     from ..names import rename_messages  # noqa: PLC0415
 
     log.info("serving %s (%d files) on %s", archive_path, len(ops.entries), mp)
@@ -183,6 +183,11 @@ def _log_start(archive_path: str, mp: str, opts: MountOptions, ops) -> None:
         log.info(
             "this pyfuse3 has no lseek handler: SEEK_DATA/SEEK_HOLE show every disk as "
             "all data, so copies read the holes too (contrib/pyfuse3/README.md)"
+        )
+    if not READ_SEGMENTS_SUPPORTED and not ops.archive.compressed:
+        log.info(
+            "this pyfuse3 cannot answer reads with pieces of the archive: every byte "
+            "read is copied through Python (contrib/pyfuse3/README.md)"
         )
     missing = sum(ops.archive.missing_clusters(e.dev_id) for e in ops.entries.values() if e.dev_id)
     if missing:
