@@ -166,3 +166,49 @@ def test_missing_cluster_is_eio_and_the_rest_reads(segments, tmp_path, request, 
     finally:
         replies = _stop(proc, mnt)
     assert ("list" in replies) == segments, replies
+
+
+class _Ops:
+    def __init__(self, max_pages: int | None) -> None:
+        if max_pages is not None:
+            self.max_pages = max_pages
+
+
+@pytest.mark.parametrize(
+    "readahead, max_pages, want",
+    [
+        (1024, 240, 960),  # 960 KiB requests: the window is one request, not 960 + 64
+        (4096, 240, 3840),
+        (512, 240, 512),  # below one request: as asked
+        (0, 240, 0),  # 0: the kernel's value
+        (1024, 0, 1024),  # no cap (CAP_SYS_RESOURCE)
+        (1024, None, 1024),  # stock pyfuse3: no max_pages at all
+    ],
+)
+def test_readahead_is_whole_requests(readahead, max_pages, want):
+    from vmafs.mount.mounting import whole_requests
+
+    assert whole_requests(readahead, _Ops(max_pages)) == want
+
+
+def test_mount_readahead_matches_the_request_size(tmp_path, require_read_segments):
+    from test_mount_support import mounted
+
+    from vmafs.fs import SplicePipe
+    from vmafs.mount import DEFAULT_READAHEAD_KB
+    from vmafs.mount.mounting import whole_requests
+
+    if os.geteuid() != 0:
+        pytest.skip("only root sets a mount's readahead")
+    pipe = SplicePipe.probe()
+    assert pipe is not None
+    want = whole_requests(DEFAULT_READAHEAD_KB, _Ops(pipe.max_pages))
+    archive = build_archive({"drive-scsi0": sparse_disk(4 * CLUSTER_SIZE, 1)}).write(
+        tmp_path / "a.vma"
+    )
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with mounted(archive, mnt):
+        dev = os.stat(mnt).st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        assert int(bdi.read_text()) == want
