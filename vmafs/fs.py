@@ -73,6 +73,10 @@ CACHE_TIMEOUT = 86400.0
 # cold, not with two readers (virtio readahead keeps single preads short),
 # not on compressed sources (within the noise).  Reads run inline; `-o
 # threads` exists for storage where a single read really blocks for long.
+#
+# Since 2026-12-07 a plain archive's disk reads go out as pieces of the archive
+# file that libfuse splices (READ_SEGMENTS_SUPPORTED, SplicePipe): no bytearray
+# and one copy fewer per request; docs/mount.md, "Spliced replies".
 DEFAULT_DIRECT_IO = False
 DEFAULT_THREADED = False
 
