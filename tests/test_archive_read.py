@@ -327,6 +327,21 @@ def test_segments_pieces_are_few_and_in_order(tmp_path):
         assert joined(a, a.segments(1, len(content) - 5, 10)) == bytes(5)  # clipped
 
 
+def test_segments_of_a_shrunk_archive_raise(tmp_path):
+    """Pieces past the end would be a short reply (zeros, EOF) instead of EIO."""
+    from vmafs.errors import TruncatedError
+
+    content = os.urandom(4 * CLUSTER_SIZE)
+    path = build_archive({"drive-scsi0": content}).write(tmp_path / "a.vma")
+    with Archive.open(path) as a:
+        assert joined(a, a.segments(1, 0, len(content))) == content
+        os.truncate(path, os.path.getsize(path) - CLUSTER_SIZE)
+        for off, n in [(0, len(content)), (3 * CLUSTER_SIZE, BLOCK_SIZE)]:
+            with pytest.raises(TruncatedError):
+                a.segments(1, off, n)
+        assert joined(a, a.segments(1, 0, BLOCK_SIZE)) == content[:BLOCK_SIZE]  # before the cut
+
+
 def test_segments_refused_for_compressed_archives(tmp_path):
     plain = build_archive({"drive-scsi0": sparse_disk(4 * CLUSTER_SIZE, 5)}).write(
         tmp_path / "a.vma"

@@ -325,8 +325,9 @@ class Archive:
         For a plain archive only (:attr:`fd` is not None): the filesystem
         hands these to pyfuse3, whose libfuse reads or splices them from the
         archive itself, so no device byte passes through Python.  Raises
-        MissingClusterError like :meth:`readinto`; a file shortened after
-        ``open`` gives a short reply instead of TruncatedError.
+        MissingClusterError like :meth:`readinto`, and TruncatedError when a
+        piece lies past the file's end now (the file shrank after ``open``:
+        read from, it would give a short reply, i.e. zeros or EOF, not EIO).
         """
         fd = self.fd
         if fd is None:
@@ -335,8 +336,13 @@ class Archive:
         n = max(0, min(size, dm.device.size - offset))
         aoff, entries = self._locate(dm, offset, n)
         if aoff is not None:
-            return [_ZEROS[:n] if aoff == _NO_RUN else (fd, aoff, n)]
+            if aoff == _NO_RUN:
+                return [_ZEROS[:n]]
+            self._check_end(aoff + n)
+            return [(fd, aoff, n)]
         runs, zeros = self._plan(dm, offset, n, entries)
+        if runs:
+            self._check_end(max(aoff + length for aoff, length, _ in runs))
         pieces: list[tuple[int, tuple[int, int, int] | memoryview]] = [
             (dest, (fd, aoff, length)) for aoff, length, dest in runs
         ]
@@ -345,6 +351,13 @@ class Archive:
                 pieces.append((at, _ZEROS[: min(len(_ZEROS), dest + length - at)]))
         pieces.sort(key=_first)
         return [piece for _, piece in pieces]
+
+    def _check_end(self, end: int) -> None:
+        # lseek, not fstat: a block device's st_size is 0.  The file position
+        # is nobody's (every read gives its offset).
+        size = os.lseek(self.fd, 0, os.SEEK_END)
+        if end > size:
+            raise TruncatedError("archive shrank while it was being read", offset=size)
 
     @staticmethod
     def _locate(dm, offset: int, n: int) -> tuple[int | None, list[int] | None]:
