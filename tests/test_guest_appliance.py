@@ -49,3 +49,22 @@ def test_backend_environment():
     assert ("LIBGUESTFS_BACKEND_SETTINGS" in env) == (not kvm_runs())
     mine = {"LIBGUESTFS_BACKEND": "libvirt", "LIBGUESTFS_BACKEND_SETTINGS": "force_kvm"}
     assert libguestfs_env(mine) == mine  # the user's settings win
+
+
+def test_mount_guest_leaves_out_lvs_of_a_vg_name_on_two_drives():
+    """One appliance sees every drive of a mount --guest tree: a VG name on two of
+    them could not be told apart there, so those LVs are left out with a note."""
+    from vmafs.guest.tree import _shared_vg_names
+
+    def lv(drive: str, name: str) -> Volume:
+        return Volume(f"{drive}/{name}", drive, 1, "lv", 4096, (Segment(0, 0, 4096),), "xfs", None)
+
+    vols = [
+        lv("drive-scsi0", "pve/root"),
+        lv("drive-scsi1", "pve/root"),
+        lv("drive-scsi1", "vg1/a"),
+    ]
+    shared = _shared_vg_names(vols)
+    assert sorted(shared) == ["drive-scsi0/pve/root", "drive-scsi1/pve/root"]
+    assert "VG 'pve' is also on another drive" in shared["drive-scsi0/pve/root"]
+    assert _shared_vg_names(vols[1:]) == {}

@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,23 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "appliance_wor
 INSTALL_HINT = (
     "apt-get install --no-install-recommends libguestfs-tools python3-guestfs linux-image-amd64"
 )
+#: The environment variable that marks a detached worker and every process
+#: it starts (libguestfs's QEMU inherits it): see :func:`tagged_processes`.
+TAG_VARIABLE = "VMAFS_APPLIANCE_TAG"
+#: Source and subtype of the appliance's FUSE mount (mount --guest), for findmnt.
+FUSE_NAME = "vmafs-appliance"
+
+
+def mount_options(fstype: str) -> str:
+    """Options for mounting a guest filesystem of *fstype* inside the appliance.
+
+    Read-only; the drives sit under libguestfs's throwaway overlays, so a
+    dirty journal is replayed there (never into the backup), as the guest
+    would on its next boot.  XFS gets ``nouuid`` because one appliance
+    mounts several filesystems at once, and two disks cloned from one image
+    hold XFS filesystems with one UUID (the kernel refuses the second).
+    """
+    return "ro,nouuid" if fstype == "xfs" else "ro"
 
 
 def system_python() -> str:
@@ -106,21 +124,29 @@ def device_for(info: LaunchInfo, drive_index: int, volume) -> str:
 class Appliance:
     """A launched libguestfs appliance over *drives* (raw image files), read-only.
 
-    One launch per instance; close() shuts it down (also on ``with`` exit).
+    One launch per instance; close() shuts it down (also on ``with`` exit),
+    unless :meth:`mount_local` handed it over to serve a host directory.
+    *tag* marks the worker and its children (:func:`tagged_processes`), so
+    they can be found after this process is gone.
     """
 
-    def __init__(self, drives: Sequence[str]) -> None:
+    def __init__(self, drives: Sequence[str], *, tag: str | None = None) -> None:
         require()
         self._log = tempfile.TemporaryFile()
+        env = libguestfs_env()
+        if tag is not None:
+            env[TAG_VARIABLE] = tag
         self._proc = subprocess.Popen(
             [system_python(), "-I", WORKER, *drives],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             # LIBGUESTFS_DEBUG=1: libguestfs's own log straight to our stderr
             stderr=None if os.environ.get("LIBGUESTFS_DEBUG") else self._log,
-            env=libguestfs_env(),
+            env=env,
             start_new_session=True,  # a Ctrl-C reaches us; we shut the appliance down
         )
+        self._detached = False
+        self._mountpoints: set[str] = set()
         try:
             launch = self._answer("launch")
         except GuestError as e:
@@ -179,7 +205,7 @@ class Appliance:
     def close(self) -> None:
         """Shut the appliance down and wait for it (its QEMU holds the disk files open)."""
         proc = self._proc
-        if proc.poll() is None:
+        if proc.poll() is None and not self._detached:
             try:
                 assert proc.stdin is not None
                 proc.stdin.write(b'{"op": "quit", "args": []}\n')
@@ -208,6 +234,41 @@ class Appliance:
         except GuestError as e:
             raise GuestError(f"{volume}: the appliance cannot mount {device}: {e}") from None
         return ApplianceFS(self, volume)
+
+    # -- several filesystems on one host directory (mount --guest) -----------------------
+
+    def mount_at(self, device: str, mountpoint: str, fstype: str, volume: str) -> None:
+        """Mount *device* read-only on *mountpoint* inside the appliance, beside others.
+
+        The mount point and its parents are made first (libguestfs's
+        mkmountpoint: the appliance has no root filesystem to make them in).
+        """
+        parts = mountpoint.strip("/").split("/")
+        try:
+            for i in range(1, len(parts) + 1):
+                path = "/" + "/".join(parts[:i])
+                if path not in self._mountpoints:
+                    self.call("mkmountpoint", path)
+                    self._mountpoints.add(path)
+            self.call("mount_at", device, mountpoint, mount_options(fstype))
+        except GuestError as e:
+            raise GuestError(f"{volume}: the appliance cannot mount {device}: {e}") from None
+
+    def mount_local(self, directory: str) -> None:
+        """Show what :meth:`mount_at` mounted on the host's *directory*, read-only, and
+        leave the worker serving it until *directory* is unmounted.
+
+        Everyone may enter (``allow_other``), and the kernel checks the guest's
+        own modes and owners (``default_permissions``), as for a kernel mount.
+        The mount table names it :data:`FUSE_NAME` (source and ``fuse.`` type).
+        After this the instance is done with: close() leaves the worker running.
+        """
+        options = f"ro,allow_other,default_permissions,fsname={FUSE_NAME},subtype={FUSE_NAME}"
+        self.call("mount_local", directory, options)
+        self._detached = True
+        for stream in (self._proc.stdin, self._proc.stdout):
+            if stream is not None:
+                stream.close()
 
 
 def _entry(path: str, s: dict, target: str | None) -> Entry:
@@ -266,3 +327,47 @@ class ApplianceFS:
                 return
             offset += len(data)
             yield data
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """The pids of processes started with ``TAG_VARIABLE=tag``: a detached worker, the
+    QEMU and recovery process of its appliance (they inherit its environment).
+
+    Precise where a recorded pid is not: a pid can be reused, a random tag is
+    not.  Reads /proc/PID/environ, so only this user's processes (all of them
+    for root).
+    """
+    marker = f"{TAG_VARIABLE}={tag}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue  # gone meanwhile, or another user's
+        if marker in environ.split(b"\0"):
+            found.append(int(name))
+    return found
+
+
+def end_tagged(tag: str, timeout: float) -> None:
+    """Wait up to *timeout* s for the processes tagged *tag* to exit, then kill them.
+
+    A worker whose host directory was unmounted shuts its appliance down and
+    exits by itself; one that hangs, or whose worker was killed and left its
+    QEMU behind, is ended with SIGKILL (its QEMU holds the disk files open).
+    """
+    deadline = time.monotonic() + timeout
+    while tagged_processes(tag) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for _ in range(50):
+        pids = tagged_processes(tag)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    raise GuestError(f"the appliance's processes {pids} (tag {tag}) survive SIGKILL")

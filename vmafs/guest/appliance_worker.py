@@ -18,6 +18,14 @@ until ``quit`` or end of input:
 
 The first answer, sent unasked, is the launch's: ``{"ok": {"devices":
 [...], "partitions": [...], "lvs": [...]}}`` or its error.
+
+``vmafs mount --guest`` uses a second set of requests: ``mkmountpoint``
+and ``mount_at`` lay out several filesystems side by side in the
+appliance, and ``mount_local`` shows that tree through FUSE on a host
+directory, answers ``ok`` and then serves it (libguestfs's
+``mount_local_run``) until the host unmounts it; after that answer nothing
+more is read or written on the channel (the host closes its ends and leaves
+this process running), and the appliance is shut down once it returns.
 """
 
 import json
@@ -67,6 +75,18 @@ class Worker:
         self.g.mount_options("ro", device, "/")
         return self.g.vfs_type(device)
 
+    def op_mkmountpoint(self, path):
+        self.g.mkmountpoint(path)
+
+    def op_mount_at(self, device, mountpoint, options):
+        """Mount *device* on *mountpoint* (made by mkmountpoint) with *options*."""
+        self.g.mount_options(options, device, mountpoint)
+        return self.g.vfs_type(device)
+
+    def op_mount_local(self, directory, options):
+        """Show the appliance's mounted tree on the host's *directory*, read-only."""
+        self.g.mount_local(directory, readonly=True, options=options)
+
     def op_lstat(self, path):
         return _stat(self.g.lstatns(path))
 
@@ -111,6 +131,12 @@ class Worker:
                 self.send({"ok": len(result)}, result)
             else:
                 self.send({"ok": result})
+            if op == "mount_local":
+                # The host waits for the answer above, then for this call to
+                # serve FUSE requests; it returns once the host unmounts.
+                self.channel.close()
+                self.g.mount_local_run()
+                return
 
 
 def main(drives):

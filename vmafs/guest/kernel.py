@@ -78,7 +78,11 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess:
 
 @dataclass(frozen=True)
 class KernelMount:
-    """One guest filesystem the kernel engine mounted (what teardown needs)."""
+    """One guest filesystem mounted on the host (what teardown needs).
+
+    ``loop`` is the loop device the kernel engine mounted, or "" for the
+    appliance's bind mounts in a ``mount --guest`` tree (vmafs.guest.tree).
+    """
 
     volume: str
     fstype: str
@@ -108,12 +112,19 @@ def mount_volume(volume_file: str, fstype: str, mountpoint: str, volume: str) ->
 
 
 def unmount(mount: KernelMount, *, lazy: bool = False) -> None:
-    """Unmount *mount* and wait until its loop device is gone (GuestMountError if busy)."""
-    proc = _run(["umount", *(["-l"] if lazy else []), mount.mountpoint])
-    if proc.returncode != 0 and _is_mounted(mount.mountpoint):
+    """Unmount *mount* (its loop device goes with it); GuestMountError if busy."""
+    unmount_path(mount.mountpoint, mount.volume, lazy=lazy)
+
+
+def unmount_path(path: str, what: str, *, lazy: bool = False) -> None:
+    """umount(8) *path*; GuestMountError naming *what* unless it is unmounted after.
+
+    Works on a FUSE mount whose process died (umount needs no answer from it).
+    """
+    proc = _run(["umount", *(["-l"] if lazy else []), path])
+    if proc.returncode != 0 and _is_mounted(path):
         raise GuestMountError(
-            f"{mount.volume}: cannot unmount {mount.mountpoint}: {first_line(proc)} "
-            f"(see 'fuser -vm {mount.mountpoint}')"
+            f"{what}: cannot unmount {path}: {first_line(proc)} (see 'fuser -vm {path}')"
         )
 
 

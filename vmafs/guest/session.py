@@ -67,6 +67,14 @@ def volume_files(archive, volumes) -> dict[str, str]:
     }
 
 
+def disk_files(archive) -> dict[str, str]:
+    """Drive name -> the file name of its disk in the archive's mount (``disk-<drive>.raw``)."""
+    from ..names import safe_entry_names  # noqa: PLC0415 - the mount's names
+
+    by_dev = {e.dev_id: name for name, e in safe_entry_names(archive).items()}
+    return {dev.name: by_dev[dev.dev_id] for dev in archive.devices if not dev.is_vmstate}
+
+
 class GuestSession:
     """``with GuestSession(path, engine) as s: fs = s.open(s.find("scsi0/p1"))``."""
 
@@ -105,7 +113,6 @@ class GuestSession:
         from ..mount.errors import MountError  # noqa: PLC0415
         from ..mount.mounting import mount  # noqa: PLC0415
         from ..mount.options import MountOptions  # noqa: PLC0415
-        from ..names import safe_entry_names  # noqa: PLC0415
         from ..volumes import scan_volumes  # noqa: PLC0415
 
         # Kept open for find(); the mount below opens its own (from the side
@@ -113,10 +120,7 @@ class GuestSession:
         self.archive = archive = Archive.open(self.archive_path, progress=self.progress)
         self.volumes = scan_volumes(archive)
         self.volume_files = volume_files(archive, self.volumes)
-        by_dev = {e.dev_id: name for name, e in safe_entry_names(archive).items()}
-        for dev in archive.devices:
-            if not dev.is_vmstate:
-                self.disk_files[dev.name] = by_dev[dev.dev_id]
+        self.disk_files = disk_files(archive)
         self.workdir = tempfile.mkdtemp(prefix="vmafs-guest-", dir=runtime_dir())
         mp = os.path.join(self.workdir, "archive")
         os.mkdir(mp)
