@@ -274,6 +274,7 @@ def random_reads_equal_source(built: Built, data) -> None:
                 assert a.readinto(dev_id, off, buf) == len(want)
                 assert bytes(buf[: len(want)]) == want
                 assert buf[len(want) :] == b"\xee" * (n - len(want))
+                assert joined(a, a.segments(dev_id, off, n)) == want
             # The stream walker (compressed archives), fed in random chunks, maps the same.
             chunks = data.draw(st.lists(st.integers(1, 200_000), min_size=1, max_size=8))
             si, pos, i = StreamIndexer(), 0, 0
@@ -284,6 +285,72 @@ def random_reads_equal_source(built: Built, data) -> None:
             streamed = si.finish(built.size).to_arrays()
             for key, arr in a.index.to_arrays().items():
                 assert np.array_equal(arr, streamed[key]), key
+
+
+def joined(a: Archive, pieces) -> bytes:
+    """The bytes :meth:`Archive.segments` describes, read as libfuse would."""
+    out = []
+    for piece in pieces:
+        if type(piece) is tuple:
+            fd, aoff, length = piece
+            assert fd == a.fd and length > 0
+            out.append(os.pread(fd, length, aoff))
+        else:
+            assert not any(piece)  # only zeros are served from memory
+            out.append(bytes(piece))
+    return b"".join(out)
+
+
+def test_segments_pieces_are_few_and_in_order(tmp_path):
+    """Neighbouring stored clusters come as one piece; holes as zero memory, in place."""
+    content = bytes(CLUSTER_SIZE) + os.urandom(3 * CLUSTER_SIZE) + bytes(2 * CLUSTER_SIZE)
+    content += os.urandom(BLOCK_SIZE) + bytes(CLUSTER_SIZE - BLOCK_SIZE)
+    path = build_archive({"drive-scsi0": content}).write(tmp_path / "a.vma")
+    with Archive.open(path) as a:
+        pieces = a.segments(1, 0, len(content))
+        assert [type(p).__name__ for p in pieces] == [
+            "memoryview",
+            "tuple",
+            "memoryview",
+            "tuple",
+            "memoryview",
+        ]
+        assert [p[2] if type(p) is tuple else len(p) for p in pieces] == [
+            CLUSTER_SIZE,
+            3 * CLUSTER_SIZE,
+            2 * CLUSTER_SIZE,
+            BLOCK_SIZE,
+            CLUSTER_SIZE - BLOCK_SIZE,
+        ]
+        assert joined(a, pieces) == content
+        assert a.segments(1, len(content), 10) == []  # at the end: nothing
+        assert joined(a, a.segments(1, len(content) - 5, 10)) == bytes(5)  # clipped
+
+
+def test_segments_of_a_shrunk_archive_raise(tmp_path):
+    """Pieces past the end would be a short reply (zeros, EOF) instead of EIO."""
+    from vmafs.errors import TruncatedError
+
+    content = os.urandom(4 * CLUSTER_SIZE)
+    path = build_archive({"drive-scsi0": content}).write(tmp_path / "a.vma")
+    with Archive.open(path) as a:
+        assert joined(a, a.segments(1, 0, len(content))) == content
+        os.truncate(path, os.path.getsize(path) - CLUSTER_SIZE)
+        for off, n in [(0, len(content)), (3 * CLUSTER_SIZE, BLOCK_SIZE)]:
+            with pytest.raises(TruncatedError):
+                a.segments(1, off, n)
+        assert joined(a, a.segments(1, 0, BLOCK_SIZE)) == content[:BLOCK_SIZE]  # before the cut
+
+
+def test_segments_refused_for_compressed_archives(tmp_path):
+    plain = build_archive({"drive-scsi0": sparse_disk(4 * CLUSTER_SIZE, 5)}).write(
+        tmp_path / "a.vma"
+    )
+    subprocess.run(["gzip", "-k", str(plain)], check=True)
+    with Archive.open(str(plain) + ".gz", use_sidecar=False) as a:
+        assert a.fd is None
+        with pytest.raises(ValueError, match="gzip archive"):
+            a.segments(1, 0, CLUSTER_SIZE)
 
 
 # --- container modules are imported when the magic asks for them -------------------------

@@ -34,7 +34,12 @@ _BLOCK_BITS = BLOCK_SIZE.bit_length() - 1
 _IN_BLOCK = BLOCK_SIZE - 1
 _NEXT_CLUSTER = (CLUSTER_SIZE >> OFFSET_SHIFT) << MASK_BITS  # entry step: next 64 KiB stored
 _ZEROS = memoryview(bytes(1 << 20))  # holes are copied from here (calloc'ed: no RSS)
+_NO_RUN = -1  # Archive._locate: the bytes are zeros, nothing to read
 _RUNS_CHUNK = 1 << 20  # clusters per step of allocated_ranges (bounds its temporaries)
+
+
+def _first(pair: tuple) -> int:
+    return pair[0]
 
 
 def read_header(source: Reader) -> Header:
@@ -107,6 +112,9 @@ class Archive:
         #: container checked), or there is no container; default: the latter.
         self.stream_checked = not source.compressed if stream_checked is None else stream_checked
         self._pread_into = source.pread_into  # bound once: the read fast paths call it
+        #: The archive file's descriptor when device bytes lie in it as stored
+        #: (a plain archive: :meth:`segments`), else None.
+        self.fd: int | None = None if source.compressed else source.fileno()
 
     @classmethod
     def open(
@@ -301,40 +309,95 @@ class Archive:
         n = len(out)
         if offset + n > dm.device.size:
             n = max(0, dm.device.size - offset)
-        entries = None
-        if n > 0 and offset >= 0:
-            # Fast paths in plain ints: one cluster (small reads), or clusters
-            # stored whole and back to back (most of a sequential read).
-            first = offset >> _CLUSTER_BITS
-            last = (offset + n - 1) >> _CLUSTER_BITS
-            if first == last:
-                entry = dm.packed.item(first)
-                if entry:
-                    a = offset & _IN_CLUSTER
-                    blk = a >> _BLOCK_BITS
-                    want = (2 << ((a + n - 1) >> _BLOCK_BITS)) - (1 << blk)  # blocks touched
-                    have = entry & want  # of those, the stored ones (mask bits)
-                    if not have:
-                        out[:n] = _ZEROS[:n]
-                        return n
-                    if have == want:
-                        # Stored blocks of a cluster lie back to back: skip those before.
-                        before = (entry & ((1 << blk) - 1)).bit_count()
-                        aoff = ((entry >> MASK_BITS) << OFFSET_SHIFT) + (before << _BLOCK_BITS)
-                        self._read_run(out, aoff + (a & _IN_BLOCK), n, 0)
-                        return n
+        aoff, entries = self._locate(dm, offset, n)
+        if aoff is not None:
+            if aoff == _NO_RUN:
+                out[:n] = _ZEROS[:n]
             else:
-                entries = dm.packed[first : last + 1].tolist()
-                entry = entries[0]
-                if entry & MASK == FULL_MASK and entries == list(
-                    range(entry, entry + len(entries) * _NEXT_CLUSTER, _NEXT_CLUSTER)
-                ):
-                    aoff = ((entry >> MASK_BITS) << OFFSET_SHIFT) + (offset & _IN_CLUSTER)
-                    self._read_run(out, aoff, n, 0)
-                    return n
+                self._read_run(out, aoff, n, 0)
+            return n
         runs, zeros = self._plan(dm, offset, n, entries)
         self._fill(out, runs, zeros)
         return n
+
+    def segments(
+        self, dev_id: int, offset: int, size: int
+    ) -> list[tuple[int, int, int] | memoryview]:
+        """Device bytes [offset, offset+size), clipped at the device end, as
+        pieces in order: ``(fd, archive offset, length)`` for stored bytes
+        (read them from :attr:`fd`), zero memoryviews for the rest.
+
+        For a plain archive only (:attr:`fd` is not None): the filesystem
+        hands these to pyfuse3, whose libfuse reads or splices them from the
+        archive itself, so no device byte passes through Python.  Raises
+        MissingClusterError like :meth:`readinto`, and TruncatedError when a
+        piece lies past the file's end now (the file shrank after ``open``:
+        read from, it would give a short reply, i.e. zeros or EOF, not EIO).
+        """
+        fd = self.fd
+        if fd is None:
+            raise ValueError(f"{self.source.kind} archive: device bytes are not in the file")
+        dm = self.index.maps[dev_id]
+        n = max(0, min(size, dm.device.size - offset))
+        aoff, entries = self._locate(dm, offset, n)
+        if aoff is not None:
+            if aoff == _NO_RUN:
+                return [_ZEROS[:n]]
+            self._check_end(aoff + n)
+            return [(fd, aoff, n)]
+        runs, zeros = self._plan(dm, offset, n, entries)
+        if runs:
+            self._check_end(max(aoff + length for aoff, length, _ in runs))
+        pieces: list[tuple[int, tuple[int, int, int] | memoryview]] = [
+            (dest, (fd, aoff, length)) for aoff, length, dest in runs
+        ]
+        for dest, length in zeros:
+            for at in range(dest, dest + length, len(_ZEROS)):
+                pieces.append((at, _ZEROS[: min(len(_ZEROS), dest + length - at)]))
+        pieces.sort(key=_first)
+        return [piece for _, piece in pieces]
+
+    def _check_end(self, end: int) -> None:
+        # lseek, not fstat: a block device's st_size is 0.  The file position
+        # is nobody's (every read gives its offset).
+        size = os.lseek(self.fd, 0, os.SEEK_END)
+        if end > size:
+            raise TruncatedError("archive shrank while it was being read", offset=size)
+
+    @staticmethod
+    def _locate(dm, offset: int, n: int) -> tuple[int | None, list[int] | None]:
+        """The read fast paths, in plain ints: ``(archive offset, None)`` when
+        the *n* bytes at *offset* are one run in the archive (clusters stored
+        whole and back to back: most of a sequential read; or one cluster's
+        blocks: small reads), ``(_NO_RUN, None)`` when they are zeros within
+        one cluster, else ``(None, entries)`` for :meth:`_plan` (entries may
+        be None)."""
+        if n <= 0 or offset < 0:
+            return None, None
+        first = offset >> _CLUSTER_BITS
+        last = (offset + n - 1) >> _CLUSTER_BITS
+        if first == last:
+            entry = dm.packed.item(first)
+            if entry:
+                a = offset & _IN_CLUSTER
+                blk = a >> _BLOCK_BITS
+                want = (2 << ((a + n - 1) >> _BLOCK_BITS)) - (1 << blk)  # blocks touched
+                have = entry & want  # of those, the stored ones (mask bits)
+                if not have:
+                    return _NO_RUN, None
+                if have == want:
+                    # Stored blocks of a cluster lie back to back: skip those before.
+                    before = (entry & ((1 << blk) - 1)).bit_count()
+                    aoff = ((entry >> MASK_BITS) << OFFSET_SHIFT) + (before << _BLOCK_BITS)
+                    return aoff + (a & _IN_BLOCK), None
+            return None, None
+        entries = dm.packed[first : last + 1].tolist()
+        entry = entries[0]
+        if entry & MASK == FULL_MASK and entries == list(
+            range(entry, entry + len(entries) * _NEXT_CLUSTER, _NEXT_CLUSTER)
+        ):
+            return ((entry >> MASK_BITS) << OFFSET_SHIFT) + (offset & _IN_CLUSTER), None
+        return None, entries
 
     def _pread(self, aoff: int, length: int) -> bytes:
         data = self.source.pread(aoff, length)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build pyfuse3 3.5.0 with lseek.patch and install it into a Python environment.
+# Build pyfuse3 3.5.0 with lseek.patch and read-segments.patch and install it
+# into a Python environment.
 #
 #   bash contrib/pyfuse3/install.sh [PYTHON]          (default: python3)
 #   bash contrib/pyfuse3/install.sh --check [PYTHON]  exit 0 if PYTHON already has it
@@ -10,11 +11,11 @@
 # included, come as wheels) and is checked against a pinned SHA-256 before it is
 # unpacked. Needs what any pyfuse3 build needs (libfuse3-dev, pkg-config, a C
 # compiler, the Python headers; pip fetches Cython into the build environment)
-# plus patch(1). The result reports version 3.5.0+vmafs.lseek1, which satisfies
-# vmafs's "pyfuse3>=3.3", so a later `pip install vmafs` keeps it.
+# plus patch(1). The result reports version 3.5.0+vmafs.lseek1.segments1, which
+# satisfies vmafs's "pyfuse3>=3.3", so a later `pip install vmafs` keeps it.
 #
-# Exit status: 0 when the installed pyfuse3 has Operations.lseek, non-zero
-# otherwise (with pip's last lines on stderr).
+# Exit status: 0 when the installed pyfuse3 has Operations.lseek and
+# pyfuse3.READ_SEGMENTS, non-zero otherwise (with pip's last lines on stderr).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -26,17 +27,22 @@ esac
 PY=${1:-python3}
 VERSION=3.5.0
 SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-# Raise the number with every change to lseek.patch, so --check asks for a rebuild.
-LOCAL_VERSION="$VERSION+vmafs.lseek1"
+# Raise a number with every change to its patch, so --check asks for a rebuild.
+LOCAL_VERSION="$VERSION+vmafs.lseek1.segments1"
+PATCHES=(lseek.patch read-segments.patch) # in this order
 
-installed() { # true if PY has this build of pyfuse3 and it has the handler
+installed() { # true if PY has this build of pyfuse3 and it has both additions
     "$PY" - "$LOCAL_VERSION" <<'PYEOF' 2>/dev/null
 import sys
 from importlib.metadata import version
 
 import pyfuse3
 
-sys.exit(version("pyfuse3") != sys.argv[1] or not hasattr(pyfuse3.Operations, "lseek"))
+sys.exit(
+    version("pyfuse3") != sys.argv[1]
+    or not hasattr(pyfuse3.Operations, "lseek")
+    or not getattr(pyfuse3, "READ_SEGMENTS", False)
+)
 PYEOF
 }
 
@@ -46,12 +52,12 @@ if ((CHECK)); then
 fi
 
 die() {
-    echo "pyfuse3-lseek: error: $*" >&2
+    echo "pyfuse3-vmafs: error: $*" >&2
     exit 1
 }
 
 command -v patch >/dev/null || die "patch(1) is not installed (Debian package patch)"
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/pyfuse3-lseek.XXXXXX")
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/pyfuse3-vmafs.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
 # logged CMD...: CMD's output into $WORK/pip.log (and on stdout with --verbose).
@@ -71,8 +77,10 @@ echo "$SHA256  $SDIST" | sha256sum --check --quiet - ||
     die "$SDIST does not have the pinned SHA-256 $SHA256"
 
 tar -xzf "$SDIST" -C "$WORK"
-patch --quiet -p1 -d "$WORK/pyfuse3-$VERSION" <"$HERE/lseek.patch" ||
-    die "lseek.patch does not apply to pyfuse3 $VERSION"
+for p in "${PATCHES[@]}"; do
+    patch --quiet -p1 -d "$WORK/pyfuse3-$VERSION" <"$HERE/$p" ||
+        die "$p does not apply to pyfuse3 $VERSION"
+done
 
 # setuptools_scm would take the version from PKG-INFO; mark the build as patched.
 : >"$WORK/pip.log"
@@ -80,5 +88,5 @@ SETUPTOOLS_SCM_PRETEND_VERSION="$LOCAL_VERSION" \
     logged "$PY" -m pip install --progress-bar off -v "$WORK/pyfuse3-$VERSION" ||
     { tail -n 40 "$WORK/pip.log" >&2; die "building pyfuse3 $LOCAL_VERSION failed"; }
 
-installed || die "pyfuse3 $LOCAL_VERSION was installed but does not import with Operations.lseek"
-echo "pyfuse3-lseek: installed pyfuse3 $LOCAL_VERSION into $("$PY" -c 'import sys; print(sys.prefix)')"
+installed || die "pyfuse3 $LOCAL_VERSION was installed but does not import with Operations.lseek and READ_SEGMENTS"
+echo "pyfuse3-vmafs: installed pyfuse3 $LOCAL_VERSION into $("$PY" -c 'import sys; print(sys.prefix)')"

@@ -22,7 +22,8 @@ options (-o, comma-separated, may repeat):
   direct_io         no page cache, 1 MiB requests: fastest for one-off bulk
                     copies (qemu-img convert); slow small reads, no shared mmap
   readahead=KIB     readahead of the mount (default {DEFAULT_READAHEAD_KB}; root only,
-                    0 keeps the kernel's 128)
+                    0 keeps the kernel's 128; rounded down to whole requests
+                    when spliced replies cap them, e.g. to 960)
   threads           serve reads from worker threads: for archives on slow or
                     network storage read by several programs at once
   logfile=PATH      log here instead of syslog when detached
