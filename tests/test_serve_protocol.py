@@ -304,6 +304,53 @@ def test_many_clients_at_once(archive, tmp_path, threads):
     run(archive, tmp_path, body, threads)
 
 
+@pytest.mark.parametrize("threads", [False, True], ids=["inline", "threads"])
+def test_a_batch_of_requests_in_one_write_gets_every_reply_right(archive, tmp_path, threads):
+    """Requests that arrive together are answered together (the replies of
+    small reads are held back until no whole request is left to read, and
+    their buffers are reused once sent): each reply still carries its own
+    request's bytes, holes, errors and block status."""
+    size = archive.device(1).size
+    sizes = [4096, 512, 65536, 131072, 262144, 8192]
+    # distinct data (the first MiB is all data), then runs across holes and data
+    reads = [((i * 7 * 4096) % (1 << 19), sizes[i % len(sizes)]) for i in range(60)]
+    reads += [(2555904, 131072), (3080192, 262144), (5111808, 131072)]
+
+    async def body(server, path):
+        c = await structured(path)
+        batch = b"".join(
+            struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.NBD_CMD_READ, i, off, n)
+            for i, (off, n) in enumerate(reads)
+        )
+        head = struct.Struct(">IHHQQI")
+        batch += head.pack(nbd.REQUEST_MAGIC, 0, nbd.NBD_CMD_READ, 100, size, 512)  # past the end
+        batch += head.pack(nbd.REQUEST_MAGIC, 0, nbd.NBD_CMD_BLOCK_STATUS, 101, 0, size)
+        await c.send(batch)
+        got = {i: bytearray(n) for i, (_, n) in enumerate(reads)}
+        done, error, extents = set(), None, None
+        while len(done) < len(reads) + 2:
+            _, cookie, flags, rtype, payload = await c.any_reply()
+            if rtype == nbd.NBD_REPLY_TYPE_OFFSET_DATA:
+                (off,) = struct.unpack(">Q", payload[:8])
+                start = off - reads[cookie][0]
+                got[cookie][start : start + len(payload) - 8] = payload[8:]
+            elif rtype == nbd.NBD_REPLY_TYPE_ERROR:
+                error = (cookie, struct.unpack(">I", payload[:4])[0])
+            elif rtype == nbd.NBD_REPLY_TYPE_BLOCK_STATUS:
+                extents = (cookie, len(payload))
+            if flags & nbd.NBD_REPLY_FLAG_DONE:
+                done.add(cookie)
+        for i, (off, n) in enumerate(reads):
+            assert got[i] == archive.read(1, off, n), (i, off, n)
+        assert error == (100, errno.EINVAL)
+        assert extents is not None and extents[0] == 101
+        data, _ = await read_structured(c, 0, 65536)  # and the connection goes on
+        assert data == archive.read(1, 0, 65536)
+        c.close()
+
+    run(archive, tmp_path, body, threads)
+
+
 # --- hostile clients -------------------------------------------------------------------------
 
 

@@ -61,12 +61,13 @@ import stat
 import struct
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
 
 import vmafs.nbd.protocol as p
+from vmafs.nbd.buffers import BufferPool
 
 __all__ = ["Export", "NbdCommandError", "NbdServer", "ReadChunk", "MAX_SOCKET_PATH"]
 
@@ -81,6 +82,14 @@ HANDSHAKE_TIMEOUT = 30.0
 PREFERRED_BLOCK = 65536
 #: longest Unix socket path bind() takes on Linux (sun_path is 108 bytes with the NUL)
 MAX_SOCKET_PATH = 107
+#: receive buffer of the transmission phase (request headers, many per recv)
+RECV_AHEAD = 65536
+#: bytes of corked replies after which they are sent without waiting for the flush
+CORK_LIMIT = 256 * 1024
+#: buffers one sendmsg takes at most (Linux's UIO_MAXIOV)
+IOV_MAX = 1024
+#: requests a connection's reader handles before it lets other tasks run
+READER_TURN = 16
 #: the context id this server gives base:allocation
 BASE_ALLOCATION_ID = 1
 #: longest query list of a META_CONTEXT option
@@ -109,7 +118,11 @@ class NbdCommandError(Exception):
 
 @dataclass(frozen=True)
 class ReadChunk:
-    """Part of a READ's answer: *data* at *offset*, or a hole of *length* when data is None."""
+    """Part of a READ's answer: *data* at *offset*, or a hole of *length* when data is None.
+
+    The server may hold *data* back to send several replies at once: it must
+    stay unchanged until :meth:`Export.reply_sent` is called with it.
+    """
 
     offset: int
     length: int
@@ -161,6 +174,11 @@ class Export:
         """The bytes of [offset, offset+length) as chunks in order, covering it exactly."""
         raise NbdCommandError(errno.EPERM, "this export cannot be read")
 
+    def reply_sent(self, chunks: Sequence[ReadChunk]) -> None:
+        """The reply made of *chunks* (from :meth:`read`) is sent, or lost with
+        its connection: the server holds none of their data any more, so its
+        buffers may be reused (the default: nothing to do)."""
+
     async def block_status(self, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
         """(length, NBD_STATE_* flags) extents from *offset*, at least one, within *length*."""
         raise NbdCommandError(errno.EINVAL, "no block status")
@@ -206,17 +224,51 @@ _LOST = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class _Transport:
-    """Exact-size receives and whole sends, over a trio socket or, after STARTTLS, TLS."""
+    """Exact-size receives and whole sends, over a trio socket or, after STARTTLS, TLS.
+
+    Plain sockets are called directly and only wait (trio's ``wait_readable``
+    / ``wait_writable``) when the kernel says so: a receive that finds bytes
+    or a send the socket buffer takes costs no scheduler round.  Callers
+    that must let other tasks run checkpoint themselves.
+    """
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.sock = sock
+        self.raw: socket.socket = sock._sock  # trio keeps the stdlib socket here
         self.tls: trio.SSLStream | None = None
         #: bytes received beyond what was asked for (TLS records; buffered requests)
         self._pending = memoryview(b"")
-        #: read ahead of small receives (the transmission phase: request headers
-        #: arrive back to back, one syscall fetches many of them)
-        self.buffered = False
+        #: read ahead of small receives into this buffer (the transmission phase:
+        #: request headers arrive back to back, one syscall fetches many of them)
+        self._ahead: memoryview | None = None
+        #: while True, :meth:`send` queues whole messages instead of sending them;
+        #: :meth:`flush` sends the queue with one ``sendmsg``
+        self.corked = False
+        self._out: list[memoryview] = []
+        self._out_bytes = 0
+        #: what to call once the queued messages are sent
+        self._after: list[tuple[Callable, object]] = []
         self.lock = trio.Lock()
+
+    @property
+    def buffered(self) -> bool:
+        return self._ahead is not None
+
+    @buffered.setter
+    def buffered(self, on: bool) -> None:
+        self._ahead = memoryview(bytearray(RECV_AHEAD)) if on else None
+
+    @property
+    def pending(self) -> int:
+        """Bytes received and not yet asked for (whole requests may be among them)."""
+        return len(self._pending)
+
+    async def _raw_recv_into(self, view: memoryview) -> int:
+        while True:
+            try:
+                return self.raw.recv_into(view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.raw)
 
     async def recv_into(self, view: memoryview) -> None:
         got = 0
@@ -225,10 +277,10 @@ class _Transport:
                 want = len(view) - got
                 if self.tls is not None:
                     self._pending = memoryview(await self.tls.receive_some(1 << 20))
-                elif self.buffered and want < 4096:
-                    self._pending = memoryview(await self.sock.recv(65536))
+                elif self._ahead is not None and want < 4096:
+                    self._pending = self._ahead[: await self._raw_recv_into(self._ahead)]
                 else:
-                    n = await self.sock.recv_into(view[got:])
+                    n = await self._raw_recv_into(view[got:])
                     if n == 0:
                         raise _EOF(clean=got == 0)
                     got += n
@@ -247,27 +299,62 @@ class _Transport:
         return buf
 
     async def send(self, *parts: bytes | bytearray | memoryview) -> None:
-        """Send *parts* back to back; concurrent callers never interleave."""
+        """Send *parts* back to back (one message); messages never interleave.
+
+        Corked, the message is queued (its parts must stay unchanged until
+        the next :meth:`flush`), and sent at once only past ``CORK_LIMIT``.
+        """
+        views = [memoryview(x).cast("B") for x in parts if len(x)]
+        if self.corked:
+            self._out += views
+            self._out_bytes += sum(len(v) for v in views)
+            if self._out_bytes < CORK_LIMIT:
+                return
+            await self.flush()
+            return
+        await self._send_views(views)
+
+    async def flush(self) -> None:
+        """Send what :meth:`send` queued while corked, then run what :meth:`after_sent` queued."""
+        if self._out:
+            views, self._out, self._out_bytes = self._out, [], 0
+            after, self._after = self._after, []
+            await self._send_views(views)
+            for fn, arg in after:
+                fn(arg)
+
+    def after_sent(self, fn: Callable, arg: object) -> None:
+        """``fn(arg)`` once the messages sent so far are on the wire: now,
+        unless some are still queued (corked)."""
+        if self._out:
+            self._after.append((fn, arg))
+        else:
+            fn(arg)
+
+    async def _send_views(self, views: list[memoryview]) -> None:
         try:
             self.lock.acquire_nowait()  # no scheduler round when nobody else sends
         except trio.WouldBlock:
             await self.lock.acquire()
         try:
             if self.tls is not None:
-                await self.tls.send_all(b"".join(parts))
+                await self.tls.send_all(b"".join(views))
                 return
-            views = [memoryview(x).cast("B") for x in parts if len(x)]
-            raw = self.sock._sock
-            while views:
+            raw, i = self.raw, 0
+            while i < len(views):
                 try:
                     # most replies fit the socket buffer: send without yielding
-                    n = raw.sendmsg(views[:64])
+                    n = raw.sendmsg(views[i : i + IOV_MAX])
                 except BlockingIOError:
-                    n = await self.sock.sendmsg(views[:64])
-                while n and n >= len(views[0]):
-                    n -= len(views.pop(0))
-                if n:
-                    views[0] = views[0][n:]
+                    await trio.lowlevel.wait_writable(raw)
+                    continue
+                while n:
+                    if n >= len(views[i]):
+                        n -= len(views[i])
+                        i += 1
+                    else:
+                        views[i] = views[i][n:]
+                        n = 0
         finally:
             self.lock.release()
 
@@ -302,7 +389,7 @@ class _Conn:
         self.meta: tuple[str, bool] | None = None
         self.block_status_ok = False
         #: receive buffers for WRITE payloads, reused (no fresh pages per request)
-        self._buffers: list[bytearray] = []
+        self._buffers = BufferPool(server.max_in_flight + 1, min_size=PREFERRED_BLOCK)
 
     # -- handshake --
 
@@ -508,19 +595,12 @@ class _Conn:
 
     # -- transmission --
 
-    def _take_buffer(self, n: int) -> bytearray:
-        for i, buf in enumerate(self._buffers):
-            if len(buf) >= n:
-                return self._buffers.pop(i)
-        return bytearray(max(n, PREFERRED_BLOCK))
-
     def _give_back(self, buf: bytearray, view: memoryview) -> None:
         try:
             view.release()
         except BufferError:  # a callback still holds an export of it: never reuse it
             return
-        if len(self._buffers) <= self.server.max_in_flight:
-            self._buffers.append(buf)
+        self._buffers.give(buf)
 
     async def transmission(self) -> None:
         """Read requests and run them concurrently until DISC, EOF or bad input.
@@ -544,36 +624,62 @@ class _Conn:
             raise failure
 
     async def read_requests(self, nursery: trio.Nursery) -> None:
-        srv = self.server
+        srv, io = self.server, self.io
         limit = trio.Semaphore(srv.max_in_flight)
-        head = bytearray(p.REQUEST.size)
-        self.io.buffered = True
-        inline = 0
+        head = memoryview(bytearray(p.REQUEST.size))
+        io.buffered = True
+        handled = 0
         while True:
-            await limit.acquire()
-            await self.io.recv_into(memoryview(head))
+            # Replies of inline requests are corked while more requests are
+            # already in: one sendmsg (and one wake-up of the client) answers
+            # all of them.  They go out before the reader can wait for anything.
+            if io.pending < p.REQUEST.size:
+                await self._flush()
+            try:
+                limit.acquire_nowait()
+            except trio.WouldBlock:
+                await self._flush()
+                await limit.acquire()
+            try:
+                await io.recv_into(head)
+            except _EOF:
+                await self._flush()  # a half-closed client still reads its replies
+                raise
             magic, flags, cmd, cookie, offset, length = p.REQUEST.unpack(head)
             if magic != p.REQUEST_MAGIC:
                 raise _Hangup(f"bad request magic {magic:#x}")
             if cmd == p.NBD_CMD_DISC:
                 self.log.debug("conn %d: NBD_CMD_DISC", self.cid)
+                await self._flush()
                 return  # the nursery waits for the requests in flight
             payload = buf = None
             if cmd == p.NBD_CMD_WRITE:
                 if length > srv.max_block:
                     raise _Hangup(f"WRITE of {length} bytes exceeds max block {srv.max_block}")
-                buf = self._take_buffer(length)
+                buf = self._buffers.take(length)
                 payload = memoryview(buf)[:length]
-                await self.io.recv_into(payload)
+                await io.recv_into(payload)
             received = time.perf_counter()
             args = (limit, cmd, flags, cookie, offset, length, payload, buf, received)
             if self.export.runs_inline(cmd, length):
-                await self.handle(*args)  # cheaper than a task; replies stay in order
-                inline += 1
-                if inline % 16 == 0:
-                    await trio.lowlevel.checkpoint()  # other clients get their turn
+                io.corked = True
+                try:
+                    await self.handle(*args)  # cheaper than a task; replies stay in order
+                finally:
+                    io.corked = False
             else:
                 nursery.start_soon(self.handle, *args)
+            handled += 1
+            if handled % READER_TURN == 0:
+                await self._flush()
+                await trio.lowlevel.checkpoint()  # other clients and tasks get their turn
+
+    async def _flush(self) -> None:
+        """Send the corked replies; a client gone meanwhile loses them (as in :meth:`handle`)."""
+        try:
+            await self.io.flush()
+        except _LOST as e:
+            self.log.debug("conn %d: replies lost: %s", self.cid, e)
 
     async def handle(
         self, limit, cmd, flags, cookie, offset, length, payload, buf, received
@@ -663,7 +769,10 @@ class _Conn:
             await self.error_reply(cmd, cookie, err, str(exc))
             return False
         if cmd == p.NBD_CMD_READ:
-            await self.read_reply(cookie, chunks, offset, length, flags)
+            try:
+                await self.read_reply(cookie, chunks, offset, length, flags)
+            finally:
+                self.io.after_sent(export.reply_sent, chunks)
         elif cmd == p.NBD_CMD_BLOCK_STATUS:
             desc = b"".join(struct.pack(">II", n, f) for n, f in extents)
             await self.chunk(

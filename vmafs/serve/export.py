@@ -10,6 +10,7 @@ import trio
 from ..archive import Archive
 from ..errors import VmaError
 from ..format import CLUSTER_SIZE, Device
+from ..nbd.buffers import BufferPool
 from ..nbd.protocol import NBD_CMD_BLOCK_STATUS, NBD_CMD_READ, NBD_STATE_HOLE, NBD_STATE_ZERO
 from ..nbd.server import Export, ReadChunk
 
@@ -22,6 +23,10 @@ READ_THREADS = 8
 #: reads up to this size are served by the connection's reader itself (their
 #: reply fits a Unix socket's buffer: sending it never waits for the client)
 INLINE_REPLY = 128 * 1024
+#: read reply buffers kept for reuse, per export, and the largest kept
+#: (qemu-img convert reads 2 MiB at a time, nbdcopy 256 KiB, QEMU's guest I/O less)
+REPLY_BUFFERS = 32
+REPLY_BUFFER_MAX = 8 * 1024 * 1024
 
 _HOLE = NBD_STATE_HOLE | NBD_STATE_ZERO
 _CLUSTER_BITS = CLUSTER_SIZE.bit_length() - 1
@@ -68,6 +73,7 @@ class ArchiveExport(Export):
         #: (a thread hand-off costs more than a cached read, as in the mount), anything
         #: else in a thread; *threads* (slow or network storage) sends all to threads
         self.inline = not threads and not archive.compressed
+        self._buffers = BufferPool(REPLY_BUFFERS, max_size=REPLY_BUFFER_MAX)
 
     async def _in_thread(self, fn: Callable, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -88,6 +94,13 @@ class ArchiveExport(Export):
         if self.inline:
             return self.read_chunks(offset, length)
         return await self._in_thread(self.read_chunks, offset, length)
+
+    def reply_sent(self, chunks: list[ReadChunk]) -> None:
+        for c in chunks:
+            if c.data is not None:
+                # one buffer per request: every data chunk is a view of it
+                self._buffers.give(c.data.obj)
+                return
 
     async def block_status(self, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
         return self.extents(offset, length, 1 if one else MAX_EXTENTS)
@@ -126,15 +139,24 @@ class ArchiveExport(Export):
             count += 1
 
     def read_chunks(self, offset: int, length: int) -> list[ReadChunk]:
-        """Holes as hole chunks (no bytes), data read from the archive."""
+        """Holes as hole chunks (no bytes), data read from the archive into
+        views of one pooled buffer (given back by :meth:`reply_sent`)."""
         out = []
-        for start, stop, hole in self.spans(offset, length):
-            if hole:
-                out.append(ReadChunk(start, stop - start))
-                continue
-            buf = bytearray(stop - start)
-            self.archive.readinto(self.dev_id, start, buf)
-            out.append(ReadChunk(start, stop - start, buf))
+        buf = None
+        try:
+            for start, stop, hole in self.spans(offset, length):
+                if hole:
+                    out.append(ReadChunk(start, stop - start))
+                    continue
+                if buf is None:
+                    buf = memoryview(self._buffers.take(length))
+                view = buf[start - offset : stop - offset]
+                self.archive.readinto(self.dev_id, start, view)
+                out.append(ReadChunk(start, stop - start, view))
+        except BaseException:
+            if buf is not None:
+                self._buffers.give(buf.obj)
+            raise
         return out
 
     def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
