@@ -12,7 +12,7 @@ import pytest
 import trio
 from conftest import FIXTURES_DIR
 from nbd_client import Client
-from serve_support import offset_map
+from serve_support import evict, offset_map
 
 from vmafs.archive import Archive
 from vmafs.format import CLUSTER_SIZE
@@ -304,12 +304,14 @@ def test_many_clients_at_once(archive, tmp_path, threads):
     run(archive, tmp_path, body, threads)
 
 
-@pytest.mark.parametrize("threads", [False, True], ids=["inline", "threads"])
-def test_a_batch_of_requests_in_one_write_gets_every_reply_right(archive, tmp_path, threads):
+@pytest.mark.parametrize("mode", ["inline", "threads", "cold"])
+def test_a_batch_of_requests_in_one_write_gets_every_reply_right(archive, tmp_path, mode):
     """Requests that arrive together are answered together (the replies of
     small reads are held back until no whole request is left to read, and
     their buffers are reused once sent): each reply still carries its own
-    request's bytes, holes, errors and block status."""
+    request's bytes, holes, errors and block status.  Cold: the archive is
+    not in the page cache, so the reader hands its reads to worker threads."""
+    threads = mode == "threads"
     size = archive.device(1).size
     sizes = [4096, 512, 65536, 131072, 262144, 8192]
     # distinct data (the first MiB is all data), then runs across holes and data
@@ -325,6 +327,10 @@ def test_a_batch_of_requests_in_one_write_gets_every_reply_right(archive, tmp_pa
         head = struct.Struct(">IHHQQI")
         batch += head.pack(nbd.REQUEST_MAGIC, 0, nbd.NBD_CMD_READ, 100, size, 512)  # past the end
         batch += head.pack(nbd.REQUEST_MAGIC, 0, nbd.NBD_CMD_BLOCK_STATUS, 101, 0, size)
+        if mode == "cold":
+            evict(archive.path)
+            with pytest.raises(BlockingIOError):
+                archive.readinto(1, 0, bytearray(4096), cached_only=True)
         await c.send(batch)
         got = {i: bytearray(n) for i, (_, n) in enumerate(reads)}
         done, error, extents = set(), None, None

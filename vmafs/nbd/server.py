@@ -69,7 +69,7 @@ import trio
 import vmafs.nbd.protocol as p
 from vmafs.nbd.buffers import BufferPool
 
-__all__ = ["Export", "NbdCommandError", "NbdServer", "ReadChunk", "MAX_SOCKET_PATH"]
+__all__ = ["Export", "NbdCommandError", "NbdServer", "ReadChunk", "WouldWait", "MAX_SOCKET_PATH"]
 
 DEFAULT_MAX_BLOCK = 4 * 1024 * 1024
 DEFAULT_MAX_IN_FLIGHT = 16
@@ -106,6 +106,12 @@ _ALLOWED_FLAGS = {
     p.NBD_CMD_BLOCK_STATUS: p.NBD_CMD_FLAG_REQ_ONE,
 }
 _WRITING = (p.NBD_CMD_WRITE, p.NBD_CMD_WRITE_ZEROES, p.NBD_CMD_TRIM)
+
+
+class WouldWait(Exception):
+    """Raise from :meth:`Export.read_inline` when the answer would wait (for
+    storage): the server runs the request again, through :meth:`Export.read`
+    in a task of its own, and the connection's reader goes on."""
 
 
 class NbdCommandError(Exception):
@@ -174,6 +180,12 @@ class Export:
         """The bytes of [offset, offset+length) as chunks in order, covering it exactly."""
         raise NbdCommandError(errno.EPERM, "this export cannot be read")
 
+    def read_inline(self, offset: int, length: int) -> Sequence[ReadChunk]:
+        """:meth:`read` at once, called by the connection's reader for a READ
+        that :meth:`runs_inline` accepts; raise :class:`WouldWait` to have it
+        go through :meth:`read` in a task instead."""
+        raise WouldWait
+
     def reply_sent(self, chunks: Sequence[ReadChunk]) -> None:
         """The reply made of *chunks* (from :meth:`read`) is sent, or lost with
         its connection: the server holds none of their data any more, so its
@@ -198,7 +210,8 @@ class Export:
 
     def runs_inline(self, cmd: int, length: int) -> bool:
         """True when the request is so cheap that the connection's reader runs it
-        itself instead of starting a task (the next request waits for it)."""
+        itself instead of starting a task (the next request waits for it); a
+        READ then goes through :meth:`read_inline`."""
         return False
 
     def error_for(self, exc: BaseException) -> tuple[int, bool]:
@@ -664,7 +677,7 @@ class _Conn:
             if self.export.runs_inline(cmd, length):
                 io.corked = True
                 try:
-                    await self.handle(*args)  # cheaper than a task; replies stay in order
+                    await self.handle(*args, nursery)  # cheaper than a task
                 finally:
                     io.corked = False
             else:
@@ -682,13 +695,20 @@ class _Conn:
             self.log.debug("conn %d: replies lost: %s", self.cid, e)
 
     async def handle(
-        self, limit, cmd, flags, cookie, offset, length, payload, buf, received
+        self, limit, cmd, flags, cookie, offset, length, payload, buf, received, nursery=None
     ) -> None:
+        """Run one request; *nursery*: run by the reader itself, where a READ
+        that would wait moves to a task of its own in *nursery*."""
         try:
             try:
-                ok = await self.execute(cmd, flags, cookie, offset, length, payload)
+                ok = await self.execute(cmd, flags, cookie, offset, length, payload, nursery)
             except _LOST as e:
                 self.log.debug("conn %d: reply lost: %s", self.cid, e)
+                return
+            except WouldWait:
+                args = (limit, cmd, flags, cookie, offset, length, payload, buf, received)
+                nursery.start_soon(self.handle, *args)
+                limit = buf = None  # the task releases them
                 return
             if not ok:
                 self.server.errors += 1
@@ -696,7 +716,8 @@ class _Conn:
         finally:
             if buf is not None:
                 self._give_back(buf, payload)
-            limit.release()
+            if limit is not None:
+                limit.release()
 
     def _refusal(self, cmd: int, flags: int, offset: int, length: int) -> tuple[int, str] | None:
         """(errno, why) when the request is invalid for this export, else None."""
@@ -733,8 +754,12 @@ class _Conn:
             return errno.EINVAL, f"{name} at {offset}+{length} not aligned to {align} bytes"
         return None
 
-    async def execute(self, cmd, flags, cookie, offset, length, payload) -> bool:
-        """Run one request and send its reply; False when the reply is an error."""
+    async def execute(self, cmd, flags, cookie, offset, length, payload, inline=None) -> bool:
+        """Run one request and send its reply; False when the reply is an error.
+
+        *inline* (not None): a READ goes through :meth:`Export.read_inline`,
+        whose :class:`WouldWait` is raised on.
+        """
         export = self.export
         refused = self._refusal(cmd, flags, offset, length)
         if refused is not None:
@@ -744,7 +769,10 @@ class _Conn:
             return False
         try:
             if cmd == p.NBD_CMD_READ:
-                chunks = await export.read(offset, length)
+                if inline is None:
+                    chunks = await export.read(offset, length)
+                else:
+                    chunks = export.read_inline(offset, length)
             elif cmd == p.NBD_CMD_BLOCK_STATUS:
                 extents = await export.block_status(
                     offset, length, bool(flags & p.NBD_CMD_FLAG_REQ_ONE)
@@ -758,6 +786,8 @@ class _Conn:
             elif cmd == p.NBD_CMD_CACHE:
                 await export.cache(offset, length)
         except Exception as exc:
+            if inline is not None and isinstance(exc, WouldWait):
+                raise
             err, expected = export.error_for(exc)
             name = p.COMMAND_NAMES[cmd]
             if expected:

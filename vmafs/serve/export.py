@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from collections.abc import Callable
 
@@ -12,7 +14,7 @@ from ..errors import VmaError
 from ..format import CLUSTER_SIZE, Device
 from ..nbd.buffers import BufferPool
 from ..nbd.protocol import NBD_CMD_BLOCK_STATUS, NBD_CMD_READ, NBD_STATE_HOLE, NBD_STATE_ZERO
-from ..nbd.server import Export, ReadChunk
+from ..nbd.server import Export, ReadChunk, WouldWait
 
 #: extents per BLOCK_STATUS reply at most (a client asks again from where it stopped)
 MAX_EXTENTS = 1024
@@ -27,6 +29,8 @@ INLINE_REPLY = 128 * 1024
 #: (qemu-img convert reads 2 MiB at a time, nbdcopy 256 KiB, QEMU's guest I/O less)
 REPLY_BUFFERS = 32
 REPLY_BUFFER_MAX = 8 * 1024 * 1024
+
+log = logging.getLogger("vmafs.serve")
 
 _HOLE = NBD_STATE_HOLE | NBD_STATE_ZERO
 _CLUSTER_BITS = CLUSTER_SIZE.bit_length() - 1
@@ -73,6 +77,9 @@ class ArchiveExport(Export):
         #: (a thread hand-off costs more than a cached read, as in the mount), anything
         #: else in a thread; *threads* (slow or network storage) sends all to threads
         self.inline = not threads and not archive.compressed
+        #: inline reads only what the page cache holds (False once the file system
+        #: says it cannot tell)
+        self.cached_only = True
         self._buffers = BufferPool(REPLY_BUFFERS, max_size=REPLY_BUFFER_MAX)
 
     async def _in_thread(self, fn: Callable, *args):
@@ -90,9 +97,27 @@ class ArchiveExport(Export):
             self.inline and cmd == NBD_CMD_READ and length <= INLINE_REPLY
         )
 
+    def read_inline(self, offset: int, length: int) -> list[ReadChunk]:
+        # Only from the page cache: a read that would wait for storage goes to a
+        # worker thread instead, so the event loop never waits for a disk.
+        try:
+            return self.read_chunks(offset, length, cached_only=self.cached_only)
+        except BlockingIOError:
+            raise WouldWait from None
+        except OSError as e:
+            if not self.cached_only or e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            # the file system cannot tell what is cached: read in the loop, as the mount does
+            log.info("%s: cannot ask the page cache (%s); reading inline", self.archive.path, e)
+            self.cached_only = False
+            return self.read_chunks(offset, length)
+
     async def read(self, offset: int, length: int) -> list[ReadChunk]:
         if self.inline:
-            return self.read_chunks(offset, length)
+            try:
+                return self.read_inline(offset, length)
+            except WouldWait:
+                pass
         return await self._in_thread(self.read_chunks, offset, length)
 
     def reply_sent(self, chunks: list[ReadChunk]) -> None:
@@ -109,8 +134,6 @@ class ArchiveExport(Export):
         await self._in_thread(self.prefetch, offset, length)
 
     def error_for(self, exc: BaseException) -> tuple[int, bool]:
-        import errno  # noqa: PLC0415 - only on the error path
-
         if isinstance(exc, VmaError | OSError):
             return errno.EIO, True  # a missing cluster, a damaged stream, a failing disk
         return super().error_for(exc)
@@ -138,9 +161,12 @@ class ArchiveExport(Export):
             pos = stop
             count += 1
 
-    def read_chunks(self, offset: int, length: int) -> list[ReadChunk]:
+    def read_chunks(
+        self, offset: int, length: int, *, cached_only: bool = False
+    ) -> list[ReadChunk]:
         """Holes as hole chunks (no bytes), data read from the archive into
-        views of one pooled buffer (given back by :meth:`reply_sent`)."""
+        views of one pooled buffer (given back by :meth:`reply_sent`).
+        *cached_only*: BlockingIOError when some of it is not in the page cache."""
         out = []
         buf = None
         try:
@@ -151,7 +177,7 @@ class ArchiveExport(Export):
                 if buf is None:
                     buf = memoryview(self._buffers.take(length))
                 view = buf[start - offset : stop - offset]
-                self.archive.readinto(self.dev_id, start, view)
+                self.archive.readinto(self.dev_id, start, view, cached_only=cached_only)
                 out.append(ReadChunk(start, stop - start, view))
         except BaseException:
             if buf is not None:
