@@ -317,15 +317,25 @@ class _Transport:
         Corked, the message is queued (its parts must stay unchanged until
         the next :meth:`flush`), and sent at once only past ``CORK_LIMIT``.
         """
-        views = [memoryview(x).cast("B") for x in parts if len(x)]
         if self.corked:
-            self._out += views
-            self._out_bytes += sum(len(v) for v in views)
-            if self._out_bytes < CORK_LIMIT:
-                return
-            await self.flush()
+            self.queue(*parts)
+            if self._out_bytes >= CORK_LIMIT:
+                await self.flush()
             return
-        await self._send_views(views)
+        await self._send_views([memoryview(x).cast("B") for x in parts if len(x)])
+
+    def queue(self, *parts: bytes | bytearray | memoryview) -> None:
+        """Add a whole message to what :meth:`flush` sends (parts unchanged until then)."""
+        for x in parts:
+            if len(x):
+                view = memoryview(x).cast("B")
+                self._out.append(view)
+                self._out_bytes += len(view)
+
+    @property
+    def queued(self) -> int:
+        """Bytes queued for :meth:`flush`."""
+        return self._out_bytes
 
     async def flush(self) -> None:
         """Send what :meth:`send` queued while corked, then run what :meth:`after_sent` queued."""
@@ -646,7 +656,7 @@ class _Conn:
             # Replies of inline requests are corked while more requests are
             # already in: one sendmsg (and one wake-up of the client) answers
             # all of them.  They go out before the reader can wait for anything.
-            if io.pending < p.REQUEST.size:
+            if io.pending < p.REQUEST.size or io.queued >= CORK_LIMIT:
                 await self._flush()
             try:
                 limit.acquire_nowait()
@@ -675,17 +685,37 @@ class _Conn:
             received = time.perf_counter()
             args = (limit, cmd, flags, cookie, offset, length, payload, buf, received)
             if self.export.runs_inline(cmd, length):
-                io.corked = True
-                try:
-                    await self.handle(*args, nursery)  # cheaper than a task
-                finally:
-                    io.corked = False
+                if cmd == p.NBD_CMD_READ and self._read_at_once(*args[1:]):
+                    limit.release()
+                else:
+                    io.corked = True
+                    try:
+                        await self.handle(*args, nursery)  # cheaper than a task
+                    finally:
+                        io.corked = False
             else:
                 nursery.start_soon(self.handle, *args)
             handled += 1
             if handled % READER_TURN == 0:
                 await self._flush()
                 await trio.lowlevel.checkpoint()  # other clients and tasks get their turn
+
+    def _read_at_once(self, cmd, flags, cookie, offset, length, payload, buf, received) -> bool:
+        """Answer an inline READ without a scheduler round (the reply queued
+        for the next flush); False when the general path must: a refusal, an
+        error (replied there, after reading again), a read that would wait."""
+        if self._refusal(cmd, flags, offset, length) is not None:
+            return False
+        export = self.export
+        try:
+            chunks = export.read_inline(offset, length)
+        except Exception:  # noqa: BLE001 - WouldWait, or an error the general path replies
+            return False
+        for message in self._read_messages(cookie, chunks, offset, flags):
+            self.io.queue(*message)
+        self.io.after_sent(export.reply_sent, chunks)
+        self.server.request_done(cmd, time.perf_counter() - received)
+        return True
 
     async def _flush(self) -> None:
         """Send the corked replies; a client gone meanwhile loses them (as in :meth:`handle`)."""
@@ -813,10 +843,15 @@ class _Conn:
         return True
 
     async def chunk(self, cookie: int, rtype: int, *parts, done: bool = True) -> None:
+        await self.io.send(*self._chunk(cookie, rtype, *parts, done=done))
+
+    @staticmethod
+    def _chunk(cookie: int, rtype: int, *parts, done: bool = True) -> tuple:
+        """A structured reply chunk: its header, then *parts*."""
         size = sum(len(x) for x in parts)
         flags = p.NBD_REPLY_FLAG_DONE if done else 0
         head = p.STRUCTURED_REPLY.pack(p.STRUCTURED_REPLY_MAGIC, flags, rtype, cookie, size)
-        await self.io.send(head, *parts)
+        return (head, *parts)
 
     async def error_reply(self, cmd: int, cookie: int, err: int, message: str) -> None:
         if err not in p.NBD_ERRNOS:
@@ -829,25 +864,29 @@ class _Conn:
             await self.io.send(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, err, cookie))
 
     async def read_reply(self, cookie, chunks, offset, length, flags) -> None:
+        for message in self._read_messages(cookie, chunks, offset, flags):
+            await self.io.send(*message)
+
+    def _read_messages(self, cookie, chunks, offset, flags) -> list[tuple]:
+        """A READ's reply: its messages, each a tuple of parts."""
         if not self.structured or flags & p.NBD_CMD_FLAG_DF:
-            parts = []
-            for c in chunks:
-                parts.append(c.data if c.data is not None else bytes(c.length))
+            parts = [c.data if c.data is not None else bytes(c.length) for c in chunks]
             if self.structured:
-                await self.chunk(
-                    cookie, p.NBD_REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", offset), *parts
-                )
-            else:
-                await self.io.send(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie), *parts)
-            return
+                head = struct.pack(">Q", offset)
+                return [self._chunk(cookie, p.NBD_REPLY_TYPE_OFFSET_DATA, head, *parts)]
+            return [(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie), *parts)]
         last = len(chunks) - 1
+        out = []
         for i, c in enumerate(chunks):
             if c.data is None:
                 body = struct.pack(">QI", c.offset, c.length)
-                await self.chunk(cookie, p.NBD_REPLY_TYPE_OFFSET_HOLE, body, done=i == last)
+                out.append(self._chunk(cookie, p.NBD_REPLY_TYPE_OFFSET_HOLE, body, done=i == last))
             else:
                 head = struct.pack(">Q", c.offset)
-                await self.chunk(cookie, p.NBD_REPLY_TYPE_OFFSET_DATA, head, c.data, done=i == last)
+                out.append(
+                    self._chunk(cookie, p.NBD_REPLY_TYPE_OFFSET_DATA, head, c.data, done=i == last)
+                )
+        return out
 
     async def run(self) -> None:
         srv = self.server
