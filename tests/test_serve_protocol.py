@@ -5,7 +5,9 @@ hostile clients).  Real clients (qemu-img, nbdinfo, QEMU) are in test_serve.py."
 from __future__ import annotations
 
 import errno
+import os
 import shutil
+import socket
 import struct
 
 import pytest
@@ -355,6 +357,44 @@ def test_a_batch_of_requests_in_one_write_gets_every_reply_right(archive, tmp_pa
         c.close()
 
     run(archive, tmp_path, body, threads)
+
+
+def _server_side(peer) -> socket.socket | None:
+    """This process's socket (a dup) whose peer is *peer*: the in-process server's end."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(fd)))
+        except OSError:  # not a socket
+            continue
+        try:
+            if sock.type == socket.SOCK_STREAM and sock.getpeername() == peer:
+                return sock
+        except OSError:  # not connected
+            pass
+        sock.close()
+    return None
+
+
+def test_tcp_connections_send_without_delay(archive):
+    """TCP_NODELAY on each accepted connection (replies are whole messages already)."""
+
+    async def main():
+        server = open_server(archive, tcp=("127.0.0.1", 0))
+        with trio.fail_after(60):
+            async with trio.open_nursery() as n:
+                await n.start(server.serve)
+                c = await Client.connect(("127.0.0.1", server.port))
+                await c.greeting()  # the server has accepted
+                ours = _server_side(c.sock.getsockname())
+                assert ours is not None
+                with ours:
+                    assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                assert (await c.go("scsi0"))[-1][0] == nbd.NBD_REP_ACK
+                assert await c.call(nbd.NBD_CMD_FLUSH, 0, 0) == 0
+                c.close()
+                n.cancel_scope.cancel()
+
+    trio.run(main)
 
 
 # --- hostile clients -------------------------------------------------------------------------

@@ -1061,6 +1061,10 @@ class NbdServer:
                         self.log.warning("accept failed: %s", e)
                         await trio.sleep(0.1)
                         continue
+                    if self.tcp is not None:
+                        # a reply goes out at once: Nagle would hold a small one back
+                        # until the previous is acknowledged (a delayed ACK: 40 ms)
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     self._next_cid += 1
                     nursery.start_soon(self._serve_conn, sock, self._next_cid)
         finally:
