@@ -685,8 +685,11 @@ class _Conn:
             received = time.perf_counter()
             args = (limit, cmd, flags, cookie, offset, length, payload, buf, received)
             if self.export.runs_inline(cmd, length):
-                if cmd == p.NBD_CMD_READ and self._read_at_once(*args[1:]):
+                answered = cmd == p.NBD_CMD_READ and self._read_at_once(*args[1:])
+                if answered:
                     limit.release()
+                elif answered is None:  # it would wait: a task of its own
+                    nursery.start_soon(self.handle, *args)
                 else:
                     io.corked = True
                     try:
@@ -700,16 +703,20 @@ class _Conn:
                 await self._flush()
                 await trio.lowlevel.checkpoint()  # other clients and tasks get their turn
 
-    def _read_at_once(self, cmd, flags, cookie, offset, length, payload, buf, received) -> bool:
+    def _read_at_once(
+        self, cmd, flags, cookie, offset, length, payload, buf, received
+    ) -> bool | None:
         """Answer an inline READ without a scheduler round (the reply queued
-        for the next flush); False when the general path must: a refusal, an
-        error (replied there, after reading again), a read that would wait."""
+        for the next flush).  None: the read would wait (WouldWait); False:
+        the general path must reply (a refusal, or an error: it reads again)."""
         if self._refusal(cmd, flags, offset, length) is not None:
             return False
         export = self.export
         try:
             chunks = export.read_inline(offset, length)
-        except Exception:  # noqa: BLE001 - WouldWait, or an error the general path replies
+        except WouldWait:
+            return None
+        except Exception:  # noqa: BLE001 - the general path reads again and replies the error
             return False
         for message in self._read_messages(cookie, chunks, offset, flags):
             self.io.queue(*message)

@@ -20,8 +20,11 @@ from ..nbd.server import Export, ReadChunk, WouldWait
 MAX_EXTENTS = 1024
 #: CACHE reads the data in steps this large (into one scratch buffer per request)
 CACHE_STEP = 4 * 1024 * 1024
-#: archive reads running in worker threads at once, all clients together
+#: archive reads running in worker threads at once, all clients together: a
+#: compressed archive's (decoding: CPU-bound), a plain archive's (waiting for the
+#: disk: as many as one connection has in flight, as nbdkit's 16 threads)
 READ_THREADS = 8
+DISK_READ_THREADS = 16
 #: reads up to this size are served by the connection's reader itself (their
 #: reply fits a Unix socket's buffer: sending it never waits for the client)
 INLINE_REPLY = 128 * 1024
@@ -34,6 +37,11 @@ log = logging.getLogger("vmafs.serve")
 
 _HOLE = NBD_STATE_HOLE | NBD_STATE_ZERO
 _CLUSTER_BITS = CLUSTER_SIZE.bit_length() - 1
+
+
+def read_threads(archive: Archive) -> int:
+    """Worker threads for the reads of *archive*'s exports."""
+    return READ_THREADS if archive.compressed else DISK_READ_THREADS
 
 
 def export_names(device: Device) -> tuple[str, str | None]:
@@ -72,7 +80,7 @@ class ArchiveExport(Export):
         self.description = (
             f"{device.name} of {os.path.basename(archive.path)} ({device.size} bytes, read-only)"
         )
-        self.limiter = limiter or trio.CapacityLimiter(READ_THREADS)
+        self.limiter = limiter or trio.CapacityLimiter(read_threads(archive))
         #: small reads of an uncompressed archive are a pread: done in the trio loop
         #: (a thread hand-off costs more than a cached read, as in the mount), anything
         #: else in a thread; *threads* (slow or network storage) sends all to threads
@@ -211,7 +219,7 @@ def exports_for(
     The vmstate (RAM) device is not a disk and gets no export.  An alias
     that is also another disk's name is left out (the name wins).
     """
-    limiter = limiter or trio.CapacityLimiter(READ_THREADS)
+    limiter = limiter or trio.CapacityLimiter(read_threads(archive))
     exports: dict[str, ArchiveExport] = {}
     aliases: dict[str, str] = {}
     for dev in archive.devices:
