@@ -271,6 +271,16 @@ def require_fuse() -> str:
 
 
 @pytest.fixture(scope="session")
+def require_compressors() -> SimpleNamespace:
+    """The compressors vzdump uses, as commands: zstd, gzip and lzop (paths)."""
+    found = {name: shutil.which(name) for name in ("zstd", "gzip", "lzop")}
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        _unavailable(f"compressors not on PATH: {', '.join(missing)} (Debian packages zstd, lzop)")
+    return SimpleNamespace(**found)
+
+
+@pytest.fixture(scope="session")
 def require_loop() -> str:
     """Working loop devices: losetup and mount(8) present, a file can be attached.
 

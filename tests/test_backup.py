@@ -8,6 +8,7 @@ copy-before-write filter exactly like a guest's.
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 
@@ -29,7 +30,7 @@ from test_backup_support import (
     vm,
     vmafs_verify,
 )
-from vmafs.writer.backup import default_devname, parse_drive_spec
+from vmafs.writer.backup import JOB_PERF, default_devname, parse_drive_spec
 from vmafs.writer.cli import parse_rate
 from vmafs.writer.create import parse_image_spec
 
@@ -400,6 +401,20 @@ def test_speed_really_throttles(require_qemu, tmp_path):
         finally:
             proc.send_signal(signal.SIGINT)
             finish(proc)
+
+
+def test_job_copies_in_small_requests(require_qemu, tmp_path):
+    """The job runs with JOB_PERF: copies of at most 256 KiB (QEMU's default is
+    1 MiB), so a guest write's copy-before-write never queues behind more than
+    max-workers x 256 KiB of backup data (docs/backup.md)."""
+    src = random_raw(tmp_path / "src.raw", 4 * MiB, seed=11)
+    out = tmp_path / "small.vma"
+    with vm(require_qemu.qemu_system, tmp_path, {"drive-scsi0": (src, "raw")}) as machine:
+        rc, _, err = finish(start_backup("--qmp", machine.qmp_path, "-o", out, "-v", "drive-scsi0"))
+    assert rc == 0, err
+    requests = int(re.search(r"over (\d+) requests", err).group(1))
+    assert requests >= 4 * MiB // JOB_PERF["max-chunk"], err
+    assert archive_disks(out) == {"drive-scsi0": (4 * MiB, file_sha256(src))}
 
 
 def test_job_cancelled_by_someone_else(require_qemu, tmp_path):

@@ -19,12 +19,12 @@ from vmafs.source.lzo import F_H_EXTRA_FIELD, LZOP_MAGIC
 LIMIT = 1 << 30
 
 
-def run_under_1gib(*args) -> subprocess.CompletedProcess:
+def run_under_1gib(*args, env: dict | None = None) -> subprocess.CompletedProcess:
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (LIMIT, LIMIT))
 
     return subprocess.run(
-        vmafs_cmd(*args), capture_output=True, text=True, timeout=60, preexec_fn=limit
+        vmafs_cmd(*args), capture_output=True, text=True, timeout=60, preexec_fn=limit, env=env
     )
 
 
@@ -82,3 +82,35 @@ def test_zstd_window_above_the_limit_is_refused_with_the_way_to_raise_it(tmp_pat
         env={**os.environ, "VMAFS_ZSTD_MAX_WINDOW_MIB": "2048"},
     )
     assert raised.returncode == 0 and "DEV: dev_id=1" in raised.stdout, raised.stderr
+
+
+def test_side_index_bigger_than_its_archive_justifies_is_not_read(tmp_path):
+    # A side index's size is bounded by its archive's (sidecar.size_cap): one
+    # of 2 GiB beside a 40 KiB archive is refused unread, not allocated (that
+    # would fail under the limit, "out of memory") and then rebuilt.
+    import shutil
+
+    from vmafs import sidecar
+
+    archive = tmp_path / "a.vma.zst"
+    shutil.copyfile(FIXTURES_DIR / "two-disks.vma.zst", archive)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "VMAFS_CACHE_DIR": str(cache)}
+    cache.mkdir()
+    crafted = sidecar.cache_path(str(archive), str(cache))
+    with open(crafted, "wb") as f:
+        f.truncate(2 << 30)  # sparse: costs no disk
+    cap = sidecar.size_cap(archive.stat().st_size)
+    assert cap < LIMIT < 2 << 30 < sidecar.MAX_SIZE
+
+    proc = run_under_1gib("list", "--json", archive, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{2 << 30} bytes is more than a side index of this archive can be ({cap})" in (
+        proc.stderr
+    )
+    assert "out of memory" not in proc.stderr and "Traceback" not in proc.stderr
+    # Rebuilt by rename: a real side index now, within the cap, used by the next open.
+    assert 0 < os.path.getsize(crafted) <= cap
+    again = run_under_1gib("list", "--json", archive, env=env)
+    assert again.returncode == 0 and again.stderr == "", again.stderr

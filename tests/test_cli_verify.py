@@ -244,12 +244,8 @@ def _ends_with_next_step(line: str, error: str | type) -> bool:
     cls = getattr(vmafs.errors, error) if isinstance(error, str) else error
     if re.search(r"\b[A-Z][a-z]+[A-Za-z]*Error\b", line):
         return False
-    if issubclass(cls, vmafs.errors.IncompleteArchiveError):
+    if cls.readable_in_part:  # clusters missing, cut inside an extent
         return line.endswith("reads what is there (missing clusters read as errors)")
-    if issubclass(cls, vmafs.errors.TruncatedError):  # cut in the header: nothing to read
-        return line.endswith(
-            ("reads what is there (missing clusters read as errors)", "copy of this backup")
-        )
     if issubclass(cls, vmafs.errors.FormatError | vmafs.errors.ConsistencyError):
         return line.endswith("restore from another copy of this backup")
     return not line.endswith("backup") and "allow_incomplete" not in line

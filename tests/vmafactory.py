@@ -41,6 +41,7 @@ from vmafs.errors import (
     DuplicateClusterError,
     ExtentError,
     HeaderError,
+    HeaderTruncatedError,
     IncompleteArchiveError,
     SourceError,
     TrailingDataError,
@@ -402,7 +403,7 @@ def header_version(b: Built) -> Damaged:
 def header_truncated(b: Built, size: int = HEADER_STRUCT_SIZE + 100) -> Damaged:
     size = min(size, b.header_size - 1)
     at = size if size >= 60 else 0  # shorter than the fixed fields: "at offset 0"
-    return Damaged(f"header-truncated-{size}", b.data[:size], TruncatedError, at)
+    return Damaged(f"header-truncated-{size}", b.data[:size], HeaderTruncatedError, at)
 
 
 def header_reserved(b: Built) -> Damaged:

@@ -50,10 +50,15 @@ def read_header(source: Reader) -> Header:
         return Header.parse(head)
 
 
-def _index_by_scan(source: Source, allow_incomplete: bool, progress) -> tuple[Header, ArchiveIndex]:
+def index_by_scan(source: Source, allow_incomplete: bool, progress) -> tuple[Header, ArchiveIndex]:
+    """Header and offset map of a source that is decompressed once (its scan).
+
+    A compressed file cut short makes the archive incomplete (see
+    :meth:`StreamIndexer.finish`).
+    """
     indexer = StreamIndexer(allow_incomplete=allow_incomplete)
     source.scan(indexer.feed, progress)
-    index = indexer.finish(source.size)
+    index = indexer.finish(source.size, source.truncation)
     return indexer.header, index
 
 
@@ -492,7 +497,7 @@ def _open_scanned(
         loaded = sidecar.load(source, allow_incomplete=allow_incomplete)
         if loaded is not None:
             return *loaded, False
-    header, index = _index_by_scan(source, allow_incomplete, progress)
+    header, index = index_by_scan(source, allow_incomplete, progress)
     if use_sidecar:
         sidecar.save(source, header, index, beside=index_beside)
     return header, index, True

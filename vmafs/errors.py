@@ -20,6 +20,10 @@ class VmaError(Exception):
 
     #: The archive file the error is about, once :meth:`name_archive` said so.
     path: str | None = None
+    #: True for the errors that an allow-incomplete open gets past: the archive
+    #: ends early or lacks clusters, and what it holds can still be read
+    #: (:func:`read_anyway_hint`).  Decided by the class, never by the message.
+    readable_in_part: bool = False
 
     def __init__(
         self,
@@ -74,6 +78,14 @@ class VmaError(Exception):
                 self.args = (self._render(),)
         elif in_message and self._prefix:  # named by a read, re-raised by an open
             self.message, self._prefix = self._prefix + self.message, ""
+        return self
+
+    def add_next_step(self, text: str) -> VmaError:
+        """Append what to do next (``; TEXT``) to the message, before its location; returns self."""
+        self.message = f"{self.message}; {text}"
+        if self._unnamed is not None:
+            self._unnamed = f"{self._unnamed}; {text}"
+        self.args = (self._render(),)
         return self
 
     def unnamed(self) -> str:
@@ -137,7 +149,19 @@ class UuidMismatchError(ExtentError):
 
 
 class TruncatedError(FormatError):
-    """The archive ends inside the header or inside an extent."""
+    """The archive ends inside an extent (its header or its data).
+
+    *offset* is where the cut extent starts; the extents before it can be
+    read (allow_incomplete).
+    """
+
+    readable_in_part = True
+
+
+class HeaderTruncatedError(TruncatedError):
+    """The archive ends inside its own header: there is nothing to read."""
+
+    readable_in_part = False
 
 
 class TrailingDataError(FormatError):
@@ -170,6 +194,8 @@ class VmstateOrderError(ConsistencyError):
 class IncompleteArchiveError(ConsistencyError):
     """Some clusters were never written (an interrupted backup)."""
 
+    readable_in_part = True
+
 
 class MissingClusterError(ConsistencyError):
     """A read touched a cluster that the archive does not hold."""
@@ -183,7 +209,24 @@ class SourceError(VmaError):
 
 
 class CorruptStreamError(SourceError):
-    """A compressed stream is corrupt or truncated."""
+    """A compressed stream is corrupt (or, as :class:`StreamTruncatedError`, cut short)."""
+
+
+class StreamTruncatedError(CorruptStreamError):
+    """A compressed file ends before its stream does (a copy or a backup cut short).
+
+    *offset* is where the usable decompressed data ends (an archive offset);
+    *compressed_offset* where, in the compressed file, the data stops being
+    usable (the start of the first block or frame that is not whole).  The
+    sources raise it where they find the cut; a scan catches it and ends
+    there, so that the index can tell an incomplete archive from a damaged one.
+    """
+
+    readable_in_part = True
+
+    def __init__(self, message: str, *, offset: int | None, compressed_offset: int) -> None:
+        self.compressed_offset = compressed_offset
+        super().__init__(message, offset=offset)
 
 
 class IndexCacheError(SourceError):
@@ -292,21 +335,27 @@ def read_anyway_hint(e: VmaError, option: str) -> str:
     """How to read what there is of an archive that *e* refused ("" if *e* is not that).
 
     *option* is the command's way to accept an incomplete archive
-    (``-o allow_incomplete``, ``--allow-incomplete``).  A plain archive cut
-    short or with clusters never written opens with it (the missing
-    clusters read as errors).  A compressed stream cut short cannot be
-    indexed; its decompressed front can, and then *option* applies to that.
+    (``-o allow_incomplete``, ``--allow-incomplete``).  An archive cut short
+    (plain or compressed) or with clusters never written opens with it: the
+    clusters before the cut are served, the missing ones read as errors.
+    Which errors those are is the classes' :attr:`VmaError.readable_in_part`.
     """
-    if isinstance(e, IncompleteArchiveError) or (
-        # cut inside the archive header itself: there is nothing to read
-        isinstance(e, TruncatedError)
-        and ("extent header" in e.message or "header" not in e.message)
-    ):
+    if e.readable_in_part:
         return f"{option} reads what is there (missing clusters read as errors)"
-    if isinstance(e, CorruptStreamError) and "truncated" in e.message:
-        # the sources' messages: "truncated zstd stream", "gzip/lzop stream truncated"
-        return (
-            "the compressed file is cut short: decompress what is there (zstd -dc, gzip -dc "
-            f"or lzop -dc FILE > FILE.vma; ignore its error at the end) and use {option} on that"
-        )
     return ""
+
+
+@contextlib.contextmanager
+def offering_read_anyway(option: str | None) -> Iterator[None]:
+    """A VmaError raised inside the block that *option* gets past says so (``; OPTION reads...``).
+
+    *option*: the command's way to accept an incomplete archive, or None
+    when it has none or it is already given (no hint then).
+    """
+    try:
+        yield
+    except VmaError as e:
+        hint = "" if option is None else read_anyway_hint(e, option)
+        if not hint:
+            raise
+        raise e.add_next_step(hint) from None

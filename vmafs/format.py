@@ -19,6 +19,7 @@ from .errors import (
     ChecksumError,
     ExtentError,
     HeaderError,
+    HeaderTruncatedError,
     TruncatedError,
     UuidMismatchError,
 )
@@ -131,7 +132,7 @@ class Header:
         Lets a reader validate the fixed part before reading the rest.
         """
         if len(head) < _HEAD.size:
-            raise TruncatedError("archive is shorter than a VMA header", offset=0)
+            raise HeaderTruncatedError("archive is shorter than a VMA header", offset=0)
         magic, version, _, _, _, bb_off, bb_size, header_size = _HEAD.unpack_from(head)
         if magic != VMA_MAGIC:
             raise HeaderError(f"not a VMA archive: bad magic {magic!r}", offset=0)
@@ -156,7 +157,7 @@ class Header:
         """Parse and fully validate a header; *buf* holds at least header_size bytes."""
         header_size = cls.peek_size(buf)
         if len(buf) < header_size:
-            raise TruncatedError(
+            raise HeaderTruncatedError(
                 f"archive ends inside its {header_size}-byte header", offset=len(buf)
             )
         buf = bytes(buf[:header_size])

@@ -28,7 +28,9 @@ from .errors import (
     DuplicateClusterError,
     ExtentError,
     HeaderError,
+    HeaderTruncatedError,
     IncompleteArchiveError,
+    StreamTruncatedError,
     TrailingDataError,
     TruncatedError,
     UnknownDeviceError,
@@ -568,12 +570,33 @@ class _IndexCore:
         return index
 
 
-def _truncated(core: _IndexCore, pos: int, end: int, what: str) -> int:
-    """Report an extent cut short; with allow_incomplete the partial extent is dropped."""
+def _truncated(
+    core: _IndexCore, pos: int, end: int, what: str, cut: StreamTruncatedError | None = None
+) -> int:
+    """Report an extent cut short; with allow_incomplete the partial extent is dropped.
+
+    *cut*: the stream ends there because its compressed file is cut short,
+    which is what is reported then (where in the compressed file, and that
+    what is there can be read).
+    """
     core.flush()  # errors in earlier extents come first
     if not core.allow_incomplete:
+        if cut is not None:
+            raise cut
         raise TruncatedError(f"archive ends inside {what} (file is {end} bytes)", offset=pos)
     return pos
+
+
+def header_truncated(end: int, cut: StreamTruncatedError | None) -> HeaderTruncatedError:
+    """The error of a stream of *end* bytes that ends inside the VMA header.
+
+    *cut*: because its compressed file is cut short there (the message says where).
+    """
+    if cut is None:
+        return HeaderTruncatedError("stream ends inside the VMA header", offset=end)
+    return HeaderTruncatedError(
+        f"stream ends inside the VMA header: {cut.message}; nothing can be read", offset=end
+    )
 
 
 def _bad_magic(core: _IndexCore, head: bytes, pos: int, end: int | None) -> None:
@@ -736,12 +759,19 @@ class StreamIndexer:
             self._next = pos + EXTENT_HEADER_SIZE + BLOCK_SIZE * int.from_bytes(data[6:8], "big")
         self._pending = bytearray()
 
-    def finish(self, end: int) -> ArchiveIndex:
-        """Close the stream of *end* bytes and return the index (raises like build_index)."""
+    def finish(self, end: int, cut: StreamTruncatedError | None = None) -> ArchiveIndex:
+        """Close the stream of *end* bytes and return the index (raises like build_index).
+
+        *cut* (the source's ``truncation``): the stream ends at *end* only
+        because its compressed file is cut short.  The archive is then
+        incomplete wherever the cut falls, on an extent boundary too: *cut*
+        is raised, or with allow_incomplete the extents before it are kept
+        and ``truncated_at`` is set.
+        """
         if end != self._pos:
             raise ValueError(f"stream closed at {end} but {self._pos} bytes were fed")
         if self.header is None:
-            raise TruncatedError("stream ends inside the VMA header", offset=end)
+            raise header_truncated(end, cut)
         core = self._core
         truncated_at = None
         if self._held is not None:
@@ -751,9 +781,11 @@ class StreamIndexer:
             else:
                 core.flush()
                 check_extent_header(head, pos, self.header.uuid)
-                truncated_at = _truncated(core, pos, end, "an extent's data")
+                truncated_at = _truncated(core, pos, end, "an extent's data", cut)
         if self._pending and truncated_at is None:
             if bytes(self._pending[:4]) != VMA_EXTENT_MAGIC[: len(self._pending[:4])]:
                 _bad_magic(core, bytes(self._pending), self._next, end)
-            truncated_at = _truncated(core, self._next, end, "an extent header")
+            truncated_at = _truncated(core, self._next, end, "an extent header", cut)
+        if cut is not None and truncated_at is None:  # cut on an extent boundary
+            truncated_at = _truncated(core, end, end, "", cut)
         return core.finish(end if truncated_at is None else truncated_at, truncated_at)

@@ -13,7 +13,9 @@ into a backup directory by default.  Loading looks in both places.
 
 The file is never trusted: it is used only if it is a regular file (not a
 symbolic link, FIFO or device: those are skipped unread, and the rebuilt
-side index replaces them by rename) of at most ``MAX_SIZE`` bytes that
+side index replaces them by rename) no bigger than the archive can justify
+(:func:`size_cap`: nothing bigger is read, so a crafted file cannot make
+an open allocate more than the archive's own size warrants) that
 belongs to the archive's owner, root or the current user, its own SHA-256
 matches, its
 format version is this one, it was made by the same kind of source, and the
@@ -78,9 +80,24 @@ MAGIC = b"VMAFSIDX"
 #: files (uint64 offsets + uint16 masks) are refused by version, so they are rebuilt.
 FORMAT_VERSION = 2
 EDGE = 64 << 10  # bytes of the archive's head and tail that are hashed
-#: A bigger file is not read as a side index: 64 GiB would be an offset map of
-#: 512 TiB of disks (8 bytes per 64 KiB cluster).
+#: A bigger file is never read as a side index, whatever the archive: 64 GiB
+#: would be an offset map of 512 TiB of disks (8 bytes per 64 KiB cluster).
 MAX_SIZE = 64 << 30
+#: What any side index may take besides the part that grows with the archive:
+#: the layout and its JSON, the VMA header (at most 16 MiB), array alignment.
+CAP_BASE = 32 << 20
+#: Side index bytes one byte of archive can justify.  The offset map takes 8
+#: bytes per 64 KiB cluster, and each cluster an archive holds has an 8-byte
+#: entry in an extent header, 59 to a header that also carries a 16-byte md5
+#: no compressor can shrink: at least 16/59 of a byte of any archive per
+#: cluster, so at most 8 * 59/16 (under 30) bytes of map per archive byte.
+#: The source's state adds less than 17 more (gzip: a 32 KiB window per
+#: 2 MiB of output, at most 1032 bytes of output per compressed byte; lzop:
+#: 32 bytes per block; zstd: 34 bytes per frame, windows within its index
+#: budget).  An incomplete archive's map can be bigger (clusters never
+#: written take room too); such a side index is not used, and the archive,
+#: which is then small for its disks, is scanned again.
+CAP_PER_BYTE = 64
 _FIXED = struct.Struct("<8sIQ")
 _ALIGN = 64
 _DIGEST = 32
@@ -106,6 +123,16 @@ def candidate_paths(archive: str, directory: str | None = None, beside: bool = T
 
 
 # -- identity --
+
+
+def size_cap(archive_size: int) -> int:
+    """The largest side index an archive of *archive_size* bytes can have (see CAP_PER_BYTE)."""
+    return min(MAX_SIZE, CAP_BASE + CAP_PER_BYTE * archive_size)
+
+
+def archive_size(source: Source) -> int:
+    """Bytes of the archive file behind *source* (a block device's size too)."""
+    return os.lseek(source.fileno(), 0, os.SEEK_END)
 
 
 def identity(source: Source) -> dict:
@@ -238,10 +265,11 @@ def save(
     try:
         # Taken now, right after the scan, even when the write is deferred.
         ident = identity(source)
+        cap = size_cap(archive_size(source))
     except OSError as e:
-        ident = e
+        ident, cap = e, 0
     write = functools.partial(
-        _save, source, header, index, ident, directory=directory, beside=beside, strict=strict
+        _save, source, header, index, ident, cap, directory=directory, beside=beside, strict=strict
     )
     queued = getattr(_deferral, "queued", None)
     if queued is not None:
@@ -250,7 +278,7 @@ def save(
     return write()
 
 
-def _save(source, header, index, ident, *, directory, beside, strict) -> str | None:
+def _save(source, header, index, ident, cap, *, directory, beside, strict) -> str | None:
     try:
         if isinstance(ident, OSError):
             raise ident
@@ -267,6 +295,14 @@ def _save(source, header, index, ident, *, directory, beside, strict) -> str | N
         if strict:
             raise IndexCacheError(f"cannot build a side index for {source.path}: {e}") from e
         log.warning("%s: no side index saved: %s", source.path, e)
+        return None
+    if len(blob) > cap:
+        # It would never be read (an incomplete archive's map for huge disks):
+        # the next open scans again, which costs little for so small an archive.
+        msg = f"no side index for {source.path}: {len(blob)} bytes, more than it may be ({cap})"
+        if strict:
+            raise IndexCacheError(msg)
+        log.info("%s", msg)
         return None
     targets = []
     if beside:
@@ -328,6 +364,8 @@ def load(source, *, allow_incomplete: bool = False, directory: str | None = None
     """(header, index) from a valid side index for *source*, or None (logged why).
 
     On success the source has adopted the saved checkpoints and can pread.
+    A side index of a file cut short raises the cut (StreamTruncatedError)
+    unless *allow_incomplete*, as a scan would.
     """
     found = find(source, allow_incomplete=allow_incomplete, directory=directory)
     return None if found is None else found[1:]
@@ -358,7 +396,7 @@ def _read_candidate(source, path: str) -> bytes | None:
     """The bytes of the side index at *path*, or None (logged why, unless there is none).
 
     Only a regular file, not a symbolic link, owned by the archive's owner,
-    root or the current user, and of at most :data:`MAX_SIZE` bytes is read:
+    root or the current user, and of at most :func:`size_cap` bytes is read:
     a FIFO would block the open or the read forever and a link to a device
     read without end.  Nothing is opened that ``lstat`` does not call a
     regular file (opening a device can have effects), and the opened file is
@@ -395,13 +433,15 @@ def _read_candidate(source, path: str) -> bytes | None:
                 st.st_uid,
             )
             return None
-        if st.st_size > MAX_SIZE:
+        cap = size_cap(archive_size(source))
+        if st.st_size > cap:
             log.warning(
-                "%s: side index %s not used: %d bytes is more than any side index (%d)",
+                "%s: side index %s not used: %d bytes is more than a side index of this "
+                "archive can be (%d); it is rebuilt",
                 source.path,
                 path,
                 st.st_size,
-                MAX_SIZE,
+                cap,
             )
             return None
         # Read what fstat promised and no more (the file cannot make us read forever).
@@ -490,7 +530,11 @@ def _adopt(source, blob: bytes, allow_incomplete: bool):
         raise IndexCacheError("saved offset map reaches past the stream")
     _check_offsets(index, header)
     if not index.complete and not allow_incomplete:
-        # A fresh scan reports the incompleteness with the proper error.
+        if source.truncation is not None:
+            # The file is cut short (the identity checks say it is the file
+            # that was scanned): the refusal needs no second scan.
+            raise source.truncation
+        # A fresh scan reports the missing clusters with the proper error.
         raise IndexCacheError("saved index is of an incomplete archive")
     return header, index
 

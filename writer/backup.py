@@ -47,7 +47,7 @@ import tempfile
 import time
 import types
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -65,6 +65,7 @@ from .qmp import QemuError, QmpConnection
 __all__ = [
     "BackupInterrupted",
     "BackupResult",
+    "JOB_PERF",
     "DriveSpec",
     "SourceDisk",
     "backup",
@@ -75,6 +76,20 @@ __all__ = [
 ]
 
 log = logging.getLogger("writer.backup")
+
+#: QEMU's block-copy tuning (``x-perf``) for the jobs of ``vmafs backup``.
+#: QEMU's default keeps up to 64 copies of 1 MiB in flight, and its NBD client
+#: sends them in order on the one connection to vmafs.  In push mode a guest
+#: write to a cluster not yet copied waits for its own copy-before-write, and
+#: that copy queues behind every job copy already on the way: a burst of
+#: megabytes (a throttled job sends a whole 100 ms slice at once), i.e.
+#: milliseconds to tens of milliseconds.  Four copies of 256 KiB bound that
+#: queue to 1 MiB; with fleecing the same bound keeps the job's bursts from
+#: crowding the guest's writes in QEMU's event loop.  docs/benchmarks.md has
+#: the measurements.  Copy offload cannot work into an NBD node.
+JOB_PERF = types.MappingProxyType(
+    {"use-copy-range": False, "max-workers": 4, "max-chunk": 256 * 1024}
+)
 
 #: seconds between query-block-jobs polls for the progress bar
 PROGRESS_INTERVAL = 0.5
@@ -364,6 +379,7 @@ async def backup(
     signals: SignalGuard | None = None,
     fleecing: FleecingOptions | None = None,
     note: NoteFn | None = None,
+    job_perf: Mapping[str, object] | None = JOB_PERF,
 ) -> BackupResult:
     """Back up *disks* of the QEMU behind *qmp* into *output*; see the module docs.
 
@@ -377,7 +393,8 @@ async def backup(
     With *fleecing* the jobs read a point-in-time view kept by copy-before-write
     filters into fleecing images (:mod:`writer.fleecing`), set up before the
     jobs start and torn down on every way out; ``note`` then gets the images'
-    size for the progress line.
+    size for the progress line.  ``job_perf`` is the jobs' ``x-perf`` (None:
+    QEMU's defaults, for a source no guest writes to).
     """
     if fleecing is not None:
         try:
@@ -412,7 +429,7 @@ async def backup(
                     sock_path,
                     abort,
                     result,
-                    speed=speed,
+                    jobs=_JobOptions(speed, job_perf),
                     progress=progress,
                     fleecing=fleecing,
                     note=note,
@@ -481,13 +498,21 @@ def _on_signal(abort: _Abort, signum: int) -> None:
                 abort.unfleece_scope.cancel()
 
 
+@dataclass(frozen=True)
+class _JobOptions:
+    """What every job of one backup is started with."""
+
+    speed: int  #: bytes/s, 0 = no limit
+    perf: Mapping[str, object] | None  #: ``x-perf`` (None: QEMU's defaults)
+
+
 async def _watch_lost(qmp: QmpConnection, abort: _Abort) -> None:
     await qmp.lost.wait()
     abort(f"QEMU went away: {qmp.lost_reason}")
 
 
 async def _backup_in(
-    qmp, disks, output, configs, names, sock_path, abort, result, *, speed, progress, fleecing, note
+    qmp, disks, output, configs, names, sock_path, abort, result, *, jobs, progress, fleecing, note
 ) -> None:
     fleece = Fleecing(qmp, disks, fleecing, names.tag) if fleecing is not None else None
     async with Packer(output, [(d.devname, d.size) for d in disks], configs) as packer:
@@ -501,7 +526,7 @@ async def _backup_in(
                     abort.scope = scope
                     if abort.cause is None:  # a signal before the scope existed
                         await _run_jobs(
-                            qmp, disks, names, sock_path, abort, speed, progress, fleece, note
+                            qmp, disks, names, sock_path, abort, jobs, progress, fleece, note
                         )
                 abort.scope = None
                 if abort.cause is None:
@@ -648,8 +673,37 @@ def _job_error(error: str, disk: SourceDisk, fleece: Fleecing | None) -> str:
     return f"QEMU's backup job of {disk.label} failed: {error}"
 
 
+async def _start_jobs(qmp, sources, names, jobs: _JobOptions) -> None:
+    """Start every job in one transaction, with ``jobs.perf`` as ``x-perf``.
+
+    A QEMU that does not know ``x-perf`` (an experimental option: it may be
+    renamed) gets the jobs without it, and a warning: the backup is the same,
+    only guest writes may wait longer for it in push mode.
+    """
+
+    def actions(perf) -> list[dict]:
+        out = []
+        for source, target, job in zip(sources, names.targets, names.jobs, strict=True):
+            data = {"job-id": job, "device": source, "target": target, "sync": "full"}
+            if jobs.speed:
+                data["speed"] = jobs.speed
+            if perf:
+                data["x-perf"] = dict(perf)
+            out.append({"type": "blockdev-backup", "data": data})
+        return out
+
+    props = {"completion-mode": "grouped"}
+    try:
+        await qmp.execute("transaction", {"actions": actions(jobs.perf), "properties": props})
+    except QemuError as e:
+        if not jobs.perf or "x-perf" not in str(e):
+            raise
+        log.warning("QEMU refuses the job option x-perf (%s); jobs started without it", e)
+        await qmp.execute("transaction", {"actions": actions(None), "properties": props})
+
+
 async def _run_jobs(
-    qmp, disks, names, sock_path, abort, speed, progress, fleece=None, note=None
+    qmp, disks, names, sock_path, abort, jobs, progress, fleece=None, note=None
 ) -> None:
     """Set up fleecing, blockdev-add the targets, start the transaction, wait for
     every job's end."""
@@ -667,15 +721,7 @@ async def _run_jobs(
                 "export": disk.devname,
             },
         )
-    actions = []
-    for source, target, job in zip(sources, names.targets, names.jobs, strict=True):
-        data = {"job-id": job, "device": source, "target": target, "sync": "full"}
-        if speed:
-            data["speed"] = speed
-        actions.append({"type": "blockdev-backup", "data": data})
-    await qmp.execute(
-        "transaction", {"actions": actions, "properties": {"completion-mode": "grouped"}}
-    )
+    await _start_jobs(qmp, sources, names, jobs)
     log.info("backup jobs started: %s", ", ".join(names.jobs))
     total = sum(d.size for d in disks)
     by_job = dict(zip(names.jobs, disks, strict=True))

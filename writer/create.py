@@ -211,6 +211,8 @@ async def create(
                 speed=speed,
                 progress=progress,
                 signals=signals,
+                # no guest write waits behind this job: QEMU's default queue depth
+                job_perf=None,
             )
     except BaseException:
         output.abort()

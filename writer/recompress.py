@@ -242,7 +242,9 @@ def _recompress(
             framer.feed(chunk)
 
         size = _stream(source, on_chunk, progress)
-        index = indexer.finish(size)  # raises unless the archive is whole and valid
+        # Raises unless the archive is whole and valid (a compressed file cut
+        # short, on an extent boundary too, is not whole).
+        index = indexer.finish(size, source.truncation)
         framer.flush()
         writer.close()
         output.commit()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Mapping
 
 import trio
 from vmafs.writer.qmp import QmpConnection
@@ -87,15 +88,27 @@ def nbdkit_memory(sock: str, size: int) -> tuple[subprocess.Popen, dict]:
 
 
 async def backup_job(
-    qmp: QmpConnection, device: str, node: dict, speed: int = 0, copy_range: bool = True
+    qmp: QmpConnection,
+    device: str,
+    node: dict,
+    speed: int = 0,
+    copy_range: bool = True,
+    perf: Mapping[str, object] | None = None,
 ) -> None:
-    """Add *node* as ``tgt`` and start job ``j``: a full blockdev-backup of *device* into it."""
+    """Add *node* as ``tgt`` and start job ``j``: a full blockdev-backup of *device* into it.
+
+    *perf* is the job's ``x-perf`` (e.g. ``vmafs backup``'s, for the same job
+    as vmafs runs); ``copy_range=False`` adds ``use-copy-range: false`` to it.
+    """
     await qmp.execute("blockdev-add", {"node-name": "tgt", **node})
     args: dict = {"job-id": "j", "device": device, "target": "tgt", "sync": "full"}
     if speed:
         args["speed"] = speed
+    x_perf = dict(perf or {})
     if not copy_range:
-        args["x-perf"] = {"use-copy-range": False}
+        x_perf["use-copy-range"] = False
+    if x_perf:
+        args["x-perf"] = x_perf
     await qmp.execute("blockdev-backup", args)
 
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import trio
+from vmafs.writer.backup import JOB_PERF
 from vmafs.writer.qmp import QemuError, QmpConnection
 
 from . import datasets as ds
@@ -153,8 +154,7 @@ async def _write_latency(
                         await trio.sleep(0.01)
                 job_id = jobs[0]["device"]
             rnd = random.Random(9)
-            clusters = size // 65536
-            targets = rnd.sample(range(clusters // 2, clusters), writes)
+            targets = _guest_clusters(rnd, size, writes)
             lat, ahead = [], 0
             gap = 0.5 * size / speed / writes  # writes spread over half the job's time
             for c in targets:
@@ -182,6 +182,51 @@ async def _write_latency(
         for p in (q1, q2):
             if os.path.exists(p):
                 os.unlink(p)
+
+
+def _guest_clusters(rnd: random.Random, size: int, writes: int) -> list[int]:
+    """The 64 KiB clusters the guest writes, one write each, all in the disk's second half."""
+    clusters = size // 65536
+    return rnd.sample(range(clusters // 2, clusters), writes)
+
+
+class _ScratchDisk:
+    """The guest's disk of the latency figures: a copy of *base*, the same at
+    the start of every round.
+
+    The copy is made and fsynced once; between rounds only the clusters the
+    guest wrote are copied back (and fsynced).  A fresh 512 MiB copy per round
+    left that much dirty page cache for the kernel to write back under later
+    rounds, where writeback can stall the guest's writes and the
+    copy-before-write reads of every case alike (in a QEMU trace one 64 KiB
+    source read took 467 ms while 60 other reads completed); no VM's disk
+    has a fresh copy's writeback under it.
+    """
+
+    def __init__(self, base: str, path: str, writes: int) -> None:
+        self.base, self.path = base, path
+        self.clusters = _guest_clusters(random.Random(9), os.path.getsize(base), writes)
+        shutil.copyfile(base, path)
+        _fsync(path)
+
+    def reset(self) -> None:
+        with open(self.base, "rb") as src, open(self.path, "r+b") as dst:
+            for c in self.clusters:
+                dst.seek(c * 65536)
+                dst.write(os.pread(src.fileno(), 65536, c * 65536))
+            dst.flush()
+            os.fsync(dst.fileno())
+
+    def remove(self) -> None:
+        os.unlink(self.path)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _vmafs_backup_job(out: str, extra: tuple[str, ...] = ()) -> JobStarter:
@@ -219,6 +264,7 @@ def fig_latency(ctx: Ctx) -> list[Row]:
     need("qemu-system-x86_64")
     base, size, speed, writes = _latency_setup(ctx)
     scratch = os.path.join(ctx.work, "latency-scratch.img")
+    disk = _ScratchDisk(base, scratch, writes)
     out = os.path.join(ctx.work, "latency-out.vma")
     vmafs_job = _vmafs_backup_job(out)
 
@@ -241,10 +287,11 @@ def fig_latency(ctx: Ctx) -> list[Row]:
     async def qemu_job(qmp, drive, speed, node, tgt, server=None):
         q = await QmpConnection.open(qmp, name="bench-job")
         try:
-            # No copy offload (copy_file_range between two local files): an NBD
-            # target cannot have it, and with it this job failed with EBADF in 3
-            # of 4 runs here.
-            await backup_job(q, drive, node, speed, copy_range=False)
+            # The job vmafs backup runs (JOB_PERF: 4 copies of 256 KiB in flight,
+            # no copy offload), so the baselines differ from vmafs only in the
+            # target.  Copy offload (copy_file_range between two local files)
+            # failed this job with EBADF in 3 of 4 runs here anyway.
+            await backup_job(q, drive, node, speed, copy_range=False, perf=JOB_PERF)
         except BaseException:
             await q.aclose()
             raise
@@ -271,7 +318,7 @@ def fig_latency(ctx: Ctx) -> list[Row]:
     for _ in range(rounds):
         for name, fn in jobs:
             for attempt in (1, 2):
-                shutil.copyfile(base, scratch)
+                disk.reset()
                 try:
                     results[name].append(trio.run(_write_latency, ctx, scratch, fn, speed, writes))
                     break
@@ -279,7 +326,7 @@ def fig_latency(ctx: Ctx) -> list[Row]:
                     if attempt == 2:
                         raise RuntimeError(f"the {name} job failed twice: {e}") from e
                     retried.append(f"{name} job failed once ({e}) and was run again")
-    os.unlink(scratch)
+    disk.remove()
     if os.path.exists(out):
         os.unlink(out)
 
@@ -316,6 +363,8 @@ def fig_latency(ctx: Ctx) -> list[Row]:
             v99 <= 2 * r99,
             "each write timed as one QMP human-monitor-command round trip on a second "
             "monitor; 'ahead' = writes to clusters past the job's offset at that moment; "
+            "every job with vmafs backup's x-perf "
+            f"({', '.join(f'{k}={v}' for k, v in JOB_PERF.items())}); "
             f"{rounds} alternated rounds, samples pooled (p99 per round, vmafs/raw: "
             f"{per_round})" + nbd_note + "".join(f"; {r}" for r in retried),
         )
@@ -334,6 +383,7 @@ def fig_fleecing(ctx: Ctx) -> list[Row]:
     need("qemu-system-x86_64")
     base, size, speed, writes = _latency_setup(ctx)
     scratch = os.path.join(ctx.work, "fleecing-scratch.img")
+    disk = _ScratchDisk(base, scratch, writes)
     out = os.path.join(ctx.work, "fleecing-out.vma")
     fleece = os.path.join(ctx.work, "fleecing")
     os.makedirs(fleece, exist_ok=True)
@@ -346,7 +396,7 @@ def fig_fleecing(ctx: Ctx) -> list[Row]:
     results: dict[str, list] = {name: [] for name, _ in cases}
     for _ in range(rounds):  # alternated, pooled, as in fig_latency
         for name, job in cases:
-            shutil.copyfile(base, scratch)
+            disk.reset()
             results[name].append(
                 trio.run(
                     functools.partial(
@@ -356,7 +406,7 @@ def fig_fleecing(ctx: Ctx) -> list[Row]:
             )
             if os.path.exists(out):
                 os.unlink(out)
-    os.unlink(scratch)
+    disk.remove()
     pooled = {k: sorted(x for r in v for x in r[0]) for k, v in results.items()}
     p99 = {k: percentile(v, 0.99) for k, v in pooled.items()}
     p50 = {k: percentile(v, 0.5) for k, v in pooled.items()}

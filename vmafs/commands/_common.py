@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from ..archive import Archive, read_header
 from ..common.progress import Progress, want_progress
-from ..errors import TruncatedError, VmaError, naming_archive, read_anyway_hint
+from ..errors import naming_archive, offering_read_anyway
 from ..format import HEADER_STRUCT_SIZE, Header
+from ..index import header_truncated
 from ..source import open_source
 
 
@@ -43,9 +44,11 @@ def _load_header(path: str) -> Header:
             source.scan(on_chunk)
         except _HeaderComplete:
             pass
+        if len(buf) < want[0] and source.truncation is not None:
+            raise header_truncated(len(buf), source.truncation)
         if len(buf) < HEADER_STRUCT_SIZE:
             Header.peek_size(bytes(buf))  # raises the precise error for a tiny stream
-            raise TruncatedError("stream ends inside the VMA header", offset=len(buf))
+            raise header_truncated(len(buf), None)
         return Header.parse(bytes(buf))
     finally:
         source.close()
@@ -80,16 +83,9 @@ def open_archive(path: str, args, *, allow_incomplete: bool = False, **kw) -> Ar
     An archive refused as incomplete or cut short: the error says how to read
     what is there (``--allow-incomplete``, where the command has it).
     """
-    try:
-        with Progress("indexing", enabled=want_progress(getattr(args, "progress", None))) as bar:
-            return Archive.open(path, allow_incomplete=allow_incomplete, progress=bar, **kw)
-    except VmaError as e:
-        has_option = hasattr(args, "allow_incomplete")  # extract has it; list --json reads all
-        hint = ""
-        if has_option and not allow_incomplete:
-            hint = read_anyway_hint(e, "--allow-incomplete")
-        if not hint:
-            raise
-        raise type(e)(
-            f"{e.message}; {hint}", offset=e.offset, dev_id=e.dev_id, cluster=e.cluster
-        ) from None
+    has_option = hasattr(args, "allow_incomplete")  # extract has it; list --json reads all
+    with (
+        offering_read_anyway("--allow-incomplete" if has_option and not allow_incomplete else None),
+        Progress("indexing", enabled=want_progress(getattr(args, "progress", None))) as bar,
+    ):
+        return Archive.open(path, allow_incomplete=allow_incomplete, progress=bar, **kw)

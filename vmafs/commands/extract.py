@@ -132,8 +132,9 @@ def register(subparsers) -> None:
     p.add_argument(
         "--allow-incomplete",
         action="store_true",
-        help="extract an interrupted backup too: clusters never written are left as "
-        "zeros (holes), and a warning per device says how many",
+        help="extract an interrupted or cut-short backup (plain or compressed) too: "
+        "clusters never written or after the cut are left as zeros (holes), and a "
+        "warning per device says how many",
     )
     add_progress_options(p)
     p.set_defaults(func=run)

@@ -16,10 +16,9 @@ import os
 import time
 
 from .. import sidecar, sidecar_cache
-from ..archive import has_plain_side_index, walk_headers
+from ..archive import has_plain_side_index, index_by_scan, walk_headers
 from ..common.progress import Progress, add_progress_options, human_bytes, want_progress
-from ..errors import naming_archive
-from ..index import StreamIndexer
+from ..errors import naming_archive, offering_read_anyway
 from ..source import open_source
 
 HELP = "build the side index of an archive ahead of time"
@@ -80,7 +79,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--allow-incomplete",
         action="store_true",
-        help="index an interrupted backup too (missing clusters read as errors)",
+        help="index an interrupted or cut-short backup too (missing clusters read as errors)",
     )
     add_progress_options(p)
     p.set_defaults(func=run, index_parser=p)
@@ -93,8 +92,11 @@ def run(args) -> int:
         return _list(args) if args.list else _prune(args)
     if args.archive is None:
         args.index_parser.error("give the ARCHIVE to index (or --list, --prune)")
-    # StreamIndexer.finish raises after the scan ("stored twice", "incomplete"): name the file.
-    with naming_archive(args.archive):
+    # The index raises after the scan ("stored twice", "incomplete"): name the file.
+    with (
+        offering_read_anyway(None if args.allow_incomplete else "--allow-incomplete"),
+        naming_archive(args.archive),
+    ):
         return _index(args)
 
 
@@ -118,9 +120,7 @@ def _index(args) -> int:
         show = want_progress(args.progress)
         with Progress("indexing", enabled=show) as bar:
             if source.needs_scan:
-                indexer = StreamIndexer(allow_incomplete=args.allow_incomplete)
-                source.scan(indexer.feed, bar)
-                header, index = indexer.header, indexer.finish(source.size)
+                header, index = index_by_scan(source, args.allow_incomplete, bar)
             else:
                 header, index = walk_headers(source, args.allow_incomplete, bar)
         dest = sidecar.save(

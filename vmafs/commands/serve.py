@@ -79,7 +79,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--allow-incomplete",
         action="store_true",
-        help="serve an interrupted backup; reads of its missing clusters fail with EIO",
+        help="serve an interrupted or cut-short backup; reads of its missing clusters "
+        "fail with EIO",
     )
     p.add_argument(
         "--threads",

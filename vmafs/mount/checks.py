@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 
-from ..errors import VmaError, read_anyway_hint
+from ..errors import offering_read_anyway
 from .errors import MountError
 
 
@@ -93,17 +93,12 @@ def open_archive(path: str, allow_incomplete: bool, index_beside: bool = False):
     from ..archive import Archive  # noqa: PLC0415 - keep `vmafs -h` light
     from ..common.progress import Progress, want_progress  # noqa: PLC0415
 
-    try:
-        # A compressed archive is decompressed once to index it: show how far
-        # that got when stderr is a terminal (nothing otherwise).
-        with Progress("indexing", enabled=want_progress(None)) as bar:
-            return Archive.open(
-                path, allow_incomplete=allow_incomplete, progress=bar, index_beside=index_beside
-            )
-    except VmaError as e:
-        hint = "" if allow_incomplete else read_anyway_hint(e, "mount -o allow_incomplete")
-        if not hint:
-            raise
-        raise type(e)(
-            f"{e.message}; {hint}", offset=e.offset, dev_id=e.dev_id, cluster=e.cluster
-        ) from None
+    # A compressed archive is decompressed once to index it: show how far
+    # that got when stderr is a terminal (nothing otherwise).
+    with (
+        offering_read_anyway(None if allow_incomplete else "mount -o allow_incomplete"),
+        Progress("indexing", enabled=want_progress(None)) as bar,
+    ):
+        return Archive.open(
+            path, allow_incomplete=allow_incomplete, progress=bar, index_beside=index_beside
+        )

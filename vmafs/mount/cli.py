@@ -15,7 +15,8 @@ from .umount import umount
 MOUNT_OPTIONS_HELP = f"""\
 options (-o, comma-separated, may repeat):
   allow_other       let other users in (file modes still apply)
-  allow_incomplete  mount an interrupted backup; missing clusters read as EIO
+  allow_incomplete  mount an interrupted or cut-short backup (plain or
+                    compressed); missing clusters read as EIO
   uid=N, gid=N      owner shown for every file (default: you)
   fsname=NAME       source shown by mount/df (default: the archive's path)
   direct_io         no page cache, 1 MiB requests: fastest for one-off bulk

@@ -14,7 +14,7 @@ import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from ..errors import SourceError, naming_archive
+from ..errors import SourceError, StreamTruncatedError, naming_archive
 from ..format import VMA_MAGIC
 from .plain import PlainSource
 
@@ -56,6 +56,10 @@ class Source(Reader, Protocol):
     compressed: bool
     #: True when :meth:`scan` must run (or saved state be loaded) before ``pread``.
     needs_scan: bool
+    #: After a scan (or a load of saved state): where a compressed file cut
+    #: short stops yielding data (a StreamTruncatedError, not raised), else None.
+    #: ``size`` is then the length of the usable stream before the cut.
+    truncation: StreamTruncatedError | None
 
     def pread_into_cached(self, offset: int, buf: memoryview) -> int:
         """As :meth:`pread_into`, from memory only: BlockingIOError when any of
@@ -79,7 +83,10 @@ class Source(Reader, Protocol):
 
         *on_chunk(offset, view)* must copy what it keeps: the view may be of a
         buffer that the source reuses once the call returns.  Afterwards
-        ``needs_scan`` is False.  A source read at random has no scan (SourceError).
+        ``needs_scan`` is False.  A file cut short is not an error here: the
+        pass ends with the last whole block before the cut, ``size`` is the
+        stream up to there and ``truncation`` says where the cut is.  A source
+        read at random has no scan (SourceError).
         """
 
     def stream(self, on_chunk: ChunkFn, progress: ProgressFn | None = None) -> None:

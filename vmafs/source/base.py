@@ -21,7 +21,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
-from ..errors import CorruptStreamError, SourceError, VmaError, naming_archive
+from ..errors import CorruptStreamError, SourceError, StreamTruncatedError, VmaError, naming_archive
 
 ProgressFn = Callable[[int, int], None]
 ChunkFn = Callable[[int, memoryview], None]
@@ -66,6 +66,10 @@ class SourceBase(ReaderBase):
     #: True when the stream is compressed: reading it out of order costs decoding.
     compressed = True
     needs_scan = False
+    #: Set by a scan that found the compressed file cut short: the stream
+    #: (``size`` bytes) ends where its usable data does, and this says where
+    #: that was.  The index then marks the archive incomplete.  None: whole.
+    truncation: StreamTruncatedError | None = None
     _fd = -1
 
     def fileno(self) -> int:

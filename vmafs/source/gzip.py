@@ -48,7 +48,13 @@ import zstandard
 if TYPE_CHECKING:
     from indexed_gzip.indexed_gzip import _IndexedGzipFile
 
-from ..errors import CorruptStreamError, IndexCacheError, SourceError, naming_archive
+from ..errors import (
+    CorruptStreamError,
+    IndexCacheError,
+    SourceError,
+    StreamTruncatedError,
+    naming_archive,
+)
 from . import register
 from .base import BlockCache, BlockSource, check_trailing
 
@@ -126,7 +132,7 @@ class GzipSource(BlockSource):
                     helper.append(child)
 
         try:
-            self.size = _inflate_all(
+            self.size, self.truncation = _inflate_all(
                 self._fd, csize, on_chunk, progress, total, (_HELPER_AFTER, start_helper)
             )
             start_helper()
@@ -167,7 +173,8 @@ class GzipSource(BlockSource):
             z.import_index(fileobj=io.BytesIO(out))
             # The helper saw the same open file; make sure it indexed all of it.
             last = z.pread(1, self.size - 1) if self.size else b""
-            if len(last) != min(1, self.size) or z.pread(1, self.size):
+            # (past the end of a cut file zran may decode the padding: see _new_handle)
+            if len(last) != min(1, self.size) or (z.pread(1, self.size) and not self.truncation):
                 raise ValueError("helper's seek points do not span the stream")
         except Exception as e:  # noqa: BLE001 - zran has its own types; any: rebuild
             z.close()
@@ -184,7 +191,7 @@ class GzipSource(BlockSource):
         """
         c = self.compressed_size
         with naming_archive(self.path):
-            self.size = _inflate_all(self._fd, c, on_chunk, progress, c)
+            self.size, self.truncation = _inflate_all(self._fd, c, on_chunk, progress, c)
 
     def _build_points(self, progress: ProgressFn | None, total: int) -> _IndexedGzipFile:
         """Pass 2 in this process: zran inflates once more, leaving seek points."""
@@ -204,17 +211,28 @@ class GzipSource(BlockSource):
             ) from e
         return z
 
-    def _new_handle(self) -> _IndexedGzipFile:
+    def _new_handle(self, *, cut: bool | None = None) -> _IndexedGzipFile:
+        """A zran handle on the file; *cut*: it is cut short (default: as the scan found)."""
         # Imported here: indexed_gzip's import costs ~40 ms (importlib.metadata),
         # which every vmafs command would pay for gzip support it does not use.
         from indexed_gzip.indexed_gzip import _IndexedGzipFile  # noqa: PLC0415
 
-        fobj = os.fdopen(os.dup(self._fd), "rb")
+        if cut is None:
+            cut = self.truncation is not None
+        if not cut:
+            fobj = os.fdopen(os.dup(self._fd), "rb")
+        else:
+            # zran fails on a member whose deflate data is whole but whose
+            # trailer is cut (and then on its whole last span); given the
+            # missing trailer bytes as zeros, and no CRC check (pass 1 checked
+            # every whole member), it reads up to the cut as stdlib zlib does.
+            fobj = _PaddedFile(self._fd, self.compressed_size)
         return _IndexedGzipFile(
             fileobj=fobj,
             spacing=self.spacing,
             readbuf_size=256 << 10,
             auto_build=True,
+            skip_crc_check=cut,
         )
 
     # -- persistence (vmafs.sidecar) --
@@ -228,28 +246,30 @@ class GzipSource(BlockSource):
             self._zran.export_index(fileobj=buf)
         # The 32 KiB windows are raw stream bytes: compress them for the side index.
         packed = zstandard.ZstdCompressor(level=3).compress(buf.getvalue())
+        cut = -1 if self.truncation is None else self.truncation.compressed_offset
         return {
-            "meta": np.array([self.size, self.spacing, self.compressed_size], dtype=np.int64),
+            "meta": np.array([self.size, self.spacing, self.compressed_size, cut], dtype=np.int64),
             "zran_zst": np.frombuffer(packed, dtype=np.uint8),
         }
 
     def load_checkpoint_state(self, state: dict[str, np.ndarray]) -> None:
         """Adopt seek points saved by :meth:`checkpoint_state` (the caller checked identity)."""
         try:
-            size, spacing, csize = (int(x) for x in state["meta"])
+            size, spacing, csize, cut = (int(x) for x in state["meta"])
             packed = np.asarray(state["zran_zst"], dtype=np.uint8).tobytes()
             blob = zstandard.ZstdDecompressor().decompress(packed)
         except (KeyError, ValueError, TypeError, zstandard.ZstdError) as e:
             raise IndexCacheError(f"gzip checkpoint state unusable: {e}") from e
         if csize != self.compressed_size:
             raise IndexCacheError("gzip checkpoint state is for a file of another size")
-        z = self._new_handle()
+        truncation = None if cut < 0 else _cut(cut, size)
+        z = self._new_handle(cut=truncation is not None)
         try:
             z.import_index(fileobj=io.BytesIO(blob))
         except Exception as e:
             z.close()
             raise IndexCacheError(f"gzip seek points do not load: {e}") from e
-        self.size, self.spacing = size, spacing
+        self.size, self.spacing, self.truncation = size, spacing, truncation
         self._set_zran(z)
 
     # -- reading: blocks are the spans between seek points --
@@ -278,9 +298,10 @@ class GzipSource(BlockSource):
                     f"gzip read at stream offset {ustart} failed: {e}", offset=ustart
                 ) from e
         if len(data) < uend - ustart:
-            raise CorruptStreamError(
+            raise StreamTruncatedError(
                 f"gzip stream ended before its scanned length {self.size}; did the file change?",
                 offset=ustart + len(data),
+                compressed_offset=os.fstat(self._fd).st_size,
             )
         return data
 
@@ -305,16 +326,73 @@ class GzipSource(BlockSource):
         super().close()
 
 
+class _PaddedFile(io.RawIOBase):
+    """The gzip file *fd* of *size* bytes followed by :data:`_PAD` zero bytes, for zran."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        super().__init__()
+        self._fd, self._size, self._pos = os.dup(fd), size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size + _PAD}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buf) -> int:
+        view = memoryview(buf).cast("B")
+        n = 0
+        if self._pos < self._size:
+            n = os.preadv(self._fd, [view[: self._size - self._pos]], self._pos)
+        if self._pos + n >= self._size:  # the padding (a file grown since: its own bytes)
+            pad = min(len(view) - n, self._size + _PAD - self._pos - n)
+            view[n : n + pad] = bytes(pad)
+            n += pad
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+#: Zero bytes after a cut gzip file: a whole gzip trailer's worth.
+_PAD = 8
+
+
+def _cut(at: int, out_pos: int, member_at: int | None = None) -> StreamTruncatedError:
+    """The cut of a gzip file that ends at compressed offset *at*, after *out_pos* bytes."""
+    member = "" if member_at is None else f" in the member at compressed offset {member_at}"
+    return StreamTruncatedError(
+        f"gzip stream truncated{member}: the file ends at compressed offset {at} without the "
+        f"member's trailer, after {out_pos} uncompressed bytes",
+        offset=out_pos,
+        compressed_offset=at,
+    )
+
+
 def _inflate_all(
     fd: int, csize: int, on_chunk, progress: ProgressFn | None, total: int, when=None
-) -> int:
-    """Inflate every member of the gzip file *fd*; returns the uncompressed length.
+) -> tuple[int, StreamTruncatedError | None]:
+    """Inflate every member of the gzip file *fd*; returns (uncompressed length, cut).
 
     *when*, if given, is ``(n, callback)``: callback() runs once, after n
     uncompressed bytes have been handed to *on_chunk*.
 
-    Raises CorruptStreamError (offset = compressed file offset) on bad data,
-    a failed CRC/length check, truncation or trailing garbage.
+    A file cut short is inflated as far as it goes (deflate yields its output
+    as it goes; zran reads a cut file just as far): *cut* says where it ended,
+    None when every member is whole.  Raises CorruptStreamError (offset =
+    compressed file offset) on bad data, a failed CRC/length check or
+    trailing garbage.
     """
     out_pos = 0
     base = 0  # compressed offset of the first byte of `pending`
@@ -377,16 +455,9 @@ def _inflate_all(
                 break
         if progress is not None:
             progress(base, total)
-    if d is not None:
-        raise CorruptStreamError(
-            f"gzip stream truncated: the member starting at compressed offset {member_at} "
-            f"ends without its trailer at compressed offset {base}, "
-            f"after {out_pos} uncompressed bytes",
-            offset=out_pos,
-        )
     if progress is not None:
         progress(csize, total)
-    return out_pos
+    return out_pos, None if d is None else _cut(base, out_pos, member_at)
 
 
 register(GZIP_MAGIC, GzipSource)

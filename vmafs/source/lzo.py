@@ -28,7 +28,7 @@ from collections.abc import Callable
 import lzo
 import numpy as np
 
-from ..errors import CorruptStreamError, IndexCacheError, SourceError
+from ..errors import CorruptStreamError, IndexCacheError, SourceError, StreamTruncatedError
 from . import register
 from .base import BlockCache, BlockSource, check_trailing
 
@@ -91,10 +91,11 @@ class _Reader:
             )
             self.i = 0
             if n > len(self.buf):
-                raise CorruptStreamError(
+                raise StreamTruncatedError(
                     f"lzop stream truncated inside {what}: {n} bytes needed at compressed "
                     f"offset {self.pos}, the file ends at {self.size}",
                     offset=self.stream_pos,
+                    compressed_offset=self.pos,
                 )
         out = self.buf[self.i : self.i + n]
         self.i += n
@@ -188,9 +189,25 @@ class LzoSource(BlockSource):
     # -- the scan --
 
     def _scan(self, on_chunk, progress) -> None:
-        """Walk every block once: check it, feed it to *on_chunk*, record where it lives."""
+        """Walk every block once: check it, feed it to *on_chunk*, record where it lives.
+
+        A file cut short ends the walk at the last whole block (``truncation``
+        says where the cut is): a block is only checked, and handed on, whole.
+        """
         r = _Reader(self._fd, self.compressed_size)
         cols: dict[str, list[int]] = {k: [] for k in _COLUMNS}
+        try:
+            out_pos = self._walk(r, cols, on_chunk, progress)
+            cut = None
+        except StreamTruncatedError as e:
+            out_pos, cut = r.stream_pos, e
+        table = {k: np.array(v, dtype=_COLUMNS[k]) for k, v in cols.items()}
+        self._adopt(table, out_pos, cut)
+        if progress is not None:
+            progress(self.compressed_size, self.compressed_size)
+
+    def _walk(self, r: _Reader, cols: dict[str, list[int]], on_chunk, progress) -> int:
+        """The blocks of every lzop file in a row, into *cols*; returns the stream length."""
         out_pos = 0
         last = 0
         while True:
@@ -240,16 +257,16 @@ class LzoSource(BlockSource):
                 )
                 break
             r.i -= len(LZOP_MAGIC)  # let _parse_header see the magic
-        table = {k: np.array(v, dtype=_COLUMNS[k]) for k, v in cols.items()}
-        self._adopt(table, out_pos)
-        if progress is not None:
-            progress(self.compressed_size, self.compressed_size)
+        return out_pos
 
-    def _adopt(self, table: dict[str, np.ndarray], size: int) -> None:
+    def _adopt(
+        self, table: dict[str, np.ndarray], size: int, cut: StreamTruncatedError | None
+    ) -> None:
         self._table = table
         self._starts = table["uoff"]
         self._forget_blocks()
         self.size = size
+        self.truncation = cut
         self.needs_scan = False  # as zstd: False once reads can be served
 
     # -- persistence (vmafs.sidecar) --
@@ -258,12 +275,13 @@ class LzoSource(BlockSource):
         if self._table is None:
             raise SourceError("lzop: no block table yet (scan first)")
         state = dict(self._table)
-        state["meta"] = np.array([self.size, self.compressed_size], dtype=np.int64)
+        cut = -1 if self.truncation is None else self.truncation.compressed_offset
+        state["meta"] = np.array([self.size, self.compressed_size, cut], dtype=np.int64)
         return state
 
     def load_checkpoint_state(self, state: dict[str, np.ndarray]) -> None:
         try:
-            size, csize = (int(x) for x in state["meta"])
+            size, csize, cut = (int(x) for x in state["meta"])
             table = {k: np.asarray(state[k], dtype=dt) for k, dt in _COLUMNS.items()}
         except (KeyError, ValueError, TypeError) as e:
             raise IndexCacheError(f"lzop block table unusable: {e}") from e
@@ -275,10 +293,11 @@ class LzoSource(BlockSource):
             and int(table["ulen"].sum(dtype=np.int64)) == size
             and np.array_equal(table["uoff"][1:], np.cumsum(table["ulen"], dtype=np.int64)[:-1])
             and (n == 0 or int(table["coff"][-1]) + int(table["clen"][-1]) <= csize)
+            and -1 <= cut <= csize
         )
         if not ok:
             raise IndexCacheError("lzop block table does not fit the file")
-        self._adopt(table, size)
+        self._adopt(table, size, None if cut < 0 else _cut(cut, size))
 
     # -- reading: blocks are the lzop blocks --
 
@@ -292,11 +311,19 @@ class LzoSource(BlockSource):
         sums = [int(t[k][i]) for k in ("d_adler", "d_crc", "c_adler", "c_crc")]
         raw = os.pread(self._fd, clen, coff)
         if len(raw) != clen:
-            raise CorruptStreamError(
+            raise StreamTruncatedError(
                 f"lzop block data at compressed offset {coff} cut short (file shrank?)",
                 offset=start,
+                compressed_offset=coff + len(raw),
             )
         return _decode(raw, ulen, int(t["flags"][i]), sums, coff, start)
+
+
+def _cut(at: int, size: int) -> StreamTruncatedError:
+    """The cut a saved block table recorded: the file ends at *at*, after *size* bytes."""
+    return StreamTruncatedError(
+        f"lzop stream truncated at compressed offset {at}", offset=size, compressed_offset=at
+    )
 
 
 # Block table columns and their dtypes (also the side index layout).

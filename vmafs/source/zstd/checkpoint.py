@@ -19,7 +19,7 @@ import threading
 import numpy as np
 import zstandard
 
-from .frame import corrupt, decompressor, put_resume_prefix, resume_prefix_size
+from .frame import cut, decompressor, put_resume_prefix, resume_prefix_size
 
 _TRIM_LADDER = (256 << 10, 1 << 20, 4 << 20, 16 << 20)
 _WINDOW_LEVEL = 1
@@ -64,7 +64,7 @@ class _Tester:
             self.inp = bytearray(room + comp_len)
         got = os.preadv(fd, [memoryview(self.inp)[room : room + comp_len]], comp)
         if got != comp_len:
-            raise corrupt("truncated zstd stream (file shorter than at its scan)", comp + got)
+            raise cut("truncated zstd stream (file shorter than at its scan)", comp + got)
         return room
 
     def attempt(self, room: int, comp_len: int, wd: int, window, truth) -> bool | None:

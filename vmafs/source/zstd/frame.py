@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import zstandard
 
-from ...errors import CorruptStreamError, SourceError
+from ...errors import CorruptStreamError, SourceError, StreamTruncatedError
 
 ZSTD_MAGIC = 0xFD2FB528
 ZSTD_MAGIC_BYTES = struct.pack("<I", ZSTD_MAGIC)
@@ -45,6 +45,13 @@ def window_limit() -> int:
 
 def corrupt(msg: str, comp_off: int, dec_off: int | None = None) -> CorruptStreamError:
     return CorruptStreamError(f"{msg} at compressed offset {comp_off}", offset=dec_off)
+
+
+def cut(msg: str, comp_off: int, dec_off: int | None = None) -> StreamTruncatedError:
+    """The error of a zstd file that ends at *comp_off*, its usable data at *dec_off*."""
+    return StreamTruncatedError(
+        f"{msg} at compressed offset {comp_off}", offset=dec_off, compressed_offset=comp_off
+    )
 
 
 def frame_failed(e: Exception, comp_off: int, start: int, end: int, pos: int):
@@ -78,10 +85,14 @@ def window_descriptor_for(window_size: int) -> int:
     return (log - 10) << 3
 
 
-def parse_frame_header(head: bytes, comp_off: int) -> FrameHeader:
-    """Parse a zstd frame header at the start of *head* (magic included)."""
+def parse_frame_header(head: bytes, comp_off: int, dec_off: int | None = None) -> FrameHeader:
+    """Parse a zstd frame header at the start of *head* (magic included).
+
+    A *head* too short for the header means the file ends inside it
+    (StreamTruncatedError, its offset *dec_off*).
+    """
     if len(head) < 6:
-        raise corrupt("truncated zstd frame header", comp_off)
+        raise cut("truncated zstd stream: the file ends inside the frame header", comp_off, dec_off)
     fhd = head[4]
     fcs_flag, single, reserved, checksum, dict_flag = (
         fhd >> 6,
@@ -101,7 +112,7 @@ def parse_frame_header(head: bytes, comp_off: int) -> FrameHeader:
     fsize = _FCS_SIZES[fcs_flag] if (fcs_flag or not single) else 1
     end = pos + dsize + fsize
     if len(head) < end:
-        raise corrupt("truncated zstd frame header", comp_off)
+        raise cut("truncated zstd stream: the file ends inside the frame header", comp_off, dec_off)
     dict_id = int.from_bytes(head[pos : pos + dsize], "little")
     pos += dsize
     fcs = None

@@ -22,8 +22,15 @@ import zstandard
 
 from ...errors import IndexCacheError
 from ..base import BlockCache, ReaderBase
-from .frame import corrupt, decompressor, frame_failed, put_resume_prefix, resume_prefix_size
-from .state import FrameTable
+from .frame import (
+    corrupt,
+    cut,
+    decompressor,
+    frame_failed,
+    put_resume_prefix,
+    resume_prefix_size,
+)
+from .state import FRAME_CHECKSUM, FRAME_CUT, FrameTable
 
 #: Frames up to this size are decoded and cached whole; bigger ones in pages.
 SMALL_FRAME = 16 << 20
@@ -115,9 +122,14 @@ class FrameReader:
         comp, csize, fsize = int(t.f_comp[fi]), int(t.f_csize[fi]), int(t.f_dsize[fi])
         raw = os.pread(self._fd, csize, comp)
         if len(raw) != csize:
-            raise corrupt("truncated zstd stream (file shorter than its index)", comp + len(raw))
+            raise cut("truncated zstd stream (file shorter than its index)", comp + len(raw))
         try:
-            out = decompressor().decompress(raw, max_output_size=fsize)
+            if int(t.f_flags[fi]) & FRAME_CUT:
+                # No end to the frame: a streaming decoder yields its whole blocks.
+                with decompressor().stream_reader(raw, read_across_frames=False) as r:
+                    out = r.read(fsize)
+            else:
+                out = decompressor().decompress(raw, max_output_size=fsize)
         except zstandard.ZstdError as e:
             raise corrupt(f"corrupt zstd frame ({e})", comp, int(t.f_dec[fi])) from e
         if len(out) != fsize:
@@ -138,7 +150,7 @@ class FrameReader:
             except (zstandard.ZstdError, EOFError) as e:
                 fend = int(t.f_comp[fi] + t.f_csize[fi])
                 if os.fstat(self._fd).st_size < fend:
-                    raise corrupt(
+                    raise cut(
                         "truncated zstd stream (file shorter than its index)",
                         os.fstat(self._fd).st_size,
                         cur.pos,
@@ -181,7 +193,7 @@ class FrameReader:
             window = zstandard.ZstdDecompressor().decompress(t.windows[j])
         except zstandard.ZstdError as e:
             raise IndexCacheError(f"checkpoint window {j} is corrupt ({e})") from e
-        comp_end = fcomp + fcsize - (4 if int(t.f_flags[fi]) & 1 else 0)
+        comp_end = fcomp + fcsize - (4 if int(t.f_flags[fi]) & FRAME_CHECKSUM else 0)
         # The scan tested this very construction: the window decodes first, then the blocks.
         prefix = bytearray(resume_prefix_size(len(window)))
         put_resume_prefix(prefix, 0, int(t.f_wd[fi]), window)
@@ -264,7 +276,7 @@ class HeadReader(ReaderBase):
             comp = int(t.f_comp[fi])
             have = os.fstat(self._fd).st_size
             if have < comp + int(t.f_csize[fi]):
-                raise corrupt(
+                raise cut(
                     "truncated zstd stream (file shorter than its index)", have, cur.pos
                 ) from e
             raise frame_failed(e, comp, cur.start, end, cur.pos) from e

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import zstandard
 
-from ...errors import SourceError
+from ...errors import SourceError, StreamTruncatedError
 from .checkpoint import Candidate, try_candidate
 from .frame import (
     BLOCK_COMPRESSED,
@@ -32,11 +32,12 @@ from .frame import (
     FrameHeader,
     block_is_candidate,
     corrupt,
+    cut,
     decompressor,
     is_skippable,
     parse_frame_header,
 )
-from .state import FrameTable
+from .state import FRAME_CHECKSUM, FRAME_CUT, FrameTable
 
 log = logging.getLogger(__name__)
 
@@ -161,57 +162,80 @@ class Scanner:
         self,
         on_chunk: Callable[[int, memoryview], None],
         progress: Callable[[int, int], None] | None,
-    ) -> tuple[FrameTable, dict[str, int]]:
-        """Decode the whole stream, handing it to *on_chunk*; returns (table, statistics)."""
+    ) -> tuple[FrameTable, dict[str, int], StreamTruncatedError | None]:
+        """Decode the whole stream, handing it to *on_chunk*; returns (table, statistics, cut).
+
+        A file cut short is read up to its last whole block: a frame cut
+        inside its blocks stays in the table as far as they go (marked
+        :data:`~.state.FRAME_CUT`), and *cut* says where the data ended; it
+        is None when the file is whole.
+        """
         rd = _SeqReader(self.fd, self.size)
         st = ScanState(on_chunk, progress, self.size)
         frames: tuple[list, ...] = ([], [], [], [], [], [])
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vmafs-zstd-ckpt")
+        stop = None
         try:
             while rd.tell() < self.size:
                 at = rd.tell()
                 head = rd.peek(18)
                 if len(head) < 4:
-                    raise corrupt("truncated zstd frame magic", at, st.dec)
+                    raise cut(
+                        "truncated zstd stream: the file ends inside the frame magic", at, st.dec
+                    )
                 magic = int.from_bytes(head[:4], "little")
                 if is_skippable(magic):
                     if len(head) < 8:
-                        raise corrupt("truncated skippable frame header", at, st.dec)
+                        raise cut(
+                            "truncated zstd stream: the file ends inside a skippable frame header",
+                            at,
+                            st.dec,
+                        )
                     n = int.from_bytes(head[4:8], "little")
                     if rd.skip(8 + n) != 8 + n:
-                        raise corrupt("truncated skippable frame", at, st.dec)
+                        raise cut(
+                            "truncated zstd stream: the file ends inside the skippable frame",
+                            at,
+                            st.dec,
+                        )
                     continue
                 if magic != ZSTD_MAGIC:
                     raise corrupt("not a zstd frame (bad magic)", at, st.dec)
-                hdr = parse_frame_header(head, at)
+                hdr = parse_frame_header(head, at, st.dec)
                 dec0 = st.dec
                 if hdr.dict_id:
                     raise SourceError(
                         f"zstd frame at compressed offset {at} needs dictionary {hdr.dict_id}, "
                         "which vmafs does not have"
                     )
-                _FrameScan(self, rd, hdr, len(frames[0]), st, pool).run()
-                for lst, v in zip(
-                    frames,
-                    (
-                        at,
-                        rd.tell() - at,
-                        dec0,
-                        st.dec - dec0,
-                        hdr.window_descriptor,
-                        int(hdr.checksum),
-                    ),
-                    strict=True,
-                ):
-                    lst.append(v)
+                scan = _FrameScan(self, rd, hdr, len(frames[0]), st, pool)
+                scan.run()
+                if scan.cut is None:
+                    end, flags = rd.tell(), FRAME_CHECKSUM if hdr.checksum else 0
+                else:  # its whole blocks up to the cut; their checksum (if any) is gone
+                    stop, end, flags = scan.cut, scan.end_blocks, FRAME_CUT
+                if stop is None or st.dec > dec0:
+                    row = (at, end - at, dec0, st.dec - dec0, hdr.window_descriptor, flags)
+                    for lst, v in zip(frames, row, strict=True):
+                        lst.append(v)
+                if stop is not None:
+                    break
+        except StreamTruncatedError as e:  # cut between frames or inside a frame header
+            stop = e
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             rd.close()
         if progress:
             progress(self.size, self.size)
-        if not frames[0]:
+        if not frames[0] and stop is None:
             raise corrupt("no zstd frame in the file", 0, 0)
-        return FrameTable(frames, (st.cp_dec, st.cp_comp, st.cp_frame), st.blobs), st.stats
+        table = FrameTable(
+            frames,
+            (st.cp_dec, st.cp_comp, st.cp_frame),
+            st.blobs,
+            None if stop is None else stop.compressed_offset,
+        )
+        return table, st.stats, stop
 
     def _submit(self, c: Candidate, comp_end: int, hdr: FrameHeader, pool, st) -> None:
         # Masking costs decodes; worth it only when the index budget is getting tight.
@@ -298,6 +322,9 @@ class _FrameScan:
         self.at = self.batch_at = self.end_blocks = rd.tell()
         self.piece = "header"  # what the last piece handed out was: header, blocks, checksum
         self.batch_blocks = 0  # blocks in it
+        #: Where the file ended inside this frame (None: it did not); the
+        #: frame's whole blocks before it were decoded (``end_blocks``).
+        self.cut: StreamTruncatedError | None = None
 
     # --- compressed side: zstd's input ---------------------------------------------
 
@@ -313,11 +340,13 @@ class _FrameScan:
             self.piece = "checksum"
             cks = rd.take(4)
             if len(cks) < 4:
-                raise corrupt(
-                    "truncated zstd stream (ends inside the frame checksum)",
+                # Every block is in: stop here (no checksum to check).
+                self.cut = cut(
+                    "truncated zstd stream: the file ends inside the frame checksum",
                     self.end_blocks,
                     st.dec,
                 )
+                return b""
             return cks
         return b""
 
@@ -347,8 +376,8 @@ class _FrameScan:
                 if nblocks:
                     break  # hand out what is there; refill on the next call
                 if not rd.ensure(3):
-                    raise corrupt(
-                        "truncated zstd stream (ends inside a block header)", bpos, st.dec
+                    return self._stop(
+                        "truncated zstd stream: the file ends inside the block header", bpos
                     )
                 bstart = rd._i
             buf, i = rd._buf, rd._i
@@ -365,7 +394,7 @@ class _FrameScan:
                 if nblocks:
                     break
                 if not rd.ensure(clen):
-                    raise corrupt("truncated zstd stream (ends inside a block)", bpos, st.dec)
+                    return self._stop("truncated zstd stream: the file ends inside the block", bpos)
                 buf, i = rd._buf, rd._i
                 bstart = i
             # A checkpoint candidate at this boundary?  Only at the start of a
@@ -395,6 +424,14 @@ class _FrameScan:
             st.progress(rd.tell(), st.total)
             st.next_progress = rd.tell() + _PROGRESS_STEP
         return rd._buf[bstart : rd._i]
+
+    def _stop(self, what: str, bpos: int) -> bytes:
+        """End the frame's input at a cut before the block at *bpos* (zstd has decoded
+        everything handed out before: ``st.dec`` is where the usable data ends)."""
+        self.cut = cut(what, bpos, self.st.dec)
+        self.end_blocks = bpos
+        self.stage = 3
+        return b""
 
     def _candidate(self, bpos: int, btype: int, buf: bytes, i: int, clen: int) -> None:
         st, dec = self.st, self.st.dec
@@ -444,6 +481,8 @@ class _FrameScan:
             self._decode(reader)
         finally:
             reader.close()  # drops its hold on the last input (a view of the mapped file)
+        if self.cut is not None:
+            return  # candidates still waiting are dropped: their blocks ran out
         if self.stage != 3:
             raise corrupt("zstd frame did not end after its last block", self.rd.tell(), st.dec)
         frame_dec0 = self.frame_dec0

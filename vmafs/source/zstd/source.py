@@ -11,7 +11,7 @@ import numpy as np
 from ...errors import SourceError
 from ...zstd_seekable import SeekTable
 from ..base import BlockCache, BlockSource
-from .frame import ZSTD_MAGIC, is_skippable
+from .frame import ZSTD_MAGIC, cut, is_skippable
 from .reads import FrameReader, HeadReader
 from .scan import DEFAULT_INDEX_BUDGET, DEFAULT_SPACING, Scanner
 from .state import FrameTable
@@ -88,7 +88,7 @@ class ZstdSource(BlockSource):
     ) -> None:
         # Frames and checkpoint candidates are recorded on the way (see .scan).
         scanner = Scanner(self._fd, self.compressed_size, self._spacing, self._budget)
-        table, self.scan_stats = scanner.run(on_chunk, progress)
+        table, self.scan_stats, self.truncation = scanner.run(on_chunk, progress)
         self._adopt(table, needs_scan=False)
 
     def checkpoint_state(self) -> dict[str, np.ndarray]:
@@ -99,7 +99,10 @@ class ZstdSource(BlockSource):
 
     def load_checkpoint_state(self, state: dict[str, np.ndarray]) -> None:
         """Adopt :meth:`checkpoint_state` output; IndexCacheError when it does not fit this file."""
-        self._adopt(FrameTable.from_state(state, self._fd, self.compressed_size), needs_scan=False)
+        table = FrameTable.from_state(state, self._fd, self.compressed_size)
+        self._adopt(table, needs_scan=False)
+        if table.cut_at is not None:
+            self.truncation = cut("zstd stream truncated", table.cut_at, table.size)
 
     # --- reads ----------------------------------------------------------------------
 

@@ -15,7 +15,13 @@ from ...errors import IndexCacheError
 from ...zstd_seekable import SeekTable
 from .frame import first_frame_at
 
-STATE_VERSION = 1
+#: 2: ``zstd_version`` also holds where a file cut short ends (-1: whole).
+STATE_VERSION = 2
+#: Frame flags: the frame ends with a content checksum.
+FRAME_CHECKSUM = 1
+#: Frame flags: the file ends inside this (last) frame; it holds its whole
+#: blocks up to the cut, decoded without an end (and without a checksum).
+FRAME_CUT = 2
 
 
 class FrameTable:
@@ -29,14 +35,20 @@ class FrameTable:
     only :meth:`to_state` joins them.
     """
 
-    def __init__(self, frames=([], [], [], [], [], []), checkpoints=([], [], []), windows=()):
+    def __init__(
+        self,
+        frames=([], [], [], [], [], []),
+        checkpoints=([], [], []),
+        windows=(),
+        cut_at: int | None = None,
+    ):
         comp, csize, dec, dsize, wd, flags = frames
         self.f_comp = np.asarray(comp, dtype=np.uint64)
         self.f_csize = np.asarray(csize, dtype=np.uint64)
         self.f_dec = np.asarray(dec, dtype=np.uint64)
         self.f_dsize = np.asarray(dsize, dtype=np.uint64)
         self.f_wd = np.asarray(wd, dtype=np.uint8)  # synthetic window descriptor
-        self.f_flags = np.asarray(flags, dtype=np.uint8)  # bit 0: content checksum
+        self.f_flags = np.asarray(flags, dtype=np.uint8)  # FRAME_CHECKSUM, FRAME_CUT
         self.f_dec_list: list[int] = self.f_dec.tolist()
         c_dec, c_comp, c_frame = checkpoints
         self.c_dec = np.asarray(c_dec, dtype=np.uint64)
@@ -46,6 +58,8 @@ class FrameTable:
         self.windows = list(windows)
         #: Frames holding checkpoints (read in pages, never decoded whole).
         self.framed: set[int] = set(self.c_frame.tolist())
+        #: Compressed offset where the data of a file cut short ends (None: it is whole).
+        self.cut_at = cut_at
 
     @classmethod
     def from_seek_table(cls, table: SeekTable) -> FrameTable:
@@ -71,7 +85,15 @@ class FrameTable:
         """The arrays a side index keeps (see :meth:`from_state`)."""
         windows = self.windows
         return {
-            "zstd_version": np.array([STATE_VERSION, compressed_size, self.size], dtype=np.uint64),
+            "zstd_version": np.array(
+                [
+                    STATE_VERSION,
+                    compressed_size,
+                    self.size,
+                    -1 if self.cut_at is None else self.cut_at,
+                ],
+                dtype=np.int64,
+            ),
             "frame_comp": self.f_comp,
             "frame_csize": self.f_csize,
             "frame_dec": self.f_dec,
@@ -94,7 +116,10 @@ class FrameTable:
         IndexCacheError when it is incomplete or does not fit the file.
         """
         try:
-            version, csize, size = (int(x) for x in np.asarray(state["zstd_version"]).tolist())
+            meta = np.asarray(state["zstd_version"]).tolist()
+            version = int(meta[0])
+            if version == STATE_VERSION:
+                csize, size, cut_at = (int(x) for x in meta[1:])
             f = [
                 np.asarray(state[k])
                 for k in ("frame_comp", "frame_csize", "frame_dec", "frame_dsize")
@@ -110,12 +135,16 @@ class FrameTable:
         n = len(f[0])
         if version != STATE_VERSION:
             problem = f"version {version}"
+        elif not -1 <= cut_at <= csize:
+            problem = "cut offset outside the file"
         elif csize != compressed_size:
             problem = "compressed size differs"
         elif n == 0 or any(len(a) != n for a in (*f, wd, flags)):
             problem = "frame arrays disagree"
         elif any(len(a) != len(cdec) for a in (ccomp, cframe, cboff)):
             problem = "checkpoint arrays disagree"
+        elif np.any(flags > (FRAME_CHECKSUM | FRAME_CUT)) or np.any(flags[:-1] & FRAME_CUT):
+            problem = "frame flags are impossible"  # only the last frame can be cut
         else:
             comp, csz, dec, dsz = (a.astype(np.uint64) for a in f)
             if (
@@ -144,4 +173,4 @@ class FrameTable:
         bounds = [*cboff.tolist(), len(blob)]
         view = memoryview(blob)
         windows = [view[a:b] for a, b in itertools.pairwise(bounds)]
-        return cls((*f, wd, flags), (cdec, ccomp, cframe), windows)
+        return cls((*f, wd, flags), (cdec, ccomp, cframe), windows, None if cut_at < 0 else cut_at)
