@@ -180,3 +180,14 @@ def make_certs(openssl: str, d: Path, host_ip: str = "127.0.0.1") -> Path:
             "-CAcreateserial", "-days", "2", "-out", f"{role}-cert.pem", "-extfile", ext.name,
         )  # fmt: skip
     return d
+
+
+def evict(path) -> None:
+    """Drop *path*'s pages from the page cache (written back first): the next
+    read waits for the disk, and a RWF_NOWAIT read is refused."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

@@ -5,14 +5,16 @@ hostile clients).  Real clients (qemu-img, nbdinfo, QEMU) are in test_serve.py."
 from __future__ import annotations
 
 import errno
+import os
 import shutil
+import socket
 import struct
 
 import pytest
 import trio
 from conftest import FIXTURES_DIR
 from nbd_client import Client
-from serve_support import offset_map
+from serve_support import evict, offset_map
 
 from vmafs.archive import Archive
 from vmafs.format import CLUSTER_SIZE
@@ -302,6 +304,97 @@ def test_many_clients_at_once(archive, tmp_path, threads):
         assert results == dict.fromkeys(range(24), True)
 
     run(archive, tmp_path, body, threads)
+
+
+@pytest.mark.parametrize("mode", ["inline", "threads", "cold"])
+def test_a_batch_of_requests_in_one_write_gets_every_reply_right(archive, tmp_path, mode):
+    """Requests that arrive together are answered together (the replies of
+    small reads are held back until no whole request is left to read, and
+    their buffers are reused once sent): each reply still carries its own
+    request's bytes, holes, errors and block status.  Cold: the archive is
+    not in the page cache, so the reader hands its reads to worker threads."""
+    threads = mode == "threads"
+    size = archive.device(1).size
+    sizes = [4096, 512, 65536, 131072, 262144, 8192]
+    # distinct data (the first MiB is all data), then runs across holes and data
+    reads = [((i * 7 * 4096) % (1 << 19), sizes[i % len(sizes)]) for i in range(60)]
+    reads += [(2555904, 131072), (3080192, 262144), (5111808, 131072)]
+
+    async def body(server, path):
+        c = await structured(path)
+        batch = b"".join(
+            struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.NBD_CMD_READ, i, off, n)
+            for i, (off, n) in enumerate(reads)
+        )
+        head = struct.Struct(">IHHQQI")
+        batch += head.pack(nbd.REQUEST_MAGIC, 0, nbd.NBD_CMD_READ, 100, size, 512)  # past the end
+        batch += head.pack(nbd.REQUEST_MAGIC, 0, nbd.NBD_CMD_BLOCK_STATUS, 101, 0, size)
+        if mode == "cold":
+            evict(archive.path)
+            with pytest.raises(BlockingIOError):
+                archive.readinto(1, 0, bytearray(4096), cached_only=True)
+        await c.send(batch)
+        got = {i: bytearray(n) for i, (_, n) in enumerate(reads)}
+        done, error, extents = set(), None, None
+        while len(done) < len(reads) + 2:
+            _, cookie, flags, rtype, payload = await c.any_reply()
+            if rtype == nbd.NBD_REPLY_TYPE_OFFSET_DATA:
+                (off,) = struct.unpack(">Q", payload[:8])
+                start = off - reads[cookie][0]
+                got[cookie][start : start + len(payload) - 8] = payload[8:]
+            elif rtype == nbd.NBD_REPLY_TYPE_ERROR:
+                error = (cookie, struct.unpack(">I", payload[:4])[0])
+            elif rtype == nbd.NBD_REPLY_TYPE_BLOCK_STATUS:
+                extents = (cookie, len(payload))
+            if flags & nbd.NBD_REPLY_FLAG_DONE:
+                done.add(cookie)
+        for i, (off, n) in enumerate(reads):
+            assert got[i] == archive.read(1, off, n), (i, off, n)
+        assert error == (100, errno.EINVAL)
+        assert extents is not None and extents[0] == 101
+        data, _ = await read_structured(c, 0, 65536)  # and the connection goes on
+        assert data == archive.read(1, 0, 65536)
+        c.close()
+
+    run(archive, tmp_path, body, threads)
+
+
+def _server_side(peer) -> socket.socket | None:
+    """This process's socket (a dup) whose peer is *peer*: the in-process server's end."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(fd)))
+        except OSError:  # not a socket
+            continue
+        try:
+            if sock.type == socket.SOCK_STREAM and sock.getpeername() == peer:
+                return sock
+        except OSError:  # not connected
+            pass
+        sock.close()
+    return None
+
+
+def test_tcp_connections_send_without_delay(archive):
+    """TCP_NODELAY on each accepted connection (replies are whole messages already)."""
+
+    async def main():
+        server = open_server(archive, tcp=("127.0.0.1", 0))
+        with trio.fail_after(60):
+            async with trio.open_nursery() as n:
+                await n.start(server.serve)
+                c = await Client.connect(("127.0.0.1", server.port))
+                await c.greeting()  # the server has accepted
+                ours = _server_side(c.sock.getsockname())
+                assert ours is not None
+                with ours:
+                    assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                assert (await c.go("scsi0"))[-1][0] == nbd.NBD_REP_ACK
+                assert await c.call(nbd.NBD_CMD_FLUSH, 0, 0) == 0
+                c.close()
+                n.cancel_scope.cancel()
+
+    trio.run(main)
 
 
 # --- hostile clients -------------------------------------------------------------------------

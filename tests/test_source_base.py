@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 from conftest import FIXTURES_DIR
+from serve_support import evict
 from vmafs.writer.recompress import recompress
 
 from vmafs import sidecar
@@ -80,6 +81,28 @@ def test_sources_without_a_scan_say_so():
             src.load_checkpoint_state({"cp_dec": np.zeros(1)})
     finally:
         src.close()
+
+
+def test_cached_reads_only_from_the_page_cache(tmp_path):
+    path = tmp_path / "two-disks.vma"
+    shutil.copy(FIXTURES_DIR / "two-disks.vma", path)
+    with Archive.open(path) as a:
+        buf = memoryview(bytearray(65536))
+        evict(path)
+        with pytest.raises(BlockingIOError):
+            a.readinto(1, 0, buf, cached_only=True)
+        want = a.read(1, 0, 65536)  # this one waits for the disk, and caches it
+        buf[:] = bytes(65536)
+        assert a.readinto(1, 0, buf, cached_only=True) == 65536 and buf == want
+        end = a.source.pread(a.source.size - 10, 10)
+        assert a.source.pread_into_cached(a.source.size - 10, buf) == 10  # the end: short
+        assert buf[:10] == end
+    gz = open_source(FIXTURES_DIR / "two-disks.vma.gz")
+    try:
+        with pytest.raises(BlockingIOError):  # a container decodes: never "at once"
+            gz.pread_into_cached(0, memoryview(bytearray(512)))
+    finally:
+        gz.close()
 
 
 @pytest.mark.parametrize("suffix", [".gz", ".lzo", ".zst"])

@@ -297,12 +297,14 @@ class Archive:
         self._fill(memoryview(buf), runs, ())  # a fresh bytearray is already zero
         return bytes(buf)
 
-    def readinto(self, dev_id: int, offset: int, buf) -> int:
+    def readinto(self, dev_id: int, offset: int, buf, *, cached_only: bool = False) -> int:
         """Fill *buf* with device bytes from *offset*; returns the count (short at the end).
 
         Zero clusters and unstored blocks are filled in memory; the stored
         blocks of neighbouring clusters that lie back to back in the archive
-        are fetched with one pread.  Thread-safe.
+        are fetched with one pread.  Thread-safe.  *cached_only*: raise
+        BlockingIOError instead of waiting for storage (see
+        ``Source.pread_into_cached``; *buf* is then partly filled).
         """
         dm = self.index.maps[dev_id]
         out = memoryview(buf).cast("B")
@@ -314,10 +316,10 @@ class Archive:
             if aoff == _NO_RUN:
                 out[:n] = _ZEROS[:n]
             else:
-                self._read_run(out, aoff, n, 0)
+                self._read_run(out, aoff, n, 0, cached_only)
             return n
         runs, zeros = self._plan(dm, offset, n, entries)
-        self._fill(out, runs, zeros)
+        self._fill(out, runs, zeros, cached_only)
         return n
 
     def segments(
@@ -405,12 +407,17 @@ class Archive:
             raise TruncatedError("archive shrank while it was being read", offset=aoff + len(data))
         return data
 
-    def _read_run(self, out: memoryview, aoff: int, length: int, dest: int) -> None:
-        got = self._pread_into(aoff, out[dest : dest + length])
+    def _read_run(
+        self, out: memoryview, aoff: int, length: int, dest: int, cached_only: bool = False
+    ) -> None:
+        if cached_only:
+            got = self.source.pread_into_cached(aoff, out[dest : dest + length])
+        else:
+            got = self._pread_into(aoff, out[dest : dest + length])
         if got != length:
             raise TruncatedError("archive shrank while it was being read", offset=aoff + got)
 
-    def _fill(self, out: memoryview, runs, zeros) -> None:
+    def _fill(self, out: memoryview, runs, zeros, cached_only: bool = False) -> None:
         for dest, length in zeros:
             while length > 0:
                 step = min(length, len(_ZEROS))
@@ -418,7 +425,7 @@ class Archive:
                 dest += step
                 length -= step
         for aoff, length, dest in runs:
-            self._read_run(out, aoff, length, dest)
+            self._read_run(out, aoff, length, dest, cached_only)
 
     def _plan(
         self, dm, offset: int, n: int, entries: list[int] | None = None

@@ -100,6 +100,9 @@ def fig_serve(ctx: Ctx) -> list[Row]:
     # alternated, so a burst of load on the shared machine hits both alike
     for _ in range(pairs):
         for who in ("vmafs", "nbdkit"):
+            # warm again: the extracts above (and anything else on the machine) may
+            # have pushed either file out of the page cache meanwhile
+            warm(archive if who == "vmafs" else raw)
             server = _vmafs_serve(archive, sock) if who == "vmafs" else _nbdkit_file(raw, ksock)
             with server as uri:
                 for name, args in (("rand", rand), ("seq", seq)):

@@ -85,8 +85,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--threads",
         action="store_true",
-        help="read an uncompressed archive in worker threads too: for archives on slow or "
-        "network storage (by default its small reads run in the event loop)",
+        help="read an uncompressed archive in worker threads only (by default a read the "
+        "page cache holds runs in the event loop, any other in a worker thread)",
     )
     p.add_argument("--logfile", metavar="PATH", help="log here instead of syslog when detached")
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection")

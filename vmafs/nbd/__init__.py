@@ -13,6 +13,6 @@ in-range, aligned requests.  docs/serve.md is the user's reference for
 what each option and command does.
 """
 
-from .server import Export, NbdCommandError, NbdServer, ReadChunk
+from .server import Export, NbdCommandError, NbdServer, ReadChunk, WouldWait
 
-__all__ = ["Export", "NbdCommandError", "NbdServer", "ReadChunk"]
+__all__ = ["Export", "NbdCommandError", "NbdServer", "ReadChunk", "WouldWait"]

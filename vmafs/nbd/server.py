@@ -61,14 +61,15 @@ import stat
 import struct
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
 
 import vmafs.nbd.protocol as p
+from vmafs.nbd.buffers import BufferPool
 
-__all__ = ["Export", "NbdCommandError", "NbdServer", "ReadChunk", "MAX_SOCKET_PATH"]
+__all__ = ["Export", "NbdCommandError", "NbdServer", "ReadChunk", "WouldWait", "MAX_SOCKET_PATH"]
 
 DEFAULT_MAX_BLOCK = 4 * 1024 * 1024
 DEFAULT_MAX_IN_FLIGHT = 16
@@ -81,6 +82,14 @@ HANDSHAKE_TIMEOUT = 30.0
 PREFERRED_BLOCK = 65536
 #: longest Unix socket path bind() takes on Linux (sun_path is 108 bytes with the NUL)
 MAX_SOCKET_PATH = 107
+#: receive buffer of the transmission phase (request headers, many per recv)
+RECV_AHEAD = 65536
+#: bytes of corked replies after which they are sent without waiting for the flush
+CORK_LIMIT = 256 * 1024
+#: buffers one sendmsg takes at most (Linux's UIO_MAXIOV)
+IOV_MAX = 1024
+#: requests a connection's reader handles before it lets other tasks run
+READER_TURN = 16
 #: the context id this server gives base:allocation
 BASE_ALLOCATION_ID = 1
 #: longest query list of a META_CONTEXT option
@@ -99,6 +108,12 @@ _ALLOWED_FLAGS = {
 _WRITING = (p.NBD_CMD_WRITE, p.NBD_CMD_WRITE_ZEROES, p.NBD_CMD_TRIM)
 
 
+class WouldWait(Exception):
+    """Raise from :meth:`Export.read_inline` when the answer would wait (for
+    storage): the server runs the request again, through :meth:`Export.read`
+    in a task of its own, and the connection's reader goes on."""
+
+
 class NbdCommandError(Exception):
     """Raise from an export method to send a specific NBD error (an errno)."""
 
@@ -109,7 +124,11 @@ class NbdCommandError(Exception):
 
 @dataclass(frozen=True)
 class ReadChunk:
-    """Part of a READ's answer: *data* at *offset*, or a hole of *length* when data is None."""
+    """Part of a READ's answer: *data* at *offset*, or a hole of *length* when data is None.
+
+    The server may hold *data* back to send several replies at once: it must
+    stay unchanged until :meth:`Export.reply_sent` is called with it.
+    """
 
     offset: int
     length: int
@@ -161,6 +180,17 @@ class Export:
         """The bytes of [offset, offset+length) as chunks in order, covering it exactly."""
         raise NbdCommandError(errno.EPERM, "this export cannot be read")
 
+    def read_inline(self, offset: int, length: int) -> Sequence[ReadChunk]:
+        """:meth:`read` at once, called by the connection's reader for a READ
+        that :meth:`runs_inline` accepts; raise :class:`WouldWait` to have it
+        go through :meth:`read` in a task instead."""
+        raise WouldWait
+
+    def reply_sent(self, chunks: Sequence[ReadChunk]) -> None:
+        """The reply made of *chunks* (from :meth:`read`) is sent, or lost with
+        its connection: the server holds none of their data any more, so its
+        buffers may be reused (the default: nothing to do)."""
+
     async def block_status(self, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
         """(length, NBD_STATE_* flags) extents from *offset*, at least one, within *length*."""
         raise NbdCommandError(errno.EINVAL, "no block status")
@@ -180,7 +210,8 @@ class Export:
 
     def runs_inline(self, cmd: int, length: int) -> bool:
         """True when the request is so cheap that the connection's reader runs it
-        itself instead of starting a task (the next request waits for it)."""
+        itself instead of starting a task (the next request waits for it); a
+        READ then goes through :meth:`read_inline`."""
         return False
 
     def error_for(self, exc: BaseException) -> tuple[int, bool]:
@@ -206,17 +237,51 @@ _LOST = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class _Transport:
-    """Exact-size receives and whole sends, over a trio socket or, after STARTTLS, TLS."""
+    """Exact-size receives and whole sends, over a trio socket or, after STARTTLS, TLS.
+
+    Plain sockets are called directly and only wait (trio's ``wait_readable``
+    / ``wait_writable``) when the kernel says so: a receive that finds bytes
+    or a send the socket buffer takes costs no scheduler round.  Callers
+    that must let other tasks run checkpoint themselves.
+    """
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.sock = sock
+        self.raw: socket.socket = sock._sock  # trio keeps the stdlib socket here
         self.tls: trio.SSLStream | None = None
         #: bytes received beyond what was asked for (TLS records; buffered requests)
         self._pending = memoryview(b"")
-        #: read ahead of small receives (the transmission phase: request headers
-        #: arrive back to back, one syscall fetches many of them)
-        self.buffered = False
+        #: read ahead of small receives into this buffer (the transmission phase:
+        #: request headers arrive back to back, one syscall fetches many of them)
+        self._ahead: memoryview | None = None
+        #: while True, :meth:`send` queues whole messages instead of sending them;
+        #: :meth:`flush` sends the queue with one ``sendmsg``
+        self.corked = False
+        self._out: list[memoryview] = []
+        self._out_bytes = 0
+        #: what to call once the queued messages are sent
+        self._after: list[tuple[Callable, object]] = []
         self.lock = trio.Lock()
+
+    @property
+    def buffered(self) -> bool:
+        return self._ahead is not None
+
+    @buffered.setter
+    def buffered(self, on: bool) -> None:
+        self._ahead = memoryview(bytearray(RECV_AHEAD)) if on else None
+
+    @property
+    def pending(self) -> int:
+        """Bytes received and not yet asked for (whole requests may be among them)."""
+        return len(self._pending)
+
+    async def _raw_recv_into(self, view: memoryview) -> int:
+        while True:
+            try:
+                return self.raw.recv_into(view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.raw)
 
     async def recv_into(self, view: memoryview) -> None:
         got = 0
@@ -225,10 +290,10 @@ class _Transport:
                 want = len(view) - got
                 if self.tls is not None:
                     self._pending = memoryview(await self.tls.receive_some(1 << 20))
-                elif self.buffered and want < 4096:
-                    self._pending = memoryview(await self.sock.recv(65536))
+                elif self._ahead is not None and want < 4096:
+                    self._pending = self._ahead[: await self._raw_recv_into(self._ahead)]
                 else:
-                    n = await self.sock.recv_into(view[got:])
+                    n = await self._raw_recv_into(view[got:])
                     if n == 0:
                         raise _EOF(clean=got == 0)
                     got += n
@@ -247,27 +312,72 @@ class _Transport:
         return buf
 
     async def send(self, *parts: bytes | bytearray | memoryview) -> None:
-        """Send *parts* back to back; concurrent callers never interleave."""
+        """Send *parts* back to back (one message); messages never interleave.
+
+        Corked, the message is queued (its parts must stay unchanged until
+        the next :meth:`flush`), and sent at once only past ``CORK_LIMIT``.
+        """
+        if self.corked:
+            self.queue(*parts)
+            if self._out_bytes >= CORK_LIMIT:
+                await self.flush()
+            return
+        await self._send_views([memoryview(x).cast("B") for x in parts if len(x)])
+
+    def queue(self, *parts: bytes | bytearray | memoryview) -> None:
+        """Add a whole message to what :meth:`flush` sends (parts unchanged until then)."""
+        for x in parts:
+            if len(x):
+                view = memoryview(x).cast("B")
+                self._out.append(view)
+                self._out_bytes += len(view)
+
+    @property
+    def queued(self) -> int:
+        """Bytes queued for :meth:`flush`."""
+        return self._out_bytes
+
+    async def flush(self) -> None:
+        """Send what :meth:`send` queued while corked, then run what :meth:`after_sent` queued."""
+        if self._out:
+            views, self._out, self._out_bytes = self._out, [], 0
+            after, self._after = self._after, []
+            await self._send_views(views)
+            for fn, arg in after:
+                fn(arg)
+
+    def after_sent(self, fn: Callable, arg: object) -> None:
+        """``fn(arg)`` once the messages sent so far are on the wire: now,
+        unless some are still queued (corked)."""
+        if self._out:
+            self._after.append((fn, arg))
+        else:
+            fn(arg)
+
+    async def _send_views(self, views: list[memoryview]) -> None:
         try:
             self.lock.acquire_nowait()  # no scheduler round when nobody else sends
         except trio.WouldBlock:
             await self.lock.acquire()
         try:
             if self.tls is not None:
-                await self.tls.send_all(b"".join(parts))
+                await self.tls.send_all(b"".join(views))
                 return
-            views = [memoryview(x).cast("B") for x in parts if len(x)]
-            raw = self.sock._sock
-            while views:
+            raw, i = self.raw, 0
+            while i < len(views):
                 try:
                     # most replies fit the socket buffer: send without yielding
-                    n = raw.sendmsg(views[:64])
+                    n = raw.sendmsg(views[i : i + IOV_MAX])
                 except BlockingIOError:
-                    n = await self.sock.sendmsg(views[:64])
-                while n and n >= len(views[0]):
-                    n -= len(views.pop(0))
-                if n:
-                    views[0] = views[0][n:]
+                    await trio.lowlevel.wait_writable(raw)
+                    continue
+                while n:
+                    if n >= len(views[i]):
+                        n -= len(views[i])
+                        i += 1
+                    else:
+                        views[i] = views[i][n:]
+                        n = 0
         finally:
             self.lock.release()
 
@@ -302,7 +412,7 @@ class _Conn:
         self.meta: tuple[str, bool] | None = None
         self.block_status_ok = False
         #: receive buffers for WRITE payloads, reused (no fresh pages per request)
-        self._buffers: list[bytearray] = []
+        self._buffers = BufferPool(server.max_in_flight + 1, min_size=PREFERRED_BLOCK)
 
     # -- handshake --
 
@@ -508,19 +618,12 @@ class _Conn:
 
     # -- transmission --
 
-    def _take_buffer(self, n: int) -> bytearray:
-        for i, buf in enumerate(self._buffers):
-            if len(buf) >= n:
-                return self._buffers.pop(i)
-        return bytearray(max(n, PREFERRED_BLOCK))
-
     def _give_back(self, buf: bytearray, view: memoryview) -> None:
         try:
             view.release()
         except BufferError:  # a callback still holds an export of it: never reuse it
             return
-        if len(self._buffers) <= self.server.max_in_flight:
-            self._buffers.append(buf)
+        self._buffers.give(buf)
 
     async def transmission(self) -> None:
         """Read requests and run them concurrently until DISC, EOF or bad input.
@@ -544,45 +647,105 @@ class _Conn:
             raise failure
 
     async def read_requests(self, nursery: trio.Nursery) -> None:
-        srv = self.server
+        srv, io = self.server, self.io
         limit = trio.Semaphore(srv.max_in_flight)
-        head = bytearray(p.REQUEST.size)
-        self.io.buffered = True
-        inline = 0
+        head = memoryview(bytearray(p.REQUEST.size))
+        io.buffered = True
+        handled = 0
         while True:
-            await limit.acquire()
-            await self.io.recv_into(memoryview(head))
+            # Replies of inline requests are corked while more requests are
+            # already in: one sendmsg (and one wake-up of the client) answers
+            # all of them.  They go out before the reader can wait for anything.
+            if io.pending < p.REQUEST.size or io.queued >= CORK_LIMIT:
+                await self._flush()
+            try:
+                limit.acquire_nowait()
+            except trio.WouldBlock:
+                await self._flush()
+                await limit.acquire()
+            try:
+                await io.recv_into(head)
+            except _EOF:
+                await self._flush()  # a half-closed client still reads its replies
+                raise
             magic, flags, cmd, cookie, offset, length = p.REQUEST.unpack(head)
             if magic != p.REQUEST_MAGIC:
                 raise _Hangup(f"bad request magic {magic:#x}")
             if cmd == p.NBD_CMD_DISC:
                 self.log.debug("conn %d: NBD_CMD_DISC", self.cid)
+                await self._flush()
                 return  # the nursery waits for the requests in flight
             payload = buf = None
             if cmd == p.NBD_CMD_WRITE:
                 if length > srv.max_block:
                     raise _Hangup(f"WRITE of {length} bytes exceeds max block {srv.max_block}")
-                buf = self._take_buffer(length)
+                buf = self._buffers.take(length)
                 payload = memoryview(buf)[:length]
-                await self.io.recv_into(payload)
+                await io.recv_into(payload)
             received = time.perf_counter()
             args = (limit, cmd, flags, cookie, offset, length, payload, buf, received)
             if self.export.runs_inline(cmd, length):
-                await self.handle(*args)  # cheaper than a task; replies stay in order
-                inline += 1
-                if inline % 16 == 0:
-                    await trio.lowlevel.checkpoint()  # other clients get their turn
+                answered = cmd == p.NBD_CMD_READ and self._read_at_once(*args[1:])
+                if answered:
+                    limit.release()
+                elif answered is None:  # it would wait: a task of its own
+                    nursery.start_soon(self.handle, *args)
+                else:
+                    io.corked = True
+                    try:
+                        await self.handle(*args, nursery)  # cheaper than a task
+                    finally:
+                        io.corked = False
             else:
                 nursery.start_soon(self.handle, *args)
+            handled += 1
+            if handled % READER_TURN == 0:
+                await self._flush()
+                await trio.lowlevel.checkpoint()  # other clients and tasks get their turn
+
+    def _read_at_once(
+        self, cmd, flags, cookie, offset, length, payload, buf, received
+    ) -> bool | None:
+        """Answer an inline READ without a scheduler round (the reply queued
+        for the next flush).  None: the read would wait (WouldWait); False:
+        the general path must reply (a refusal, or an error: it reads again)."""
+        if self._refusal(cmd, flags, offset, length) is not None:
+            return False
+        export = self.export
+        try:
+            chunks = export.read_inline(offset, length)
+        except WouldWait:
+            return None
+        except Exception:  # noqa: BLE001 - the general path reads again and replies the error
+            return False
+        for message in self._read_messages(cookie, chunks, offset, flags):
+            self.io.queue(*message)
+        self.io.after_sent(export.reply_sent, chunks)
+        self.server.request_done(cmd, time.perf_counter() - received)
+        return True
+
+    async def _flush(self) -> None:
+        """Send the corked replies; a client gone meanwhile loses them (as in :meth:`handle`)."""
+        try:
+            await self.io.flush()
+        except _LOST as e:
+            self.log.debug("conn %d: replies lost: %s", self.cid, e)
 
     async def handle(
-        self, limit, cmd, flags, cookie, offset, length, payload, buf, received
+        self, limit, cmd, flags, cookie, offset, length, payload, buf, received, nursery=None
     ) -> None:
+        """Run one request; *nursery*: run by the reader itself, where a READ
+        that would wait moves to a task of its own in *nursery*."""
         try:
             try:
-                ok = await self.execute(cmd, flags, cookie, offset, length, payload)
+                ok = await self.execute(cmd, flags, cookie, offset, length, payload, nursery)
             except _LOST as e:
                 self.log.debug("conn %d: reply lost: %s", self.cid, e)
+                return
+            except WouldWait:
+                args = (limit, cmd, flags, cookie, offset, length, payload, buf, received)
+                nursery.start_soon(self.handle, *args)
+                limit = buf = None  # the task releases them
                 return
             if not ok:
                 self.server.errors += 1
@@ -590,7 +753,8 @@ class _Conn:
         finally:
             if buf is not None:
                 self._give_back(buf, payload)
-            limit.release()
+            if limit is not None:
+                limit.release()
 
     def _refusal(self, cmd: int, flags: int, offset: int, length: int) -> tuple[int, str] | None:
         """(errno, why) when the request is invalid for this export, else None."""
@@ -627,8 +791,12 @@ class _Conn:
             return errno.EINVAL, f"{name} at {offset}+{length} not aligned to {align} bytes"
         return None
 
-    async def execute(self, cmd, flags, cookie, offset, length, payload) -> bool:
-        """Run one request and send its reply; False when the reply is an error."""
+    async def execute(self, cmd, flags, cookie, offset, length, payload, inline=None) -> bool:
+        """Run one request and send its reply; False when the reply is an error.
+
+        *inline* (not None): a READ goes through :meth:`Export.read_inline`,
+        whose :class:`WouldWait` is raised on.
+        """
         export = self.export
         refused = self._refusal(cmd, flags, offset, length)
         if refused is not None:
@@ -638,7 +806,10 @@ class _Conn:
             return False
         try:
             if cmd == p.NBD_CMD_READ:
-                chunks = await export.read(offset, length)
+                if inline is None:
+                    chunks = await export.read(offset, length)
+                else:
+                    chunks = export.read_inline(offset, length)
             elif cmd == p.NBD_CMD_BLOCK_STATUS:
                 extents = await export.block_status(
                     offset, length, bool(flags & p.NBD_CMD_FLAG_REQ_ONE)
@@ -652,6 +823,8 @@ class _Conn:
             elif cmd == p.NBD_CMD_CACHE:
                 await export.cache(offset, length)
         except Exception as exc:
+            if inline is not None and isinstance(exc, WouldWait):
+                raise
             err, expected = export.error_for(exc)
             name = p.COMMAND_NAMES[cmd]
             if expected:
@@ -663,7 +836,10 @@ class _Conn:
             await self.error_reply(cmd, cookie, err, str(exc))
             return False
         if cmd == p.NBD_CMD_READ:
-            await self.read_reply(cookie, chunks, offset, length, flags)
+            try:
+                await self.read_reply(cookie, chunks, offset, length, flags)
+            finally:
+                self.io.after_sent(export.reply_sent, chunks)
         elif cmd == p.NBD_CMD_BLOCK_STATUS:
             desc = b"".join(struct.pack(">II", n, f) for n, f in extents)
             await self.chunk(
@@ -674,10 +850,15 @@ class _Conn:
         return True
 
     async def chunk(self, cookie: int, rtype: int, *parts, done: bool = True) -> None:
+        await self.io.send(*self._chunk(cookie, rtype, *parts, done=done))
+
+    @staticmethod
+    def _chunk(cookie: int, rtype: int, *parts, done: bool = True) -> tuple:
+        """A structured reply chunk: its header, then *parts*."""
         size = sum(len(x) for x in parts)
         flags = p.NBD_REPLY_FLAG_DONE if done else 0
         head = p.STRUCTURED_REPLY.pack(p.STRUCTURED_REPLY_MAGIC, flags, rtype, cookie, size)
-        await self.io.send(head, *parts)
+        return (head, *parts)
 
     async def error_reply(self, cmd: int, cookie: int, err: int, message: str) -> None:
         if err not in p.NBD_ERRNOS:
@@ -690,25 +871,29 @@ class _Conn:
             await self.io.send(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, err, cookie))
 
     async def read_reply(self, cookie, chunks, offset, length, flags) -> None:
+        for message in self._read_messages(cookie, chunks, offset, flags):
+            await self.io.send(*message)
+
+    def _read_messages(self, cookie, chunks, offset, flags) -> list[tuple]:
+        """A READ's reply: its messages, each a tuple of parts."""
         if not self.structured or flags & p.NBD_CMD_FLAG_DF:
-            parts = []
-            for c in chunks:
-                parts.append(c.data if c.data is not None else bytes(c.length))
+            parts = [c.data if c.data is not None else bytes(c.length) for c in chunks]
             if self.structured:
-                await self.chunk(
-                    cookie, p.NBD_REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", offset), *parts
-                )
-            else:
-                await self.io.send(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie), *parts)
-            return
+                head = struct.pack(">Q", offset)
+                return [self._chunk(cookie, p.NBD_REPLY_TYPE_OFFSET_DATA, head, *parts)]
+            return [(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie), *parts)]
         last = len(chunks) - 1
+        out = []
         for i, c in enumerate(chunks):
             if c.data is None:
                 body = struct.pack(">QI", c.offset, c.length)
-                await self.chunk(cookie, p.NBD_REPLY_TYPE_OFFSET_HOLE, body, done=i == last)
+                out.append(self._chunk(cookie, p.NBD_REPLY_TYPE_OFFSET_HOLE, body, done=i == last))
             else:
                 head = struct.pack(">Q", c.offset)
-                await self.chunk(cookie, p.NBD_REPLY_TYPE_OFFSET_DATA, head, c.data, done=i == last)
+                out.append(
+                    self._chunk(cookie, p.NBD_REPLY_TYPE_OFFSET_DATA, head, c.data, done=i == last)
+                )
+        return out
 
     async def run(self) -> None:
         srv = self.server
@@ -883,6 +1068,10 @@ class NbdServer:
                         self.log.warning("accept failed: %s", e)
                         await trio.sleep(0.1)
                         continue
+                    if self.tcp is not None:
+                        # a reply goes out at once: Nagle would hold a small one back
+                        # until the previous is acknowledged (a delayed ACK: 40 ms)
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     self._next_cid += 1
                     nursery.start_soon(self._serve_conn, sock, self._next_cid)
         finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from collections.abc import Callable
 
@@ -10,21 +12,36 @@ import trio
 from ..archive import Archive
 from ..errors import VmaError
 from ..format import CLUSTER_SIZE, Device
+from ..nbd.buffers import BufferPool
 from ..nbd.protocol import NBD_CMD_BLOCK_STATUS, NBD_CMD_READ, NBD_STATE_HOLE, NBD_STATE_ZERO
-from ..nbd.server import Export, ReadChunk
+from ..nbd.server import Export, ReadChunk, WouldWait
 
 #: extents per BLOCK_STATUS reply at most (a client asks again from where it stopped)
 MAX_EXTENTS = 1024
 #: CACHE reads the data in steps this large (into one scratch buffer per request)
 CACHE_STEP = 4 * 1024 * 1024
-#: archive reads running in worker threads at once, all clients together
+#: archive reads running in worker threads at once, all clients together: a
+#: compressed archive's (decoding: CPU-bound), a plain archive's (waiting for the
+#: disk: as many as one connection has in flight, as nbdkit's 16 threads)
 READ_THREADS = 8
+DISK_READ_THREADS = 16
 #: reads up to this size are served by the connection's reader itself (their
 #: reply fits a Unix socket's buffer: sending it never waits for the client)
 INLINE_REPLY = 128 * 1024
+#: read reply buffers kept for reuse, per export, and the largest kept
+#: (qemu-img convert reads 2 MiB at a time, nbdcopy 256 KiB, QEMU's guest I/O less)
+REPLY_BUFFERS = 32
+REPLY_BUFFER_MAX = 8 * 1024 * 1024
+
+log = logging.getLogger("vmafs.serve")
 
 _HOLE = NBD_STATE_HOLE | NBD_STATE_ZERO
 _CLUSTER_BITS = CLUSTER_SIZE.bit_length() - 1
+
+
+def read_threads(archive: Archive) -> int:
+    """Worker threads for the reads of *archive*'s exports."""
+    return READ_THREADS if archive.compressed else DISK_READ_THREADS
 
 
 def export_names(device: Device) -> tuple[str, str | None]:
@@ -63,11 +80,15 @@ class ArchiveExport(Export):
         self.description = (
             f"{device.name} of {os.path.basename(archive.path)} ({device.size} bytes, read-only)"
         )
-        self.limiter = limiter or trio.CapacityLimiter(READ_THREADS)
+        self.limiter = limiter or trio.CapacityLimiter(read_threads(archive))
         #: small reads of an uncompressed archive are a pread: done in the trio loop
         #: (a thread hand-off costs more than a cached read, as in the mount), anything
         #: else in a thread; *threads* (slow or network storage) sends all to threads
         self.inline = not threads and not archive.compressed
+        #: inline reads only what the page cache holds (False once the file system
+        #: says it cannot tell)
+        self.cached_only = True
+        self._buffers = BufferPool(REPLY_BUFFERS, max_size=REPLY_BUFFER_MAX)
 
     async def _in_thread(self, fn: Callable, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -84,10 +105,35 @@ class ArchiveExport(Export):
             self.inline and cmd == NBD_CMD_READ and length <= INLINE_REPLY
         )
 
+    def read_inline(self, offset: int, length: int) -> list[ReadChunk]:
+        # Only from the page cache: a read that would wait for storage goes to a
+        # worker thread instead, so the event loop never waits for a disk.
+        try:
+            return self.read_chunks(offset, length, cached_only=self.cached_only)
+        except BlockingIOError:
+            raise WouldWait from None
+        except OSError as e:
+            if not self.cached_only or e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            # the file system cannot tell what is cached: read in the loop, as the mount does
+            log.info("%s: cannot ask the page cache (%s); reading inline", self.archive.path, e)
+            self.cached_only = False
+            return self.read_chunks(offset, length)
+
     async def read(self, offset: int, length: int) -> list[ReadChunk]:
         if self.inline:
-            return self.read_chunks(offset, length)
+            try:
+                return self.read_inline(offset, length)
+            except WouldWait:
+                pass
         return await self._in_thread(self.read_chunks, offset, length)
+
+    def reply_sent(self, chunks: list[ReadChunk]) -> None:
+        for c in chunks:
+            if c.data is not None:
+                # one buffer per request: every data chunk is a view of it
+                self._buffers.give(c.data.obj)
+                return
 
     async def block_status(self, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
         return self.extents(offset, length, 1 if one else MAX_EXTENTS)
@@ -96,8 +142,6 @@ class ArchiveExport(Export):
         await self._in_thread(self.prefetch, offset, length)
 
     def error_for(self, exc: BaseException) -> tuple[int, bool]:
-        import errno  # noqa: PLC0415 - only on the error path
-
         if isinstance(exc, VmaError | OSError):
             return errno.EIO, True  # a missing cluster, a damaged stream, a failing disk
         return super().error_for(exc)
@@ -125,16 +169,28 @@ class ArchiveExport(Export):
             pos = stop
             count += 1
 
-    def read_chunks(self, offset: int, length: int) -> list[ReadChunk]:
-        """Holes as hole chunks (no bytes), data read from the archive."""
+    def read_chunks(
+        self, offset: int, length: int, *, cached_only: bool = False
+    ) -> list[ReadChunk]:
+        """Holes as hole chunks (no bytes), data read from the archive into
+        views of one pooled buffer (given back by :meth:`reply_sent`).
+        *cached_only*: BlockingIOError when some of it is not in the page cache."""
         out = []
-        for start, stop, hole in self.spans(offset, length):
-            if hole:
-                out.append(ReadChunk(start, stop - start))
-                continue
-            buf = bytearray(stop - start)
-            self.archive.readinto(self.dev_id, start, buf)
-            out.append(ReadChunk(start, stop - start, buf))
+        buf = None
+        try:
+            for start, stop, hole in self.spans(offset, length):
+                if hole:
+                    out.append(ReadChunk(start, stop - start))
+                    continue
+                if buf is None:
+                    buf = memoryview(self._buffers.take(length))
+                view = buf[start - offset : stop - offset]
+                self.archive.readinto(self.dev_id, start, view, cached_only=cached_only)
+                out.append(ReadChunk(start, stop - start, view))
+        except BaseException:
+            if buf is not None:
+                self._buffers.give(buf.obj)
+            raise
         return out
 
     def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
@@ -163,7 +219,7 @@ def exports_for(
     The vmstate (RAM) device is not a disk and gets no export.  An alias
     that is also another disk's name is left out (the name wins).
     """
-    limiter = limiter or trio.CapacityLimiter(READ_THREADS)
+    limiter = limiter or trio.CapacityLimiter(read_threads(archive))
     exports: dict[str, ArchiveExport] = {}
     aliases: dict[str, str] = {}
     for dev in archive.devices:

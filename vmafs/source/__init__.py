@@ -61,6 +61,12 @@ class Source(Reader, Protocol):
     #: ``size`` is then the length of the usable stream before the cut.
     truncation: StreamTruncatedError | None
 
+    def pread_into_cached(self, offset: int, buf: memoryview) -> int:
+        """As :meth:`pread_into`, from memory only: BlockingIOError when any of
+        it would wait for storage (a plain archive: not all in the page cache;
+        a container without such a check: always).  OSError EOPNOTSUPP when
+        the file system cannot tell."""
+
     def fileno(self) -> int:
         """The descriptor of the archive file (the side index's identity checks use it)."""
 

@@ -15,6 +15,7 @@ around a scan, and around a read, puts it in front (once).
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections import OrderedDict
@@ -74,6 +75,10 @@ class SourceBase(ReaderBase):
     def fileno(self) -> int:
         """The descriptor of the archive file (its identity for the side index)."""
         return self._fd
+
+    def pread_into_cached(self, offset: int, buf: memoryview) -> int:
+        """Never sure to be quick: BlockingIOError (a container's decoding is work)."""
+        raise BlockingIOError(errno.EAGAIN, "not a plain archive: reads may wait")
 
     def header_reader(self) -> ReaderBase:
         """What the extent-header walk should read through: the source itself, by default."""

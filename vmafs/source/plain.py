@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import numpy as np
@@ -36,6 +37,14 @@ class PlainSource(SourceBase):
     def pread_into(self, offset: int, buf: memoryview) -> int:
         """Read into *buf* without an intermediate bytes object; returns the count."""
         return os.preadv(self._fd, [buf], offset)
+
+    def pread_into_cached(self, offset: int, buf: memoryview) -> int:
+        """As :meth:`pread_into` when all of it is in the page cache (preadv2
+        RWF_NOWAIT), else BlockingIOError."""
+        got = os.preadv(self._fd, [buf], offset, os.RWF_NOWAIT)
+        if got < len(buf) and offset + got < self.size:
+            raise BlockingIOError(errno.EAGAIN, "partly in the page cache")
+        return got
 
     def checkpoint_state(self) -> dict[str, np.ndarray]:
         """Nothing: a plain archive is read where it lies.  Its side index holds
