@@ -3,9 +3,11 @@ user ``nobody`` brings every file of the NTFS fixture back exact (``mount --gues
 does need root, with either engine, and says so).
 
 The test interpreter may live where ``nobody`` cannot enter (pyenv under /root,
-mode 0700), so its prefix, the venv's site-packages and this checkout are
-bind-mounted read-only into a world-readable directory and run from there:
-the same code and interpreter, another user.  libguestfs keeps its appliance
+mode 0700), so its prefix and the venv's site-packages are bind-mounted
+read-only into a world-readable directory, and this checkout's ``vmafs``
+package is copied there (a clone in a mode-0700 temporary directory cannot
+be entered through a bind mount either): the same code and interpreter,
+another user.  libguestfs keeps its appliance
 cache for that user in /var/tmp/.guestfs-65534, as for any user.
 """
 
@@ -34,7 +36,6 @@ def _binds(top: Path) -> dict[str, str]:
     return {
         "py": sys.base_prefix,
         "site": sysconfig.get_paths()["purelib"],
-        "src": str(REPO),
     }
 
 
@@ -57,6 +58,11 @@ def as_other_user(require_fuse, require_guestfs):
             (top / name).mkdir()
             subprocess.run(["mount", "--bind", "-o", "ro", source, top / name], check=True)
             mounted.append(top / name)
+        shutil.copytree(
+            REPO / "vmafs", top / "src" / "vmafs", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        for path in [top / "src", *(top / "src").rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
         home = top / "home"
         home.mkdir()
         os.chown(home, user.pw_uid, user.pw_gid)
@@ -75,6 +81,7 @@ def as_other_user(require_fuse, require_guestfs):
         # Never rmtree over a bind mount of the checkout: remove only what this made.
         if not [p for p in mount_table() if p.startswith(str(top) + "/")]:
             shutil.rmtree(top / "home", ignore_errors=True)
+            shutil.rmtree(top / "src", ignore_errors=True)
             for name in _binds(top):
                 with_dir = top / name
                 if with_dir.exists():
