@@ -178,7 +178,14 @@ def test_qemu_img_map_sees_the_holes(mnt, tmp_path, require_lseek, require_qemu)
 
 
 @pytest.mark.parametrize("supported", [True, False])
-def test_mount_log_says_when_pyfuse3_lacks_lseek(supported, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize(
+    "flag, said_word",
+    [("SEEK_HOLE_SUPPORTED", "lseek"), ("READ_SEGMENTS_SUPPORTED", "pieces of the archive")],
+)
+def test_mount_log_says_what_this_pyfuse3_lacks(
+    flag, said_word, supported, tmp_path, monkeypatch, caplog
+):
+    """One start-up line per missing pyfuse3 extension (contrib/pyfuse3), none when present."""
     import logging
 
     import vmafs.fs
@@ -187,9 +194,9 @@ def test_mount_log_says_when_pyfuse3_lacks_lseek(supported, tmp_path, monkeypatc
     from vmafs.mount.mounting import _log_start
 
     archive = build_archive({"drive-scsi0": sparse_disk(CLUSTER_SIZE, 1)}).write(tmp_path / "a.vma")
-    monkeypatch.setattr(vmafs.fs, "SEEK_HOLE_SUPPORTED", supported)
+    monkeypatch.setattr(vmafs.fs, flag, supported)
     with Archive.open(archive) as a, caplog.at_level(logging.INFO, logger="vmafs.mount"):
         _log_start(str(archive), "/mnt", MountOptions(), VmaFS(a))
-    said = [r.getMessage() for r in caplog.records if "lseek" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if said_word in r.getMessage()]
     assert len(said) == (0 if supported else 1)
     assert all("contrib/pyfuse3" in m for m in said)

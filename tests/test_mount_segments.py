@@ -212,22 +212,3 @@ def test_mount_readahead_matches_the_request_size(tmp_path, require_read_segment
         dev = os.stat(mnt).st_dev
         bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
         assert int(bdi.read_text()) == want
-
-
-@pytest.mark.parametrize("supported", [True, False])
-def test_mount_log_says_when_pyfuse3_lacks_read_segments(supported, tmp_path, monkeypatch, caplog):
-    import logging
-
-    import vmafs.fs
-    from vmafs.archive import Archive
-    from vmafs.fs import VmaFS
-    from vmafs.mount import MountOptions
-    from vmafs.mount.mounting import _log_start
-
-    archive = build_archive({"drive-scsi0": sparse_disk(CLUSTER_SIZE, 1)}).write(tmp_path / "a.vma")
-    monkeypatch.setattr(vmafs.fs, "READ_SEGMENTS_SUPPORTED", supported)
-    with Archive.open(archive) as a, caplog.at_level(logging.INFO, logger="vmafs.mount"):
-        _log_start(str(archive), "/mnt", MountOptions(), VmaFS(a))
-    said = [r.getMessage() for r in caplog.records if "pieces of the archive" in r.getMessage()]
-    assert len(said) == (0 if supported else 1)
-    assert all("contrib/pyfuse3" in m for m in said)
