@@ -55,6 +55,13 @@ PROXMOX_SLOTS_PER_EXTENT = 58  # Proxmox's writer leaves the last slot empty
 BLOCKINFO_OFFSET = 40
 MAX_EXTENT_SIZE = EXTENT_HEADER_SIZE + SLOTS_PER_EXTENT * CLUSTER_SIZE
 
+# How a walk of the extent headers reads the file (vmafs.index, and the
+# prefetch in vmafs.warmup, which must read the same places): a window while
+# header-only extents (zero clusters) sit back to back, one page after an
+# extent with data (not a MiB of the next extent's data).
+HEADERS_READ_AHEAD = 1 << 20
+HEADER_READ = 4096
+
 VMSTATE_NAME = "vmstate"
 
 _HEAD = struct.Struct(">4sI16sq16sIII")  # magic .. header_size, bytes 0-59

@@ -43,7 +43,9 @@ from .format import (
     DEV_INFO_OFFSET,
     DEV_INFO_SIZE,
     EXTENT_HEADER_SIZE,
+    HEADER_READ,
     HEADER_STRUCT_SIZE,
+    HEADERS_READ_AHEAD,
     SLOTS_PER_EXTENT,
     VMA_EXTENT_MAGIC,
     Device,
@@ -59,8 +61,6 @@ except ImportError:  # pragma: no cover - a Python built without it
 ProgressFn = Callable[[int, int], None]
 
 _BATCH = 1024  # extents validated and scattered per numpy pass
-_READ_AHEAD = 1 << 20  # header-only reads: zero-cluster extents sit back to back
-_HEADER_READ = 4096  # after an extent with data: one page, not a MiB of the next extent's data
 _ZERO16 = bytes(16)
 _MAGIC_U32 = int.from_bytes(VMA_EXTENT_MAGIC, "little")
 
@@ -630,14 +630,14 @@ def build_index(
     core = _IndexCore(header, allow_incomplete)
     pos = header.header_size
     buf, buf_at = b"", pos  # read-ahead window [buf_at, buf_at + len(buf))
-    want = _READ_AHEAD  # shrinks to _HEADER_READ while extents carry data
+    want = HEADERS_READ_AHEAD  # shrinks to HEADER_READ while extents carry data
     truncated_at = None
     last_report = 0
     stops = _no_stops
     # One buffer for every read (a fresh MiB per read costs page faults too);
     # whatever the core keeps of a window it copies before the next read.
     pread_into = source.pread_into
-    window = memoryview(bytearray(_READ_AHEAD))
+    window = memoryview(bytearray(HEADERS_READ_AHEAD))
     while pos < end:
         rel = pos - buf_at
         if rel < 0 or rel + EXTENT_HEADER_SIZE > len(buf):
@@ -651,7 +651,7 @@ def build_index(
             # Extents without data sit back to back: take them in one go.
             core.add(pos, memoryview(buf)[rel : rel + run * EXTENT_HEADER_SIZE])
             pos += run * EXTENT_HEADER_SIZE
-            want = _READ_AHEAD
+            want = HEADERS_READ_AHEAD
             continue
         head = memoryview(buf)[rel : rel + EXTENT_HEADER_SIZE]
         if len(head) < EXTENT_HEADER_SIZE or head[:4] != VMA_EXTENT_MAGIC:
@@ -672,7 +672,7 @@ def build_index(
             break
         core.add(pos, head)
         if nxt > pos + EXTENT_HEADER_SIZE:
-            want = _HEADER_READ  # the next header lies past this extent's data
+            want = HEADER_READ  # the next header lies past this extent's data
         pos = nxt
         if progress is not None and pos - last_report >= 64 << 20:
             progress(pos, end)

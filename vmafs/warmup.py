@@ -23,12 +23,15 @@ import os
 import threading
 
 from .errors import VmaError
-from .format import BLOCK_SIZE, EXTENT_HEADER_SIZE, VMA_EXTENT_MAGIC, VMA_MAGIC, Header
-
-#: Bytes read at a header after an extent with data (its page), and while
-#: data-less extents sit back to back (:mod:`vmafs.index` reads the same).
-_READ = 4096
-_READ_RUN = 1 << 20
+from .format import (
+    BLOCK_SIZE,
+    EXTENT_HEADER_SIZE,
+    HEADER_READ,
+    HEADERS_READ_AHEAD,
+    VMA_EXTENT_MAGIC,
+    VMA_MAGIC,
+    Header,
+)
 
 
 class HeaderWarmer:
@@ -68,11 +71,11 @@ class HeaderWarmer:
 
     def _walk(self, fd: int) -> None:
         size = os.fstat(fd).st_size
-        head = os.pread(fd, _READ, 0)
+        head = os.pread(fd, HEADER_READ, 0)
         if head[:4] != VMA_MAGIC:
             return
         pos = Header.peek_size(head)
-        want = _READ_RUN
+        want = HEADERS_READ_AHEAD
         stop = self._stop
         while pos < size and not stop.is_set():
             buf = os.pread(fd, want, pos)
@@ -87,6 +90,6 @@ class HeaderWarmer:
                 rel += step
                 # As the real walk: a page after an extent with data, a whole
                 # window while headers of data-less extents follow each other.
-                want = _READ if blocks else _READ_RUN
+                want = HEADER_READ if blocks else HEADERS_READ_AHEAD
                 if rel + EXTENT_HEADER_SIZE > len(buf):
                     break  # the next header is past what was read: read it there
