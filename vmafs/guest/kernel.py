@@ -127,28 +127,23 @@ def mount_volume(volume_file: str, fstype: str, mountpoint: str, volume: str) ->
 
 def unmount(mount: KernelMount, *, lazy: bool = False) -> None:
     """Unmount *mount* (its loop device then detaches itself); GuestMountError if busy."""
-    from . import loopdev  # noqa: PLC0415
-
-    try:
-        loopdev.umount(mount.mountpoint, lazy=lazy)
-    except OSError as e:
-        if _is_mounted(mount.mountpoint):
-            raise GuestMountError(
-                f"{mount.volume}: cannot unmount {mount.mountpoint}: {e.strerror or e} "
-                f"(see 'fuser -vm {mount.mountpoint}')"
-            ) from None
+    unmount_path(mount.mountpoint, mount.volume, lazy=lazy)
 
 
 def unmount_path(path: str, what: str, *, lazy: bool = False) -> None:
-    """umount(8) *path*; GuestMountError naming *what* unless it is unmounted after.
+    """umount2(2) *path*; GuestMountError naming *what* unless it is unmounted after.
 
-    Works on a FUSE mount whose process died (umount needs no answer from it).
+    Works on a FUSE mount whose process died (unmounting needs no answer from it).
     """
-    proc = _run(["umount", *(["-l"] if lazy else []), path])
-    if proc.returncode != 0 and _is_mounted(path):
-        raise GuestMountError(
-            f"{what}: cannot unmount {path}: {first_line(proc)} (see 'fuser -vm {path}')"
-        )
+    from . import loopdev  # noqa: PLC0415 - ctypes, only for host mounts
+
+    try:
+        loopdev.umount(path, lazy=lazy)
+    except OSError as e:
+        if _is_mounted(path):
+            raise GuestMountError(
+                f"{what}: cannot unmount {path}: {e.strerror or e} (see 'fuser -vm {path}')"
+            ) from None
 
 
 def wait_loops_released(prefix: str, timeout: float = 10.0) -> list[str]:
