@@ -93,13 +93,19 @@ def fig_serve(ctx: Ctx) -> list[Row]:
     # The same convert from `nbdkit file` on the extracted raw disk, alternated
     # with ours: what qemu-img's NBD client and its in-order writes cost with a
     # C server, so the target row reads against the protocol's ceiling.
+    # Which server goes first alternates too: the first convert of a round
+    # follows the previous round's extract (its writeback, its freed pages).
     convs, kconvs, exts = [], [], []
-    for _ in range(pairs):
-        with _vmafs_serve(archive, sock) as uri:
-            convs.append(convert(uri))
-        warm(raw)
-        with _nbdkit_file(raw, ksock) as uri:
-            kconvs.append(convert(uri))
+    for i in range(pairs):
+        for who in ("vmafs", "nbdkit") if i % 2 == 0 else ("nbdkit", "vmafs"):
+            if who == "vmafs":
+                warm(archive)
+                with _vmafs_serve(archive, sock) as uri:
+                    convs.append(convert(uri))
+            else:
+                warm(raw)
+                with _nbdkit_file(raw, ksock) as uri:
+                    kconvs.append(convert(uri))
         exts.append(_extract_timed(archive, xdir))
     conv, kconv, ext = statistics.median(convs), statistics.median(kconvs), statistics.median(exts)
 
