@@ -115,6 +115,8 @@ class Archive:
         #: The archive file's descriptor when device bytes lie in it as stored
         #: (a plain archive: :meth:`segments`), else None.
         self.fd: int | None = None if source.compressed else source.fileno()
+        #: :meth:`segments` trusts the file to be at least this long (see hold_size).
+        self._size_held = 0
 
     @classmethod
     def open(
@@ -333,7 +335,8 @@ class Archive:
         hands these to pyfuse3, whose libfuse reads or splices them from the
         archive itself, so no device byte passes through Python.  Raises
         MissingClusterError like :meth:`readinto`, and TruncatedError when a
-        piece lies past the file's end now (the file shrank after ``open``:
+        piece lies past the file's end now (asked of the kernel unless
+        :meth:`hold_size` vouches for the length) (the file shrank after ``open``:
         read from, it would give a short reply, i.e. zeros or EOF, not EIO).
         """
         fd = self.fd
@@ -359,7 +362,19 @@ class Archive:
         pieces.sort(key=_first)
         return [piece for _, piece in pieces]
 
+    def hold_size(self, size: int) -> None:
+        """Promise that the archive file stays at least *size* bytes long until
+        the next call (``hold_size(0)`` withdraws the promise).
+
+        Only for a caller that can keep it: :func:`vmafs.lease.hold_archive_size`
+        holds a read lease meanwhile.  Until then (and after), :meth:`segments`
+        asks the kernel for the file's size on every call.
+        """
+        self._size_held = size
+
     def _check_end(self, end: int) -> None:
+        if end <= self._size_held:
+            return
         # lseek, not fstat: a block device's st_size is 0.  The file position
         # is nobody's (every read gives its offset).
         size = os.lseek(self.fd, 0, os.SEEK_END)

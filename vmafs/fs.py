@@ -13,7 +13,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -21,6 +21,7 @@ import trio
 from pyfuse3 import EntryAttributes, FileHandleT, FileInfo, FUSEError, InodeT, StatvfsData
 
 from .errors import MissingClusterError, VmaError
+from .lease import hold_archive_size
 from .names import VOLUMES_DIR, Entry, drive_dir_names, safe_entry_names, volume_paths
 
 log = logging.getLogger(__name__)
@@ -305,6 +306,14 @@ class VmaFS(pyfuse3.Operations):
                 top.children[os.fsencode(name)] = inode
         self._time_ns = archive.header.ctime * 1_000_000_000
         self._attrs = {inode: self._make_attr(inode) for inode in self._all_inodes()}
+
+    def background_tasks(self) -> list[Callable[[], Awaitable[None]]]:
+        """Tasks for the main loop beside the handlers: with spliced reads, the
+        archive's read lease (:func:`vmafs.lease.hold_archive_size`), which
+        spares each read a system call."""
+        if not self._segments:
+            return []
+        return [functools.partial(hold_archive_size, self.archive)]
 
     @property
     def by_name(self) -> dict[bytes, InodeT]:

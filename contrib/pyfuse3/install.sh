@@ -11,7 +11,7 @@
 # included, come as wheels) and is checked against a pinned SHA-256 before it is
 # unpacked. Needs what any pyfuse3 build needs (libfuse3-dev, pkg-config, a C
 # compiler, the Python headers; pip fetches Cython into the build environment)
-# plus patch(1). The result reports version 3.5.0+vmafs.lseek1.segments1, which
+# plus patch(1). The result reports version 3.5.0+vmafs.lseek1.segments2, which
 # satisfies vmafs's "pyfuse3>=3.3", so a later `pip install vmafs` keeps it.
 #
 # Exit status: 0 when the installed pyfuse3 has Operations.lseek and
@@ -28,7 +28,7 @@ PY=${1:-python3}
 VERSION=3.5.0
 SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 # Raise a number with every change to its patch, so --check asks for a rebuild.
-LOCAL_VERSION="$VERSION+vmafs.lseek1.segments1"
+LOCAL_VERSION="$VERSION+vmafs.lseek1.segments2"
 PATCHES=(lseek.patch read-segments.patch) # in this order
 
 installed() { # true if PY has this build of pyfuse3 and it has both additions

@@ -104,7 +104,14 @@ def mount(
                     saver.start()
 
             try:
-                return serve(ops, mp, options, on_ready, whole_requests(opts.readahead, ops))
+                return serve(
+                    ops,
+                    mp,
+                    options,
+                    on_ready,
+                    whole_requests(opts.readahead, ops),
+                    alongside=ops.background_tasks(),
+                )
             finally:
                 saver.join()  # before the process exits, which would cut the write short
 

@@ -6,7 +6,7 @@ import functools
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from ..common.signals import EarlySignals
 
@@ -26,13 +26,15 @@ def serve(
     options: set[str],
     on_ready: Callable[[str | None], None],
     readahead_kb: int = 0,
+    alongside: Sequence[Callable[[], Awaitable[None]]] = (),
 ) -> int:
     """Mount *ops* on *mountpoint* and serve until unmounted or signalled.
 
     Calls ``on_ready(None)`` once the mount answers a stat, or
     ``on_ready(message)`` if it never comes up.  A non-zero *readahead_kb* is
     set on the mount's backing device first (see :func:`set_readahead`).
-    Returns the exit status.
+    Each of *alongside* runs as a task in the loop until the loop ends
+    (cancelled then).  Returns the exit status.
     """
     import pyfuse3  # noqa: PLC0415
     import trio  # noqa: PLC0415
@@ -51,7 +53,7 @@ def serve(
             return 1
         status = 1
         try:
-            status = trio.run(_main_loop, mountpoint, on_ready, readahead_kb, early)
+            status = trio.run(_main_loop, mountpoint, on_ready, readahead_kb, early, alongside)
         except BaseException as e:
             log.exception("filesystem loop failed")
             on_ready(f"filesystem failed: {e}")
@@ -86,6 +88,7 @@ async def _main_loop(
     on_ready: Callable[[str | None], None],
     readahead_kb: int = 0,
     early: EarlySignals | None = None,
+    alongside: Sequence[Callable[[], Awaitable[None]]] = (),
 ) -> int:
     import pyfuse3  # noqa: PLC0415
     import trio  # noqa: PLC0415
@@ -147,6 +150,8 @@ async def _main_loop(
         )
         nursery.start_soon(replay_early_signals, listening)
         nursery.start_soon(wait_ready)
+        for task in alongside:
+            nursery.start_soon(task)
     if not result["ready"]:
         if result["signal"]:
             # Asked to stop: not a failure of the filesystem, but no mount either.
