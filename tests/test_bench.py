@@ -248,3 +248,38 @@ def test_every_bench_module_imports():
     from bench.figures import FIGURES
 
     assert "serve" in FIGURES and set(FIGURES) <= set(ALL)
+
+
+def test_guest_data_option_keeps_its_data_sets_apart():
+    """``--guest-data 5.5``: the files grow, the disk grows to hold them with room to
+    spare, and the work directory differs from the usual data set's."""
+    big = ds.with_guest_data(ds.FULL, int(5.5e9))
+    assert big.files == 5_500_000_000 and big.disk == ds.FULL.disk
+    assert ds.work_name(big) == "full-5.5gb" and ds.work_name(ds.FULL) == "full"
+    huge = ds.with_guest_data(ds.QUICK, 20 * 10**9)
+    assert huge.disk >= huge.files * 5 // 4 and huge.disk % (1 << 30) == 0
+    assert ds.work_name(huge) == "quick-20gb" and ds.work_name(ds.QUICK) == "quick"
+    assert ds.work_name(ds.with_guest_data(ds.FULL, ds.FULL.files)) == "full"
+
+
+@pytest.mark.fuse
+@pytest.mark.loop
+def test_timeline_splits_a_real_get(tmp_path, require_fuse, require_loop):
+    """The get figure's phases come from a real ``vmafs get``'s own events: every
+    phase found, in order, adding up to the command's wall time."""
+    from bench import timeline
+    from guesttree import copy_archive
+
+    if os.geteuid() != 0:
+        pytest.skip("the kernel engine needs root")
+    archive = str(copy_archive("pve-gpt.vma.zst", tmp_path))
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["get", "--engine", "kernel", archive, "scsi0/p1:/", str(out)]
+    wall, phases = timeline.timed_get(argv, archive, str(tmp_path / "timeline.tsv"))
+    assert os.listdir(out)  # the copy happened
+    assert len(phases) == len(timeline.GET_PHASES) and all(p > 0 for p in phases)
+    assert sum(phases) == pytest.approx(wall)
+    with pytest.raises(RuntimeError, match="lacks"):
+        events = [ln.split("\t") for ln in (tmp_path / "timeline.tsv").read_text().splitlines()]
+        timeline.get_phases([e for e in events if e[3] != "os.fork"], archive, 0.0, wall)

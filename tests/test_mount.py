@@ -15,6 +15,7 @@ import random
 import shutil
 import stat
 import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -400,6 +401,68 @@ def test_mmap_shared_works_buffered(shuffled, mnt, require_fuse):
                 assert len(m) == len(content)
                 assert m[:] == content
                 assert m[CLUSTER_SIZE - 3 : CLUSTER_SIZE + 5] == content[CLUSTER_SIZE - 3 :][:8]
+
+
+# A reader in its own process, so the filesystem's debug trace names it by pid.
+_READER = r"""
+import mmap, os, sys
+path, flags, off, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+buf = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT wants
+fd = os.open(path, os.O_RDONLY | flags)
+try:
+    n = os.preadv(fd, [buf], off)
+finally:
+    os.close(fd)
+sys.stdout.buffer.write(buf[:n])
+"""
+
+
+def _read_in_child(path: Path, flags: int, off: int, size: int) -> tuple[int, bytes]:
+    """(pid, bytes) of one pread by a new process opening *path* with *flags*."""
+    argv = [sys.executable, "-c", _READER, str(path), str(flags), str(off), str(size)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=GUARD)
+    assert proc.returncode == 0, err
+    return proc.pid, out
+
+
+def _read_requests_by_pid(log: Path) -> Counter:
+    """READ requests in libfuse's debug trace (``-o debug``), counted by requesting pid."""
+    return Counter(
+        int(line.rsplit("pid:", 1)[1])
+        for line in log.read_text().splitlines()
+        if "opcode: READ " in line
+    )
+
+
+def test_o_direct_opens_read_around_the_page_cache(mnt, tmp_path, require_fuse):
+    """On the default mount an O_DIRECT open (qemu-img convert -T none, dd
+    iflag=direct) reaches the filesystem on every read and leaves the page cache
+    alone, while buffered opens share the cached pages (FOPEN_KEEP_CACHE): a
+    one-off copy can skip the second copy of the data without -o direct_io."""
+    content = sparse_disk(64 * CLUSTER_SIZE, 9, zero_clusters=0.0, zero_blocks=0.0)
+    archive = build_archive({"drive-scsi0": content}).write(tmp_path / "a.vma")
+    log = tmp_path / "fuse.log"
+    size = 16 * 4096
+    direct_off, cached_off = CLUSTER_SIZE, 32 * CLUSTER_SIZE
+    with mounted(archive, mnt, "debug", f"logfile={log}"):
+        disk = mnt / "disk-drive-scsi0.raw"
+        readers = {}
+        for name, flags, off in [
+            ("direct", os.O_DIRECT, direct_off),
+            ("direct again", os.O_DIRECT, direct_off),
+            ("buffered", 0, cached_off),
+            ("buffered again", 0, cached_off),
+            ("buffered after direct", 0, direct_off),
+        ]:
+            pid, data = _read_in_child(disk, flags, off, size)
+            assert data == content[off : off + size], name
+            readers[name] = pid
+    requests = _read_requests_by_pid(log)
+    seen = {name: requests[pid] for name, pid in readers.items()}
+    assert seen["direct"] == seen["direct again"] == 1, seen  # 64 KiB: one request each
+    assert seen["buffered"] >= 1 and seen["buffered again"] == 0, seen  # cached across opens
+    assert seen["buffered after direct"] >= 1, seen  # O_DIRECT filled no page cache
 
 
 def test_failed_reads_are_logged_at_a_bounded_rate(caplog, monkeypatch):

@@ -370,6 +370,51 @@ def test_umount_waits_until_the_archive_is_released(
         unmount(store, fuse=False)
 
 
+def test_umount_removes_the_lock_file(two_disks, mnt, require_fuse):
+    """The process's lock file goes once 'vmafs umount' has seen it exit (a 'vmafs
+    get' mounts on a new temporary directory each time: they would pile up)."""
+    from vmafs.mount.running import lock_path
+
+    with mounted(two_disks, mnt):
+        path = lock_path(os.path.realpath(mnt))
+        assert os.path.exists(path)
+        proc = run_vmafs("umount", mnt)
+        assert (proc.returncode, proc.stderr) == (0, "")
+    assert not os.path.exists(path)
+
+
+def test_a_removed_lock_file_is_not_held(tmp_path, monkeypatch):
+    """A holder that locked a file a waiter removed meanwhile starts over on a new
+    one, and a waiter removes only the file it locked."""
+    from vmafs.mount import running
+
+    monkeypatch.setattr(running, "lock_dir", lambda: str(tmp_path))
+    path = running.lock_path("/some/mount")
+    old = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # as a waiter holding the old file
+    os.unlink(path)  # ... removed between the holder's open and its flock:
+    real_flock = running.fcntl.flock
+    calls = []
+
+    def flock(fd, op):
+        calls.append(fd)
+        if len(calls) == 1:  # the first file the holder opened is the removed one
+            os.dup2(old, fd)
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(running.fcntl, "flock", flock)
+    fd = running.hold("/some/mount")
+    monkeypatch.setattr(running.fcntl, "flock", real_flock)
+    try:
+        assert len(calls) == 2 and running._names(fd, path)
+        # A waiter that holds the removed file must not remove the holder's new one.
+        assert not running._names(old, path)
+    finally:
+        os.close(fd)
+        os.close(old)
+    running.wait_released("/some/mount")  # the holder closed it: gone, and the file too
+    assert not os.path.exists(path)
+
+
 def test_umount_timeout_names_the_process(two_disks, mnt, require_fuse):
     """A process that does not exit after the unmount: the error gives its pid."""
     with mounted(two_disks, mnt):

@@ -212,7 +212,10 @@ def test_seekable_round_trip_and_zstd_cli_identity(tmp_path):
     check_random_reads(src, data)
     # a scan of a seekable file works too and finds the same frames
     assert scan_all(src) == data
-    assert src.frames == 10 and src.checkpoints == 0
+    # (Checkpoints inside a frame are not asserted: the scan makes one when a
+    # frame takes more than the spacing's 35 ms of CPU to decode, which a
+    # loaded machine reaches; the suite saw one at load 4.)
+    assert src.frames == 10
     src.close()
 
 

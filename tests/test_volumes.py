@@ -26,7 +26,7 @@ from vmafactory import build_archive
 
 from vmafs.archive import Archive
 from vmafs.errors import UnsupportedVolumeError, VolumeNotFoundError
-from vmafs.format import CLUSTER_SIZE
+from vmafs.format import BLOCK_SIZE, CLUSTER_SIZE
 from vmafs.volumes import VolumeReader, find_volume, scan_volumes
 
 MiB = 1 << 20
@@ -254,6 +254,23 @@ def test_reads_across_segment_edges(gpt_lvm):
         for off, n in [(edge - 1, 2), (edge - 4096, 8192), (0, 12 * MiB), (12 * MiB - 5, 100)]:
             assert r.read(off, n) == want[off : off + n], (off, n)
         assert r.read(12 * MiB, 10) == b"" and r.read(-1, 10) == b""
+
+
+def test_volume_stored_bytes(gpt_lvm):
+    """A volume's stored bytes (its file's st_blocks): the non-zero 4 KiB blocks of its
+    drive under its segments (cluster-aligned here, so the count is exact)."""
+    archive, _, content, _, _ = gpt_lvm
+    with Archive.open(archive) as a:
+        for name in ("drive-scsi0/pve/root", "drive-scsi0/p1"):
+            v = find_volume(a, name)
+            blocks = [
+                d
+                for seg in v.segments
+                for d in range(seg.disk_offset, seg.disk_offset + seg.length, BLOCK_SIZE)
+                if any(content[d : d + BLOCK_SIZE])
+            ]
+            assert 0 < len(blocks) * BLOCK_SIZE < v.size
+            assert VolumeReader(a, v).stored_bytes() == len(blocks) * BLOCK_SIZE, name
 
 
 def volume_holes(content: bytes, volume) -> list[bool]:

@@ -67,7 +67,12 @@ CACHE_TIMEOUT = 86400.0
 # (loop devices issuing 4 KiB metadata reads, mmap, file(1), repeated reads),
 # so it is the default, with FOPEN_KEEP_CACHE because the content never
 # changes; `-o direct_io` is there for bulk copies (qemu-img convert, dd
-# bs=1M and the like; a loop device over a direct_io file works too).
+# bs=1M and the like; a loop device over a direct_io file works too).  A
+# single bulk reader gets the same on the default mount by opening with
+# O_DIRECT (qemu-img convert -T none): the kernel reads such opens around the
+# page cache, so open() leaves them buffered-mode files (FOPEN_DIRECT_IO would
+# add nothing measurable and take away shared mmap; docs/mount.md, "One-off
+# copies").
 #
 # Threads: handing a read to trio.to_thread costs more than the pread it
 # wraps when the data is in the page cache, and never won clearly here, not

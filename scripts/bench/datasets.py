@@ -27,7 +27,7 @@ import os
 import shutil
 import uuid as uuidlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from vmafs.writer.storage_daemon import raw_image_nodes, start_storage_daemon, stop_storage_daemon
@@ -71,6 +71,21 @@ FULL = Sizes(8 * GiB, 1_500_000_000, 16 * MiB, 1 << 40, 256 * MiB, 2 * GiB, 512 
 QUICK = Sizes(
     1 * GiB, 150_000_000, 4 * MiB, 64 * GiB, 32 * MiB, 256 * MiB, 128 * MiB, 4000, "quick"
 )
+
+
+def with_guest_data(sizes: Sizes, files: int) -> Sizes:
+    """*sizes* with *files* bytes of guest files on the ext4 disk (``--guest-data``);
+    the disk grows to keep a quarter of it free, never below its usual size."""
+    disk = max(sizes.disk, -(-(files * 5 // 4) // GiB) * GiB)
+    return replace(sizes, files=files, disk=disk)
+
+
+def work_name(sizes: Sizes) -> str:
+    """The work directory's name: the label, plus the guest data when not the usual."""
+    usual = QUICK if sizes.label == "quick" else FULL
+    if (sizes.files, sizes.disk) == (usual.files, usual.disk):
+        return sizes.label
+    return f"{sizes.label}-{sizes.files / 1e9:g}gb"
 
 
 def _done(path: str, params: dict) -> bool:

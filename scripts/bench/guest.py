@@ -2,52 +2,40 @@
 
 ``vmafs get --engine kernel`` (mounts the archive privately, loop-mounts the
 volume's file ``ro,noload``, copies the file, takes it all down) against the
-restore figure's baseline, ``vmafs extract`` + loop + ext4 mount + read, both
-from a cold page cache, in one run.  The appliance engine is measured too,
-with the share of its time that is the libguestfs launch alone (a launch and
-shutdown over the same mounted disk, no filesystem work).
+restore figure's baseline, ``vmafs extract`` + loop + ext4 mount + read, in
+one run, twice: with the archive cold (its pages evicted, Python's files
+left in the page cache, as on a host that ran Python lately: issue 13's
+"archive cold") and with every cache dropped (``.pyc`` and ``.so`` files
+read from disk too).  Each get is also split into phases from its own
+events (:mod:`.timeline`), and the fixed floor under it is measured alone:
+the interpreter, and the interpreter importing numpy, pyfuse3 and trio.
+The appliance engine is measured too, with the share of its time that is
+the libguestfs launch alone (a launch and shutdown over the same mounted
+disk, no filesystem work).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from . import datasets as ds
+from . import timeline
 from .ctx import DISK, Ctx, Row
-from .read_figures import extract_and_read, ladder_phases, phases_str
-from .util import VMAFS, Skip, drop_caches, fmt_s, run, timed, vmafs_mount
+from .read_figures import extract_and_read
+from .util import VMAFS, Skip, drop_caches, evict, fmt_s, run, vmafs_mount
 
 #: The bench disk is one ext4 on the whole drive: its volume is the drive.
 VOLUME = "drive-scsi0"
 
-#: The start of `vmafs get --engine kernel` as a ladder of processes, each doing
-#: one more phase (what `get` imports before the mount is up, then the archive
-#: opened and its drive scanned); the last rung is the whole command.
-_GET_LADDER = [
-    ("interpreter", "pass"),
-    ("vmafs CLI + get", "import vmafs.cli, vmafs.commands.get"),
-    (
-        "numpy + the reader + volumes",
-        "import vmafs.cli, vmafs.commands.get, vmafs.archive, vmafs.volumes, "
-        "vmafs.guest.session, vmafs.guest.copy",
-    ),
-    (
-        "pyfuse3 + trio + the mount",
-        "import vmafs.cli, vmafs.commands.get, vmafs.archive, vmafs.volumes, "
-        "vmafs.guest.session, vmafs.guest.copy, vmafs.fs, vmafs.mount.mounting",
-    ),
-    (
-        "open the archive + scan its drive",
-        "import sys, vmafs.cli, vmafs.commands.get, vmafs.guest.session, vmafs.guest.copy, "
-        "vmafs.fs, vmafs.mount.mounting\n"
-        "from vmafs.archive import Archive\nfrom vmafs.volumes import scan_volumes\n"
-        "a = Archive.open(sys.argv[1]); scan_volumes(a); a.close()",
-    ),
-]
+#: What the get needs before it can serve anything, measured alone.
+_FLOOR = [("interpreter", "pass"), ("+ numpy, pyfuse3, trio", "import numpy, pyfuse3")]
 
 _LAUNCH_ONLY = r"""
 import sys
@@ -56,12 +44,18 @@ Appliance([sys.argv[1]]).close()
 """
 
 
-def _get(archive: str, out: str, engine: str) -> float:
+def _get_argv(archive: str, out: str, engine: str) -> list[str]:
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
+    return ["get", "--engine", engine, archive, f"{VOLUME}:/{ds.RESTORE_FILE}", out]
+
+
+def _get(archive: str, out: str, engine: str) -> float:
+    argv = _get_argv(archive, out, engine)
     drop_caches()
-    argv = [*VMAFS, "get", "--engine", engine, archive, f"{VOLUME}:/{ds.RESTORE_FILE}", out]
-    return timed(argv)[0]
+    t0 = time.perf_counter()
+    subprocess.run([*VMAFS, *argv], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
 
 
 def _appliance_row(ctx: Ctx, archive: str, out: str, want: str, kernel: float) -> Row:
@@ -81,8 +75,8 @@ def _appliance_row(ctx: Ctx, archive: str, out: str, want: str, kernel: float) -
         launch = time.perf_counter() - t0
     accel = "TCG (no usable KVM)" if "force_tcg" in _backend_settings() else "KVM"
     return Row(
-        "`vmafs get` one file, appliance engine (libguestfs), cold cache",
-        "the kernel engine (row above)",
+        "`vmafs get` one file, appliance engine (libguestfs), all caches dropped",
+        "the kernel engine, all caches dropped (row above)",
         fmt_s(kernel),
         fmt_s(total),
         f"{total / kernel:.1f}x",
@@ -99,48 +93,69 @@ def _backend_settings() -> str:
     return libguestfs_env().get("LIBGUESTFS_BACKEND_SETTINGS", "")
 
 
+#: (label, how the caches are made cold before each run)
+_COLD = [
+    ("archive cold", "the archive's pages evicted (POSIX_FADV_DONTNEED), Python's files warm"),
+    ("all caches dropped", "drop_caches: the archive, .pyc and .so files all read from disk"),
+]
+
+
 def fig_get(ctx: Ctx) -> list[Row]:
     if os.geteuid() != 0:
         raise Skip("needs root (loop devices, drop_caches)")
     archive = ctx.get("archive")
     want = ds.sha256_file(os.path.join(ctx.get("files"), ds.RESTORE_FILE))
     out = os.path.join(ctx.work, "get-out")
+    log = os.path.join(ctx.work, "get-timeline.tsv")
     name = os.path.basename(ds.RESTORE_FILE)
-    times = []
-    for _ in range(3 if ctx.sizes.label == "full" else 2):
-        times.append(_get(archive, out, "kernel"))
-        if ds.sha256_file(os.path.join(out, name)) != want:
-            raise RuntimeError("file restored by `vmafs get` differs from the original")
-    kernel = sorted(times)[len(times) // 2]
-
-    def whole() -> float:
-        return _get(archive, out, "kernel")
-
-    cold = ladder_phases(
-        _GET_LADDER,
-        archive,
-        ("whole `vmafs get` (mount, loop, ext4, copy, teardown, exit)", whole),
-        cold=True,
-        reps=1 if ctx.sizes.label == "quick" else 3,
-    )
-    ctx.facts["get_phases_cold"] = cold
-    drop_caches()
-    base, _ = extract_and_read(ctx, archive)
-    rows = [
-        Row(
-            f"`vmafs get --engine kernel` one file ({ctx.sizes.restore_file >> 20} MiB), "
-            "cold cache",
-            "`vmafs extract` + loop + ext4 ro,noload + read",
-            fmt_s(base),
-            fmt_s(kernel),
-            f"1/{base / kernel:.0f}",
-            "<= 1/20",
-            kernel * 20 <= base,
-            f"median of {len(times)} ({', '.join(fmt_s(t) for t in times)}); start by "
-            "phase (separate processes, each one phase more than the one before, "
-            f"after drop_caches, medians): {phases_str(cold)}",
+    reps = 2 if ctx.sizes.label == "quick" else 3
+    stored = os.path.getsize(archive)
+    rows, facts = [], {}
+    kernel = 0.0
+    for label, how in _COLD:
+        prepare: Callable[[], None] = drop_caches
+        if label == "archive cold":
+            prepare = functools.partial(evict, archive)
+        times, phases = [], []
+        for _ in range(reps):
+            # plain runs for the figure, hooked runs for the phases, alternated
+            argv = _get_argv(archive, out, "kernel")
+            prepare()
+            t0 = time.perf_counter()
+            subprocess.run([*VMAFS, *argv], check=True, stdout=subprocess.DEVNULL)
+            times.append(time.perf_counter() - t0)
+            if ds.sha256_file(os.path.join(out, name)) != want:
+                raise RuntimeError("file restored by `vmafs get` differs from the original")
+            argv = _get_argv(archive, out, "kernel")
+            prepare()
+            phases.append(timeline.timed_get(argv, archive, log)[1])
+        get = statistics.median(times)
+        kernel = get  # the last: all caches dropped, as the appliance's run
+        floor = [(n, timeline.floor_seconds(code, reps, prepare)) for n, code in _FLOOR]
+        prepare()
+        base, got = extract_and_read(ctx, archive)
+        if got != want:
+            raise RuntimeError("restored file differs from the original (extract)")
+        split = timeline.median_phases(phases)
+        facts[label] = {"get": times, "phases": split, "floor": floor, "extract": base}
+        rows.append(
+            Row(
+                f"`vmafs get --engine kernel` one file ({ctx.sizes.restore_file >> 20} MiB) "
+                f"from a {stored / 1e9:.1f} GB archive, {label}",
+                "`vmafs extract` + loop + ext4 ro,noload + read",
+                fmt_s(base),
+                fmt_s(get),
+                f"1/{base / get:.0f}",
+                "<= 1/20",
+                get * 20 <= base,
+                f"{how}, before each run of both; get median of {reps} ("
+                f"{', '.join(fmt_s(t) for t in times)}); by phase (its own events, medians "
+                f"of {reps} more runs): {timeline.phases_text(split)}; measured alone: "
+                + ", ".join(f"{n} {fmt_s(t)}" for n, t in floor)
+                + f" (1/20 of the baseline: {fmt_s(base / 20)})",
+            )
         )
-    ]
+    ctx.facts["get"] = facts
     try:
         rows.append(_appliance_row(ctx, archive, out, want, kernel))
     except (Skip, RuntimeError, subprocess.SubprocessError) as e:

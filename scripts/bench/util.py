@@ -20,11 +20,23 @@ REPO = os.path.dirname(SCRIPTS)
 
 def use_this_checkout() -> None:
     """Let child processes (``python -m vmafs``, ``python -m bench.probe``) import
-    the vmafs and the bench that this run comes from."""
+    the vmafs and the bench that this run comes from, byte-compiled.
+
+    An installed vmafs has its ``.pyc`` files (pip and Debian's py3compile
+    write them at install); a checkout gets them at its first run, unless
+    PYTHONDONTWRITEBYTECODE is set, as on some CI and sandbox machines.
+    Then every ``vmafs`` process the bench times would compile its ~40
+    modules from source (0.15 s of a one-file ``vmafs get``), which no user
+    pays: they are compiled here, once, into the checkout's ``__pycache__``.
+    """
+    import compileall
+
     parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [REPO, SCRIPTS, *(p for p in parts if p not in (REPO, SCRIPTS))]
     )
+    for package in ("vmafs", "writer", os.path.join("scripts", "bench")):
+        compileall.compile_dir(os.path.join(REPO, package), quiet=1)
 
 
 class Skip(Exception):

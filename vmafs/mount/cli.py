@@ -20,7 +20,9 @@ options (-o, comma-separated, may repeat):
   uid=N, gid=N      owner shown for every file (default: you)
   fsname=NAME       source shown by mount/df (default: the archive's path)
   direct_io         no page cache, 1 MiB requests: fastest for one-off bulk
-                    copies (qemu-img convert); slow small reads, no shared mmap
+                    copies (qemu-img convert); slow small reads, no shared mmap.
+                    One reader gets the same on the default mount by opening
+                    with O_DIRECT (qemu-img convert -T none, dd iflag=direct)
   readahead=KIB     readahead of the mount (default {DEFAULT_READAHEAD_KB}; root only,
                     0 keeps the kernel's 128; rounded down to whole requests
                     when spliced replies cap them, e.g. to 960)

@@ -10,7 +10,11 @@ the process exits, however it exits); ``vmafs umount`` waits until it can
 take the lock itself.  The file holds the process id, for messages.
 
 The files live in ``/run/vmafs`` for root, ``$XDG_RUNTIME_DIR/vmafs`` for
-other users (``/tmp/vmafs-UID`` without it): a tmpfs, emptied at boot.
+other users (``/tmp/vmafs-UID`` without it): a tmpfs, emptied at boot.  The
+waiter removes the file once the process is gone (every ``vmafs get`` mounts
+on a new temporary directory: its files would pile up), under the exclusive
+lock and only if the name still leads to the file it locked; a new holder
+checks the same after taking the lock, and starts over on a removed file.
 """
 
 from __future__ import annotations
@@ -47,26 +51,45 @@ def hold(mountpoint: str) -> int:
     ``vmafs umount`` could not wait for this process.
     """
     path = lock_path(mountpoint)
+    for _ in range(_HOLD_ATTEMPTS):
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            raise MountError(f"cannot create the lock file {path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise MountError(
+                f"{mountpoint}: another vmafs process still serves it (lock {path}); "
+                "wait for it to exit, or 'vmafs umount' it first"
+            ) from None
+        if _names(fd, path):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)  # a waiter removed it between our open and flock: a new one
+    raise MountError(f"cannot take the lock file {path}: it keeps being replaced")
+
+
+#: Times :func:`hold` starts over on a lock file that a waiter removed meanwhile.
+_HOLD_ATTEMPTS = 10
+
+
+def _names(fd: int, path: str) -> bool:
+    """Whether *path* still leads to the file open as *fd*."""
     try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    except OSError as e:
-        raise MountError(f"cannot create the lock file {path}: {e.strerror or e}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise MountError(
-            f"{mountpoint}: another vmafs process still serves it (lock {path}); "
-            "wait for it to exit, or 'vmafs umount' it first"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def wait_released(mountpoint: str, timeout: float = EXIT_TIMEOUT) -> None:
-    """Return once no process holds the lock of *mountpoint* (at once if none ever did).
+    """Return once no process holds the lock of *mountpoint* (at once if none ever did),
+    and remove its lock file.
 
     Raises :class:`MountError` naming the process if it still runs after
     *timeout* seconds.
@@ -81,10 +104,13 @@ def wait_released(mountpoint: str, timeout: float = EXIT_TIMEOUT) -> None:
         delay = 0.005
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 pass
+            else:
+                if _names(fd, path):
+                    os.unlink(path)  # the process is gone; its holder would start over
+                return
             if time.monotonic() >= deadline:
                 pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                 raise MountError(
