@@ -245,6 +245,19 @@ def deferred_saves() -> Iterator[list[Callable[[], str | None]]]:
         _deferral.queued = outer
 
 
+def run_saves(saves) -> None:
+    """Write the side indexes that :func:`deferred_saves` queued, each in turn.
+
+    A failed write is logged and skipped: the archive works without its side
+    index, and the next open scans again.
+    """
+    for write in saves:
+        try:
+            write()
+        except Exception:
+            log.exception("writing the side index failed")
+
+
 def save(
     source,
     header: Header,

@@ -153,19 +153,16 @@ class _SideIndexSaver:
 
     def start(self) -> None:
         if self._saves and self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="vmafs-side-index")
+            from ..sidecar import run_saves  # noqa: PLC0415 - imported already by the open
+
+            self._thread = threading.Thread(
+                target=run_saves, args=(self._saves,), name="vmafs-side-index"
+            )
             self._thread.start()
 
     def join(self) -> None:
         if self._thread is not None:
             self._thread.join()
-
-    def _run(self) -> None:
-        for save in self._saves:
-            try:
-                save()
-            except Exception:  # the mount works without it; the next open scans again
-                log.exception("writing the side index failed")
 
 
 def whole_requests(readahead_kb: int, ops) -> int:
