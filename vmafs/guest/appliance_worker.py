@@ -81,7 +81,6 @@ class Worker:
     def op_mount_at(self, device, mountpoint, options):
         """Mount *device* on *mountpoint* (made by mkmountpoint) with *options*."""
         self.g.mount_options(options, device, mountpoint)
-        return self.g.vfs_type(device)
 
     def op_mount_local(self, directory, options):
         """Show the appliance's mounted tree on the host's *directory*, read-only."""

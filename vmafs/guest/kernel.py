@@ -57,8 +57,8 @@ def require_root() -> None:
         )
 
 
-def mount_command(fstype: str, device: str, mountpoint: str, volume: str) -> list[str]:
-    """The mount(8) argv for *device* holding *fstype*; GuestMountError if unsupported."""
+def mount_spec(fstype: str, volume: str) -> tuple[str, str]:
+    """The filesystem type and options to mount *fstype* with; GuestMountError if unsupported."""
     if fstype in SKIPPED:
         raise GuestMountError(f"{volume}: not mounted: {SKIPPED[fstype]}")
     if fstype not in MOUNT_TYPES:
@@ -67,8 +67,7 @@ def mount_command(fstype: str, device: str, mountpoint: str, volume: str) -> lis
             f"({', '.join(sorted(MOUNT_TYPES))}); try --engine appliance"
         )
     kind, extra = MOUNT_TYPES[fstype]
-    options = BASE_OPTIONS + ("," + extra if extra else "")
-    return ["mount", "-t", kind, "-o", options, device, mountpoint]
+    return kind, BASE_OPTIONS + ("," + extra if extra else "")
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess:
@@ -97,7 +96,7 @@ def mount_volume(volume_file: str, fstype: str, mountpoint: str, volume: str) ->
     from . import loopdev  # noqa: PLC0415 - ctypes, only for the kernel engine
 
     require_root()
-    argv = mount_command(fstype, "LOOP", mountpoint, volume)  # refuses unsupported types first
+    kind, options = mount_spec(fstype, volume)  # refuses unsupported types first
     try:
         # Autoclear from the start: the device goes when its mount does, or
         # when this fd closes if the mount fails (nothing to detach by hand).
@@ -105,13 +104,12 @@ def mount_volume(volume_file: str, fstype: str, mountpoint: str, volume: str) ->
     except OSError as e:
         raise GuestMountError(f"{volume}: no read-only loop device: {e.strerror or e}") from None
     try:
-        if argv[2] == "ntfs-3g":  # a FUSE filesystem: mount(8) starts its helper
-            argv[argv.index("LOOP")] = loop
-            proc = _run(argv)
+        if kind == "ntfs-3g":  # a FUSE filesystem: mount(8) starts its helper
+            proc = _run(["mount", "-t", kind, "-o", options, loop, mountpoint])
             error = first_line(proc) if proc.returncode != 0 else None
         else:
             try:
-                loopdev.mount(loop, mountpoint, argv[2], argv[4])
+                loopdev.mount(loop, mountpoint, kind, options)
                 error = None
             except OSError as e:
                 error = e.strerror or str(e)

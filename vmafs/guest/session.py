@@ -3,8 +3,8 @@
 ``vmafs ls/cat/get`` (and the tests) work through a :class:`GuestSession`:
 
 1. the archive is opened once, here, to find its volumes (vmafs.volumes: no
-   kernel partition scanning, nothing activated on the host); only the
-   drive a volume is asked on is scanned;
+   kernel partition scanning, nothing activated on the host); finding a
+   volume scans only its drive, and the mount below scans the rest first;
 2. at the first :meth:`GuestSession.open` that open archive is mounted
    with FUSE in a private directory (``/run/vmafs/`` for root, else
    ``$XDG_RUNTIME_DIR`` or the temp dir), as ``vmafs mount`` does, but
@@ -192,13 +192,10 @@ class GuestSession:
     def find(self, name: str):
         """The volume called *name* (``scsi0/p1`` means ``drive-scsi0/p1``);
         VolumeNotFoundError lists the names there are."""
-        from ..volumes import find_drive, volume_named  # noqa: PLC0415
+        from ..volumes import find_volume  # noqa: PLC0415
 
         assert self.archive is not None
-        drive = find_drive(
-            [d for d in self.archive.devices if not d.is_vmstate], name.partition("/")[0]
-        )
-        return volume_named(drive, self._drive_volumes(drive.dev_id), name)
+        return find_volume(self.archive, name, scan=self._drive_volumes)
 
     # -- opening a volume ------------------------------------------------------------------
 
@@ -216,8 +213,7 @@ class GuestSession:
                 "may still read it"
             )
         mountpoint = self._mount()
-        assert self.workdir is not None
-        self._drive_volumes(volume.dev_id)  # its file name in the mount
+        assert self.workdir is not None  # _mount() scanned every drive: volume_files is full
         where = os.path.join(self.workdir, f"fs{len(self._mounts)}")
         os.mkdir(where)
         self._mounts.append(
@@ -276,11 +272,10 @@ class GuestSession:
             self._importing.join()  # a daemon thread, but not one to leave importing
             self._importing = None
         # Never mounted (a volume not found, say): the side index is written here.
-        for save in self._saves:
-            try:
-                save()
-            except Exception:  # the next open scans again
-                log.exception("writing the side index failed")
+        if self._saves:
+            from ..sidecar import run_saves  # noqa: PLC0415 - imported already by the open
+
+            run_saves(self._saves)
         self._saves = []
         if self.archive is not None:
             self.archive.close()

@@ -20,7 +20,7 @@ label probes), scan (the order of the questions).
 
 from .model import Segment, Volume
 from .reader import VolumeReader
-from .scan import find_drive, find_volume, scan_drive, scan_volumes, volume_named
+from .scan import find_drive, find_volume, scan_drive, scan_volumes
 
 __all__ = [
     "Segment",
@@ -30,5 +30,4 @@ __all__ = [
     "find_volume",
     "scan_drive",
     "scan_volumes",
-    "volume_named",
 ]

@@ -19,6 +19,7 @@ the drive raise :class:`~vmafs.errors.PartitionTableError`.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 from ..errors import LvmError, PartitionTableError, VolumeError, VolumeNotFoundError
 from .fstype import probe as probe_fstype
@@ -53,19 +54,16 @@ def scan_volumes(archive, drive: str | None = None) -> list[Volume]:
     return out
 
 
-def find_volume(archive, name: str) -> Volume:
+def find_volume(archive, name: str, scan: Callable[[int], list[Volume]] | None = None) -> Volume:
     """The volume called *name*; ``scsi0/p1`` means ``drive-scsi0/p1``.
 
+    Only its drive is scanned, by *scan* (dev_id -> its volumes) when given
+    (a caller that keeps what it scanned), else by :func:`scan_drive`.
     Raises VolumeNotFoundError listing the names there are.
     """
     disks = [d for d in archive.devices if not d.is_vmstate]
     dev = find_drive(disks, name.partition("/")[0])
-    return volume_named(dev, scan_drive(archive, dev.dev_id), name)
-
-
-def volume_named(dev, volumes: list[Volume], name: str) -> Volume:
-    """The volume called *name* among *volumes*, those of the drive *dev*
-    (:func:`scan_drive`); else VolumeNotFoundError listing the names there are."""
+    volumes = scan(dev.dev_id) if scan is not None else scan_drive(archive, dev.dev_id)
     rest = name.partition("/")[2]
     full = f"{dev.name}/{rest}" if rest else dev.name
     for v in volumes:
