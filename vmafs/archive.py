@@ -35,6 +35,8 @@ _IN_BLOCK = BLOCK_SIZE - 1
 _NEXT_CLUSTER = (CLUSTER_SIZE >> OFFSET_SHIFT) << MASK_BITS  # entry step: next 64 KiB stored
 _ZEROS = memoryview(bytes(1 << 20))  # holes are copied from here (calloc'ed: no RSS)
 _NO_RUN = -1  # Archive._locate: the bytes are zeros, nothing to read
+#: pread_into(offset, buffer) -> bytes read: the source's, or its page-cache-only twin
+_PreadInto = Callable[[int, memoryview], int]
 _RUNS_CHUNK = 1 << 20  # clusters per step of allocated_ranges (bounds its temporaries)
 
 
@@ -296,7 +298,7 @@ class Archive:
         if not runs:
             return bytes(n)
         buf = bytearray(n)
-        self._fill(memoryview(buf), runs, ())  # a fresh bytearray is already zero
+        self._fill(memoryview(buf), runs, (), self._pread_into)  # a fresh bytearray is zero
         return bytes(buf)
 
     def readinto(self, dev_id: int, offset: int, buf, *, cached_only: bool = False) -> int:
@@ -309,6 +311,7 @@ class Archive:
         ``Source.pread_into_cached``; *buf* is then partly filled).
         """
         dm = self.index.maps[dev_id]
+        read = self.source.pread_into_cached if cached_only else self._pread_into
         out = memoryview(buf).cast("B")
         n = len(out)
         if offset + n > dm.device.size:
@@ -318,10 +321,10 @@ class Archive:
             if aoff == _NO_RUN:
                 out[:n] = _ZEROS[:n]
             else:
-                self._read_run(out, aoff, n, 0, cached_only)
+                self._read_run(out, aoff, n, 0, read)
             return n
         runs, zeros = self._plan(dm, offset, n, entries)
-        self._fill(out, runs, zeros, cached_only)
+        self._fill(out, runs, zeros, read)
         return n
 
     def segments(
@@ -422,17 +425,13 @@ class Archive:
             raise TruncatedError("archive shrank while it was being read", offset=aoff + len(data))
         return data
 
-    def _read_run(
-        self, out: memoryview, aoff: int, length: int, dest: int, cached_only: bool = False
-    ) -> None:
-        if cached_only:
-            got = self.source.pread_into_cached(aoff, out[dest : dest + length])
-        else:
-            got = self._pread_into(aoff, out[dest : dest + length])
+    @staticmethod
+    def _read_run(out: memoryview, aoff: int, length: int, dest: int, read: _PreadInto) -> None:
+        got = read(aoff, out[dest : dest + length])
         if got != length:
             raise TruncatedError("archive shrank while it was being read", offset=aoff + got)
 
-    def _fill(self, out: memoryview, runs, zeros, cached_only: bool = False) -> None:
+    def _fill(self, out: memoryview, runs, zeros, read: _PreadInto) -> None:
         for dest, length in zeros:
             while length > 0:
                 step = min(length, len(_ZEROS))
@@ -440,7 +439,7 @@ class Archive:
                 dest += step
                 length -= step
         for aoff, length, dest in runs:
-            self._read_run(out, aoff, length, dest, cached_only)
+            self._read_run(out, aoff, length, dest, read)
 
     def _plan(
         self, dm, offset: int, n: int, entries: list[int] | None = None
