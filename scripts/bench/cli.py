@@ -146,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
             "note: not root: loop devices, drop_caches and mount will be skipped", file=sys.stderr
         )
     os.makedirs(args.workdir, exist_ok=True)
+    label = ds.work_name(sizes)
     if args.keep:
-        work = os.path.join(args.workdir, ds.work_name(sizes))
+        work = os.path.join(args.workdir, label)
         os.makedirs(work, exist_ok=True)
     else:
-        work = tempfile.mkdtemp(prefix=f"{ds.work_name(sizes)}-", dir=args.workdir)
+        work = tempfile.mkdtemp(prefix=f"{label}-", dir=args.workdir)
     ctx = Ctx(os.path.abspath(work), sizes)
     rows: list[Row] = []
     timings = {}
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ctx.facts["figure_s"] = timings
         try:
-            with open(os.path.join(args.workdir, f"facts-{ds.work_name(sizes)}.json"), "w") as f:
+            with open(os.path.join(args.workdir, f"facts-{label}.json"), "w") as f:
                 json.dump(ctx.facts, f, indent=1, default=str)
         except OSError:
             pass

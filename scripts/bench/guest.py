@@ -28,7 +28,7 @@ from collections.abc import Callable
 from . import datasets as ds
 from . import timeline
 from .ctx import DISK, Ctx, Row
-from .read_figures import extract_and_read
+from .read_figures import extract_and_read, ladder_phases
 from .util import VMAFS, Skip, drop_caches, evict, fmt_s, run, vmafs_mount
 
 #: The bench disk is one ext4 on the whole drive: its volume is the drive.
@@ -50,9 +50,10 @@ def _get_argv(archive: str, out: str, engine: str) -> list[str]:
     return ["get", "--engine", engine, archive, f"{VOLUME}:/{ds.RESTORE_FILE}", out]
 
 
-def _get(archive: str, out: str, engine: str) -> float:
+def _get(archive: str, out: str, engine: str, prepare: Callable[[], None] = drop_caches) -> float:
+    """Seconds of one ``vmafs get`` into a fresh *out*, after *prepare* (caches made cold)."""
     argv = _get_argv(archive, out, engine)
-    drop_caches()
+    prepare()
     t0 = time.perf_counter()
     subprocess.run([*VMAFS, *argv], check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
@@ -93,11 +94,21 @@ def _backend_settings() -> str:
     return libguestfs_env().get("LIBGUESTFS_BACKEND_SETTINGS", "")
 
 
-#: (label, how the caches are made cold before each run)
-_COLD = [
-    ("archive cold", "the archive's pages evicted (POSIX_FADV_DONTNEED), Python's files warm"),
-    ("all caches dropped", "drop_caches: the archive, .pyc and .so files all read from disk"),
-]
+def _cold_steps(archive: str) -> list[tuple[str, str, Callable[[], None]]]:
+    """(label, how, step) per way of making the caches cold before each run; the
+    last is all caches dropped, as the appliance's run is."""
+    return [
+        (
+            "archive cold",
+            "the archive's pages evicted (POSIX_FADV_DONTNEED), Python's files warm",
+            functools.partial(evict, archive),
+        ),
+        (
+            "all caches dropped",
+            "drop_caches: the archive, .pyc and .so files all read from disk",
+            drop_caches,
+        ),
+    ]
 
 
 def fig_get(ctx: Ctx) -> list[Row]:
@@ -111,27 +122,18 @@ def fig_get(ctx: Ctx) -> list[Row]:
     reps = 2 if ctx.sizes.label == "quick" else 3
     stored = os.path.getsize(archive)
     rows, facts = [], {}
-    kernel = 0.0
-    for label, how in _COLD:
-        prepare: Callable[[], None] = drop_caches
-        if label == "archive cold":
-            prepare = functools.partial(evict, archive)
+    for label, how, prepare in _cold_steps(archive):
         times, phases = [], []
         for _ in range(reps):
             # plain runs for the figure, hooked runs for the phases, alternated
-            argv = _get_argv(archive, out, "kernel")
-            prepare()
-            t0 = time.perf_counter()
-            subprocess.run([*VMAFS, *argv], check=True, stdout=subprocess.DEVNULL)
-            times.append(time.perf_counter() - t0)
+            times.append(_get(archive, out, "kernel", prepare))
             if ds.sha256_file(os.path.join(out, name)) != want:
                 raise RuntimeError("file restored by `vmafs get` differs from the original")
             argv = _get_argv(archive, out, "kernel")
             prepare()
             phases.append(timeline.timed_get(argv, archive, log)[1])
         get = statistics.median(times)
-        kernel = get  # the last: all caches dropped, as the appliance's run
-        floor = [(n, timeline.floor_seconds(code, reps, prepare)) for n, code in _FLOOR]
+        floor = ladder_phases(_FLOOR, archive, None, prepare, reps)
         prepare()
         base, got = extract_and_read(ctx, archive)
         if got != want:
@@ -157,6 +159,7 @@ def fig_get(ctx: Ctx) -> list[Row]:
         )
     ctx.facts["get"] = facts
     try:
+        kernel = statistics.median(facts["all caches dropped"]["get"])  # as the appliance runs
         rows.append(_appliance_row(ctx, archive, out, want, kernel))
     except (Skip, RuntimeError, subprocess.SubprocessError) as e:
         rows.append(

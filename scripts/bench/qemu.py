@@ -21,7 +21,7 @@ import trio
 from vmafs.writer.qmp import QmpConnection
 from vmafs.writer.storage_daemon import raw_image_nodes, start_storage_daemon
 
-from .util import need, wait_for_path
+from .util import fsync_path, need, wait_for_path
 
 
 def qemu_vm(
@@ -92,23 +92,19 @@ async def backup_job(
     device: str,
     node: dict,
     speed: int = 0,
-    copy_range: bool = True,
     perf: Mapping[str, object] | None = None,
 ) -> None:
     """Add *node* as ``tgt`` and start job ``j``: a full blockdev-backup of *device* into it.
 
-    *perf* is the job's ``x-perf`` (e.g. ``vmafs backup``'s, for the same job
-    as vmafs runs); ``copy_range=False`` adds ``use-copy-range: false`` to it.
+    *perf* is the job's ``x-perf`` (e.g. ``vmafs backup``'s ``JOB_PERF``, for
+    the same job as vmafs runs).
     """
     await qmp.execute("blockdev-add", {"node-name": "tgt", **node})
     args: dict = {"job-id": "j", "device": device, "target": "tgt", "sync": "full"}
     if speed:
         args["speed"] = speed
-    x_perf = dict(perf or {})
-    if not copy_range:
-        x_perf["use-copy-range"] = False
-    if x_perf:
-        args["x-perf"] = x_perf
+    if perf:
+        args["x-perf"] = dict(perf)
     await qmp.execute("blockdev-backup", args)
 
 
@@ -158,9 +154,7 @@ def qsd_backup(work: str, image: str, size: int, target: str) -> tuple[float, fl
         )
         t_job = trio.run(job)
         if target == "raw":
-            fd = os.open(out, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
+            fsync_path(out)
         t_end = time.perf_counter()
         return t_end - t_start, t_end - t_job
     finally:

@@ -63,28 +63,32 @@ def start_phases(archive: str, mnt: str, cold: bool, reps: int = 3) -> list[tupl
         with vmafs_mount(archive, mnt) as t:
             return t
 
-    return ladder_phases(_LADDER, archive, ("`vmafs mount` until ready", whole), cold, reps)
+    prepare = drop_caches if cold else _nothing
+    return ladder_phases(_LADDER, archive, ("`vmafs mount` until ready", whole), prepare, reps)
+
+
+def _nothing() -> None:
+    pass
 
 
 def ladder_phases(
     ladder: list[tuple[str, str]],
     archive: str,
-    last: tuple[str, Callable[[], float]],
-    cold: bool,
+    last: tuple[str, Callable[[], float]] | None,
+    prepare: Callable[[], None],
     reps: int = 3,
 ) -> list[tuple[str, float]]:
     """(rung, median seconds of *reps* runs) for each rung of *ladder* (``python -c
     CODE ARCHIVE``, each doing one phase more than the one before) and for *last*
-    (a name and a function timing the whole command).  *cold*: the page cache
-    dropped before each run (the .pyc and .so files read from disk)."""
+    (a name and a function timing the whole command), if given.  *prepare* runs
+    before each run (e.g. drop_caches: the .pyc and .so files read from disk)."""
     out = []
     rungs = [(name, lambda code=code: timed([sys.executable, "-c", code, archive])[0])
              for name, code in ladder]  # fmt: skip
-    for name, fn in [*rungs, last]:
+    for name, fn in [*rungs, *([last] if last else [])]:
         samples = []
         for _ in range(reps):
-            if cold:
-                drop_caches()
+            prepare()
             samples.append(fn())
         out.append((name, statistics.median(samples)))
     return out

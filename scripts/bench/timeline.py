@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -113,14 +112,3 @@ def phases_text(phases: list[float]) -> str:
     return "; ".join(
         f"{name} {p * 1000:.0f} ms" for (name, _), p in zip(GET_PHASES, phases, strict=True)
     )
-
-
-def floor_seconds(code: str, reps: int, prepare: Callable[[], None]) -> float:
-    """Median wall seconds of ``python -c CODE`` (*prepare* run before each)."""
-    samples = []
-    for _ in range(reps):
-        prepare()
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True)
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)

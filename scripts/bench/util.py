@@ -107,6 +107,15 @@ def warm(path: str, size: int | None = None) -> None:
             left -= n
 
 
+def fsync_path(path: str) -> None:
+    """Write *path*'s data to storage (fsync of a fresh descriptor)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def evict(path: str) -> None:
     """Drop *path*'s pages from the page cache (keeps memory free for the next figure)."""
     try:

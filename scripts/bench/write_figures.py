@@ -19,7 +19,7 @@ from vmafs.writer.qmp import QemuError, QmpConnection
 from . import datasets as ds
 from .ctx import Ctx, Row, ratio
 from .qemu import backup_job, job_completed, nbdkit_memory, qemu_vm, qsd_backup, stop
-from .util import VMAFS, fmt_rate, fmt_s, need, percentile, wait_for_path, warm
+from .util import VMAFS, fmt_rate, fmt_s, fsync_path, need, percentile, wait_for_path, warm
 
 
 def _vmafs_create(image: str, out: str) -> tuple[float, float, list[str], str]:
@@ -207,7 +207,7 @@ class _ScratchDisk:
         self.base, self.path = base, path
         self.clusters = _guest_clusters(random.Random(9), os.path.getsize(base), writes)
         shutil.copyfile(base, path)
-        _fsync(path)
+        fsync_path(path)
 
     def reset(self) -> None:
         with open(self.base, "rb") as src, open(self.path, "r+b") as dst:
@@ -219,14 +219,6 @@ class _ScratchDisk:
 
     def remove(self) -> None:
         os.unlink(self.path)
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _vmafs_backup_job(out: str, extra: tuple[str, ...] = ()) -> JobStarter:
@@ -291,7 +283,7 @@ def fig_latency(ctx: Ctx) -> list[Row]:
             # no copy offload), so the baselines differ from vmafs only in the
             # target.  Copy offload (copy_file_range between two local files)
             # failed this job with EBADF in 3 of 4 runs here anyway.
-            await backup_job(q, drive, node, speed, copy_range=False, perf=JOB_PERF)
+            await backup_job(q, drive, node, speed, perf=JOB_PERF)  # no copy-range
         except BaseException:
             await q.aclose()
             raise
