@@ -166,7 +166,7 @@ class Export(_core.Export):
     def transmission_flags(self) -> int:
         return TRANSMISSION_FLAGS
 
-    async def read(self, offset: int, length: int):
+    async def read(self, offset: int, length: int, *, file_ranges: bool = False):
         raise NbdCommandError(errno.EPERM, "write-only export (a backup target is never read)")
 
     async def write(self, offset: int, data: memoryview, flags: int) -> None:

@@ -52,6 +52,7 @@ closes *that* connection with a logged reason (also kept in
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -68,8 +69,17 @@ import trio
 
 import vmafs.nbd.protocol as p
 from vmafs.nbd.buffers import BufferPool
+from vmafs.nbd.filesend import IOV_MAX, FileEnded, FileRange, Part, advance, send_parts
 
-__all__ = ["Export", "NbdCommandError", "NbdServer", "ReadChunk", "WouldWait", "MAX_SOCKET_PATH"]
+__all__ = [
+    "Export",
+    "FileRange",
+    "NbdCommandError",
+    "NbdServer",
+    "ReadChunk",
+    "WouldWait",
+    "MAX_SOCKET_PATH",
+]
 
 DEFAULT_MAX_BLOCK = 4 * 1024 * 1024
 DEFAULT_MAX_IN_FLIGHT = 16
@@ -86,8 +96,9 @@ MAX_SOCKET_PATH = 107
 RECV_AHEAD = 65536
 #: bytes of corked replies after which they are sent without waiting for the flush
 CORK_LIMIT = 256 * 1024
-#: buffers one sendmsg takes at most (Linux's UIO_MAXIOV)
-IOV_MAX = 1024
+#: seconds a worker thread sending file ranges waits for a full socket before
+#: it hands the wait to the event loop (see vmafs.nbd.filesend)
+SEND_PATIENCE = 0.05
 #: requests a connection's reader handles before it lets other tasks run
 READER_TURN = 16
 #: the context id this server gives base:allocation
@@ -122,17 +133,28 @@ class NbdCommandError(Exception):
         super().__init__(message or errno.errorcode.get(err, str(err)))
 
 
+Buffer = bytes | bytearray | memoryview
+
+
 @dataclass(frozen=True)
 class ReadChunk:
     """Part of a READ's answer: *data* at *offset*, or a hole of *length* when data is None.
 
+    *data* is the bytes, or (when :meth:`Export.read` was allowed file ranges)
+    a tuple of parts back to back: buffers and :class:`FileRange` pieces of an
+    open file, which the server sends with sendfile, never copying them.
     The server may hold *data* back to send several replies at once: it must
-    stay unchanged until :meth:`Export.reply_sent` is called with it.
+    stay unchanged (and a file range's file open) until
+    :meth:`Export.reply_sent` is called with it.
     """
 
     offset: int
     length: int
-    data: bytes | bytearray | memoryview | None = None
+    data: Buffer | tuple[Buffer | FileRange, ...] | None = None
+
+    def parts(self) -> tuple[Buffer | FileRange, ...]:
+        """*data* as parts (a data chunk only)."""
+        return self.data if isinstance(self.data, tuple) else (self.data,)
 
 
 class Export:
@@ -157,6 +179,9 @@ class Export:
     #: refuse (EINVAL) requests not aligned to :attr:`min_block`, except a range
     #: that ends at the export's end; False leaves alignment to the data end
     enforce_alignment = True
+    #: the worker threads that send the :class:`FileRange` parts of its replies
+    #: (None: trio's default limiter)
+    limiter: trio.CapacityLimiter | None = None
 
     @property
     def min_block(self) -> int:
@@ -176,8 +201,14 @@ class Export:
             flags |= p.NBD_FLAG_CAN_MULTI_CONN
         return flags
 
-    async def read(self, offset: int, length: int) -> Sequence[ReadChunk]:
-        """The bytes of [offset, offset+length) as chunks in order, covering it exactly."""
+    async def read(
+        self, offset: int, length: int, *, file_ranges: bool = False
+    ) -> Sequence[ReadChunk]:
+        """The bytes of [offset, offset+length) as chunks in order, covering it exactly.
+
+        *file_ranges*: the connection can send :class:`FileRange` parts (a plain
+        socket: no TLS), so data chunks may be made of them.
+        """
         raise NbdCommandError(errno.EPERM, "this export cannot be read")
 
     def read_inline(self, offset: int, length: int) -> Sequence[ReadChunk]:
@@ -243,6 +274,11 @@ class _Transport:
     / ``wait_writable``) when the kernel says so: a receive that finds bytes
     or a send the socket buffer takes costs no scheduler round.  Callers
     that must let other tasks run checkpoint themselves.
+
+    A message may hold :class:`FileRange` parts (plain sockets only): the
+    whole message then goes out from a worker thread (sendfile may wait for
+    the disk, the event loop never does), under the same lock, so messages
+    still never interleave.
     """
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
@@ -257,11 +293,15 @@ class _Transport:
         #: while True, :meth:`send` queues whole messages instead of sending them;
         #: :meth:`flush` sends the queue with one ``sendmsg``
         self.corked = False
-        self._out: list[memoryview] = []
+        self._out: list[Part] = []
         self._out_bytes = 0
         #: what to call once the queued messages are sent
         self._after: list[tuple[Callable, object]] = []
         self.lock = trio.Lock()
+        #: worker threads that send messages with file ranges (None: trio's default)
+        self.limiter: trio.CapacityLimiter | None = None
+        #: why nothing more may be sent (a message was cut short), else None
+        self.broken: str | None = None
 
     @property
     def buffered(self) -> bool:
@@ -311,26 +351,35 @@ class _Transport:
             await self.recv_into(memoryview(buf))
         return buf
 
-    async def send(self, *parts: bytes | bytearray | memoryview) -> None:
+    @property
+    def file_ranges(self) -> bool:
+        """Whether messages may hold :class:`FileRange` parts: not over TLS
+        (the ssl module encrypts bytes it is given; a file range has to be
+        read into memory for it anyway)."""
+        return self.tls is None
+
+    async def send(self, *parts: Buffer | FileRange) -> None:
         """Send *parts* back to back (one message); messages never interleave.
 
         Corked, the message is queued (its parts must stay unchanged until
         the next :meth:`flush`), and sent at once only past ``CORK_LIMIT``.
+        Raises :class:`FileEnded` when a file range's file ended early: the
+        message is cut short, so the connection is shut down.
         """
         if self.corked:
             self.queue(*parts)
             if self._out_bytes >= CORK_LIMIT:
                 await self.flush()
             return
-        await self._send_views([memoryview(x).cast("B") for x in parts if len(x)])
+        await self._send_parts([_part(x) for x in parts if len(x)])
 
-    def queue(self, *parts: bytes | bytearray | memoryview) -> None:
+    def queue(self, *parts: Buffer | FileRange) -> None:
         """Add a whole message to what :meth:`flush` sends (parts unchanged until then)."""
         for x in parts:
             if len(x):
-                view = memoryview(x).cast("B")
-                self._out.append(view)
-                self._out_bytes += len(view)
+                part = _part(x)
+                self._out.append(part)
+                self._out_bytes += len(part)
 
     @property
     def queued(self) -> int:
@@ -342,7 +391,7 @@ class _Transport:
         if self._out:
             views, self._out, self._out_bytes = self._out, [], 0
             after, self._after = self._after, []
-            await self._send_views(views)
+            await self._send_parts(views)
             for fn, arg in after:
                 fn(arg)
 
@@ -354,32 +403,55 @@ class _Transport:
         else:
             fn(arg)
 
-    async def _send_views(self, views: list[memoryview]) -> None:
+    async def _send_parts(self, views: list[Part]) -> None:
         try:
             self.lock.acquire_nowait()  # no scheduler round when nobody else sends
         except trio.WouldBlock:
             await self.lock.acquire()
         try:
+            if self.broken is not None:
+                raise trio.ClosedResourceError(self.broken)
+            if any(type(x) is FileRange for x in views):
+                await self._send_from_thread(views)
+                return
             if self.tls is not None:
                 await self.tls.send_all(b"".join(views))
                 return
-            raw, i = self.raw, 0
-            while i < len(views):
+            raw = self.raw
+            while views:
                 try:
                     # most replies fit the socket buffer: send without yielding
-                    n = raw.sendmsg(views[i : i + IOV_MAX])
+                    n = raw.sendmsg(views[:IOV_MAX])
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(raw)
                     continue
-                while n:
-                    if n >= len(views[i]):
-                        n -= len(views[i])
-                        i += 1
-                    else:
-                        views[i] = views[i][n:]
-                        n = 0
+                advance(views, n)
         finally:
             self.lock.release()
+
+    async def _send_from_thread(self, parts: list[Part]) -> None:
+        """Send a message with file ranges from worker threads (lock held)."""
+        if self.tls is not None:
+            raise ValueError("file ranges cannot be sent over TLS")
+        # The thread is not abandoned when this task is cancelled: it returns
+        # within SEND_PATIENCE (or when its sendfile is done), so the socket and
+        # the files stay open while it runs; the loop then waits for a socket
+        # that stays full, and stops there at once when cancelled.
+        try:
+            while True:
+                await trio.to_thread.run_sync(
+                    send_parts, self.raw.fileno(), parts, SEND_PATIENCE, limiter=self.limiter
+                )
+                if not parts:
+                    return
+                await trio.lowlevel.wait_writable(self.raw)
+        except FileEnded as e:
+            # Part of the message is out and the rest cannot be: any later byte
+            # would be read as the missing ones.  No more sends; the client sees EOF.
+            self.broken = f"a reply was cut short: {e}"
+            with contextlib.suppress(OSError):
+                self.raw.shutdown(socket.SHUT_RDWR)
+            raise
 
     async def start_tls(self, context: ssl.SSLContext) -> None:
         self.tls = trio.SSLStream(trio.SocketStream(self.sock), context, server_side=True)
@@ -394,6 +466,10 @@ class _Transport:
                 except _LOST + (trio.BusyResourceError,):
                     pass
         self.sock.close()
+
+
+def _part(x: Buffer | FileRange) -> Part:
+    return x if type(x) is FileRange else memoryview(x).cast("B")
 
 
 class _Conn:
@@ -413,6 +489,9 @@ class _Conn:
         self.block_status_ok = False
         #: receive buffers for WRITE payloads, reused (no fresh pages per request)
         self._buffers = BufferPool(server.max_in_flight + 1, min_size=PREFERRED_BLOCK)
+        #: the transmission phase's requests, and why a request closed the connection
+        self._requests: trio.CancelScope | None = None
+        self._failure: _Hangup | None = None
 
     # -- handshake --
 
@@ -486,6 +565,7 @@ class _Conn:
 
     def _enter(self, name: str, export: Export) -> None:
         self.export_name, self.export = name, export
+        self.io.limiter = export.limiter
         # contexts set for another export (or none at all) do not carry over
         self.block_status_ok = (
             self.structured
@@ -633,6 +713,7 @@ class _Conn:
         """
         failure: BaseException | None = None
         async with trio.open_nursery() as nursery:
+            self._requests = nursery.cancel_scope
             try:
                 await self.read_requests(nursery)
             except _EOF as e:
@@ -643,8 +724,16 @@ class _Conn:
             except (_Hangup, *_LOST) as e:
                 failure = e
                 nursery.cancel_scope.cancel()
+        failure = self._failure or failure
         if failure is not None:
             raise failure
+
+    def _hang_up(self, why: _Hangup) -> None:
+        """Close the connection for *why* (from a request's task): the reader and
+        the other requests are cancelled, :meth:`run` logs it."""
+        if self._failure is None:
+            self._failure = why
+        self._requests.cancel()
 
     async def read_requests(self, nursery: trio.Nursery) -> None:
         srv, io = self.server, self.io
@@ -730,6 +819,10 @@ class _Conn:
             await self.io.flush()
         except _LOST as e:
             self.log.debug("conn %d: replies lost: %s", self.cid, e)
+        except FileEnded as e:
+            raise _Hangup(
+                f"export {self.export_name!r}: a corked reply was cut short: {e}"
+            ) from None
 
     async def handle(
         self, limit, cmd, flags, cookie, offset, length, payload, buf, received, nursery=None
@@ -741,6 +834,9 @@ class _Conn:
                 ok = await self.execute(cmd, flags, cookie, offset, length, payload, nursery)
             except _LOST as e:
                 self.log.debug("conn %d: reply lost: %s", self.cid, e)
+                return
+            except _Hangup as e:
+                self._hang_up(e)
                 return
             except WouldWait:
                 args = (limit, cmd, flags, cookie, offset, length, payload, buf, received)
@@ -807,7 +903,7 @@ class _Conn:
         try:
             if cmd == p.NBD_CMD_READ:
                 if inline is None:
-                    chunks = await export.read(offset, length)
+                    chunks = await export.read(offset, length, file_ranges=self.io.file_ranges)
                 else:
                     chunks = export.read_inline(offset, length)
             elif cmd == p.NBD_CMD_BLOCK_STATUS:
@@ -838,6 +934,12 @@ class _Conn:
         if cmd == p.NBD_CMD_READ:
             try:
                 await self.read_reply(cookie, chunks, offset, length, flags)
+            except FileEnded as e:
+                raise _Hangup(
+                    f"export {self.export_name!r}: READ at {offset}+{length}: its file ended at "
+                    f"offset {e.at} while the reply was being sent (it shrank?); the part sent "
+                    "cannot be taken back"
+                ) from None
             finally:
                 self.io.after_sent(export.reply_sent, chunks)
         elif cmd == p.NBD_CMD_BLOCK_STATUS:
@@ -873,11 +975,21 @@ class _Conn:
     async def read_reply(self, cookie, chunks, offset, length, flags) -> None:
         for message in self._read_messages(cookie, chunks, offset, flags):
             await self.io.send(*message)
+        if any(type(c.data) is tuple for c in chunks):
+            self.server.sent_from_files += sum(
+                len(x)
+                for c in chunks
+                if type(c.data) is tuple
+                for x in c.data
+                if type(x) is FileRange
+            )
 
     def _read_messages(self, cookie, chunks, offset, flags) -> list[tuple]:
         """A READ's reply: its messages, each a tuple of parts."""
         if not self.structured or flags & p.NBD_CMD_FLAG_DF:
-            parts = [c.data if c.data is not None else bytes(c.length) for c in chunks]
+            parts = [
+                x for c in chunks for x in (c.parts() if c.data is not None else (bytes(c.length),))
+            ]
             if self.structured:
                 head = struct.pack(">Q", offset)
                 return [self._chunk(cookie, p.NBD_REPLY_TYPE_OFFSET_DATA, head, *parts)]
@@ -891,7 +1003,9 @@ class _Conn:
             else:
                 head = struct.pack(">Q", c.offset)
                 out.append(
-                    self._chunk(cookie, p.NBD_REPLY_TYPE_OFFSET_DATA, head, c.data, done=i == last)
+                    self._chunk(
+                        cookie, p.NBD_REPLY_TYPE_OFFSET_DATA, head, *c.parts(), done=i == last
+                    )
                 )
         return out
 
@@ -946,8 +1060,9 @@ class NbdServer:
     :param logger: where connection events go.
 
     Attributes: ``connections`` (open now), ``requests`` (handled),
-    ``errors`` (error replies sent), ``closed_reasons`` (the logged reasons of
-    the last 256 connections closed for bad input, oldest first).
+    ``errors`` (error replies sent), ``sent_from_files`` (READ bytes sent
+    with sendfile), ``closed_reasons`` (the logged reasons of the last 256
+    connections closed for bad input or a reply cut short, oldest first).
     """
 
     def __init__(
@@ -986,6 +1101,8 @@ class NbdServer:
         self.connections = 0
         self.requests = 0
         self.errors = 0
+        #: bytes of READ replies sent from files (sendfile), never copied
+        self.sent_from_files = 0
         self.closed_reasons: deque[str] = deque(maxlen=256)
         self._next_cid = 0
 

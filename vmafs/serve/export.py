@@ -14,7 +14,7 @@ from ..errors import VmaError
 from ..format import CLUSTER_SIZE, Device
 from ..nbd.buffers import BufferPool
 from ..nbd.protocol import NBD_CMD_BLOCK_STATUS, NBD_CMD_READ, NBD_STATE_HOLE, NBD_STATE_ZERO
-from ..nbd.server import Export, ReadChunk, WouldWait
+from ..nbd.server import Export, FileRange, ReadChunk, WouldWait
 
 #: extents per BLOCK_STATUS reply at most (a client asks again from where it stopped)
 MAX_EXTENTS = 1024
@@ -120,7 +120,13 @@ class ArchiveExport(Export):
             self.cached_only = False
             return self.read_chunks(offset, length)
 
-    async def read(self, offset: int, length: int) -> list[ReadChunk]:
+    async def read(self, offset: int, length: int, *, file_ranges: bool = False) -> list[ReadChunk]:
+        if file_ranges and self.archive.fd is not None:
+            # Plain archive, plain socket: the data goes out as ranges of the
+            # archive file (sendfile, from a worker thread): no copy at all.
+            if self.inline:
+                return self.file_chunks(offset, length)
+            return await self._in_thread(self.file_chunks, offset, length)
         if self.inline:
             try:
                 return self.read_inline(offset, length)
@@ -130,7 +136,7 @@ class ArchiveExport(Export):
 
     def reply_sent(self, chunks: list[ReadChunk]) -> None:
         for c in chunks:
-            if c.data is not None:
+            if type(c.data) is memoryview:
                 # one buffer per request: every data chunk is a view of it
                 self._buffers.give(c.data.obj)
                 return
@@ -191,6 +197,23 @@ class ArchiveExport(Export):
             if buf is not None:
                 self._buffers.give(buf.obj)
             raise
+        return out
+
+    def file_chunks(self, offset: int, length: int) -> list[ReadChunk]:
+        """Holes as hole chunks, data as parts: ranges of the archive file
+        (:meth:`Archive.segments`) and zeros (the unstored blocks of partly
+        stored clusters).  No device byte is read; the archive's size is
+        checked (TruncatedError: the file is shorter than a range)."""
+        out = []
+        for start, stop, hole in self.spans(offset, length):
+            if hole:
+                out.append(ReadChunk(start, stop - start))
+                continue
+            parts = tuple(
+                FileRange(*piece) if type(piece) is tuple else piece
+                for piece in self.archive.segments(self.dev_id, start, stop - start)
+            )
+            out.append(ReadChunk(start, stop - start, parts))
         return out
 
     def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
