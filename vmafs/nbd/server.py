@@ -973,16 +973,15 @@ class _Conn:
             await self.io.send(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, err, cookie))
 
     async def read_reply(self, cookie, chunks, offset, length, flags) -> None:
-        for message in self._read_messages(cookie, chunks, offset, flags):
-            await self.io.send(*message)
-        if any(type(c.data) is tuple for c in chunks):
-            self.server.sent_from_files += sum(
-                len(x)
-                for c in chunks
-                if type(c.data) is tuple
-                for x in c.data
-                if type(x) is FileRange
-            )
+        # The reply's chunks back to back, sent as one: one lock, one sendmsg, or
+        # one worker thread for the whole reply when it holds file ranges.
+        parts = [
+            x for message in self._read_messages(cookie, chunks, offset, flags) for x in message
+        ]
+        await self.io.send(*parts)
+        files = [x for x in parts if type(x) is FileRange]
+        if files:
+            self.server.sent_from_files += sum(map(len, files))
 
     def _read_messages(self, cookie, chunks, offset, flags) -> list[tuple]:
         """A READ's reply: its messages, each a tuple of parts."""
