@@ -69,7 +69,16 @@ import trio
 
 import vmafs.nbd.protocol as p
 from vmafs.nbd.buffers import BufferPool
-from vmafs.nbd.filesend import IOV_MAX, FileEnded, FileRange, Part, advance, send_parts
+from vmafs.nbd.filesend import (
+    IOV_MAX,
+    FileEnded,
+    FileRange,
+    Part,
+    advance,
+    cached,
+    send_parts,
+    send_step,
+)
 
 __all__ = [
     "Export",
@@ -412,7 +421,7 @@ class _Transport:
             if self.broken is not None:
                 raise trio.ClosedResourceError(self.broken)
             if any(type(x) is FileRange for x in views):
-                await self._send_from_thread(views)
+                await self._send_with_files(views)
                 return
             if self.tls is not None:
                 await self.tls.send_all(b"".join(views))
@@ -429,22 +438,32 @@ class _Transport:
         finally:
             self.lock.release()
 
-    async def _send_from_thread(self, parts: list[Part]) -> None:
-        """Send a message with file ranges from worker threads (lock held)."""
+    async def _send_with_files(self, parts: list[Part]) -> None:
+        """Send a message with file ranges (lock held): from the loop while the
+        next range is in the page cache, else the rest from a worker thread."""
         if self.tls is not None:
             raise ValueError("file ranges cannot be sent over TLS")
-        # The thread is not abandoned when this task is cancelled: it returns
+        raw = self.raw
+        fd = raw.fileno()
+        # A thread is not abandoned when this task is cancelled: it returns
         # within SEND_PATIENCE (or when its sendfile is done), so the socket and
         # the files stay open while it runs; the loop then waits for a socket
         # that stays full, and stops there at once when cancelled.
         try:
-            while True:
-                await trio.to_thread.run_sync(
-                    send_parts, self.raw.fileno(), parts, SEND_PATIENCE, limiter=self.limiter
-                )
-                if not parts:
-                    return
-                await trio.lowlevel.wait_writable(self.raw)
+            while parts:
+                first = parts[0]
+                if type(first) is FileRange and not cached(first):
+                    # sendfile would wait for the disk: not in the event loop
+                    await trio.to_thread.run_sync(
+                        send_parts, fd, parts, SEND_PATIENCE, limiter=self.limiter
+                    )
+                    if parts:
+                        await trio.lowlevel.wait_writable(raw)
+                    continue
+                try:
+                    send_step(fd, parts)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(raw)
         except FileEnded as e:
             # Part of the message is out and the rest cannot be: any later byte
             # would be read as the missing ones.  No more sends; the client sees EOF.
