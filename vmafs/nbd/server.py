@@ -997,10 +997,10 @@ class _Conn:
         parts = [
             x for message in self._read_messages(cookie, chunks, offset, flags) for x in message
         ]
-        await self.io.send(*parts)
         files = [x for x in parts if type(x) is FileRange]
         if files:
             self.server.sent_from_files += sum(map(len, files))
+        await self.io.send(*parts)
 
     def _read_messages(self, cookie, chunks, offset, flags) -> list[tuple]:
         """A READ's reply: its messages, each a tuple of parts."""
@@ -1119,7 +1119,7 @@ class NbdServer:
         self.connections = 0
         self.requests = 0
         self.errors = 0
-        #: bytes of READ replies sent from files (sendfile), never copied
+        #: bytes of READ replies sent (or being sent) from files with sendfile
         self.sent_from_files = 0
         self.closed_reasons: deque[str] = deque(maxlen=256)
         self._next_cid = 0
