@@ -22,7 +22,8 @@ MAX_EXTENTS = 1024
 CACHE_STEP = 4 * 1024 * 1024
 #: archive reads running in worker threads at once, all clients together: a
 #: compressed archive's (decoding: CPU-bound), a plain archive's (waiting for the
-#: disk: as many as one connection has in flight, as nbdkit's 16 threads)
+#: disk: as many as one connection has in flight, as nbdkit's 16 threads; these
+#: also send the replies whose archive bytes are not in the page cache)
 READ_THREADS = 8
 DISK_READ_THREADS = 16
 #: reads up to this size are served by the connection's reader itself (their
@@ -57,6 +58,12 @@ class ArchiveExport(Export):
 
     Archive reads run in trio worker threads (shared :class:`trio.CapacityLimiter`),
     so a slow compressed read never stalls other requests or clients.
+
+    A plain archive's data goes out as ranges of the archive file
+    (:class:`FileRange`, sent with sendfile) on connections that allow it
+    (not TLS) for every read but the small inline ones, which are copied
+    from the page cache (cheaper than a sendfile for a few KiB, and never
+    waiting for the disk).
     """
 
     read_only = True
