@@ -61,9 +61,9 @@ class ArchiveExport(Export):
 
     A plain archive's data goes out as ranges of the archive file
     (:class:`FileRange`, sent with sendfile) on connections that allow it
-    (not TLS) for every read but the small inline ones, which are copied
-    from the page cache (cheaper than a sendfile for a few KiB, and never
-    waiting for the disk).
+    (not TLS) for every read but the small inline ones: those stay copies
+    from the page cache (``preadv2`` with RWF_NOWAIT), so that a batch of
+    their replies still goes out with one ``sendmsg``.
     """
 
     read_only = True
