@@ -18,18 +18,19 @@ import time
 from .ctx import DISK, Ctx, Row
 from .ctx import ratio as _ratio
 from .read_figures import _extract_timed, _sync_timed
-from .util import VMAFS, fmt_rate, fmt_s, need, run, warm
+from .util import VMAFS, fmt_rate, fmt_s, need, process_cpu, run, warm
 
 
 @contextlib.contextmanager
 def _vmafs_serve(archive: str, sock: str):
-    """``vmafs serve`` (detached, as a user runs it); yields the URI of drive-scsi0."""
+    """``vmafs serve`` (detached, as a user runs it); yields the URI of drive-scsi0
+    and the server's pid."""
     pidfile = sock + ".pid"
     run([*VMAFS, "serve", archive, "--socket", sock, "--pidfile", pidfile, "--no-progress"])
     with open(pidfile) as f:
         pid = int(f.read())
     try:
-        yield f"nbd+unix:///drive-scsi0?socket={sock}"
+        yield f"nbd+unix:///drive-scsi0?socket={sock}", pid
     finally:
         os.kill(pid, signal.SIGTERM)
         for _ in range(500):
@@ -52,7 +53,7 @@ def _nbdkit_file(raw: str, sock: str):
             if proc.poll() is not None:
                 raise RuntimeError("nbdkit exited")
             time.sleep(0.01)
-        yield f"nbd+unix:///?socket={sock}"
+        yield f"nbd+unix:///?socket={sock}", proc.pid
     finally:
         proc.terminate()
         proc.wait(30)
@@ -83,9 +84,13 @@ def fig_serve(ctx: Ctx) -> list[Row]:
     warm(archive)
     warm(raw)
 
-    def convert(uri: str) -> float:
+    def convert(served) -> tuple[float, float]:
+        """(seconds to the end of a sync, the server's CPU seconds) of one convert."""
+        uri, pid = served
         try:
-            return _sync_timed(["qemu-img", "convert", "-O", "qcow2", uri, out])
+            cpu = process_cpu(pid)
+            seconds = _sync_timed(["qemu-img", "convert", "-O", "qcow2", uri, out])
+            return seconds, process_cpu(pid) - cpu
         finally:
             if os.path.exists(out):
                 os.unlink(out)
@@ -96,16 +101,20 @@ def fig_serve(ctx: Ctx) -> list[Row]:
     # Which server goes first alternates too: the first convert of a round
     # follows the previous round's extract (its writeback, its freed pages).
     convs, kconvs, exts = [], [], []
+    cpus: dict[str, list[float]] = {"vmafs": [], "nbdkit": []}
     for i in range(pairs):
         for who in ("vmafs", "nbdkit") if i % 2 == 0 else ("nbdkit", "vmafs"):
             if who == "vmafs":
                 warm(archive)
-                with _vmafs_serve(archive, sock) as uri:
-                    convs.append(convert(uri))
+                with _vmafs_serve(archive, sock) as served:
+                    seconds, cpu = convert(served)
+                convs.append(seconds)
             else:
                 warm(raw)
-                with _nbdkit_file(raw, ksock) as uri:
-                    kconvs.append(convert(uri))
+                with _nbdkit_file(raw, ksock) as served:
+                    seconds, cpu = convert(served)
+                kconvs.append(seconds)
+            cpus[who].append(cpu)
         exts.append(_extract_timed(archive, xdir))
     conv, kconv, ext = statistics.median(convs), statistics.median(kconvs), statistics.median(exts)
 
@@ -119,7 +128,7 @@ def fig_serve(ctx: Ctx) -> list[Row]:
             # have pushed either file out of the page cache meanwhile
             warm(archive if who == "vmafs" else raw)
             server = _vmafs_serve(archive, sock) if who == "vmafs" else _nbdkit_file(raw, ksock)
-            with server as uri:
+            with server as (uri, _):
                 for name, args in (("rand", rand), ("seq", seq)):
                     r = _fio(uri, fio_out, *args)
                     results[who].setdefault(name, []).append(r)
@@ -143,7 +152,8 @@ def fig_serve(ctx: Ctx) -> list[Row]:
             conv <= 0.8 * ext,
             f"median of {pairs} alternated pairs (convert {', '.join(map(fmt_s, convs))}; "
             f"extract {', '.join(map(fmt_s, exts))}); archive warm; both timed to the end of a "
-            f"following sync; holes skipped through base:allocation; load {load:.1f}",
+            f"following sync; holes skipped through base:allocation; server CPU per convert "
+            f"{', '.join(map(fmt_s, cpus['vmafs']))}; load {load:.1f}",
         ),
         Row(
             f"`qemu-img convert -O qcow2` from `nbdkit file` on the extracted {DISK}",
@@ -154,7 +164,8 @@ def fig_serve(ctx: Ctx) -> list[Row]:
             "reported",
             None,
             f"the C reference for the row above, in the same {pairs} alternated rounds "
-            f"(convert {', '.join(map(fmt_s, kconvs))}); `vmafs serve`'s convert is "
+            f"(convert {', '.join(map(fmt_s, kconvs))}; server CPU "
+            f"{', '.join(map(fmt_s, cpus['nbdkit']))}); `vmafs serve`'s convert is "
             f"{_ratio(conv, kconv)} of it; load {load:.1f}",
         ),
         Row(

@@ -60,6 +60,14 @@ def child_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) process *pid* has used so far:
+    for a server that is not our child (a daemon), read before it stops."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def timed(cmd: Sequence[str], **kw) -> tuple[float, float]:
     """(wall seconds, CPU seconds of the child) of running *cmd* to completion."""
     c0, t0 = child_cpu(), time.perf_counter()
