@@ -284,10 +284,11 @@ class _Transport:
     or a send the socket buffer takes costs no scheduler round.  Callers
     that must let other tasks run checkpoint themselves.
 
-    A message may hold :class:`FileRange` parts (plain sockets only): the
-    whole message then goes out from a worker thread (sendfile may wait for
-    the disk, the event loop never does), under the same lock, so messages
-    still never interleave.
+    A message may hold :class:`FileRange` parts (plain sockets only), sent
+    with sendfile under the same lock, so messages still never interleave:
+    by the event loop while the range is in the page cache, else the rest of
+    the message from a worker thread (sendfile would wait for the disk; the
+    event loop never does).
     """
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
