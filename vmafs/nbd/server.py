@@ -305,6 +305,7 @@ class _Transport:
         self.corked = False
         self._out: list[Part] = []
         self._out_bytes = 0
+        self._out_files = False  # a FileRange among them
         #: what to call once the queued messages are sent
         self._after: list[tuple[Callable, object]] = []
         self.lock = trio.Lock()
@@ -381,7 +382,8 @@ class _Transport:
             if self._out_bytes >= CORK_LIMIT:
                 await self.flush()
             return
-        await self._send_parts([_part(x) for x in parts if len(x)])
+        files = any(type(x) is FileRange for x in parts)
+        await self._send_parts([_part(x) for x in parts if len(x)], files)
 
     def queue(self, *parts: Buffer | FileRange) -> None:
         """Add a whole message to what :meth:`flush` sends (parts unchanged until then)."""
@@ -390,6 +392,7 @@ class _Transport:
                 part = _part(x)
                 self._out.append(part)
                 self._out_bytes += len(part)
+                self._out_files |= type(part) is FileRange
 
     @property
     def queued(self) -> int:
@@ -400,8 +403,9 @@ class _Transport:
         """Send what :meth:`send` queued while corked, then run what :meth:`after_sent` queued."""
         if self._out:
             views, self._out, self._out_bytes = self._out, [], 0
+            files, self._out_files = self._out_files, False
             after, self._after = self._after, []
-            await self._send_parts(views)
+            await self._send_parts(views, files)
             for fn, arg in after:
                 fn(arg)
 
@@ -413,7 +417,8 @@ class _Transport:
         else:
             fn(arg)
 
-    async def _send_parts(self, views: list[Part]) -> None:
+    async def _send_parts(self, views: list[Part], files: bool) -> None:
+        """Send *views* (*files*: some are file ranges) back to back."""
         try:
             self.lock.acquire_nowait()  # no scheduler round when nobody else sends
         except trio.WouldBlock:
@@ -421,7 +426,7 @@ class _Transport:
         try:
             if self.broken is not None:
                 raise trio.ClosedResourceError(self.broken)
-            if any(type(x) is FileRange for x in views):
+            if files:
                 await self._send_with_files(views)
                 return
             if self.tls is not None:
