@@ -16,13 +16,11 @@ from __future__ import annotations
 import os
 import random
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import _unavailable, unmount
-from test_mount_support import GUARD
+from conftest import _unavailable
+from test_mount_support import check_reads, start_fs, stop_fs, wait_until
 from vmafactory import build_archive, sparse_disk
 
 from vmafs.archive import Archive
@@ -78,30 +76,15 @@ def _leased(path: Path) -> bool:
 
 def _serve(archive: Path, mnt: Path, maps: bool, direct_io: bool) -> subprocess.Popen:
     mnt.mkdir()
-    argv = [sys.executable, "-c", _SERVE, archive, mnt, str(int(maps)), str(int(direct_io))]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline().strip()
-    if line != "ready":
-        proc.kill()
-        raise AssertionError(f"filesystem did not come up: {line} {proc.stderr.read()}")
+    proc = start_fs(_SERVE, archive, mnt, int(maps), int(direct_io))
     # The maps go to pyfuse3 once the lease is held (a task started beside the loop).
-    deadline = time.monotonic() + 10
-    while not _leased(archive):
-        assert time.monotonic() < deadline, "the mount took no read lease"
-        time.sleep(0.01)
+    wait_until(lambda: _leased(archive), 10, "the mount's read lease")
     return proc
 
 
 def _stop(proc: subprocess.Popen, mnt: Path) -> int:
     """Unmount; how many disk reads reached VmaFS.read."""
-    unmount(mnt)
-    try:
-        out, err = proc.communicate(timeout=GUARD)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0 and "Traceback" not in err, err
-    return int(out.strip().splitlines()[-1])
+    return int(stop_fs(proc, mnt))
 
 
 def _full_clusters(archive: Path) -> set[int]:
@@ -126,17 +109,7 @@ def test_whole_clusters_never_reach_python(maps, direct_io, tmp_path, request, r
     mnt = tmp_path / "mnt"
     proc = _serve(archive, mnt, maps, direct_io)
     try:
-        with open(mnt / DISK, "rb") as f:
-            assert f.read() == IN_ORDER  # readahead-sized (or 1 MiB direct) requests
-        fd = os.open(mnt / DISK, os.O_RDONLY)
-        try:
-            rng = random.Random(6)
-            for _ in range(300):
-                off = rng.randrange(0, len(IN_ORDER) + 100)
-                n = rng.choice([1, 511, BLOCK_SIZE, CLUSTER_SIZE + 7, 3 * CLUSTER_SIZE, 1 << 20])
-                assert os.pread(fd, n, off) == IN_ORDER[off : off + n], (off, n)
-        finally:
-            os.close(fd)
+        check_reads(mnt / DISK, IN_ORDER, seed=6)
     finally:
         python_reads = _stop(proc, mnt)
     if maps:
