@@ -180,7 +180,11 @@ def test_qemu_img_map_sees_the_holes(mnt, tmp_path, require_lseek, require_qemu)
 @pytest.mark.parametrize("supported", [True, False])
 @pytest.mark.parametrize(
     "flag, said_word",
-    [("SEEK_HOLE_SUPPORTED", "lseek"), ("READ_SEGMENTS_SUPPORTED", "pieces of the archive")],
+    [
+        ("SEEK_HOLE_SUPPORTED", "lseek"),
+        ("READ_SEGMENTS_SUPPORTED", "pieces of the archive"),
+        ("READ_MAPS_SUPPORTED", "from the offset map"),
+    ],
 )
 def test_mount_log_says_what_this_pyfuse3_lacks(
     flag, said_word, supported, tmp_path, monkeypatch, caplog
@@ -194,6 +198,7 @@ def test_mount_log_says_what_this_pyfuse3_lacks(
     from vmafs.mount.mounting import _log_start
 
     archive = build_archive({"drive-scsi0": sparse_disk(CLUSTER_SIZE, 1)}).write(tmp_path / "a.vma")
+    monkeypatch.setattr(vmafs.fs, "READ_SEGMENTS_SUPPORTED", True)  # read maps need them
     monkeypatch.setattr(vmafs.fs, flag, supported)
     with Archive.open(archive) as a, caplog.at_level(logging.INFO, logger="vmafs.mount"):
         _log_start(str(archive), "/mnt", MountOptions(), VmaFS(a))

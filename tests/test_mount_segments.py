@@ -15,14 +15,12 @@ from __future__ import annotations
 import ast
 import errno
 import os
-import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import _unavailable, unmount
-from test_mount_support import GUARD
+from conftest import _unavailable
+from test_mount_support import check_reads, start_fs, stop_fs
 from vmafactory import build_archive, missing_cluster, sparse_disk
 
 from vmafs.format import BLOCK_SIZE, CLUSTER_SIZE
@@ -65,25 +63,12 @@ def require_read_segments(require_fuse):
 
 
 def _serve(archive: Path, mnt: Path, segments: bool, direct_io: bool) -> subprocess.Popen:
-    argv = [sys.executable, "-c", _SERVE, archive, mnt, str(int(segments)), str(int(direct_io))]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline().strip()
-    if line != "ready":
-        proc.kill()
-        raise AssertionError(f"filesystem did not come up: {line} {proc.stderr.read()}")
-    return proc
+    return start_fs(_SERVE, archive, mnt, int(segments), int(direct_io))
 
 
 def _stop(proc: subprocess.Popen, mnt: Path) -> dict[str, int]:
     """Unmount; the count of disk-read replies by type (``list``: pieces)."""
-    unmount(mnt)
-    try:
-        out, err = proc.communicate(timeout=GUARD)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0 and "Traceback" not in err, err
-    return ast.literal_eval(out.strip().splitlines()[-1])
+    return ast.literal_eval(stop_fs(proc, mnt))
 
 
 # The pieces path only with the patched pyfuse3; the bytes path always.
@@ -121,18 +106,7 @@ def test_reads_equal_the_disk(segments, direct_io, kind, tmp_path, request, requ
     mnt.mkdir()
     proc = _serve(archive, mnt, segments, direct_io)
     try:
-        disk = mnt / "disk-drive-scsi0.raw"
-        with open(disk, "rb") as f:
-            assert f.read() == content  # sequential, through readahead (or 1 MiB direct)
-        fd = os.open(disk, os.O_RDONLY)
-        try:
-            rng = random.Random(5)
-            for _ in range(300):
-                off = rng.randrange(0, len(content) + 100)
-                n = rng.choice([1, 511, BLOCK_SIZE, CLUSTER_SIZE + 7, 3 * CLUSTER_SIZE, 1 << 20])
-                assert os.pread(fd, n, off) == content[off : off + n], (off, n)
-        finally:
-            os.close(fd)
+        check_reads(mnt / "disk-drive-scsi0.raw", content, seed=5)
     finally:
         replies = _stop(proc, mnt)
     if not segments:

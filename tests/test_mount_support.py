@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -142,3 +143,44 @@ def run_vmafs_many(argvs) -> list[subprocess.CompletedProcess]:
             argvs, json.loads(proc.stdout.splitlines()[-1]), strict=True
         )
     ]
+
+
+def check_reads(disk: str | os.PathLike, content: bytes, seed: int) -> None:
+    """Read *disk* whole, then at 300 random offsets in sizes from 1 byte to
+    1 MiB (some past the end): every read must equal *content*."""
+    with open(disk, "rb") as f:
+        assert f.read() == content  # readahead-sized (or 1 MiB direct) requests
+    fd = os.open(disk, os.O_RDONLY)
+    try:
+        rng = random.Random(seed)
+        for _ in range(300):
+            off = rng.randrange(0, len(content) + 100)
+            n = rng.choice([1, 511, 4096, 65536 + 7, 3 * 65536, 1 << 20])
+            assert os.pread(fd, n, off) == content[off : off + n], (off, n)
+    finally:
+        os.close(fd)
+
+
+def start_fs(script: str, *args) -> subprocess.Popen:
+    """Run the Python *script* (a filesystem served in the foreground, which
+    prints ``ready`` once mounted) with *args*; returns once it is ready."""
+    argv = [sys.executable, "-c", script, *map(str, args)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().strip()
+    if line != "ready":
+        proc.kill()
+        raise AssertionError(f"filesystem did not come up: {line} {proc.stderr.read()}")
+    return proc
+
+
+def stop_fs(proc: subprocess.Popen, mnt: str | os.PathLike) -> str:
+    """Unmount the filesystem of :func:`start_fs`; the last line it printed
+    (it must exit 0, without a traceback)."""
+    unmount(mnt)
+    try:
+        out, err = proc.communicate(timeout=GUARD)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    return out.strip().splitlines()[-1]

@@ -21,6 +21,7 @@ import trio
 from pyfuse3 import EntryAttributes, FileHandleT, FileInfo, FUSEError, InodeT, StatvfsData
 
 from .errors import MissingClusterError, VmaError
+from .index import PACKED_LAYOUT
 from .lease import hold_archive_size
 from .names import VOLUMES_DIR, Entry, drive_dir_names, safe_entry_names, volume_paths
 
@@ -98,6 +99,13 @@ SEEK_HOLE_SUPPORTED: bool = hasattr(pyfuse3.Operations, "lseek")
 #: bytearray in Python, then copied again into /dev/fuse.
 READ_SEGMENTS_SUPPORTED: bool = bool(getattr(pyfuse3, "READ_SEGMENTS", False))
 
+#: Whether this pyfuse3 answers reads from a block map in C, with no Python
+#: call (``pyfuse3.set_read_map``, contrib/pyfuse3/read-maps.patch).  VmaFS
+#: hands it a plain archive's offset map while the read lease holds the
+#: archive's size: a read of whole stored clusters then costs pyfuse3's loop
+#: and libfuse, not this module (docs/mount.md, "Reads answered in C").
+READ_MAPS_SUPPORTED: bool = bool(getattr(pyfuse3, "READ_MAPS", False))
+
 
 _PAGE = os.sysconf("SC_PAGESIZE")
 _MAX_PAGES = 256  # the kernel's largest request (FUSE_MAX_MAX_PAGES), libfuse's default
@@ -124,6 +132,10 @@ class SplicePipe:
 
     max_pages: int
     pipe_bytes: int | None
+
+    def max_pieces(self) -> int:
+        """Pieces a reply of the largest request may have and still splice."""
+        return _SPLICE_PIECES if self.pipe_bytes is not None else _MAX_PAGES
 
     def fits(self, length: int, pieces: int) -> bool:
         """Whether a reply of *length* bytes in *pieces* is worth answering as
@@ -270,6 +282,7 @@ class VmaFS(pyfuse3.Operations):
         direct_io: bool = DEFAULT_DIRECT_IO,
         threaded: bool = DEFAULT_THREADED,
         read_segments: bool = READ_SEGMENTS_SUPPORTED,
+        read_maps: bool = READ_MAPS_SUPPORTED,
     ) -> None:
         super().__init__()
         self.archive = archive
@@ -285,6 +298,8 @@ class VmaFS(pyfuse3.Operations):
         self._segments = self._pipe is not None and archive.fd is not None
         if self._segments:
             self.max_pages = self._pipe.max_pages  # read by pyfuse3 at FUSE_INIT
+        #: answer whole-cluster reads in pyfuse3 (C) while the lease holds (hold_size)
+        self._maps = self._segments and read_maps
         self.entries: dict[InodeT, Entry] = {}
         #: Volume files: inode -> VolumeReader (vmafs.volumes), added as disks are scanned.
         self.volumes: dict[InodeT, object] = {}
@@ -310,10 +325,56 @@ class VmaFS(pyfuse3.Operations):
     def background_tasks(self) -> list[Callable[[], Awaitable[None]]]:
         """Tasks for the main loop beside the handlers: with spliced reads, the
         archive's read lease (:func:`vmafs.lease.hold_archive_size`), which
-        spares each read a system call."""
+        spares each read a system call and lets pyfuse3 answer reads itself
+        (:meth:`hold_size`)."""
         if not self._segments:
             return []
-        return [functools.partial(hold_archive_size, self.archive)]
+        return [functools.partial(hold_archive_size, self.archive, self.hold_size)]
+
+    @property
+    def worker_tasks(self) -> int:
+        """pyfuse3 worker tasks to run (``pyfuse3.main(1, worker_tasks)``).
+
+        Handlers that never wait (every read inline, the default) gain
+        nothing from more than one: each runs to its end before the loop
+        reads the next request, and a second worker only adds a hand-off of
+        pyfuse3's read lock, a trio round per request (docs/mount.md, "Reads
+        answered in C").  With *threaded* reads a handler waits for its
+        thread, and the other workers keep serving meanwhile.
+        """
+        return 99 if self.threaded else 1
+
+    def hold_size(self, size: int) -> None:
+        """The archive stays at least *size* bytes long until the next call
+        (0: no promise any more); see :meth:`Archive.hold_size
+        <vmafs.archive.Archive.hold_size>`.
+
+        While it is held, and this pyfuse3 has read maps, every disk's offset
+        map is handed to pyfuse3 (``set_read_map``): a read whose clusters are
+        all stored whole, below *size* in the archive, is answered in C from
+        the archive file; the rest still comes to :meth:`read`.  The maps are
+        withdrawn before the promise is.
+        """
+        if not size:
+            if self._maps:
+                pyfuse3.clear_read_maps()
+            self.archive.hold_size(0)
+            return
+        self.archive.hold_size(size)
+        if not self._maps:
+            return
+        pieces = self._pipe.max_pieces()
+        for inode, entry in self.entries.items():
+            if entry.dev_id is None:
+                continue
+            packed = self.archive.index.maps[entry.dev_id].packed
+            try:
+                pyfuse3.set_read_map(
+                    FileHandleT(inode), self.archive.fd, packed, entry.size, size,
+                    **PACKED_LAYOUT, max_pieces=pieces,
+                )  # fmt: skip
+            except (ValueError, BufferError) as e:  # a map numpy laid out otherwise
+                log.warning("%s: every read goes through Python: %s", entry.name, e)
 
     @property
     def by_name(self) -> dict[bytes, InodeT]:

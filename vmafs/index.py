@@ -40,6 +40,7 @@ from .errors import (
 from .format import (
     BLOCK_SIZE,
     BLOCKINFO_OFFSET,
+    CLUSTER_SIZE,
     DEV_INFO_OFFSET,
     DEV_INFO_SIZE,
     EXTENT_HEADER_SIZE,
@@ -73,6 +74,15 @@ _MASK_WORD = 0 if sys.byteorder == "little" else 3  # the uint16 of a uint64 hol
 #: An extent starting here could hold data past MAX_OFFSET (none does below 128 PiB).
 _LAST_EXTENT = MAX_OFFSET - EXTENT_HEADER_SIZE - 0xFFFF * BLOCK_SIZE
 _CHUNK = 1 << 20  # clusters per step of whole-map scans (bounds their temporaries)
+
+#: The packing above in the terms of ``pyfuse3.set_read_map``: a cluster whose
+#: mask has every bit set lies whole, its blocks back to back, at
+#: ``(entry >> MASK_BITS) << OFFSET_SHIFT`` (vmafs.fs hands maps to pyfuse3).
+PACKED_LAYOUT = {
+    "block_bits": CLUSTER_SIZE.bit_length() - 1,
+    "flag_bits": MASK_BITS,
+    "unit_bits": OFFSET_SHIFT,
+}
 
 
 def pack(offset: int, mask: int) -> int:

@@ -24,6 +24,7 @@ import fcntl
 import logging
 import os
 import signal
+from collections.abc import Callable
 
 import trio
 
@@ -47,11 +48,12 @@ def release_lease(fd: int) -> None:
         log.debug("releasing the lease on fd %d: %s", fd, e.strerror)
 
 
-async def hold_archive_size(archive) -> None:
+async def hold_archive_size(archive, hold: Callable[[int], None] | None = None) -> None:
     """Hold a read lease on the plain *archive* while this trio task runs.
 
-    Meanwhile the archive skips its per-read size check
-    (:meth:`~vmafs.archive.Archive.hold_size`).  Returns at once if the
+    Meanwhile the archive skips its per-read size check: *hold* (default
+    :meth:`archive.hold_size <vmafs.archive.Archive.hold_size>`) is called
+    with the size once the lease is held and with 0 before it is released.  Returns at once if the
     archive is compressed or the kernel refuses the lease.  When another
     process wants to write or truncate the file, and when cancelled, the
     check is back on before the lease is released (so that process cannot
@@ -61,6 +63,7 @@ async def hold_archive_size(archive) -> None:
     fd = archive.fd
     if fd is None:
         return
+    hold = hold or archive.hold_size
     # The handler first: SIGIO's default action ends the process.
     with trio.open_signal_receiver(signal.SIGIO) as signals:
         why = take_read_lease(fd)
@@ -69,7 +72,7 @@ async def hold_archive_size(archive) -> None:
             return
         try:
             # Read after the lease is held: a truncation before it shows here.
-            archive.hold_size(os.lseek(fd, 0, os.SEEK_END))
+            hold(os.lseek(fd, 0, os.SEEK_END))
             async for _ in signals:
                 log.info(
                     "%s: another process opens it for writing or truncates it: "
@@ -78,5 +81,5 @@ async def hold_archive_size(archive) -> None:
                 )
                 break
         finally:
-            archive.hold_size(0)
+            hold(0)
             release_lease(fd)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build pyfuse3 3.5.0 with lseek.patch and read-segments.patch and install it
+# Build pyfuse3 3.5.0 with lseek.patch, read-segments.patch and read-maps.patch and install it
 # into a Python environment.
 #
 #   bash contrib/pyfuse3/install.sh [PYTHON]          (default: python3)
@@ -11,11 +11,11 @@
 # included, come as wheels) and is checked against a pinned SHA-256 before it is
 # unpacked. Needs what any pyfuse3 build needs (libfuse3-dev, pkg-config, a C
 # compiler, the Python headers; pip fetches Cython into the build environment)
-# plus patch(1). The result reports version 3.5.0+vmafs.lseek1.segments2, which
+# plus patch(1). The result reports version 3.5.0+vmafs.lseek1.segments2.maps1, which
 # satisfies vmafs's "pyfuse3>=3.3", so a later `pip install vmafs` keeps it.
 #
-# Exit status: 0 when the installed pyfuse3 has Operations.lseek and
-# pyfuse3.READ_SEGMENTS, non-zero otherwise (with pip's last lines on stderr).
+# Exit status: 0 when the installed pyfuse3 has Operations.lseek,
+# pyfuse3.READ_SEGMENTS and pyfuse3.READ_MAPS, non-zero otherwise (with pip's last lines on stderr).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -28,10 +28,10 @@ PY=${1:-python3}
 VERSION=3.5.0
 SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 # Raise a number with every change to its patch, so --check asks for a rebuild.
-LOCAL_VERSION="$VERSION+vmafs.lseek1.segments2"
-PATCHES=(lseek.patch read-segments.patch) # in this order
+LOCAL_VERSION="$VERSION+vmafs.lseek1.segments2.maps1"
+PATCHES=(lseek.patch read-segments.patch read-maps.patch) # in this order
 
-installed() { # true if PY has this build of pyfuse3 and it has both additions
+installed() { # true if PY has this build of pyfuse3 and it has all three additions
     "$PY" - "$LOCAL_VERSION" <<'PYEOF' 2>/dev/null
 import sys
 from importlib.metadata import version
@@ -42,6 +42,7 @@ sys.exit(
     version("pyfuse3") != sys.argv[1]
     or not hasattr(pyfuse3.Operations, "lseek")
     or not getattr(pyfuse3, "READ_SEGMENTS", False)
+    or not getattr(pyfuse3, "READ_MAPS", False)
 )
 PYEOF
 }
@@ -88,5 +89,5 @@ SETUPTOOLS_SCM_PRETEND_VERSION="$LOCAL_VERSION" \
     logged "$PY" -m pip install --progress-bar off -v "$WORK/pyfuse3-$VERSION" ||
     { tail -n 40 "$WORK/pip.log" >&2; die "building pyfuse3 $LOCAL_VERSION failed"; }
 
-installed || die "pyfuse3 $LOCAL_VERSION was installed but does not import with Operations.lseek and READ_SEGMENTS"
+installed || die "pyfuse3 $LOCAL_VERSION was installed but does not import with Operations.lseek, READ_SEGMENTS and READ_MAPS"
 echo "pyfuse3-vmafs: installed pyfuse3 $LOCAL_VERSION into $("$PY" -c 'import sys; print(sys.prefix)')"

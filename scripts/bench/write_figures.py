@@ -153,8 +153,8 @@ async def _write_latency(
                     while not (jobs := await mon.execute("query-block-jobs")):
                         await trio.sleep(0.01)
                 job_id = jobs[0]["device"]
-            rnd = random.Random(9)
-            targets = _guest_clusters(rnd, size, writes)
+            targets = _guest_clusters(size, writes)
+            rnd = random.Random(_GUEST_SEED + 1)  # the block within each cluster
             lat, ahead = [], 0
             gap = 0.5 * size / speed / writes  # writes spread over half the job's time
             for c in targets:
@@ -184,10 +184,15 @@ async def _write_latency(
                 os.unlink(p)
 
 
-def _guest_clusters(rnd: random.Random, size: int, writes: int) -> list[int]:
+#: Seeds the clusters the guest writes: every latency round writes the same
+#: ones, and _ScratchDisk restores exactly those between rounds.
+_GUEST_SEED = 9
+
+
+def _guest_clusters(size: int, writes: int) -> list[int]:
     """The 64 KiB clusters the guest writes, one write each, all in the disk's second half."""
     clusters = size // 65536
-    return rnd.sample(range(clusters // 2, clusters), writes)
+    return random.Random(_GUEST_SEED).sample(range(clusters // 2, clusters), writes)
 
 
 class _ScratchDisk:
@@ -205,7 +210,7 @@ class _ScratchDisk:
 
     def __init__(self, base: str, path: str, writes: int) -> None:
         self.base, self.path = base, path
-        self.clusters = _guest_clusters(random.Random(9), os.path.getsize(base), writes)
+        self.clusters = _guest_clusters(os.path.getsize(base), writes)
         shutil.copyfile(base, path)
         fsync_path(path)
 

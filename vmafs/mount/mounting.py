@@ -181,7 +181,11 @@ def whole_requests(readahead_kb: int, ops) -> int:
 
 
 def _log_start(archive_path: str, mp: str, opts: MountOptions, ops) -> None:
-    from ..fs import READ_SEGMENTS_SUPPORTED, SEEK_HOLE_SUPPORTED  # noqa: PLC0415 - needs pyfuse3
+    from ..fs import (  # noqa: PLC0415 - needs pyfuse3
+        READ_MAPS_SUPPORTED,
+        READ_SEGMENTS_SUPPORTED,
+        SEEK_HOLE_SUPPORTED,
+    )
     from ..names import rename_messages  # noqa: PLC0415
 
     log.info("serving %s (%d files) on %s", archive_path, len(ops.entries), mp)
@@ -200,6 +204,11 @@ def _log_start(archive_path: str, mp: str, opts: MountOptions, ops) -> None:
         log.info(
             "this pyfuse3 cannot answer reads with pieces of the archive: every byte "
             "read is copied through Python (contrib/pyfuse3/README.md)"
+        )
+    elif not READ_MAPS_SUPPORTED and not ops.archive.compressed:
+        log.info(
+            "this pyfuse3 cannot answer reads from the offset map itself: every disk "
+            "read is a Python call (contrib/pyfuse3/README.md)"
         )
     missing = sum(ops.archive.missing_clusters(e.dev_id) for e in ops.entries.values() if e.dev_id)
     if missing:

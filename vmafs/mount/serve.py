@@ -53,7 +53,12 @@ def serve(
             return 1
         status = 1
         try:
-            status = trio.run(_main_loop, mountpoint, on_ready, readahead_kb, early, alongside)
+            # pyfuse3's worker tasks: the filesystem says how many it needs
+            # (VmaFS.worker_tasks), else pyfuse3's default
+            workers = getattr(ops, "worker_tasks", 99)
+            status = trio.run(
+                _main_loop, mountpoint, on_ready, readahead_kb, early, alongside, workers
+            )
         except BaseException as e:
             log.exception("filesystem loop failed")
             on_ready(f"filesystem failed: {e}")
@@ -89,6 +94,7 @@ async def _main_loop(
     readahead_kb: int = 0,
     early: EarlySignals | None = None,
     alongside: Sequence[Callable[[], Awaitable[None]]] = (),
+    workers: int = 99,
 ) -> int:
     import pyfuse3  # noqa: PLC0415
     import trio  # noqa: PLC0415
@@ -99,7 +105,7 @@ async def _main_loop(
 
     async def fs_loop(cancel: trio.CancelScope) -> None:
         try:
-            await pyfuse3.main()
+            await pyfuse3.main(1, workers)
         finally:
             cancel.cancel()
 
