@@ -642,15 +642,23 @@ ODD_CONFIG = [("qemu-server.conf", b"x" * 700)]
 
 @pytest.mark.loop
 @pytest.mark.parametrize(
-    "fstype, sector, direct", [("ext4", 512, True), ("ext4", 4096, False), ("tmpfs", 0, False)]
+    "fstype, sector, direct", [("ext4", 512, True), ("ext4", 4096, True), ("tmpfs", 0, False)]
 )
 def test_o_direct_where_it_works_and_the_same_bytes_everywhere(
-    require_loop, tmp_path, fstype, sector, direct
+    require_loop, tmp_path, monkeypatch, fstype, sector, direct
 ):
-    """ext4 on a 512-byte-sector disk: written with O_DIRECT from start to end; a
-    4 KiB-sector disk refuses the 512-granular header: O_DIRECT is dropped and
-    the rest written buffered; tmpfs: no O_DIRECT at all.  Same archive bytes
-    as an in-memory sink in every case."""
+    """ext4 on a 512-byte or a 4 KiB-sector disk: written with O_DIRECT from start
+    to end, every write whole 4 KiB blocks at block offsets although the header
+    and the extents are only 512-byte granular; tmpfs: no O_DIRECT at all.
+    Same archive bytes as an in-memory sink in every case."""
+    writes = []
+    pwrite = os.pwrite
+
+    def spy(fd, data, offset):
+        writes.append((offset, len(data)))
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", spy)
     data = make_disk(130 * CLUSTER_SIZE + 4608, 25)
     items = list(clusters(data))
     random.Random(26).shuffle(items)
@@ -668,6 +676,8 @@ def test_o_direct_where_it_works_and_the_same_bytes_everywhere(
         finally:
             out.abort()
         assert target.read_bytes() == want.getvalue()
+    if direct:
+        assert writes and all(o % 4096 == 0 and n % 4096 == 0 for o, n in writes)
 
 
 def test_output_uses_a_hidden_temp_name_until_commit(tmp_path):

@@ -10,7 +10,6 @@ compares re-sent clusters with it).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import logging
@@ -63,11 +62,17 @@ class ArchiveOutput:
     does not evict everyone else's cache).  None (default) = when the file
     lives on a local block device (``/sys/dev/block/MAJ:MIN`` exists: ext4,
     xfs, ... on a disk, LV or loop device), not on NFS/CIFS/FUSE/tmpfs, where
-    O_DIRECT is slow or unsupported.  The stream is 512-byte granular and
-    the packer's extent buffers are page-aligned; anything else goes through
-    an aligned bounce buffer.  If the device refuses a write (``EINVAL``: a
-    4 KiB-sector device, a file system without O_DIRECT) the rest is written
-    buffered.  :attr:`direct` says whether O_DIRECT is (still) on.
+    O_DIRECT is slow or unsupported.  Every O_DIRECT write covers whole file
+    system blocks at block offsets, from an aligned bounce buffer: extents
+    are 512-byte granular, and a direct write that starts or ends inside a
+    block makes ext4 serialise and zero-fill it (measured: 540 writes of
+    3,801,600 bytes, one extent's size, took 22.5 s where 540 writes of
+    3,801,088 took 5.0 s).  So the last partial block of what was written is
+    kept (:attr:`_tail`) and written again, completed, by the next write; the
+    file may end in zeros past :attr:`size` until :meth:`commit` cuts it.  If
+    the device refuses a write (``EINVAL``: a file system without O_DIRECT)
+    the rest is written buffered.  :attr:`direct` says whether O_DIRECT is
+    (still) on.
     """
 
     def __init__(
@@ -97,6 +102,10 @@ class ArchiveOutput:
         self.direct = False
         self._rfd: int | None = None  # read_back's own (buffered) descriptor
         self._bounce: mmap.mmap | None = None
+        #: O_DIRECT: the file system block, and the bytes written after the last
+        #: whole block (in the file too, padded with zeros to a whole block)
+        self._block = _DIRECT_BLOCK
+        self._tail = b""
         self._zw: SeekableZstdWriter | None = None
         # Checked and created here, before any copy starts, naming the user's
         # path: otherwise (-f onto a directory) the whole backup runs only for
@@ -112,6 +121,7 @@ class ArchiveOutput:
                 direct = _on_local_block_device(self._file.fd)
             if direct:
                 self.direct = _set_direct(self._file.fd, True)
+                self._block = max(_DIRECT_BLOCK, _fs_block(self._file.fd))
 
     @property
     def temp_path(self) -> str | None:
@@ -129,34 +139,46 @@ class ArchiveOutput:
 
     def _write_direct(self, view: memoryview) -> None:
         """Write all of *view* with O_DIRECT while the device takes it, then without."""
-        while view:
-            start = self._file.size
-            try:
-                self._file.write(self._aligned(view) if self.direct else view)
-                return
-            except OSError as e:
-                if e.errno != errno.EINVAL or not self.direct:
-                    raise
-                view = view[self._file.size - start :]
-                self._stop_direct(f"the device refused an O_DIRECT write ({e.strerror})")
+        try:
+            self._write_blocks(view)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._stop_direct(f"the device refused an O_DIRECT write ({e.strerror})")
+            self._file.write(view)
 
-    def _aligned(self, view: memoryview) -> memoryview:
-        """*view* itself when O_DIRECT can write it, else a copy in the bounce buffer."""
-        n = len(view)
-        if n % 512:
-            self._stop_direct(f"a write of {n} bytes is not 512-byte granular")
-            return view
-        if not view.readonly and n and _address(view) % mmap.PAGESIZE == 0:
-            return view
-        if self._bounce is None or len(self._bounce) < n:
-            self._bounce = mmap.mmap(-1, max(n, mmap.PAGESIZE))
-        self._bounce[:n] = view
-        return memoryview(self._bounce)[:n]
+    def _write_blocks(self, view: memoryview) -> None:
+        """*view* appended as whole blocks at block offsets: the kept tail, then
+        *view*, padded with zeros to the next block (the padding is written
+        again by the next call, or cut by :meth:`commit`)."""
+        block, tail = self._block, self._tail
+        n = len(tail) + len(view)
+        padded = -(-n // block) * block
+        if self._bounce is None or len(self._bounce) < padded:
+            self._bounce = mmap.mmap(-1, max(padded, mmap.PAGESIZE))
+        buf = memoryview(self._bounce)
+        buf[: len(tail)] = tail
+        buf[len(tail) : n] = view
+        buf[n:padded] = bytes(padded - n)
+        at = self._file.size - len(tail)  # a block offset
+        done = 0
+        while done < padded:
+            done += os.pwrite(self._file.fd, buf[done:padded], at + done)
+        self._tail = bytes(buf[n - n % block : n])
+        self._file.size += len(view)
 
     def _stop_direct(self, why: str) -> None:
         log.info("writing %s without O_DIRECT from here on: %s", self.temp_path, why)
         _set_direct(self._file.fd, False)
         self.direct = False
+        self._cut_padding()
+
+    def _cut_padding(self) -> None:
+        """Make the file end at :attr:`size` (O_DIRECT writes pad the last block),
+        with the file position there for appending writes."""
+        fd = self._file.fd
+        os.ftruncate(fd, self._file.size)
+        os.lseek(fd, self._file.size, os.SEEK_SET)
 
     def _pread(self, offset: int, n: int) -> bytes:
         """Bytes [offset, offset+n) of what was written (a plain archive file)."""
@@ -184,6 +206,8 @@ class ArchiveOutput:
             return
         if self._zw is not None:
             self._zw.close()  # the last frame and the seek table
+        elif self.direct:
+            self._cut_padding()
         self._close_rfd()
         self._file.commit()
 
@@ -221,6 +245,20 @@ def _on_local_block_device(fd: int) -> bool:
     return os.path.exists(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
 
 
+#: O_DIRECT writes cover whole blocks of at least this size
+_DIRECT_BLOCK = 4096
+
+
+def _fs_block(fd: int) -> int:
+    """The block size of *fd*'s file system (0 when it does not say)."""
+    try:
+        bsize = os.fstatvfs(fd).f_bsize
+    except OSError:
+        return 0
+    # a power of two up to 64 KiB, or nothing (some file systems report odd sizes)
+    return bsize if 0 < bsize <= 65536 and bsize & (bsize - 1) == 0 else 0
+
+
 def _set_direct(fd: int, on: bool) -> bool:
     """Switch O_DIRECT on or off for *fd*; False if the file system refuses it."""
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -230,12 +268,3 @@ def _set_direct(fd: int, on: bool) -> bool:
     except OSError:
         return False
     return on
-
-
-def _address(view: memoryview) -> int:
-    """Address of a writable buffer's first byte."""
-    c = ctypes.c_char.from_buffer(view)
-    try:
-        return ctypes.addressof(c)
-    finally:
-        del c
