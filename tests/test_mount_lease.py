@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import unmount, vmafs_cmd
 from test_mount_segments import require_read_segments  # noqa: F401 - fixture
+from test_mount_support import leases_on
 from vmafactory import build_archive
 
 from vmafs.archive import Archive
@@ -31,14 +32,6 @@ DISK = "disk-drive-scsi0.raw"
 def _archive(tmp_path: Path) -> tuple[Path, bytes]:
     content = os.urandom(CLUSTERS * CLUSTER_SIZE)
     return build_archive({"drive-scsi0": content}).write(tmp_path / "a.vma"), content
-
-
-def _leases_on(path: Path) -> list[str]:
-    """The /proc/locks lines of leases on *path*'s inode."""
-    st = os.stat(path)
-    inode = f":{st.st_ino} "
-    with open("/proc/locks") as f:
-        return [line for line in f if "LEASE" in line and inode in line]
 
 
 def _last_cluster_offset(path: Path) -> tuple[int, int]:
@@ -71,17 +64,17 @@ def test_lease_held_and_broken_by_a_truncate(tmp_path, require_read_segments):  
     _mount(archive, mnt)
     try:
         assert _pread_uncached(mnt / DISK, 0) == content[:4096]
-        assert len(_leases_on(archive)) == 1, "the mount holds no read lease on the archive"
+        assert len(leases_on(archive)) == 1, "the mount holds no read lease on the archive"
         # truncate(2) breaks the lease and waits until the mount gives it up
         os.truncate(archive, aoff)
-        assert _leases_on(archive) == []
+        assert leases_on(archive) == []
         with pytest.raises(OSError) as e:
             _pread_uncached(mnt / DISK, off)
         assert e.value.errno == errno.EIO
         assert _pread_uncached(mnt / DISK, 0) == content[:4096]  # before the cut: served
     finally:
         unmount(mnt)
-    assert _leases_on(archive) == []
+    assert leases_on(archive) == []
 
 
 def test_without_a_lease_reads_past_a_cut_still_fail(tmp_path, require_read_segments):  # noqa: F811
@@ -92,7 +85,7 @@ def test_without_a_lease_reads_past_a_cut_still_fail(tmp_path, require_read_segm
     try:
         _mount(archive, mnt)
         try:
-            assert _leases_on(archive) == []
+            assert leases_on(archive) == []
             assert _pread_uncached(mnt / DISK, 0) == content[:4096]
             os.ftruncate(writer, aoff)
             with pytest.raises(OSError) as e:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import _unavailable
-from test_mount_support import check_reads, start_fs, stop_fs, wait_until
+from test_mount_support import check_reads, leases_on, start_fs, stop_fs, wait_until
 from vmafactory import build_archive, sparse_disk
 
 from vmafs.archive import Archive
@@ -68,17 +68,11 @@ def require_read_maps(require_fuse):
         _unavailable("pyfuse3 without read maps (run scripts/setup: contrib/pyfuse3)")
 
 
-def _leased(path: Path) -> bool:
-    inode = f":{os.stat(path).st_ino} "
-    with open("/proc/locks") as f:
-        return any("LEASE" in line and inode in line for line in f)
-
-
 def _serve(archive: Path, mnt: Path, maps: bool, direct_io: bool) -> subprocess.Popen:
     mnt.mkdir()
     proc = start_fs(_SERVE, archive, mnt, int(maps), int(direct_io))
     # The maps go to pyfuse3 once the lease is held (a task started beside the loop).
-    wait_until(lambda: _leased(archive), 10, "the mount's read lease")
+    wait_until(lambda: leases_on(archive), 10, "the mount's read lease")
     return proc
 
 

@@ -56,6 +56,14 @@ def holders(path: str | os.PathLike) -> set[int]:
     return pids
 
 
+def leases_on(path: str | os.PathLike) -> list[str]:
+    """The /proc/locks lines of leases on *path*'s inode."""
+    st = os.stat(path)
+    inode = f":{st.st_ino} "
+    with open("/proc/locks") as f:
+        return [line for line in f if "LEASE" in line and inode in line]
+
+
 def wait_until(cond, timeout: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not cond():

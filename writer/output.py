@@ -69,7 +69,7 @@ class ArchiveOutput:
     3,801,600 bytes, one extent's size, took 22.5 s where 540 writes of
     3,801,088 took 5.0 s).  So the last partial block of what was written is
     kept (:attr:`_tail`) and written again, completed, by the next write; the
-    file may end in zeros past :attr:`size` until :meth:`commit` cuts it.  If
+    file may end in zeros past what was written until :meth:`commit` cuts it.  If
     the device refuses a write (``EINVAL``: a file system without O_DIRECT)
     the rest is written buffered.  :attr:`direct` says whether O_DIRECT is
     (still) on.
@@ -174,8 +174,8 @@ class ArchiveOutput:
         self._cut_padding()
 
     def _cut_padding(self) -> None:
-        """Make the file end at :attr:`size` (O_DIRECT writes pad the last block),
-        with the file position there for appending writes."""
+        """Make the file end where what was written ends (O_DIRECT writes pad the
+        last block), with the file position there for appending writes."""
         fd = self._file.fd
         os.ftruncate(fd, self._file.size)
         os.lseek(fd, self._file.size, os.SEEK_SET)

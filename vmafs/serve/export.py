@@ -130,7 +130,8 @@ class ArchiveExport(Export):
     async def read(self, offset: int, length: int, *, file_ranges: bool = False) -> list[ReadChunk]:
         if file_ranges and self.archive.fd is not None:
             # Plain archive, plain socket: the data goes out as ranges of the
-            # archive file (sendfile, from a worker thread): no copy at all.
+            # archive file (sendfile: from the event loop when the pages are
+            # cached, else from a worker thread): no copy at all.
             if self.inline:
                 return self.file_chunks(offset, length)
             return await self._in_thread(self.file_chunks, offset, length)
